@@ -1,0 +1,157 @@
+"""Every message that crosses a process boundary, as msgspec Structs.
+
+Redis entries and ZMQ control frames are MessagePack encodings of these types; tensors
+travel as raw frames next to a header that gives their dtype and shape. Decoders are
+typed and size-capped, so a malformed or oversized frame is rejected, never executed.
+No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from core.sampling_params import SamplingParams
+
+MAX_CONTROL_FRAME_BYTES = 16 * 1024 * 1024
+
+
+class KVLayout(msgspec.Struct, frozen=True):
+    model: str
+    dtype: str  # torch dtype name without prefix: "float32", "bfloat16", ...
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def mismatch(self, other: KVLayout) -> str | None:
+        """Why two workers cannot exchange KV blocks, or None when they can."""
+        for name in self.__struct_fields__:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"KV layout differs in {name}: {mine!r} != {theirs!r}"
+        return None
+
+
+# -- Redis: gateway -> prefill pool --------------------------------------------------------
+class PrefillTask(msgspec.Struct, kw_only=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    reply_stream: str  # the gateway's reply stream
+    deadline: float  # unix time; past it no GPU work is done
+    # Tokens already generated (preempted or migrated requests): recomputed, not re-sent.
+    output_token_ids: list[int] = []
+    delivery: int = 0
+
+
+# -- Redis: workers -> gateway -----------------------------------------------------------
+class TokenDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    request_id: str
+    token_ids: list[int] = []
+    # Position of token_ids[0] in the output; lets the gateway drop duplicates after
+    # a retried prefill and detect gaps.
+    offset: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    error: str | None = None  # set with error_code when the request failed
+    error_code: str | None = None  # "unavailable" | "deadline" | "internal" | ...
+    logprobs: list[dict[int, float]] | None = None
+    worker_id: str | None = None  # the decode worker that owns the request now
+
+
+class TokenBatch(msgspec.Struct):
+    deltas: list[TokenDelta]
+
+
+class AbortNotice(msgspec.Struct):
+    request_id: str
+    reason: str = "client cancelled"
+
+
+# -- ZMQ control channel: prefill worker <-> decode worker ---------------------------------
+class ReserveRequest(msgspec.Struct, tag=True, kw_only=True):
+    request_id: str
+    num_tokens: int  # tokens whose KV will be shipped
+    layout: KVLayout
+    lease_s: float  # released by the decode worker if not filled in time
+
+
+class ReserveReply(msgspec.Struct, tag=True, kw_only=True):
+    request_id: str
+    ok: bool
+    block_ids: list[int] = []
+    reason: str = ""
+
+
+class KVTransfer(msgspec.Struct, tag=True, kw_only=True):
+    """Header of a KV transfer; followed by one raw frame of packed blocks."""
+
+    request_id: str
+    block_ids: list[int]  # destination blocks on the receiver, in order
+    dtype: str
+    shape: list[int]  # [layers, 2, n, block_size, kv_heads, head_dim]
+
+
+class TransferAck(msgspec.Struct, tag=True, kw_only=True):
+    request_id: str
+    ok: bool
+    reason: str = ""
+
+
+class Handoff(msgspec.Struct, tag=True, kw_only=True):
+    """The request itself, sent after its KV: decode adds it to its running batch."""
+
+    task: PrefillTask
+    output_token_ids: list[int]  # includes the token the prefill worker sampled
+    num_computed_tokens: int
+
+
+class Release(msgspec.Struct, tag=True, kw_only=True):
+    """Give back a reservation the sender will not fill (abort, failure)."""
+
+    request_id: str
+
+
+ControlMessage = Union[ReserveRequest, ReserveReply, KVTransfer, TransferAck, Handoff, Release]
+
+
+# -- Redis: worker registry ---------------------------------------------------------------
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    model: str
+    pid: int
+    control_address: str = ""  # decode: where prefill workers connect
+    layout: KVLayout | None = None
+    total_blocks: int = 0
+    free_blocks: int = 0
+    used_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+    reservations: int = 0
+    preemptions: int = 0
+    heartbeat: float = 0.0
+    draining: bool = False
+
+
+# -- encoders / decoders -----------------------------------------------------------------
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes, kind: type, max_bytes: int = MAX_CONTROL_FRAME_BYTES):
+    """Decode `data` as `kind` (a Struct or a Union of tagged Structs); ValueError if bad."""
+    if len(data) > max_bytes:
+        raise ValueError(f"frame of {len(data)} bytes exceeds the {max_bytes}-byte cap")
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    try:
+        return dec.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"malformed {getattr(kind, '__name__', 'message')}: {exc}") from exc

@@ -1,0 +1,39 @@
+"""The Redis layout, in one place.
+
+    tandem:{model}:prefill          stream of PrefillTask (field "m"), group "prefill"
+    tandem:{model}:prefill:dead     dead-letter stream for tasks delivered too often
+    tandem:reply:{gateway_id}       stream of TokenBatch (field "m") for one gateway
+    tandem:abort                    pub/sub channel of AbortNotice
+    tandem:abort:{request_id}       short-lived marker, so a task read late is dropped too
+    tandem:worker:{worker_id}       registry entry: field "info" = WorkerInfo, with a TTL
+"""
+
+from __future__ import annotations
+
+PREFILL_GROUP = "prefill"
+MESSAGE_FIELD = b"m"
+ABORT_CHANNEL = "tandem:abort"
+ABORT_MARKER_TTL_S = 120
+WORKER_PREFIX = "tandem:worker:"
+WORKER_TTL_S = 5
+REPLY_STREAM_MAXLEN = 100_000
+
+
+def prefill_stream(model: str) -> str:
+    return f"tandem:{model}:prefill"
+
+
+def dead_letter_stream(model: str) -> str:
+    return f"tandem:{model}:prefill:dead"
+
+
+def reply_stream(gateway_id: str) -> str:
+    return f"tandem:reply:{gateway_id}"
+
+
+def abort_marker(request_id: str) -> str:
+    return f"tandem:abort:{request_id}"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"{WORKER_PREFIX}{worker_id}"
