@@ -1,0 +1,22 @@
+"""Model classes by family.
+
+Qwen2 (QKV bias) and Qwen3 (per-head q/k RMSNorm) differ from Llama only in switches
+that ModelConfig sets from config.json, so one decoder file serves all three.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from engine.model_config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
+}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return MODEL_CLASSES[cfg.family](cfg)

@@ -1,0 +1,89 @@
+"""One model on one device with its scheduler: the loop `LLM` and the workers drive."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from core.config import CacheConfig, SchedulerConfig
+from core.kv_cache_manager import KVCacheManager
+from core.scheduler import Scheduler, SchedulerOutput
+from core.sequence import Sequence
+from core.tokenizer import Tokenizer
+from engine.model_config import ModelConfig
+from engine.model_registry import model_name, resolve_model
+from engine.model_runner import ModelRunner, default_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2"
+    device: str | None = None  # None: cuda if present else cpu
+    dtype: str | None = None  # None: float32 on cpu, bfloat16 on gpu
+    load_format: str = "auto"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_cache_bytes: int = CPU_KV_CACHE_BYTES  # used when cache.num_blocks is 0
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError("load_format must be auto, safetensors or dummy")
+        if self.kv_cache_bytes <= 0:
+            raise ValueError("kv_cache_bytes must be positive")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, requeue_preempted: bool = True) -> None:
+        self.config = config
+        self.model_dir = resolve_model(config.model)
+        self.name = model_name(config.model)
+        self.model_config = ModelConfig.from_dir(self.model_dir, self.name)
+        self.tokenizer = (Tokenizer(self.model_dir)
+                          if (self.model_dir / "tokenizer.json").exists() else None)
+        device = config.device or default_device()
+        dtype = resolve_dtype(config.dtype, device)
+        self.runner = ModelRunner(self.model_config, self.model_dir, device, dtype,
+                                  config.load_format, config.seed)
+        block_size = config.cache.block_size
+        num_blocks = config.cache.num_blocks or max(
+            1, config.kv_cache_bytes // self.runner.kv_bytes_per_block(block_size))
+        self.runner.allocate_kv_cache(num_blocks, block_size)
+        self.kv = KVCacheManager(num_blocks, block_size)
+        sched_cfg = config.scheduler
+        if sched_cfg.max_model_len > self.model_config.max_position_embeddings:
+            sched_cfg = SchedulerConfig(
+                max_num_seqs=sched_cfg.max_num_seqs,
+                max_num_batched_tokens=sched_cfg.max_num_batched_tokens,
+                max_model_len=self.model_config.max_position_embeddings,
+                enable_chunked_prefill=sched_cfg.enable_chunked_prefill,
+            )
+        eos = self.model_config.eos_token_ids | (
+            self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
+        self.eos_token_ids = eos
+        self.scheduler = Scheduler(sched_cfg, self.kv, eos, requeue_preempted)
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens", self.name, device,
+                 dtype, num_blocks, block_size)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.config.max_model_len
+
+    def add(self, seq: Sequence) -> None:
+        seq.sampling.validate(self.max_model_len, len(seq.prompt_token_ids))
+        seq.sampling.validate_token_ids(self.model_config.vocab_size)
+        if any(not (0 <= t < self.model_config.vocab_size) for t in seq.prompt_token_ids):
+            raise ValueError("prompt token ids must be in the vocabulary")
+        self.scheduler.add(seq)
+
+    def step(self) -> tuple[SchedulerOutput, list[Sequence]]:
+        """Schedule and run one step; return the schedule and sequences with a new token."""
+        out = self.scheduler.schedule()
+        if not out:
+            return out, []
+        sampled, logprobs = self.runner.execute(out, self.kv)
+        return out, self.scheduler.update(out, sampled, logprobs)
