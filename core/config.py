@@ -39,3 +39,34 @@ class SchedulerConfig:
             raise ValueError(
                 "without chunked prefill, max_num_batched_tokens must cover max_model_len"
             )
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Settings common to prefill and decode workers."""
+
+    redis_url: str
+    role: str  # "prefill" | "decode"
+    worker_id: str = ""  # "": role-hostname-pid
+    kv_transport: str = "zmq"
+    bind_host: str = "127.0.0.1"  # internal sockets never bind all interfaces by default
+    advertise_host: str = ""  # "": bind_host; set in containers to the reachable name
+    heartbeat_s: float = 1.0
+    reservation_lease_s: float = 10.0
+    transfer_timeout_s: float = 10.0
+    reclaim_idle_s: float = 5.0
+    max_deliveries: int = 3
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError("role must be prefill or decode")
+        if self.kv_transport not in ("zmq", "fake"):
+            raise ValueError(f"unknown kv transport {self.kv_transport!r} (zmq)")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        for name in ("heartbeat_s", "reservation_lease_s", "transfer_timeout_s",
+                     "reclaim_idle_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_deliveries < 1:
+            raise ValueError("max_deliveries must be >= 1")

@@ -131,6 +131,7 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     waiting: int = 0
     reservations: int = 0
     preemptions: int = 0
+    admitted: int = 0  # requests taken since start (decode: handoffs; prefill: tasks)
     heartbeat: float = 0.0
     draining: bool = False
 

@@ -97,16 +97,20 @@ class Scheduler:
         return None
 
     # -- leaving -----------------------------------------------------------------------
-    def finish(self, seq: Sequence, reason: FinishReason, free_blocks: bool = True) -> None:
-        """Remove a sequence wherever it is; keep its blocks when the caller still needs them."""
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Remove a sequence wherever it is and free its blocks."""
+        self.detach(seq)
+        seq.finish_reason = reason
+        self.kv.free(seq.request_id)
+
+    def detach(self, seq: Sequence) -> None:
+        """Take a sequence out of scheduling but keep its blocks (a prefill worker ships
+        them before freeing)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
-        if free_blocks:
-            self.kv.free(seq.request_id)
 
     def abort(self, request_id: str) -> Sequence | None:
         seq = self.get(request_id)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+
+import torch
 
 from core.config import CacheConfig, SchedulerConfig
 from core.kv_cache_manager import KVCacheManager
@@ -29,6 +32,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_cache_bytes: int = CPU_KV_CACHE_BYTES  # used when cache.num_blocks is 0
+    num_threads: int = 0  # CPU threads for torch (0: torch's default)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -46,6 +50,8 @@ class Engine:
         self.tokenizer = (Tokenizer(self.model_dir)
                           if (self.model_dir / "tokenizer.json").exists() else None)
         device = config.device or default_device()
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
         dtype = resolve_dtype(config.dtype, device)
         self.runner = ModelRunner(self.model_config, self.model_dir, device, dtype,
                                   config.load_format, config.seed)
@@ -80,10 +86,20 @@ class Engine:
             raise ValueError("prompt token ids must be in the vocabulary")
         self.scheduler.add(seq)
 
-    def step(self) -> tuple[SchedulerOutput, list[Sequence]]:
-        """Schedule and run one step; return the schedule and sequences with a new token."""
-        out = self.scheduler.schedule()
-        if not out:
-            return out, []
-        sampled, logprobs = self.runner.execute(out, self.kv)
-        return out, self.scheduler.update(out, sampled, logprobs)
+    def step(self, lock: AbstractContextManager | None = None
+             ) -> tuple[SchedulerOutput, list[Sequence]]:
+        """Schedule and run one step; return the schedule and sequences with a new token.
+
+        With `lock`, scheduler state is touched only while holding it and the forward
+        pass runs without it, so a control thread can reserve blocks or admit requests
+        while the device works.
+        """
+        lock = lock or nullcontext()
+        with lock:
+            out = self.scheduler.schedule()
+            if not out:
+                return out, []
+            inputs = self.runner.prepare(out, self.kv)
+        sampled, logprobs = self.runner.execute(out, inputs)
+        with lock:
+            return out, self.scheduler.update(out, sampled, logprobs)

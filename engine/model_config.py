@@ -88,6 +88,15 @@ class ModelConfig:
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
         )
 
+    def num_parameters(self) -> int:
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        q = self.num_heads * self.head_dim
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.attention_bias else 0)
+        norms = 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        layer = attn + 3 * h * self.intermediate_size + norms
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + embed + h
+
     @classmethod
     def from_dir(cls, model_dir: str | Path, name: str | None = None) -> ModelConfig:
         model_dir = Path(model_dir)

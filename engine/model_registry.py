@@ -14,8 +14,9 @@ import fcntl
 import importlib.util
 import json
 import logging
-import os
 from pathlib import Path
+
+from core.models import default_cache_dir, is_model_path, local_model_dir, model_name
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +25,11 @@ BUNDLED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tandem" / "models"
-
-
 def shipped_config_names() -> list[str]:
     return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
+
+
+__all__ = ["model_name", "resolve_model", "shipped_config_names"]
 
 
 def resolve_model(model: str, cache_dir: Path | None = None) -> Path:
@@ -39,22 +38,17 @@ def resolve_model(model: str, cache_dir: Path | None = None) -> Path:
         return ensure_smollm2(cache_dir or default_cache_dir())
     shipped = SHIPPED_CONFIGS / f"{model}.json"
     if shipped.exists():
-        target = (cache_dir or default_cache_dir()) / f"config-{model}"
+        target = local_model_dir(model, cache_dir)
         target.mkdir(parents=True, exist_ok=True)
         (target / "config.json").write_text(shipped.read_text())
         return target
-    path = Path(model).expanduser()
-    if (path / "config.json").exists():
+    path = local_model_dir(model, cache_dir)
+    if is_model_path(model) and (path / "config.json").exists():
         return path
     raise FileNotFoundError(
         f"model {model!r} not found: use 'smollm2', a shipped config "
         f"({', '.join(shipped_config_names())}) or a local checkpoint directory"
     )
-
-
-def model_name(model: str) -> str:
-    """A short stable name for registry keys and Redis streams."""
-    return Path(model).name if os.sep in model else model
 
 
 def _gguf_path() -> Path:

@@ -4,6 +4,7 @@ turns a SchedulerOutput into tensors, runs the forward pass and samples."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,14 @@ from engine.sampler import SampleRequest, sample
 from engine.weights import init_dummy, load_safetensors
 
 log = logging.getLogger(__name__)
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_indices: list[int]  # rows of the flat batch whose logits are sampled
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,7 +88,8 @@ class ModelRunner:
                           for _ in range(c.num_layers)]
 
     # -- one step ----------------------------------------------------------------------
-    def _prepare(self, out: SchedulerOutput, kv: KVCacheManager):
+    def prepare(self, out: SchedulerOutput, kv: KVCacheManager) -> StepInputs:
+        """Everything the step needs from the scheduler and block tables, as tensors."""
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -114,19 +124,19 @@ class ModelRunner:
         )
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos, meta, sample_idx
+        return StepInputs(ids, pos, meta, sample_idx)
 
     @torch.inference_mode()
     def execute(
-        self, out: SchedulerOutput, kv: KVCacheManager
+        self, out: SchedulerOutput, inputs: StepInputs
     ) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
         """Run one step; return sampled tokens (and logprobs) for chunks that sample."""
-        ids, pos, meta, sample_idx = self._prepare(out, kv)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         samplers = [c.seq for c in out.chunks if c.samples]
         if not samplers:
             return {}, {}
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=self.device)])
+        idx = torch.tensor(inputs.sample_indices, device=self.device)
+        logits = self.model.compute_logits(hidden[idx])
         rows = [SampleRequest(s.sampling, s.prompt_token_ids, s.output_token_ids)
                 for s in samplers]
         tokens, logprobs = sample(logits, rows, self.generator)

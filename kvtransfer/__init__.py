@@ -1,0 +1,83 @@
+"""Moving paged KV blocks from prefill workers to decode workers.
+
+Workers depend on KVSender / KVReceiver only and pick a backend by name, so tests run
+the same worker code over the in-memory fake and production runs it over zmq.
+"""
+
+from __future__ import annotations
+
+from kvtransfer.base import (
+    Inbound,
+    KVReceiver,
+    KVSender,
+    Transfer,
+    TransferError,
+    TransferState,
+    ship,
+)
+from kvtransfer.fake import FakeKVReceiver, FakeKVSender
+from kvtransfer.pack import (
+    LayoutMismatch,
+    check_layout,
+    dtype_from_name,
+    dtype_name,
+    layout_of,
+    pack_blocks,
+    tensor_from_frame,
+    tensor_to_frame,
+    unpack_blocks,
+)
+from kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
+
+BACKENDS = ("zmq", "fake")
+_PLANNED_BACKENDS = ("cuda_ipc", "nccl")
+
+
+def _check_backend(backend: str) -> None:
+    if backend in _PLANNED_BACKENDS:
+        raise ValueError(f"KV transport {backend!r} is not implemented yet; use one of {BACKENDS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown KV transport {backend!r}; use one of {BACKENDS}")
+
+
+def make_receiver(backend: str, bind_address: str) -> KVReceiver:
+    """A decode-side receiver bound to `bind_address` (not started yet)."""
+    _check_backend(backend)
+    if backend == "zmq":
+        return ZmqKVReceiver(bind_address)
+    return FakeKVReceiver(bind_address)
+
+
+def make_sender(backend: str, identity: str) -> KVSender:
+    """A prefill-side sender; `identity` (the worker id) names it to receivers."""
+    _check_backend(backend)
+    if backend == "zmq":
+        return ZmqKVSender(identity)
+    return FakeKVSender(identity)
+
+
+__all__ = [
+    "BACKENDS",
+    "FakeKVReceiver",
+    "FakeKVSender",
+    "Inbound",
+    "KVReceiver",
+    "KVSender",
+    "LayoutMismatch",
+    "Transfer",
+    "TransferError",
+    "TransferState",
+    "ZmqKVReceiver",
+    "ZmqKVSender",
+    "check_layout",
+    "dtype_from_name",
+    "dtype_name",
+    "layout_of",
+    "make_receiver",
+    "make_sender",
+    "pack_blocks",
+    "ship",
+    "tensor_from_frame",
+    "tensor_to_frame",
+    "unpack_blocks",
+]

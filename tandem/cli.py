@@ -24,6 +24,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default)")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed (generate: also the per-request sampling seed)")
 
@@ -34,7 +36,7 @@ def engine_config_from_args(args: argparse.Namespace):
 
     return EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-        seed=args.seed or 0,
+        seed=args.seed or 0, num_threads=args.threads,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"tandem {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -69,6 +69,8 @@ class LocalRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
         self.proc = None
 
     def __enter__(self) -> LocalRedis:

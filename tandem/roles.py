@@ -1,10 +1,92 @@
-"""Subcommands that start one service role each: serve, gateway, prefill, decode."""
+"""Subcommands that start one service role each: serve, gateway, prefill, decode.
+
+`tandem serve` runs the other three as child processes with exactly these command
+lines, which are also what compose runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 
+FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--worker-id", default="", help="default: ROLE-HOSTNAME-PID")
+    p.add_argument("--kv-transport", default="zmq", choices=["zmq"])
+    p.add_argument("--bind-host", default="127.0.0.1",
+                   help="interface for internal sockets (never all interfaces by default)")
+    p.add_argument("--advertise-host", default="",
+                   help="address other workers use to reach this one (default: --bind-host)")
+    p.add_argument("--reservation-lease", type=float, default=10.0, dest="reservation_lease_s")
+    p.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s")
+    p.add_argument("--reclaim-idle", type=float, default=5.0, dest="reclaim_idle_s",
+                   help="seconds before a dead prefill worker's tasks are taken over")
+
+
+def worker_config_from_args(args: argparse.Namespace, role: str):
+    from core.config import WorkerConfig
+
+    return WorkerConfig(
+        redis_url=args.redis_url, role=role, worker_id=args.worker_id,
+        kv_transport=args.kv_transport, bind_host=args.bind_host,
+        advertise_host=args.advertise_host, reservation_lease_s=args.reservation_lease_s,
+        transfer_timeout_s=args.transfer_timeout_s, reclaim_idle_s=args.reclaim_idle_s)
+
+
+def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from tandem.cli import engine_config_from_args
+
+        if role == "prefill":
+            from prefill.worker import PrefillWorker as Worker
+        else:
+            from decode.worker import DecodeWorker as Worker
+        worker = Worker(worker_config_from_args(args, role), engine_config_from_args(args))
+        worker.install_signal_handlers()
+        worker.run()
+        return 0
+
+    return run
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.main import config_from_args, run
+
+    run(config_from_args(args))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tandem.launcher import serve
+
+    return serve(args)
+
 
 def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Filled in as the roles land."""
+    for role in ("prefill", "decode"):
+        p = sub.add_parser(role, help=f"run one {role} worker", formatter_class=FMT)
+        add_engine_args(p)
+        _add_worker_args(p)
+        p.set_defaults(func=_cmd_worker(role))
+
+    from gateway.main import add_arguments as add_gateway_args
+
+    g = sub.add_parser("gateway", help="run the gRPC gateway", formatter_class=FMT)
+    add_gateway_args(g)
+    g.set_defaults(func=_cmd_gateway)
+
+    s = sub.add_parser("serve", help="run a complete local service: redis, prefill, decode "
+                       "and gateway processes", formatter_class=FMT)
+    add_engine_args(s)
+    s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument("--host", default="127.0.0.1", help="interface for the gateway's ports")
+    s.add_argument("--redis-url", default=None,
+                   help="use this Redis instead of starting a private redis-server")
+    s.add_argument("--prefill-workers", type=int, default=1)
+    s.add_argument("--decode-workers", type=int, default=1)
+    s.add_argument("--kv-transport", default="zmq", choices=["zmq"])
+    s.add_argument("--ready-timeout", type=float, default=600.0)
+    s.set_defaults(func=_cmd_serve)

@@ -54,16 +54,12 @@ def tiny_checkpoints(tmp_path_factory):
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy tokens with EOS ignored: the model's own forward and KV cache,
-    argmax at each step (what `generate(do_sample=False)` does, minus stopping)."""
-    ids = torch.tensor([prompt_ids])
-    out: list[int] = []
-    past = None
+    """transformers' greedy tokens with EOS ignored: the model's own forward over the
+    whole sequence at each step, argmax of the last position (no cache API involved, so
+    this holds across transformers versions)."""
+    ids = list(prompt_ids)
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            res = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            nxt = int(res.logits[0, -1].argmax())
-            out.append(nxt)
-            ids = torch.tensor([[nxt]])
-    return out
+            logits = model(input_ids=torch.tensor([ids])).logits
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]

@@ -1,0 +1,119 @@
+"""Redis connections and the stream operations the workers share.
+
+Every call has a socket timeout longer than any BLOCK used with it, so a lost Redis
+surfaces as an exception, never as a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import redis
+
+from core.protocol import AbortNotice, PrefillTask, TokenBatch, TokenDelta, decode, encode
+from core.redis_keys import (
+    ABORT_CHANNEL,
+    MESSAGE_FIELD,
+    PREFILL_GROUP,
+    REPLY_STREAM_MAXLEN,
+    abort_marker,
+)
+
+log = logging.getLogger(__name__)
+SOCKET_TIMEOUT_S = 5.0
+T = TypeVar("T")
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
+                                socket_connect_timeout=SOCKET_TIMEOUT_S,
+                                health_check_interval=10)
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str = PREFILL_GROUP) -> None:
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def retry(fn: Callable[[], T], what: str, stop: Callable[[], bool],
+          max_backoff_s: float = 2.0) -> T | None:
+    """Call fn until it succeeds, backing off on connection errors; None if stopping."""
+    delay = 0.05
+    while not stop():
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("redis unavailable during %s (%s); retrying in %.2fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_backoff_s)
+    return None
+
+
+def add_task(client: redis.Redis, stream: str, task: PrefillTask) -> bytes:
+    return client.xadd(stream, {MESSAGE_FIELD: encode(task)})
+
+
+def read_tasks(
+    client: redis.Redis, stream: str, consumer: str, count: int, block_ms: int | None
+) -> list[tuple[bytes, PrefillTask | None]]:
+    """New tasks for this consumer; a malformed entry comes back as (id, None)."""
+    res = client.xreadgroup(PREFILL_GROUP, consumer, {stream: ">"}, count=count,
+                            block=block_ms)
+    return [(entry_id, _task(fields)) for _, entries in res or [] for entry_id, fields in entries]
+
+
+def reclaim_tasks(
+    client: redis.Redis, stream: str, consumer: str, min_idle_ms: int, count: int
+) -> list[tuple[bytes, PrefillTask | None]]:
+    """Tasks a dead consumer took but never acknowledged (XAUTOCLAIM)."""
+    res = client.xautoclaim(stream, PREFILL_GROUP, consumer, min_idle_time=min_idle_ms,
+                            start_id="0-0", count=count)
+    return [(entry_id, _task(fields)) for entry_id, fields in res[1] if fields]
+
+
+def _task(fields: dict) -> PrefillTask | None:
+    try:
+        return decode(fields[MESSAGE_FIELD], PrefillTask)
+    except (KeyError, ValueError) as exc:
+        log.warning("dropping malformed prefill task: %s", exc)
+        return None
+
+
+def publish_deltas(client: redis.Redis, deltas: dict[str, list[TokenDelta]]) -> None:
+    """One TokenBatch per reply stream, all in one round trip."""
+    if not deltas:
+        return
+    pipe = client.pipeline(transaction=False)
+    for stream, batch in deltas.items():
+        pipe.xadd(stream, {MESSAGE_FIELD: encode(TokenBatch(batch))},
+                  maxlen=REPLY_STREAM_MAXLEN, approximate=True)
+    pipe.execute()
+
+
+def is_aborted(client: redis.Redis, request_id: str) -> bool:
+    return bool(client.exists(abort_marker(request_id)))
+
+
+def abort_listener(client: redis.Redis, stop: Callable[[], bool]) -> Iterator[str]:
+    """Yield aborted request ids from the abort channel until stop(); reconnects."""
+    while not stop():
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(ABORT_CHANNEL)
+            while not stop():
+                msg = pubsub.get_message(timeout=0.2)
+                if msg and msg.get("type") == "message":
+                    try:
+                        yield decode(msg["data"], AbortNotice).request_id
+                    except ValueError:
+                        log.warning("ignoring a malformed abort notice")
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(0.2)
+        finally:
+            pubsub.close()

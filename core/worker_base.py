@@ -1,0 +1,89 @@
+"""What every worker process does besides its model work: identity, Redis, registry
+heartbeat, abort notices and signals. The model loop stays in the role's own module;
+these threads only feed it through thread-safe queues and flags."""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from core.config import WorkerConfig
+from core.protocol import WorkerInfo
+from core.redis_client import abort_listener, connect
+from core.registry import publish_worker, remove_worker
+
+log = logging.getLogger(__name__)
+
+
+class WorkerBase:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.worker_id or f"{config.role}-{socket.gethostname()}-{os.getpid()}"
+        self.redis: redis.Redis = connect(config.redis_url)
+        self.aborted: queue.Queue[str] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        # `kill -USR1 PID` prints every thread's stack: the first tool for a stuck worker.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def start_background(self, snapshot: Callable[[], WorkerInfo]) -> None:
+        """Heartbeat (registry entry) and abort-listener threads."""
+        self._spawn(self._heartbeat_loop, snapshot)
+        self._spawn(self._abort_loop)
+
+    def _spawn(self, fn: Callable, *args: object) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True, name=fn.__name__)
+        t.start()
+        self._threads.append(t)
+
+    def _heartbeat_loop(self, snapshot: Callable[[], WorkerInfo]) -> None:
+        while not self._stop.is_set():
+            try:
+                info = snapshot()
+                info.heartbeat = time.time()
+                publish_worker(self.redis, info, ttl_s=max(5.0, 5 * self.config.heartbeat_s))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+            except Exception:  # a bad snapshot must not silence the heartbeat for good
+                log.exception("heartbeat snapshot failed")
+            self._stop.wait(self.config.heartbeat_s)
+
+    def _abort_loop(self) -> None:
+        for request_id in abort_listener(self.redis, self._stop.is_set):
+            self.aborted.put(request_id)
+
+    def drain_aborts(self) -> set[str]:
+        ids: set[str] = set()
+        while True:
+            try:
+                ids.add(self.aborted.get_nowait())
+            except queue.Empty:
+                return ids
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(redis.RedisError):
+            remove_worker(self.redis, self.worker_id)
+        for t in self._threads:
+            t.join(timeout=2)

@@ -1,0 +1,265 @@
+"""Decode worker: receives prefilled requests and generates their tokens.
+
+A request's life on this worker, as states:
+
+    RESERVED   a prefill worker sent ReserveRequest; blocks for the prompt's KV are
+               allocated under the request id with a lease, and their ids sent back
+               (or a refusal: out of blocks, too many sequences, draining, layout).
+    FILLED     KVTransfer arrived: the packed blocks are scattered into the reserved
+               block ids and acknowledged.
+    RUNNING    Handoff arrived (prompt, sampling, the first token sampled by prefill):
+               the sequence joins the continuous batch, one token per step. Each step
+               publishes one TokenBatch per gateway reply stream.
+    FINISHED   EOS / stop token / max_tokens: the last delta carries the finish reason,
+               blocks are freed.
+    ABORTED    an abort notice (client cancel, stop string) frees the blocks at the next
+               step; nothing more is sent.
+    PREEMPTED  blocks ran out: the youngest sequence is freed and its PrefillTask, with
+               the tokens generated so far, goes back on the prefill stream; the prefill
+               pool recomputes it and the client sees no break.
+    EXPIRED    a reservation not handed off within its lease is released.
+
+Two threads touch the engine's bookkeeping, serialized by one lock: the control thread
+answers prefill workers (reserve, fill, handoff, release) at once, so their round trips
+never wait for a decode step, and the main loop schedules, runs and publishes steps. The
+forward pass runs without the lock; it only reads blocks of running sequences, which the
+control thread never writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import redis
+
+from core.config import WorkerConfig
+from core.protocol import (
+    Handoff,
+    KVTransfer,
+    PrefillTask,
+    Release,
+    ReserveReply,
+    ReserveRequest,
+    TokenDelta,
+    TransferAck,
+    WorkerInfo,
+)
+from core.redis_client import add_task, ensure_group, publish_deltas
+from core.redis_keys import prefill_stream
+from core.sequence import FinishReason, Sequence, SequenceStatus
+from core.worker_base import WorkerBase
+from engine.engine import Engine, EngineConfig
+from kvtransfer import make_receiver
+from kvtransfer.pack import layout_of, unpack_blocks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reservation:
+    request_id: str
+    expires_at: float  # monotonic
+    filled: bool = False
+
+
+class DecodeWorker(WorkerBase):
+    def __init__(self, config: WorkerConfig, engine_config: EngineConfig) -> None:
+        super().__init__(config)
+        self.engine = Engine(engine_config, requeue_preempted=False)
+        self.kv = self.engine.kv
+        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name,
+                                self.kv.block_size)
+        self.stream = prefill_stream(self.engine.name)
+        host = config.bind_host
+        self.receiver = make_receiver(config.kv_transport, f"tcp://{host}:0")
+        self.reservations: dict[str, Reservation] = {}
+        self.tasks: dict[str, PrefillTask] = {}  # running requests' routing facts
+        self.admitted = 0
+        self.lock = threading.Lock()
+        self.work_arrived = threading.Event()
+
+    # -- registry ----------------------------------------------------------------------
+    def snapshot(self) -> WorkerInfo:
+        address = self.receiver.address
+        if self.config.advertise_host:
+            address = address.replace(self.config.bind_host, self.config.advertise_host, 1)
+        return WorkerInfo(
+            worker_id=self.worker_id, role="decode", model=self.engine.name, pid=os.getpid(),
+            control_address=address, layout=self.layout,
+            total_blocks=self.kv.pool.num_blocks, free_blocks=self.kv.num_free_blocks,
+            used_blocks=self.kv.num_used_blocks, running=len(self.engine.scheduler.running),
+            waiting=len(self.reservations), reservations=len(self.reservations),
+            preemptions=self.engine.scheduler.num_preemptions, admitted=self.admitted,
+            draining=self.stopping,
+        )
+
+    # -- main loop ---------------------------------------------------------------------
+    def run(self) -> None:
+        self.receiver.start()
+        ensure_group(self.redis, self.stream)
+        self.start_background(self.snapshot)
+        self._spawn(self._control_loop)
+        log.info("decode worker %s ready at %s", self.worker_id, self.receiver.address)
+        try:
+            while not self.stopping:
+                with self.lock:
+                    self._apply_aborts()
+                    self._expire_reservations()
+                    busy = self.engine.scheduler.has_work
+                if busy:
+                    self._step()
+                else:
+                    self.work_arrived.wait(0.05)
+                    self.work_arrived.clear()
+        finally:
+            self.request_stop()
+            self.receiver.close()
+            self.shutdown()
+
+    def _control_loop(self) -> None:
+        while not self.stopping:
+            for item in self.receiver.poll(0.05):
+                with self.lock:
+                    self._handle(item.peer, item.msg, item.payload)
+
+    def _handle(self, peer: bytes, msg, payload) -> None:
+        if isinstance(msg, ReserveRequest):
+            self.receiver.reply(peer, self._reserve(msg))
+        elif isinstance(msg, KVTransfer):
+            self.receiver.reply(peer, self._fill(msg, payload))
+        elif isinstance(msg, Handoff):
+            self.receiver.reply(peer, self._admit(msg))
+        elif isinstance(msg, Release):
+            self._release(msg.request_id)
+        else:
+            log.warning("unexpected control message %s", type(msg).__name__)
+
+    def _reserve(self, req: ReserveRequest) -> ReserveReply:
+        rid = req.request_id
+
+        def refuse(reason: str) -> ReserveReply:
+            return ReserveReply(request_id=rid, ok=False, reason=reason)
+
+        if self.stopping:
+            return refuse("draining")
+        if (why := req.layout.mismatch(self.layout)) is not None:
+            return refuse(why)
+        if rid in self.tasks:
+            return refuse("request already running here")
+        busy = len(self.engine.scheduler.running) + len(self.reservations)
+        if rid not in self.reservations and busy >= self.engine.scheduler.config.max_num_seqs:
+            return refuse("too many sequences")
+        if not self.kv.allocate_slots(rid, req.num_tokens):
+            return refuse("out of KV blocks")
+        self.reservations[rid] = Reservation(rid, time.monotonic() + req.lease_s)
+        return ReserveReply(request_id=rid, ok=True, block_ids=list(self.kv.block_table(rid)))
+
+    def _fill(self, msg: KVTransfer, packed) -> TransferAck:
+        rid = msg.request_id
+        res = self.reservations.get(rid)
+        if res is None:
+            return TransferAck(request_id=rid, ok=False, reason="no reservation (expired?)")
+        owned = self.kv.block_table(rid)
+        if msg.block_ids != owned[: len(msg.block_ids)] or packed is None:
+            return TransferAck(request_id=rid, ok=False, reason="blocks do not match reservation")
+        try:
+            unpack_blocks(self.engine.runner.kv_caches, msg.block_ids, packed)
+        except (ValueError, RuntimeError) as exc:
+            return TransferAck(request_id=rid, ok=False, reason=f"bad KV payload: {exc}")
+        res.filled = True
+        # The handoff follows right behind the KV; give it a fresh lease to arrive in.
+        res.expires_at = time.monotonic() + self.config.reservation_lease_s
+        return TransferAck(request_id=rid, ok=True)
+
+    def _admit(self, msg: Handoff) -> TransferAck:
+        task = msg.task
+        rid = task.request_id
+        res = self.reservations.pop(rid, None)
+        if res is None or not res.filled:
+            if res is not None:
+                self.kv.free(rid)
+            return TransferAck(request_id=rid, ok=False, reason="KV not received")
+        seq = Sequence(rid, list(task.prompt_token_ids), task.sampling,
+                       output_token_ids=list(msg.output_token_ids),
+                       num_computed_tokens=msg.num_computed_tokens)
+        try:
+            self.engine.scheduler.add_running(seq)
+        except (ValueError, MemoryError) as exc:
+            self.kv.free(rid)
+            return TransferAck(request_id=rid, ok=False, reason=str(exc))
+        self.tasks[rid] = task
+        self.admitted += 1
+        self.work_arrived.set()
+        return TransferAck(request_id=rid, ok=True)
+
+    def _release(self, request_id: str) -> None:
+        if self.reservations.pop(request_id, None) is not None:
+            self.kv.free(request_id)
+
+    def _apply_aborts(self) -> None:
+        for rid in self.drain_aborts():
+            self._release(rid)
+            if self.engine.scheduler.abort(rid) is not None:
+                self.tasks.pop(rid, None)
+
+    def _expire_reservations(self) -> None:
+        now = time.monotonic()
+        for rid in [r for r, res in self.reservations.items() if res.expires_at < now]:
+            log.warning("reservation for %s expired unfilled; released", rid)
+            self._release(rid)
+
+    # -- one decode step ----------------------------------------------------------------
+    def _step(self) -> None:
+        deltas: dict[str, list[TokenDelta]] = defaultdict(list)
+        with self.lock:
+            self._expire_deadlines(deltas)
+        out, got = self.engine.step(self.lock)
+        with self.lock:
+            self._collect(out, got, deltas)
+        try:
+            publish_deltas(self.redis, deltas)
+        except redis.RedisError as exc:
+            log.error("could not publish tokens: %s", exc)
+
+    def _collect(self, out, got: list[Sequence], deltas: dict[str, list[TokenDelta]]) -> None:
+        for seq in got:
+            task = self.tasks[seq.request_id]
+            finished = seq.is_finished
+            deltas[task.reply_stream].append(TokenDelta(
+                request_id=seq.request_id, token_ids=[seq.output_token_ids[-1]],
+                offset=len(seq.output_token_ids) - 1,
+                finish_reason=seq.finish_reason.value if finished else None,
+                logprobs=seq.output_logprobs[-1:] or None, worker_id=self.worker_id))
+            if finished:
+                del self.tasks[seq.request_id]
+        for seq in out.preempted:
+            self._send_back(seq)
+
+    def _expire_deadlines(self, deltas: dict[str, list[TokenDelta]]) -> None:
+        now = time.time()
+        for rid, task in list(self.tasks.items()):
+            if task.deadline and now > task.deadline:
+                self.engine.scheduler.abort(rid)
+                del self.tasks[rid]
+                deltas[task.reply_stream].append(TokenDelta(
+                    request_id=rid, finish_reason=FinishReason.ABORT.value,
+                    error="request deadline exceeded", error_code="deadline"))
+
+    def _send_back(self, seq: Sequence) -> None:
+        """Preempted: the prefill pool recomputes prompt + generated tokens."""
+        assert seq.status is SequenceStatus.FINISHED
+        task = self.tasks.pop(seq.request_id)
+        again = PrefillTask(request_id=task.request_id, prompt_token_ids=task.prompt_token_ids,
+                            sampling=task.sampling, reply_stream=task.reply_stream,
+                            deadline=task.deadline, output_token_ids=list(seq.output_token_ids))
+        try:
+            add_task(self.redis, self.stream, again)
+        except redis.RedisError as exc:
+            publish_deltas(self.redis, {task.reply_stream: [TokenDelta(
+                request_id=seq.request_id, finish_reason="abort",
+                error=f"preempted and could not be requeued: {exc}", error_code="unavailable")]})

@@ -1,0 +1,122 @@
+"""One gateway, assembled: tokenizer, Redis, reply router, gRPC server, health, reflection.
+
+`main.py` runs it as a process; tests start and stop it inside their own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from core.tokenizer import Tokenizer
+from gateway.config import GatewayConfig, ModelLimits
+from gateway.proto import tandem_pb2 as pb
+from gateway.reply_router import ReplyRouter
+from gateway.server import GenerationService, add_generation_service
+from gateway.worker_registry import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+HEALTH_SERVICES = ("", GENERATION_SERVICE)  # "" is the whole server, by convention
+
+
+class GatewayApp:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.tokenizer = Tokenizer(config.model_dir)
+        self.limits = ModelLimits.load(config, self.tokenizer.vocab_size)
+        self.port = 0  # bound port once started
+        self._redis: aioredis.Redis | None = None
+        self._router: ReplyRouter | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._service: GenerationService | None = None
+        self._health_tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False
+
+    async def start(self) -> int:
+        """Connect, bind and serve; return the bound port."""
+        cfg = self.config
+        self._redis = aioredis.Redis.from_url(
+            cfg.redis_url,
+            socket_timeout=cfg.redis_timeout_s,
+            socket_connect_timeout=cfg.redis_timeout_s,
+        )
+        self._router = ReplyRouter(
+            cfg.redis_url,
+            cfg.gateway_id,
+            block_ms=cfg.reply_block_ms,
+            redis_timeout_s=cfg.redis_timeout_s,
+            on_connected=self._redis_state_changed,
+        )
+        await self._router.start()
+        registry = WorkerRegistry(self._redis, cfg.model, cache_ttl_s=cfg.worker_check_ttl_s)
+        self._service = GenerationService(
+            cfg, self.limits, self.tokenizer, self._redis, self._router, registry
+        )
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_send_message_bytes),
+                ("grpc.so_reuseport", 0),  # a second gateway on our port must fail, loudly
+            ]
+        )
+        add_generation_service(self._service, self._server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port = self._server.add_insecure_port(cfg.grpc_address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC to {cfg.grpc_address}")
+        await self._server.start()
+        await self._set_health(serving=True)
+        log.info("gateway %s serving %s", cfg.gateway_id, cfg.model)
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new RPCs, give open streams grace_s, cancel the rest, then close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._service is not None:
+            await self._service.drain()  # cancelled streams' aborts
+        if self._health_tasks:
+            await asyncio.gather(*self._health_tasks, return_exceptions=True)
+        if self._router is not None:
+            await self._router.stop()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    def _redis_state_changed(self, connected: bool) -> None:
+        # Without Redis no request can be served: let load balancers route elsewhere.
+        task = asyncio.get_running_loop().create_task(self._set_health(serving=connected))
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._health is None:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in HEALTH_SERVICES:
+            await self._health.set(name, status)

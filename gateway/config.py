@@ -1,0 +1,101 @@
+"""The gateway's settings, validated once; the model's limits read from its config.json."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MAX_TOKENS = 16  # proto max_tokens 0; the completions default of OpenAI and vLLM
+MiB = 1024 * 1024
+
+
+def _new_gateway_id() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model: str  # the served model's name: names its prefill stream and registry entries
+    model_dir: Path  # holds tokenizer.json and config.json
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    grpc_host: str = "127.0.0.1"  # loopback unless asked: compose passes 0.0.0.0
+    grpc_port: int = 50051  # 0: any free port (tests)
+    gateway_id: str = field(default_factory=_new_gateway_id)
+    request_timeout_s: float = 300.0  # whole request, also the PrefillTask deadline
+    max_receive_message_bytes: int = 4 * MiB
+    max_send_message_bytes: int = 4 * MiB
+    max_prompt_bytes: int = 1 * MiB
+    max_model_len: int = 0  # 0: the model's max_position_embeddings
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    redis_timeout_s: float = 5.0  # socket timeout of every non-blocking Redis call
+    reply_block_ms: int = 1000  # XREAD BLOCK of the reply router
+    worker_check_ttl_s: float = 1.0  # how long a "workers are live" answer is trusted
+    shutdown_grace_s: float = 5.0  # streams left after this are cancelled
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        if not self.model:
+            raise ValueError("model name must not be empty")
+        if not (self.model_dir / "tokenizer.json").exists():
+            raise ValueError(f"no tokenizer.json in {self.model_dir}")
+        if not (self.model_dir / "config.json").exists():
+            raise ValueError(f"no config.json in {self.model_dir}")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must be redis://, rediss:// or unix://: {self.redis_url}")
+        if not (0 <= self.grpc_port <= 65535):
+            raise ValueError("grpc_port must be in [0, 65535]")
+        if not self.gateway_id or not self.gateway_id.replace("-", "").isalnum():
+            raise ValueError("gateway_id must be non-empty letters, digits and dashes")
+        for name in ("request_timeout_s", "redis_timeout_s", "worker_check_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.shutdown_grace_s < 0:
+            raise ValueError("shutdown_grace_s must be >= 0")
+        for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_prompt_bytes"):
+            if getattr(self, name) < 1024:
+                raise ValueError(f"{name} must be at least 1024")
+        if self.max_prompt_bytes > self.max_receive_message_bytes:
+            raise ValueError("max_prompt_bytes cannot exceed max_receive_message_bytes")
+        if self.reply_block_ms < 1:
+            raise ValueError("reply_block_ms must be >= 1")
+        if self.max_model_len < 0:
+            raise ValueError("max_model_len must be >= 0")
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be >= 1")
+
+    @property
+    def grpc_address(self) -> str:
+        host = f"[{self.grpc_host}]" if ":" in self.grpc_host else self.grpc_host
+        return f"{host}:{self.grpc_port}"
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What validation needs from the model: context length and vocabulary size."""
+
+    max_model_len: int
+    vocab_size: int
+
+    @classmethod
+    def load(cls, config: GatewayConfig, tokenizer_vocab_size: int) -> ModelLimits:
+        hf = json.loads((config.model_dir / "config.json").read_text())
+        # Multimodal checkpoints nest the language model's settings.
+        hf = hf.get("text_config", hf)
+        context = int(hf.get("max_position_embeddings") or 0)
+        if config.max_model_len:
+            if context and config.max_model_len > context:
+                raise ValueError(
+                    f"max_model_len {config.max_model_len} exceeds the model's "
+                    f"max_position_embeddings {context}"
+                )
+            context = config.max_model_len
+        if context < 1:
+            raise ValueError(
+                f"{config.model_dir}/config.json has no max_position_embeddings; set max_model_len"
+            )
+        # The embedding table bounds what a worker can look up; the tokenizer may be
+        # larger (added tokens) or smaller (padded embeddings): ids must fit both.
+        vocab = int(hf.get("vocab_size") or tokenizer_vocab_size)
+        return cls(max_model_len=context, vocab_size=min(vocab, tokenizer_vocab_size))

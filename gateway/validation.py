@@ -1,0 +1,110 @@
+"""Turn a gRPC GenerateRequest into prompt token ids and core SamplingParams.
+
+Every failure is a ValueError whose message is shown to the client as INVALID_ARGUMENT,
+so messages name the field and the bound. Bounds on sampling fields live in
+core.sampling_params, shared with the HTTP front end and the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from google.protobuf.message import DecodeError
+
+from core.sampling_params import SamplingParams
+from gateway.config import GatewayConfig, ModelLimits
+from gateway.proto import tandem_pb2 as pb
+
+Encode = Callable[[str], Awaitable[list[int]]]
+
+
+class MalformedRequest:
+    """Stands in for a request that did not parse, so the handler can say why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def parse_request(data: bytes) -> pb.GenerateRequest | MalformedRequest:
+    # grpc reports a deserializer exception as UNKNOWN; a bad request is the client's
+    # error (most often a prompt that is not UTF-8), so it becomes INVALID_ARGUMENT.
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError as exc:
+        return MalformedRequest(f"malformed GenerateRequest (strings must be UTF-8): {exc}")
+
+
+def check_prompt_shape(request: pb.GenerateRequest, config: GatewayConfig) -> None:
+    """Cheap checks done before tokenizing, so a huge prompt costs no tokenizer time."""
+    has_text = bool(request.prompt)
+    has_ids = len(request.prompt_token_ids) > 0
+    if has_text and has_ids:
+        raise ValueError("set exactly one of prompt and prompt_token_ids, not both")
+    if not has_text and not has_ids:
+        raise ValueError("a prompt is required: set prompt or prompt_token_ids")
+    if has_text:
+        size = len(request.prompt.encode("utf-8"))
+        if size > config.max_prompt_bytes:
+            raise ValueError(
+                f"prompt is {size} bytes; the limit is {config.max_prompt_bytes} bytes"
+            )
+
+
+def sampling_from_proto(sp: pb.SamplingParams, config: GatewayConfig) -> SamplingParams:
+    """Map proto3 zero values onto their documented defaults, then build the struct."""
+    return SamplingParams(
+        max_tokens=sp.max_tokens or config.default_max_tokens,
+        min_tokens=sp.min_tokens,
+        temperature=float(sp.temperature),
+        top_p=float(sp.top_p) if sp.top_p != 0 else 1.0,
+        top_k=sp.top_k,
+        min_p=float(sp.min_p) if sp.HasField("min_p") else 0.0,
+        seed=sp.seed if sp.HasField("seed") else None,
+        repetition_penalty=(
+            float(sp.repetition_penalty) if sp.HasField("repetition_penalty") else 1.0
+        ),
+        presence_penalty=float(sp.presence_penalty) if sp.HasField("presence_penalty") else 0.0,
+        frequency_penalty=(
+            float(sp.frequency_penalty) if sp.HasField("frequency_penalty") else 0.0
+        ),
+        stop=tuple(sp.stop),
+        stop_token_ids=tuple(sp.stop_token_ids),
+        ignore_eos=sp.ignore_eos,
+        logprobs=sp.logprobs if sp.HasField("logprobs") else None,
+    )
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
+    for i, tid in enumerate(token_ids):
+        if not (0 <= tid < vocab_size):
+            raise ValueError(
+                f"prompt_token_ids[{i}] = {tid} is outside the vocabulary [0, {vocab_size})"
+            )
+
+
+async def validate_request(
+    request: pb.GenerateRequest,
+    config: GatewayConfig,
+    limits: ModelLimits,
+    encode: Encode,
+) -> tuple[list[int], SamplingParams]:
+    """Return (prompt_token_ids, sampling) or raise ValueError with a client-facing message.
+
+    `encode` tokenizes a text prompt (with the tokenizer's special tokens, as transformers
+    does); it is awaited only once the cheap checks pass, so that a long prompt can be
+    tokenized off the event loop.
+    """
+    check_prompt_shape(request, config)
+    sampling = sampling_from_proto(request.sampling, config)
+    # Field bounds first: a bad temperature is reported even when the prompt is long.
+    sampling.validate()
+    sampling.validate_token_ids(limits.vocab_size)
+    if request.prompt:
+        token_ids = await encode(request.prompt)
+        if not token_ids:
+            raise ValueError("prompt encodes to no tokens")
+    else:
+        token_ids = list(request.prompt_token_ids)
+        check_token_ids(token_ids, limits.vocab_size)
+    sampling.validate(max_model_len=limits.max_model_len, prompt_len=len(token_ids))
+    return token_ids, sampling

@@ -1,0 +1,72 @@
+"""Is anyone there to serve a request? A read-only view of the worker registry.
+
+Workers refresh their registry hash every second and it expires after a few, so a
+present, non-draining entry is a live worker. A request is only queued when the model
+has at least one prefill and one decode worker; otherwise it would wait for nothing
+until its deadline, and the client is better told UNAVAILABLE at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis.asyncio as aioredis
+
+from core import redis_keys
+from core.protocol import WorkerInfo, decode
+
+log = logging.getLogger(__name__)
+
+REQUIRED_ROLES = ("prefill", "decode")
+SCAN_COUNT = 1000  # registry keys are few; SCAN walks the whole keyspace anyway
+
+
+class WorkerRegistry:
+    def __init__(self, redis: aioredis.Redis, model: str, cache_ttl_s: float = 1.0) -> None:
+        self._redis = redis
+        self._model = model
+        self._cache_ttl_s = cache_ttl_s
+        self._live_until = 0.0  # monotonic time until which "live" is trusted
+
+    async def live_workers(self) -> list[WorkerInfo]:
+        """Every registered, non-draining worker of the served model."""
+        keys = [
+            k
+            async for k in self._redis.scan_iter(
+                match=f"{redis_keys.WORKER_PREFIX}*", count=SCAN_COUNT
+            )
+        ]
+        if not keys:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hget(key, "info")
+            blobs = await pipe.execute()
+        workers = []
+        for key, blob in zip(keys, blobs, strict=True):
+            if blob is None:  # expired between SCAN and HGET
+                continue
+            try:
+                info: WorkerInfo = decode(blob, WorkerInfo)
+            except ValueError as exc:
+                log.warning("registry entry %r unreadable: %s", key, exc)
+                continue
+            if info.model == self._model and not info.draining:
+                workers.append(info)
+        return workers
+
+    async def unavailable_reason(self) -> str | None:
+        """None when the model can be served now; otherwise a client-facing reason.
+
+        Only a positive answer is cached: after an outage the first request that finds
+        workers again gets through, with no stale "unavailable" to wait out.
+        """
+        if time.monotonic() < self._live_until:
+            return None
+        roles = {w.role for w in await self.live_workers()}
+        missing = [r for r in REQUIRED_ROLES if r not in roles]
+        if missing:
+            return f"no live {' or '.join(missing)} worker for model {self._model!r}"
+        self._live_until = time.monotonic() + self._cache_ttl_s
+        return None

@@ -1,0 +1,183 @@
+"""What prefill and decode workers see of a KV transport, whatever carries the bytes.
+
+Decode owns a KVReceiver: it reserves blocks, scatters received KV into them and adopts
+handed-off requests. Prefill owns a KVSender: every call blocks until the receiver's
+reply or the timeout, so the worker's control flow reads top to bottom and each failure
+surfaces as one TransferError.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from core.protocol import ControlMessage, Handoff, ReserveReply, ReserveRequest, TransferAck
+from kvtransfer.pack import pack_blocks
+
+
+class TransferError(Exception):
+    """A transport call failed: timeout, unreachable peer or malformed reply."""
+
+
+class TransferState(enum.Enum):
+    RESERVING = "reserving"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_NEXT_STATES: dict[TransferState, frozenset[TransferState]] = {
+    TransferState.RESERVING: frozenset({TransferState.SENDING, TransferState.FAILED}),
+    TransferState.SENDING: frozenset({TransferState.DONE, TransferState.FAILED}),
+    TransferState.DONE: frozenset(),
+    TransferState.FAILED: frozenset(),
+}
+
+
+@dataclass
+class Transfer:
+    """One request's KV on its way to a decode worker."""
+
+    request_id: str
+    peer: str  # the receiver's address
+    deadline: float  # time.monotonic(); past it the receiver may drop the reservation
+    state: TransferState = TransferState.RESERVING
+    reason: str = ""  # why it failed
+
+    @property
+    def finished(self) -> bool:
+        return not _NEXT_STATES[self.state]
+
+    def advance(self, new_state: TransferState, reason: str = "") -> None:
+        """Move to `new_state`; ValueError for a transition the protocol never makes."""
+        if new_state not in _NEXT_STATES[self.state]:
+            raise ValueError(
+                f"transfer {self.request_id}: illegal transition "
+                f"{self.state.name} -> {new_state.name}"
+            )
+        self.state = new_state
+        if reason:
+            self.reason = reason
+
+    def fail(self, reason: str) -> None:
+        self.advance(TransferState.FAILED, reason)
+
+    def expired(self, now: float | None = None) -> bool:
+        """True when the deadline passed before the transfer finished."""
+        now = time.monotonic() if now is None else now
+        return not self.finished and now >= self.deadline
+
+
+@dataclass
+class Inbound:
+    """One message that reached a receiver."""
+
+    peer: bytes  # opaque sender identity; pass it back to KVReceiver.reply
+    msg: ControlMessage
+    # For a KVTransfer: the packed blocks, already typed and shaped from the header.
+    # It may alias the transport's receive buffer and keep it alive: scatter it promptly.
+    payload: torch.Tensor | None = None
+
+
+class KVReceiver(abc.ABC):
+    """Decode side: receives reservations, KV payloads, handoffs and releases."""
+
+    # Inbound messages dropped as malformed, oversized or unexpected (a health metric).
+    rejected: int = 0
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """Where senders connect; published in the worker registry."""
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def poll(self, timeout_s: float) -> list[Inbound]:
+        """What arrived, waiting at most `timeout_s` for the first item; [] on timeout."""
+
+    @abc.abstractmethod
+    def reply(self, peer: bytes, msg: ControlMessage) -> None:
+        """Queue `msg` for `peer`; never blocks on the network."""
+
+
+class KVSender(abc.ABC):
+    """Prefill side. Every call raises TransferError on timeout or a bad reply."""
+
+    @abc.abstractmethod
+    def reserve(self, address: str, req: ReserveRequest, timeout_s: float) -> ReserveReply: ...
+
+    @abc.abstractmethod
+    def send_kv(
+        self,
+        address: str,
+        request_id: str,
+        block_ids: Sequence[int],
+        packed: torch.Tensor,
+        timeout_s: float,
+    ) -> TransferAck:
+        """Ship `packed` into the receiver's `block_ids`; returns the receiver's ack.
+
+        Once this returns (even with ok=False) the receiver is done with `packed`'s
+        bytes; after a TransferError it may not be, so a reused staging buffer must be
+        given time or replaced.
+        """
+
+    @abc.abstractmethod
+    def handoff(self, address: str, msg: Handoff, timeout_s: float) -> TransferAck: ...
+
+    @abc.abstractmethod
+    def release(self, address: str, request_id: str) -> None:
+        """Give back a reservation; fire and forget, never raises for transport errors."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+def ship(
+    sender: KVSender,
+    address: str,
+    request_id: str,
+    kv_caches: Sequence[torch.Tensor],
+    src_block_ids: Sequence[int],
+    dst_block_ids: Sequence[int],
+    timeout_s: float,
+    staging: torch.Tensor | None = None,
+) -> Transfer:
+    """Pack `src_block_ids`, send them into the reserved `dst_block_ids`, wait for the ack.
+
+    Returns the Transfer as DONE or FAILED (with the reason); transport failures and
+    refusals never raise, so the caller has one place to release the reservation.
+    Bad arguments (mismatched block lists) are caller bugs and do raise ValueError.
+    """
+    if len(src_block_ids) != len(dst_block_ids):
+        raise ValueError(
+            f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks"
+        )
+    transfer = Transfer(
+        request_id=request_id,
+        peer=address,
+        deadline=time.monotonic() + timeout_s,
+        state=TransferState.SENDING,  # the reservation already succeeded
+    )
+    packed = pack_blocks(kv_caches, src_block_ids, out=staging)
+    remaining = max(0.0, transfer.deadline - time.monotonic())
+    try:
+        ack = sender.send_kv(address, request_id, dst_block_ids, packed, remaining)
+    except TransferError as exc:
+        transfer.fail(str(exc) or type(exc).__name__)
+        return transfer
+    if ack.ok:
+        transfer.advance(TransferState.DONE)
+    else:
+        transfer.fail(ack.reason or "receiver refused the KV transfer")
+    return transfer

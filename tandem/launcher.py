@@ -1,0 +1,162 @@
+"""`tandem serve`: a whole local service from one command.
+
+Starts a private redis-server (unless --redis-url), then prefill workers, decode workers
+and the gateway, each as its own process running the same `tandem ROLE ...` command
+compose uses. Waits until every worker is in the registry and the gateway answers,
+prints the endpoints, and on Ctrl-C / SIGTERM stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from tandem.local_redis import LocalRedis
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Run in the child before exec: the kernel sends SIGTERM if the launcher dies."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def tandem_command() -> list[str]:
+    exe = shutil.which("tandem", path=os.path.dirname(sys.executable)) or shutil.which("tandem")
+    return [exe] if exe else [sys.executable, "-m", "tandem.cli"]
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--model", args.model, "--load-format", args.load_format,
+             "--block-size", str(args.block_size), "--num-blocks", str(args.num_blocks),
+             "--max-num-seqs", str(args.max_num_seqs),
+             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+             "--max-model-len", str(args.max_model_len)]
+    threads = args.threads
+    if not threads and args.device != "cuda":
+        # Workers sharing the CPU each get a slice: oversubscribed OpenMP threads spin
+        # against each other and slow every step down many times over.
+        workers = args.prefill_workers + args.decode_workers
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    flags += ["--threads", str(threads)]
+    for name in ("device", "dtype", "seed"):
+        if getattr(args, name) is not None:
+            flags += [f"--{name}", str(getattr(args, name))]
+    return flags
+
+
+class Service:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.redis: LocalRedis | None = None
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.redis_url = args.redis_url or ""
+
+    def start(self) -> None:
+        if not self.redis_url:
+            self.redis = LocalRedis().start()
+            self.redis_url = self.redis.url
+        base = tandem_command()
+        log_level = ["--log-level", self.args.log_level]
+        common = ["--redis-url", self.redis_url, "--kv-transport", self.args.kv_transport]
+        for role, count in (("prefill", self.args.prefill_workers),
+                            ("decode", self.args.decode_workers)):
+            for _ in range(count):
+                self._spawn(role, [*base, *log_level, role, *engine_flags(self.args), *common])
+        self._spawn("gateway", [*base, *log_level, "gateway", "--model", self.args.model,
+                                "--redis-url", self.redis_url, "--grpc-host", self.args.host,
+                                "--grpc-port", str(self.args.grpc_port)])
+
+    def _spawn(self, role: str, cmd: list[str]) -> None:
+        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+        self.procs.append((role, proc))
+
+    def dead_child(self) -> str | None:
+        for role, proc in self.procs:
+            if proc.poll() is not None:
+                return f"{role} (pid {proc.pid}) exited with status {proc.returncode}"
+        return None
+
+    def wait_ready(self, timeout_s: float, interrupted) -> None:
+        from core.redis_client import connect
+        from core.registry import list_workers
+        from engine.model_registry import model_name
+
+        client = connect(self.redis_url)
+        name = model_name(self.args.model)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if interrupted():
+                raise KeyboardInterrupt
+            if (why := self.dead_child()) is not None:
+                raise RuntimeError(why)
+            workers = list_workers(client, model=name)
+            prefill = sum(w.role == "prefill" for w in workers)
+            decode = sum(w.role == "decode" for w in workers)
+            if (prefill >= self.args.prefill_workers and decode >= self.args.decode_workers
+                    and _port_open(self.args.host, self.args.grpc_port)):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"service not ready after {timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    from engine.model_registry import resolve_model
+
+    if _port_open(args.host, args.grpc_port):
+        raise OSError(f"port {args.grpc_port} on {args.host} is already in use")
+    resolve_model(args.model)  # convert the bundled model once, before workers race for it
+    stop = {"signal": 0}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    service = Service(args)
+    try:
+        service.start()
+        service.wait_ready(args.ready_timeout, lambda: bool(stop["signal"]))
+        grpc = f"{args.host}:{args.grpc_port}"
+        print(f"tandem ready: model={args.model} grpc={grpc} redis={service.redis_url} "
+              f"prefill={args.prefill_workers} decode={args.decode_workers}", flush=True)
+        print(f"  try: .venv/bin/python -m gateway.client --target {grpc} 'Hello!'", flush=True)
+        while not stop["signal"]:
+            if (why := service.dead_child()) is not None:
+                print(f"tandem serve: {why}; stopping", file=sys.stderr, flush=True)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        service.stop()
