@@ -52,6 +52,8 @@ class WorkerConfig:
     bind_host: str = "127.0.0.1"  # internal sockets never bind all interfaces by default
     advertise_host: str = ""  # "": bind_host; set in containers to the reachable name
     heartbeat_s: float = 1.0
+    registry_ttl_s: float = 3.0  # a worker silent this long is gone from the registry
+    drain_timeout_s: float = 30.0
     reservation_lease_s: float = 10.0
     transfer_timeout_s: float = 10.0
     reclaim_idle_s: float = 5.0
@@ -64,9 +66,11 @@ class WorkerConfig:
             raise ValueError(f"unknown kv transport {self.kv_transport!r} (zmq)")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
-        for name in ("heartbeat_s", "reservation_lease_s", "transfer_timeout_s",
-                     "reclaim_idle_s"):
+        for name in ("heartbeat_s", "registry_ttl_s", "drain_timeout_s",
+                     "reservation_lease_s", "transfer_timeout_s", "reclaim_idle_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.registry_ttl_s < 2 * self.heartbeat_s:
+            raise ValueError("registry_ttl_s must be at least two heartbeats")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")

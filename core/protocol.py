@@ -43,7 +43,6 @@ class PrefillTask(msgspec.Struct, kw_only=True):
     deadline: float  # unix time; past it no GPU work is done
     # Tokens already generated (preempted or migrated requests): recomputed, not re-sent.
     output_token_ids: list[int] = []
-    delivery: int = 0
 
 
 # -- Redis: workers -> gateway -----------------------------------------------------------

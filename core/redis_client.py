@@ -77,6 +77,28 @@ def reclaim_tasks(
     return [(entry_id, _task(fields)) for entry_id, fields in res[1] if fields]
 
 
+def delivery_counts(client: redis.Redis, stream: str, entry_ids: list[bytes]) -> dict[bytes, int]:
+    """How many times each pending entry has been delivered (XPENDING)."""
+    pipe = client.pipeline(transaction=False)
+    for entry_id in entry_ids:
+        pipe.xpending_range(stream, PREFILL_GROUP, min=entry_id, max=entry_id, count=1)
+    counts = {}
+    for entry_id, rows in zip(entry_ids, pipe.execute(), strict=True):
+        counts[entry_id] = rows[0]["times_delivered"] if rows else 0
+    return counts
+
+
+def dead_letter(client: redis.Redis, stream: str, dead_stream: str, entry_id: bytes,
+                payload: bytes, reason: str) -> None:
+    """Move a task that keeps failing out of the way, keeping it for inspection."""
+    pipe = client.pipeline(transaction=True)
+    pipe.xadd(dead_stream, {MESSAGE_FIELD: payload, b"reason": reason.encode(),
+                            b"entry": entry_id}, maxlen=10_000, approximate=True)
+    pipe.xack(stream, PREFILL_GROUP, entry_id)
+    pipe.xdel(stream, entry_id)
+    pipe.execute()
+
+
 def _task(fields: dict) -> PrefillTask | None:
     try:
         return decode(fields[MESSAGE_FIELD], PrefillTask)

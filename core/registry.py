@@ -1,6 +1,6 @@
 """Worker registry in Redis: each worker refreshes its own entry, entries expire.
 
-A worker that dies simply stops refreshing; after WORKER_TTL_S its entry is gone and
+A worker that dies simply stops refreshing; after its TTL (WORKER_TTL_S by default) its entry is gone and
 nobody routes to it. Readers never trust an entry they cannot decode.
 """
 

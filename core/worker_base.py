@@ -1,6 +1,11 @@
 """What every worker process does besides its model work: identity, Redis, registry
 heartbeat, abort notices and signals. The model loop stays in the role's own module;
-these threads only feed it through thread-safe queues and flags."""
+these threads only feed it through thread-safe queues and flags.
+
+Signals: the first SIGTERM/SIGINT starts a drain (the registry entry says `draining`,
+no new work is taken, work in hand finishes within `drain_timeout_s`); a second one
+stops at once.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from core.registry import publish_worker, remove_worker
 
 log = logging.getLogger(__name__)
 
+RECENT_ABORT_TTL_S = 120.0
+
 
 class WorkerBase:
     def __init__(self, config: WorkerConfig) -> None:
@@ -31,19 +38,37 @@ class WorkerBase:
         self.worker_id = config.worker_id or f"{config.role}-{socket.gethostname()}-{os.getpid()}"
         self.redis: redis.Redis = connect(config.redis_url)
         self.aborted: queue.Queue[str] = queue.Queue()
+        self._recent_aborts: dict[str, float] = {}  # request id -> forget after (monotonic)
         self._stop = threading.Event()
+        self._drain = threading.Event()
+        self._drain_deadline = float("inf")
         self._threads: list[threading.Thread] = []
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        """Stop now: a second signal, or the drain finished or timed out."""
+        return self._stop.is_set() or (self._drain.is_set()
+                                       and time.monotonic() > self._drain_deadline)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.is_set() or self._stop.is_set()
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
+    def request_drain(self, *_: object) -> None:
+        if self._drain.is_set():
+            log.warning("second stop signal: exiting now")
+            self._stop.set()
+            return
+        log.info("draining: finishing work in hand (at most %.0fs)", self.config.drain_timeout_s)
+        self._drain_deadline = time.monotonic() + self.config.drain_timeout_s
+        self._drain.set()
+
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_drain)
+        signal.signal(signal.SIGINT, self.request_drain)
         # `kill -USR1 PID` prints every thread's stack: the first tool for a stuck worker.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
 
@@ -62,7 +87,7 @@ class WorkerBase:
             try:
                 info = snapshot()
                 info.heartbeat = time.time()
-                publish_worker(self.redis, info, ttl_s=max(5.0, 5 * self.config.heartbeat_s))
+                publish_worker(self.redis, info, ttl_s=self.config.registry_ttl_s)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:  # a bad snapshot must not silence the heartbeat for good
@@ -74,12 +99,23 @@ class WorkerBase:
             self.aborted.put(request_id)
 
     def drain_aborts(self) -> set[str]:
+        """Abort notices that arrived since the last call; remembered for a while so a
+        reservation or handoff that arrives after its abort is refused too."""
         ids: set[str] = set()
+        now = time.monotonic()
         while True:
             try:
                 ids.add(self.aborted.get_nowait())
             except queue.Empty:
-                return ids
+                break
+        for rid in ids:
+            self._recent_aborts[rid] = now + RECENT_ABORT_TTL_S
+        if len(self._recent_aborts) > 10_000 or ids:
+            self._recent_aborts = {r: t for r, t in self._recent_aborts.items() if t > now}
+        return ids
+
+    def was_aborted(self, request_id: str) -> bool:
+        return request_id in self._recent_aborts
 
     def shutdown(self) -> None:
         self._stop.set()

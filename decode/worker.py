@@ -95,7 +95,7 @@ class DecodeWorker(WorkerBase):
             used_blocks=self.kv.num_used_blocks, running=len(self.engine.scheduler.running),
             waiting=len(self.reservations), reservations=len(self.reservations),
             preemptions=self.engine.scheduler.num_preemptions, admitted=self.admitted,
-            draining=self.stopping,
+            draining=self.draining,
         )
 
     # -- main loop ---------------------------------------------------------------------
@@ -111,6 +111,8 @@ class DecodeWorker(WorkerBase):
                     self._apply_aborts()
                     self._expire_reservations()
                     busy = self.engine.scheduler.has_work
+                    if self.draining and not busy and not self.reservations:
+                        break
                 if busy:
                     self._step()
                 else:
@@ -123,8 +125,12 @@ class DecodeWorker(WorkerBase):
 
     def _control_loop(self) -> None:
         while not self.stopping:
-            for item in self.receiver.poll(0.05):
-                with self.lock:
+            items = self.receiver.poll(0.05)
+            if not items:
+                continue
+            with self.lock:
+                self._apply_aborts()  # so a reservation arriving after its abort is refused
+                for item in items:
                     self._handle(item.peer, item.msg, item.payload)
 
     def _handle(self, peer: bytes, msg, payload) -> None:
@@ -145,8 +151,10 @@ class DecodeWorker(WorkerBase):
         def refuse(reason: str) -> ReserveReply:
             return ReserveReply(request_id=rid, ok=False, reason=reason)
 
-        if self.stopping:
+        if self.draining:
             return refuse("draining")
+        if self.was_aborted(rid):
+            return refuse("request was aborted")
         if (why := req.layout.mismatch(self.layout)) is not None:
             return refuse(why)
         if rid in self.tasks:
@@ -180,10 +188,10 @@ class DecodeWorker(WorkerBase):
         task = msg.task
         rid = task.request_id
         res = self.reservations.pop(rid, None)
-        if res is None or not res.filled:
+        if res is None or not res.filled or self.was_aborted(rid):
             if res is not None:
                 self.kv.free(rid)
-            return TransferAck(request_id=rid, ok=False, reason="KV not received")
+            return TransferAck(request_id=rid, ok=False, reason="KV not received or aborted")
         seq = Sequence(rid, list(task.prompt_token_ids), task.sampling,
                        output_token_ids=list(msg.output_token_ids),
                        num_computed_tokens=msg.num_computed_tokens)

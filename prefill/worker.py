@@ -35,15 +35,17 @@ import redis
 
 from core.config import WorkerConfig
 from core.kv_cache_manager import blocks_needed
-from core.protocol import Handoff, PrefillTask, ReserveRequest, TokenDelta, WorkerInfo
+from core.protocol import Handoff, PrefillTask, ReserveRequest, TokenDelta, WorkerInfo, encode
 from core.redis_client import (
+    dead_letter,
+    delivery_counts,
     ensure_group,
     is_aborted,
     publish_deltas,
     read_tasks,
     reclaim_tasks,
 )
-from core.redis_keys import PREFILL_GROUP, prefill_stream
+from core.redis_keys import PREFILL_GROUP, dead_letter_stream, prefill_stream
 from core.registry import list_workers, pick_decode_worker
 from core.sequence import Sequence
 from core.worker_base import WorkerBase
@@ -87,8 +89,7 @@ class PrefillWorker(WorkerBase):
             free_blocks=self.kv.num_free_blocks, used_blocks=self.kv.num_used_blocks,
             running=len(sched.running), waiting=len(sched.waiting),
             reservations=len(self.inflight), preemptions=sched.num_preemptions,
-            admitted=self.admitted,
-            draining=self.stopping)
+            admitted=self.admitted, draining=self.draining)
 
     # -- main loop ---------------------------------------------------------------------
     def run(self) -> None:
@@ -97,13 +98,21 @@ class PrefillWorker(WorkerBase):
         log.info("prefill worker %s ready", self.worker_id)
         try:
             while not self.stopping:
+                if self.draining and not self.inflight:
+                    break
                 try:
-                    self._intake()
+                    if not self.draining:
+                        self._intake()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("redis unavailable: %s", exc)
                     time.sleep(0.2)
                     self._recreate_group()
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    self._recreate_group()  # Redis restarted without its data
                 self._apply_aborts()
+                self._expire_deadlines()
                 if self.engine.scheduler.has_work:
                     self._step()
         finally:
@@ -126,10 +135,31 @@ class PrefillWorker(WorkerBase):
         if now - self._last_reclaim > self.config.reclaim_idle_s / 2:
             self._last_reclaim = now
             self._touch_inflight()
-            entries += reclaim_tasks(self.redis, self.stream, self.worker_id,
-                                     int(self.config.reclaim_idle_s * 1000), 16)
+            entries += self._reclaim()
         for entry_id, task in entries:
             self._take(entry_id, task)
+
+    def _reclaim(self) -> list[tuple[bytes, PrefillTask | None]]:
+        """Take over tasks of dead workers; a task delivered too often goes to the
+        dead-letter stream and its client gets an error instead of another retry."""
+        claimed = reclaim_tasks(self.redis, self.stream, self.worker_id,
+                                int(self.config.reclaim_idle_s * 1000), 16)
+        mine = {f.entry_id for f in self.inflight.values()}
+        claimed = [(e, t) for e, t in claimed if e not in mine]
+        if not claimed:
+            return []
+        counts = delivery_counts(self.redis, self.stream, [e for e, _ in claimed])
+        keep = []
+        for entry_id, task in claimed:
+            if counts.get(entry_id, 0) <= self.config.max_deliveries or task is None:
+                keep.append((entry_id, task))
+                continue
+            reason = f"task failed {counts[entry_id] - 1} deliveries"
+            log.error("dead-lettering %s: %s", task.request_id, reason)
+            dead_letter(self.redis, self.stream, dead_letter_stream(self.engine.name),
+                        entry_id, encode(task), reason)
+            self._fail(task, "internal", f"request could not be processed ({reason})")
+        return keep
 
     def _touch_inflight(self) -> None:
         """Reset our in-flight entries' idle time so nobody reclaims live work."""
@@ -162,7 +192,7 @@ class PrefillWorker(WorkerBase):
             if current.entry_id != entry_id:
                 self._ack(entry_id)  # a duplicate of work in progress
             return
-        if is_aborted(self.redis, rid):
+        if self.was_aborted(rid) or is_aborted(self.redis, rid):
             self._ack(entry_id)
             return
         if task.deadline and time.time() > task.deadline:
@@ -209,15 +239,25 @@ class PrefillWorker(WorkerBase):
             log.info("decode %s refused %s: %s", worker.worker_id, seq.request_id, reply.reason)
         return None
 
+    def _expire_deadlines(self) -> None:
+        now = time.time()
+        for rid, flight in list(self.inflight.items()):
+            if flight.task.deadline and now > flight.task.deadline:
+                self._drop(rid)
+                self._fail(flight.task, "deadline", "request deadline exceeded during prefill")
+
+    def _drop(self, rid: str) -> None:
+        """Forget an in-flight request: free local blocks, release its reservation."""
+        flight = self.inflight.pop(rid)
+        self.engine.scheduler.abort(rid)
+        self.kv.free(rid)
+        self.sender.release(flight.decode_address, rid)
+        self._ack(flight.entry_id)
+
     def _apply_aborts(self) -> None:
         for rid in self.drain_aborts():
-            flight = self.inflight.pop(rid, None)
-            if flight is None:
-                continue
-            self.engine.scheduler.abort(rid)
-            self.kv.free(rid)
-            self.sender.release(flight.decode_address, rid)
-            self._ack(flight.entry_id)
+            if rid in self.inflight:
+                self._drop(rid)
 
     # -- one prefill step ---------------------------------------------------------------
     def _step(self) -> None:
@@ -255,6 +295,9 @@ class PrefillWorker(WorkerBase):
         reason = ""
         for attempt in range(2):
             if attempt:
+                self.drain_aborts()
+                if self.was_aborted(rid):
+                    return  # the client left while we were shipping; nothing to retry
                 placed = self._reserve(seq)
                 if placed is None:
                     break

@@ -31,9 +31,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LocalRedis:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 10.0) -> LocalRedis:
@@ -43,6 +45,8 @@ class LocalRedis:
             "--save", "", "--appendonly", "no", "--protected-mode", "yes",
             "--dir", "/tmp", "--loglevel", "warning",
         ]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
@@ -54,7 +58,8 @@ class LocalRedis:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    # With a password PING is refused, but the refusal proves it is up.
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return self
             except OSError:
                 time.sleep(0.05)

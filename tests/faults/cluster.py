@@ -1,0 +1,129 @@
+"""A service assembled role by role, so tests can kill, freeze and restart each piece
+with real signals: private redis-server, `tandem prefill|decode|gateway` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from core.protocol import WorkerInfo
+from core.redis_client import connect
+from core.registry import list_workers
+from gateway.proto import tandem_pb2, tandem_pb2_grpc
+from tandem.local_redis import LocalRedis, free_port
+
+ENGINE_FLAGS = ["--model", "smollm2", "--device", "cpu", "--num-blocks", "256", "--threads", "1"]
+
+
+@dataclass
+class Cluster:
+    redis: LocalRedis = field(default_factory=LocalRedis)
+    grpc_port: int = field(default_factory=free_port)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.redis.start()
+        self.client = connect(self.redis.url)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log_path = f"/tmp/tandem-fault-{os.getpid()}-{name}.log"
+        self.logs[name] = log_path
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "--log-level", "INFO",
+                                     *args], stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_worker(self, name: str, role: str, *flags: str) -> subprocess.Popen:
+        proc = self._spawn(name, [role, *ENGINE_FLAGS, "--redis-url", self.redis.url,
+                                  "--worker-id", name, *flags])
+        self.wait_for(lambda: any(w.worker_id == name for w in self.workers()),
+                      f"{name} to register", proc=proc)
+        return proc
+
+    def start_gateway(self, *flags: str) -> subprocess.Popen:
+        proc = self._spawn("gateway", ["gateway", "--model", "smollm2", "--redis-url",
+                                       self.redis.url, "--grpc-port", str(self.grpc_port),
+                                       *flags])
+        self.wait_for(lambda: _port_open(self.grpc_port), "gateway port", proc=proc)
+        return proc
+
+    def workers(self, role: str | None = None) -> list[WorkerInfo]:
+        return list_workers(self.client, role=role)
+
+    def worker(self, name: str) -> WorkerInfo | None:
+        return next((w for w in self.workers() if w.worker_id == name), None)
+
+    def signal(self, name: str, sig: int) -> None:
+        os.kill(self.procs[name].pid, sig)
+
+    def kill(self, name: str) -> None:
+        self.signal(name, signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def wait_for(self, cond, what: str, timeout: float = 120.0, proc=None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process died waiting for {what}: {self.tail()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"timed out waiting for {what}: {self.tail()}")
+
+    def tail(self, lines: int = 30) -> str:
+        out = []
+        for name, path in self.logs.items():
+            with open(path, errors="replace") as f:
+                out.append(f"--- {name}\n" + "".join(f.readlines()[-lines:]))
+        return "\n".join(out)
+
+    def stub(self) -> tandem_pb2_grpc.GenerationStub:
+        return tandem_pb2_grpc.GenerationStub(grpc.insecure_channel(self.target))
+
+    def assert_no_blocks_in_use(self, timeout: float = 10.0) -> None:
+        def clean() -> bool:
+            return all(w.used_blocks == 0 and w.running == 0 and w.reservations == 0
+                       for w in self.workers())
+        self.wait_for(clean, "every worker to hold no blocks", timeout=timeout)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        self.redis.stop()
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def request(prompt: str, max_tokens: int, **sampling) -> tandem_pb2.GenerateRequest:
+    return tandem_pb2.GenerateRequest(prompt=prompt, sampling=tandem_pb2.SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **sampling))
+
+
+def collect(stub, req, timeout: float = 120.0) -> list[int]:
+    tokens: list[int] = []
+    for msg in stub.Generate(req, timeout=timeout):
+        tokens += list(msg.token_ids)
+    return tokens

@@ -1,0 +1,97 @@
+"""Cancels at every stage free every block; SIGTERM drains; Redis restarts are survived."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from tests.faults.cluster import Cluster, collect, request
+
+LONG_PROMPT = "Once upon a time, in a valley between two mountains, " * 8
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    try:
+        c.start_worker("decode-0", "decode")
+        # A small token budget makes prefill slow enough to cancel in the middle of it.
+        c.start_worker("prefill-0", "prefill", "--max-num-batched-tokens", "8")
+        c.start_gateway()
+        yield c
+    finally:
+        c.close()
+
+
+def _cancel_after(stub, req, seconds: float = 0.0, tokens: int = 0) -> int:
+    """Start a stream, cancel it after `seconds` or once `tokens` arrived; tokens seen."""
+    call = stub.Generate(req, timeout=120)
+    if seconds:
+        threading.Timer(seconds, call.cancel).start()
+    seen = 0
+    try:
+        for msg in call:
+            seen += len(msg.token_ids)
+            if tokens and seen >= tokens:
+                call.cancel()
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.CANCELLED
+    return seen
+
+
+def test_cancel_while_queued(cluster):
+    cluster.signal("prefill-0", signal.SIGSTOP)  # the task waits in the stream
+    try:
+        assert _cancel_after(cluster.stub(), request(LONG_PROMPT, 50), seconds=0.5) == 0
+    finally:
+        cluster.signal("prefill-0", signal.SIGCONT)
+    cluster.assert_no_blocks_in_use()
+
+
+def test_cancel_while_prefilling(cluster):
+    seen = _cancel_after(cluster.stub(), request(LONG_PROMPT, 50), seconds=1.0)
+    assert seen == 0, "the cancel was meant to land during the slow prefill"
+    cluster.assert_no_blocks_in_use()
+
+
+def test_cancel_while_decoding(cluster):
+    assert _cancel_after(cluster.stub(), request("Count to one hundred:", 300), tokens=3) >= 3
+    cluster.assert_no_blocks_in_use()
+
+
+def test_many_cancels_leave_nothing_behind(cluster):
+    stub = cluster.stub()
+    threads = [threading.Thread(target=_cancel_after,
+                                args=(stub, request(f"Story {i}: " + LONG_PROMPT[: 40 + i], 60)),
+                                kwargs={"seconds": 0.2 + 0.15 * (i % 8)})
+               for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    cluster.assert_no_blocks_in_use(timeout=15)
+    assert len(collect(stub, request("Still alive?", 4))) == 4
+
+
+def test_redis_restart_is_survived(cluster):
+    stub = cluster.stub()
+    assert len(collect(stub, request("Before the restart", 4))) == 4
+    port = cluster.redis.port
+    cluster.redis.stop()
+    time.sleep(1.0)
+    cluster.redis.port = port
+    cluster.redis.start()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert len(collect(stub, request("After the restart", 4), timeout=10)) == 4
+            break
+        except grpc.RpcError as err:
+            assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            assert time.monotonic() < deadline, "service did not recover from a Redis restart"
+            time.sleep(0.5)
+    cluster.wait_for(lambda: len(cluster.workers()) == 2, "workers to re-register")
