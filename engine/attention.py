@@ -25,6 +25,8 @@ class AttentionMetadata:
     query_lens_host: list[int]
     context_lens_host: list[int]
     block_tables_host: list[list[int]]
+    max_query_len: int = 0
+    decode_splits: int | None = None  # fixed per CUDA-graph bucket; None: kernel decides
 
     @property
     def num_seqs(self) -> int:

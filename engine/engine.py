@@ -33,12 +33,17 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_cache_bytes: int = CPU_KV_CACHE_BYTES  # used when cache.num_blocks is 0
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
+    gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + KV
+    attention_backend: str = "auto"  # auto (triton on cuda), torch, triton
+    enforce_eager: bool = False  # CUDA: no CUDA graphs
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError("load_format must be auto, safetensors or dummy")
         if self.kv_cache_bytes <= 0:
             raise ValueError("kv_cache_bytes must be positive")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise ValueError("gpu_memory_utilization must be in [0.05, 0.99]")
 
 
 class Engine:
@@ -53,14 +58,24 @@ class Engine:
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         dtype = resolve_dtype(config.dtype, device)
+        sched_cfg = config.scheduler
+        max_len = min(sched_cfg.max_model_len, self.model_config.max_position_embeddings)
         self.runner = ModelRunner(self.model_config, self.model_dir, device, dtype,
-                                  config.load_format, config.seed)
+                                  config.load_format, config.seed, config.attention_backend,
+                                  max_len)
         block_size = config.cache.block_size
-        num_blocks = config.cache.num_blocks or max(
-            1, config.kv_cache_bytes // self.runner.kv_bytes_per_block(block_size))
+        num_blocks = config.cache.num_blocks
+        cuda = self.runner.device.type == "cuda"
+        if not num_blocks and cuda:
+            num_blocks = self.runner.profile_num_blocks(
+                block_size, sched_cfg.max_num_batched_tokens, config.gpu_memory_utilization)
+        elif not num_blocks:
+            num_blocks = max(1, config.kv_cache_bytes // self.runner.kv_bytes_per_block(
+                block_size))
         self.runner.allocate_kv_cache(num_blocks, block_size)
         self.kv = KVCacheManager(num_blocks, block_size)
-        sched_cfg = config.scheduler
+        if cuda and not config.enforce_eager and self.runner.ops.name == "triton":
+            self.runner.capture_graphs(min(sched_cfg.max_num_seqs, 512), max_len)
         if sched_cfg.max_model_len > self.model_config.max_position_embeddings:
             sched_cfg = SchedulerConfig(
                 max_num_seqs=sched_cfg.max_num_seqs,

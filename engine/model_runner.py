@@ -12,8 +12,11 @@ import torch
 from core.kv_cache_manager import KVCacheManager
 from core.scheduler import SchedulerOutput
 from engine.attention import AttentionMetadata
+from engine.cuda_graphs import DecodeGraphs
 from engine.model_config import ModelConfig
 from engine.models import build_model
+from engine.ops import make_ops
+from engine.rope import rope_inv_freq
 from engine.sampler import SampleRequest, sample
 from engine.weights import init_dummy, load_safetensors
 
@@ -25,6 +28,14 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     sample_indices: list[int]  # rows of the flat batch whose logits are sampled
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list -> device tensor through pinned memory, without blocking the host."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,14 +62,16 @@ class ModelRunner:
         dtype: torch.dtype,
         load_format: str = "auto",
         seed: int = 0,
+        attention_backend: str = "auto",
+        max_model_len: int | None = None,
     ) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         torch.manual_seed(seed)
+        self.ops = make_ops(attention_backend, self.device)
         with torch.device("meta"):
-            model = build_model(cfg)
-        model = model.to_empty(device="cpu")
-        model.rotary.inv_freq.copy_(type(model.rotary)(  # buffers are lost on meta
-            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).inv_freq)
+            model = build_model(cfg, self.ops)
+        # Parameters are created straight on the device in their final dtype.
+        model = model.to(dtype=dtype).to_empty(device=self.device)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         if load_format == "dummy":
@@ -67,18 +80,75 @@ class ModelRunner:
             load_safetensors(model, model_dir)
         else:
             raise ValueError(f"unknown load format {load_format!r} (auto, safetensors, dummy)")
-        # inv_freq stays float32 whatever the weights' dtype (as in transformers).
-        self.model = model.to(self.device, dtype).eval()
-        self.model.rotary.inv_freq = self.model.rotary.inv_freq.float()
+        self.model = model.eval()
+        # Rotary frequencies stay float32 whatever the weights' dtype (as in transformers).
+        model.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(
+            self.device)
+        if self.ops.name == "triton":
+            from kernels import build_cos_sin_cache
+
+            positions = min(max_model_len or cfg.max_position_embeddings,
+                            cfg.max_position_embeddings)
+            model.cos_sin_cache = build_cos_sin_cache(model.inv_freq, positions, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 16
+        self.graphs: DecodeGraphs | None = None
 
     # -- KV cache ----------------------------------------------------------------------
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.cfg
         per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim
         return per_token * block_size * torch.tensor([], dtype=self.dtype).element_size()
+
+    @torch.inference_mode()
+    def profile_num_blocks(self, block_size: int, max_tokens: int, utilization: float) -> int:
+        """KV blocks that fit in `utilization` of the GPU after weights and the peak
+        activations of a forward pass over `max_tokens` tokens."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n_blocks = -(-max_tokens // block_size)
+        self.allocate_kv_cache(n_blocks, block_size)
+        table = list(range(n_blocks))
+        ids = torch.zeros(max_tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(max_tokens, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=pos.clone(), block_tables=torch.tensor([table], dtype=torch.int32,
+                                                                device=self.device),
+            context_lens=torch.tensor([max_tokens], dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, max_tokens], dtype=torch.int32,
+                                         device=self.device),
+            query_lens_host=[max_tokens], context_lens_host=[max_tokens],
+            block_tables_host=[table], max_query_len=max_tokens)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        self.model.compute_logits(hidden[-256:])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(total * utilization) - peak
+        per_block = self.kv_bytes_per_block(block_size)
+        if budget < per_block:
+            raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} "
+                               f"GiB of {total / 2**30:.1f}); raise --gpu-memory-utilization")
+        log.info("profiled peak %.2f GiB of %.2f; KV cache gets %.2f GiB", peak / 2**30,
+                 total / 2**30, budget / 2**30)
+        return budget // per_block
+
+    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch, max_blocks,
+                                   self.block_size, self.device)
+        self.graphs.capture()
+
+    def release_gpu_memory(self) -> None:
+        """Drop the KV cache, graphs and weights (the runner is unusable afterwards)."""
+        self.graphs = None
+        self.kv_caches = []
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.cfg
@@ -89,7 +159,8 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput, kv: KVCacheManager) -> StepInputs:
-        """Everything the step needs from the scheduler and block tables, as tensors."""
+        """Everything the step needs from the scheduler and block tables, as tensors:
+        built as two host tensors and moved in two copies (this runs every step)."""
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -98,32 +169,38 @@ class ModelRunner:
         for chunk in out.chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             table = kv.block_table(seq.request_id)
-            all_ids = seq.all_token_ids
-            tokens.extend(all_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:  # decode: no need to materialize the whole token list
+                tokens.append(seq.token_at(start))
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                tokens.extend(seq.all_token_ids[start : start + n])
+                positions.extend(range(start, start + n))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(table)
             if chunk.samples:
                 sample_idx.append(len(tokens) - 1)
-        dev = self.device
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         qsl = [0]
         for n in query_lens:
             qsl.append(qsl[-1] + n)
+        t, s = len(tokens), len(query_lens)
+        flat = _to_device(tokens + positions + slots + context_lens + qsl, torch.long,
+                          self.device)
+        ids, pos, slot_mapping, ctx, starts = flat.split([t, t, t, s, s + 1])
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            slot_mapping=slot_mapping,
+            block_tables=_to_device(padded, torch.int32, self.device),
+            context_lens=ctx.to(torch.int32),
+            query_start_loc=starts.to(torch.int32),
             query_lens_host=query_lens,
             context_lens_host=context_lens,
             block_tables_host=tables,
+            max_query_len=max(query_lens),
         )
-        ids = torch.tensor(tokens, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
         return StepInputs(ids, pos, meta, sample_idx)
 
     @torch.inference_mode()
@@ -131,12 +208,22 @@ class ModelRunner:
         self, out: SchedulerOutput, inputs: StepInputs
     ) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
         """Run one step; return sampled tokens (and logprobs) for chunks that sample."""
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         samplers = [c.seq for c in out.chunks if c.samples]
-        if not samplers:
-            return {}, {}
-        idx = torch.tensor(inputs.sample_indices, device=self.device)
-        logits = self.model.compute_logits(hidden[idx])
+        meta = inputs.meta
+        graphs = self.graphs
+        if (graphs is not None and meta.max_query_len == 1
+                and meta.num_seqs <= graphs.max_batch):
+            logits = graphs.run(inputs.input_ids, inputs.positions, meta)
+            if len(samplers) != meta.num_seqs:  # a 1-token prefill chunk mid-prompt
+                logits = logits[_to_device(inputs.sample_indices, torch.long, self.device)]
+            if not samplers:
+                return {}, {}
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+            if not samplers:
+                return {}, {}
+            idx = _to_device(inputs.sample_indices, torch.long, self.device)
+            logits = self.model.compute_logits(hidden[idx])
         rows = [SampleRequest(s.sampling, s.prompt_token_ids, s.output_token_ids)
                 for s in samplers]
         tokens, logprobs = sample(logits, rows, self.generator)

@@ -70,10 +70,14 @@ def load_safetensors(model: nn.Module, model_dir: Path) -> None:
 
 @torch.no_grad()
 def init_dummy(model: nn.Module, seed: int = 0) -> None:
-    """Small random weights: enough for benchmarks and shape checks, never for quality."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Small random weights, made on the parameters' own device: enough for benchmarks
+    and shape checks, never for quality."""
+    gens: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
-        else:
-            p.copy_(torch.empty(p.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen))
+            continue
+        gen = gens.get(p.device)
+        if gen is None:
+            gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+        p.uniform_(-0.02, 0.02, generator=gen)

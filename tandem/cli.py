@@ -24,6 +24,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: share of GPU memory for weights, activations and KV cache")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto: triton kernels on CUDA, torch elsewhere")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default)")
     p.add_argument("--seed", type=int, default=None,
@@ -37,6 +42,8 @@ def engine_config_from_args(args: argparse.Namespace):
     return EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
         seed=args.seed or 0, num_threads=args.threads,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
@@ -97,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     gen.set_defaults(func=_cmd_generate)
 
+    from bench.cli import add_bench_parser
     from tandem import roles
 
     roles.add_role_parsers(sub, _add_engine_args)
+    add_bench_parser(sub, _add_engine_args, engine_config_from_args)
     return parser
 
 

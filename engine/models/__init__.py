@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.model_config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.ops import TorchOps
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -18,5 +19,5 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    return MODEL_CLASSES[cfg.family](cfg)
+def build_model(cfg: ModelConfig, ops: TorchOps | None = None) -> nn.Module:
+    return MODEL_CLASSES[cfg.family](cfg, ops)

@@ -24,10 +24,10 @@ FAMILIES = {
 }
 
 
-def make_tiny_checkpoint(path, family: str, seed: int = 0):
+def make_tiny_checkpoint(path, family: str, seed: int = 0, **overrides):
     import transformers
 
-    kwargs = {**TINY, **FAMILIES[family]}
+    kwargs = {**TINY, **FAMILIES[family], **overrides}
     arch = kwargs.pop("architectures")[0]
     model_type = kwargs.pop("model_type")
     cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
@@ -58,8 +58,9 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     whole sequence at each step, argmax of the last position (no cache API involved, so
     this holds across transformers versions)."""
     ids = list(prompt_ids)
+    device = next(model.parameters()).device
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([ids])).logits
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits
             ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt_ids):]

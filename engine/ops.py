@@ -1,0 +1,115 @@
+"""The few operations whose implementation depends on the device, behind one interface.
+
+`TorchOps` is the reference: plain torch, Hugging Face numerics, any device (the CPU
+path and the tests). `TritonOps` calls the fused kernels in kernels/ (GPU fast path,
+CUDA-graph safe: no host syncs, no data-dependent shapes on the decode path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, paged_attention_torch, store_kv
+
+
+class TorchOps:
+    name = "torch"
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(dtype)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the pre-norm residual stream, one call."""
+        residual = residual + x
+        return self.rms_norm(residual, weight, eps), residual
+
+    @staticmethod
+    def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
+                    cos_sin_cache: torch.Tensor | None, dtype: torch.dtype) -> tuple:
+        """Per-step rotary tables, computed once and shared by every layer. Computed
+        from positions exactly as transformers does, for bitwise-equal float32 output."""
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    @staticmethod
+    def rotary(q: torch.Tensor, k: torch.Tensor, tables: tuple
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = tables
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    @staticmethod
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv(cache, k, v, meta.slot_mapping)
+        return paged_attention_torch(q, cache, meta, scale)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class TritonOps(TorchOps):
+    name = "triton"
+
+    def __init__(self) -> None:
+        from kernels import (
+            apply_rotary,
+            fused_add_rms_norm,
+            paged_decode_attention,
+            paged_prefill_attention,
+            rms_norm,
+            silu_and_mul,
+        )
+        from kernels import store_kv as store_kv_kernel
+
+        self._rms_norm, self._add_rms_norm = rms_norm, fused_add_rms_norm
+        self._silu_and_mul, self._rotary = silu_and_mul, apply_rotary
+        self._store_kv = store_kv_kernel
+        self._decode, self._prefill = paged_decode_attention, paged_prefill_attention
+
+    def rms_norm(self, x, weight, eps):  # type: ignore[override]
+        return self._rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return self._add_rms_norm(x, residual, weight, eps)
+
+    def silu_and_mul(self, x):  # type: ignore[override]
+        return self._silu_and_mul(x)
+
+    @staticmethod
+    def rope_tables(positions, inv_freq, cos_sin_cache, dtype):  # type: ignore[override]
+        return positions, cos_sin_cache
+
+    def rotary(self, q, k, tables):  # type: ignore[override]
+        return self._rotary(q, k, *tables)
+
+    def attention(self, q, k, v, cache, meta, scale):  # type: ignore[override]
+        self._store_kv(cache, k, v, meta.slot_mapping)
+        if meta.max_query_len == 1:
+            return self._decode(q, cache, meta.block_tables, meta.context_lens, scale,
+                                num_splits=meta.decode_splits)
+        return self._prefill(q, cache, meta.block_tables, meta.query_start_loc,
+                             meta.context_lens, scale, meta.max_query_len)
+
+
+def make_ops(backend: str, device: torch.device) -> TorchOps:
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        return TorchOps()
+    if backend == "triton":
+        return TritonOps()
+    raise ValueError(f"unknown attention backend {backend!r} (auto, torch, triton)")
