@@ -120,12 +120,3 @@ def run(args: argparse.Namespace, engine: Engine) -> dict:
     write_result("latency", engine.name, params, metrics, args.out_dir)
     return metrics
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--e2e-batch-size", type=int, default=8)
-    p.add_argument("--e2e-input-len", type=int, default=32)
-    p.add_argument("--e2e-output-len", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=1)

@@ -14,6 +14,7 @@ from typing import Any
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
+
 def card_name() -> str:
     import torch
 

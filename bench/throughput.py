@@ -75,17 +75,3 @@ def run(args: argparse.Namespace, engine: Engine) -> dict:
     write_result("throughput", engine.name, params, metrics, args.out_dir)
     return metrics
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-requests", type=int, default=1000)
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--uniform", action="store_true",
-                   help="input and output lengths uniform in [--min-len, --max-len] (seed 0)")
-    p.add_argument("--min-len", type=int, default=100)
-    p.add_argument("--max-len", type=int, default=1024)
-    p.add_argument("--peer", choices=["none", "hf"], default="none")
-    p.add_argument("--peer-batch-sizes", default="64,128,256",
-                   help="transformers batch sizes to try; the best one is reported")
-    p.add_argument("--peer-requests", type=int, default=256,
-                   help="requests of the workload run through transformers")

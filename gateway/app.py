@@ -1,4 +1,6 @@
-"""One gateway, assembled: tokenizer, Redis, reply router, gRPC server, health, reflection.
+"""One gateway, assembled: tokenizer, Redis, reply router, the shared execution core, the
+gRPC server (with health and reflection) and the HTTP server (OpenAI-style API, /metrics),
+both on one event loop.
 
 `main.py` runs it as a process; tests start and stop it inside their own event loop.
 """
@@ -6,7 +8,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 
 import grpc
 import redis.asyncio as aioredis
@@ -15,9 +19,14 @@ from grpc_reflection.v1alpha import reflection
 
 from core.tokenizer import Tokenizer
 from gateway.config import GatewayConfig, ModelLimits
+from gateway.execution import Executor
+from gateway.http_api import BodyLimit, build_http_app
+from gateway.http_server import HttpServer
+from gateway.metrics import GatewayMetrics
 from gateway.proto import tandem_pb2 as pb
 from gateway.reply_router import ReplyRouter
 from gateway.server import GenerationService, add_generation_service
+from gateway.token_text import TokenTexts
 from gateway.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -27,11 +36,16 @@ HEALTH_SERVICES = ("", GENERATION_SERVICE)  # "" is the whole server, by convent
 
 
 class GatewayApp:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
-        self.tokenizer = Tokenizer(config.model_dir)
+        self.tokenizer = tokenizer or Tokenizer(config.model_dir)
         self.limits = ModelLimits.load(config, self.tokenizer.vocab_size)
-        self.port = 0  # bound port once started
+        self.metrics = GatewayMetrics(config.model)
+        self.port = 0  # bound gRPC port once started
+        self.http_port = 0  # bound HTTP port once started
+        self.executor: Executor | None = None
+        self.http_app = None  # the FastAPI app, once started
+        self._http: HttpServer | None = None
         self._redis: aioredis.Redis | None = None
         self._router: ReplyRouter | None = None
         self._server: grpc.aio.Server | None = None
@@ -41,8 +55,10 @@ class GatewayApp:
         self._stopped = False
 
     async def start(self) -> int:
-        """Connect, bind and serve; return the bound port."""
+        """Connect, bind and serve; return the bound gRPC port (HTTP: self.http_port)."""
         cfg = self.config
+        # Ports first: one in use fails at once, before waiting for Redis.
+        _check_port_free("gRPC", cfg.grpc_host, cfg.grpc_port)
         self._redis = aioredis.Redis.from_url(
             cfg.redis_url,
             socket_timeout=cfg.redis_timeout_s,
@@ -55,11 +71,18 @@ class GatewayApp:
             redis_timeout_s=cfg.redis_timeout_s,
             on_connected=self._redis_state_changed,
         )
-        await self._router.start()
         registry = WorkerRegistry(self._redis, cfg.model, cache_ttl_s=cfg.worker_check_ttl_s)
-        self._service = GenerationService(
-            cfg, self.limits, self.tokenizer, self._redis, self._router, registry
+        self.executor = Executor(
+            cfg, self.limits, self.tokenizer, self._redis, self._router, registry, self.metrics
         )
+        self.http_app = BodyLimit(
+            build_http_app(self.executor, TokenTexts(self.tokenizer, cfg.model_dir)),
+            cfg.max_receive_message_bytes,
+        )
+        self._http = HttpServer(self.http_app, cfg.http_host, cfg.http_port, cfg.shutdown_grace_s)
+        self.http_port = self._http.port
+        await self._router.start()
+        self._service = GenerationService(self.executor)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
@@ -73,12 +96,17 @@ class GatewayApp:
         reflection.enable_server_reflection(
             (GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self.port = self._server.add_insecure_port(cfg.grpc_address)
+        try:
+            self.port = self._server.add_insecure_port(cfg.grpc_address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind gRPC to {cfg.grpc_address}: {exc}") from None
         if self.port == 0:
             raise OSError(f"cannot bind gRPC to {cfg.grpc_address}")
         await self._server.start()
+        await self._http.start()
         await self._set_health(serving=True)
-        log.info("gateway %s serving %s", cfg.gateway_id, cfg.model)
+        log.info("gateway %s serving %s (grpc port %d, http port %d)", cfg.gateway_id,
+                 cfg.model, self.port, self.http_port)  # fmt: skip
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -89,10 +117,12 @@ class GatewayApp:
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(grace)
-        if self._service is not None:
-            await self._service.drain()  # cancelled streams' aborts
+        await asyncio.gather(
+            self._server.stop(grace) if self._server is not None else asyncio.sleep(0),
+            self._http.stop(grace) if self._http is not None else asyncio.sleep(0),
+        )
+        if self.executor is not None:
+            await self.executor.drain()  # cancelled streams' aborts
         if self._health_tasks:
             await asyncio.gather(*self._health_tasks, return_exceptions=True)
         if self._router is not None:
@@ -120,3 +150,18 @@ class GatewayApp:
         )
         for name in HEALTH_SERVICES:
             await self._health.set(name, status)
+
+
+def _check_port_free(what: str, host: str, port: int) -> None:
+    """A clear one-line error for a port in use (gRPC itself only says it cannot bind)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(f"{what} port {port} on {host} is already in use") from None
+            raise OSError(f"cannot bind {what} to {host}:{port}: {exc.strerror}") from None

@@ -22,6 +22,9 @@ class GatewayConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     grpc_host: str = "127.0.0.1"  # loopback unless asked: compose passes 0.0.0.0
     grpc_port: int = 50051  # 0: any free port (tests)
+    http_host: str = "127.0.0.1"  # the OpenAI-style HTTP API and /metrics
+    http_port: int = 8000  # 0: any free port (tests)
+    api_key: str | None = None  # when set, clients must send "Authorization: Bearer KEY"
     gateway_id: str = field(default_factory=_new_gateway_id)
     request_timeout_s: float = 300.0  # whole request, also the PrefillTask deadline
     max_receive_message_bytes: int = 4 * MiB
@@ -33,6 +36,8 @@ class GatewayConfig:
     reply_block_ms: int = 1000  # XREAD BLOCK of the reply router
     worker_check_ttl_s: float = 1.0  # how long a "workers are live" answer is trusted
     shutdown_grace_s: float = 5.0  # streams left after this are cancelled
+    max_active_requests: int = 4096  # in flight at once; past it: overload (HTTP 429)
+    max_choices: int = 8  # bound on n (times the prompts of a batch) per HTTP request
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -44,8 +49,11 @@ class GatewayConfig:
             raise ValueError(f"no config.json in {self.model_dir}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis_url must be redis://, rediss:// or unix://: {self.redis_url}")
-        if not (0 <= self.grpc_port <= 65535):
-            raise ValueError("grpc_port must be in [0, 65535]")
+        for name in ("grpc_port", "http_port"):
+            if not (0 <= getattr(self, name) <= 65535):
+                raise ValueError(f"{name} must be in [0, 65535]")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (leave it unset for no key)")
         if not self.gateway_id or not self.gateway_id.replace("-", "").isalnum():
             raise ValueError("gateway_id must be non-empty letters, digits and dashes")
         for name in ("request_timeout_s", "redis_timeout_s", "worker_check_ttl_s"):
@@ -64,11 +72,22 @@ class GatewayConfig:
             raise ValueError("max_model_len must be >= 0")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be >= 1")
+        if self.max_active_requests < 1:
+            raise ValueError("max_active_requests must be >= 1")
+        if self.max_choices < 1:
+            raise ValueError("max_choices must be >= 1")
 
     @property
     def grpc_address(self) -> str:
-        host = f"[{self.grpc_host}]" if ":" in self.grpc_host else self.grpc_host
-        return f"{host}:{self.grpc_port}"
+        return join_host_port(self.grpc_host, self.grpc_port)
+
+    @property
+    def http_address(self) -> str:
+        return join_host_port(self.http_host, self.http_port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 
 from core.models import local_model_dir, model_name
 from gateway.app import GatewayApp
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, join_host_port
+from gateway.logs import use_json_logs
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ DEFAULT_MODEL = "smollm2"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's flags; every one has help, so --help shows every default."""
     defaults = GatewayConfig.__dataclass_fields__
     parser.add_argument(
         "--model",
@@ -34,13 +37,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-dir",
         type=Path,
         default=None,
-        help="directory with tokenizer.json and config.json (default: from --model)",
+        help="directory with tokenizer.json and config.json; None: found from --model",
     )
-    parser.add_argument("--redis-url", default=defaults["redis_url"].default)
-    parser.add_argument("--grpc-host", default=defaults["grpc_host"].default)
-    parser.add_argument("--grpc-port", type=int, default=defaults["grpc_port"].default)
     parser.add_argument(
-        "--gateway-id", default=None, help="names this gateway's reply stream (default: random)"
+        "--redis-url", default=defaults["redis_url"].default, help="Redis shared with the workers"
+    )
+    parser.add_argument(
+        "--grpc-host", default=defaults["grpc_host"].default, help="interface of the gRPC API"
+    )
+    parser.add_argument(
+        "--grpc-port", type=int, default=defaults["grpc_port"].default,
+        help="port of the gRPC API (0: any free port)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--http-host",
+        default=defaults["http_host"].default,
+        help="interface of the OpenAI-style HTTP API and /metrics",
+    )
+    parser.add_argument(
+        "--http-port", type=int, default=defaults["http_port"].default,
+        help="port of the OpenAI-style HTTP API and /metrics (0: any free port)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 (HTTP) and in gRPC 'authorization' "
+        "metadata; None: no key",
+    )
+    parser.add_argument(
+        "--max-active-requests",
+        type=int,
+        default=defaults["max_active_requests"].default,
+        help="requests in flight at once; more are refused (HTTP 429, RESOURCE_EXHAUSTED)",
+    )
+    parser.add_argument(
+        "--gateway-id", default=None, help="names this gateway's reply stream; None: random"
     )
     parser.add_argument(
         "--request-timeout",
@@ -52,7 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-model-len",
         type=int,
         default=0,
-        help="context limit for prompt + max_tokens (default: the model's)",
+        help="context limit for prompt + max_tokens; 0: the model's",
+    )
+    parser.add_argument(
+        "--model-wait",
+        type=float,
+        default=0.0,
+        help="seconds to wait for the model's tokenizer.json and config.json to appear "
+        "(in compose a worker writes them into the shared model cache on first start)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per line, request lines with a request_id field",
     )
 
 
@@ -61,15 +105,38 @@ def resolve_model(model: str, model_dir: Path | None) -> tuple[str, Path]:
     return model_name(model), model_dir or local_model_dir(model)
 
 
+def wait_for_model(model_dir: Path, timeout_s: float) -> None:
+    """Wait until a worker has written the model's files into a shared cache."""
+    deadline = time.monotonic() + timeout_s
+    needed = [model_dir / "tokenizer.json", model_dir / "config.json"]
+    while not all(p.exists() for p in needed) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if all(p.exists() for p in needed):
+        time.sleep(0.5 if timeout_s else 0)  # let a writer finish the file it just created
+
+
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     name, model_dir = resolve_model(args.model, args.model_dir)
+    if getattr(args, "log_format", "text") == "json":
+        use_json_logs()  # a process setting, applied here so that every entry point has it
+    if getattr(args, "model_wait", 0):
+        wait_for_model(model_dir, args.model_wait)
     extra = {"gateway_id": args.gateway_id} if args.gateway_id else {}
+    if not (model_dir / "tokenizer.json").exists():
+        raise ValueError(
+            f"model {args.model!r} not found: no tokenizer.json in {model_dir} (start a worker "
+            "once to convert the bundled model, or pass --model-dir)"
+        )
     return GatewayConfig(
         model=name,
         model_dir=model_dir,
         redis_url=args.redis_url,
         grpc_host=args.grpc_host,
         grpc_port=args.grpc_port,
+        http_host=getattr(args, "http_host", "127.0.0.1"),
+        http_port=getattr(args, "http_port", 8000),
+        api_key=getattr(args, "api_key", None),
+        max_active_requests=getattr(args, "max_active_requests", 4096),
         request_timeout_s=args.request_timeout,
         max_model_len=args.max_model_len,
         **extra,
@@ -98,8 +165,10 @@ async def serve_gateway(config: GatewayConfig, stop: asyncio.Event | None = None
             return
         stopping.cancel()
         port = starting.result()
-        print(f"gateway ready grpc={config.grpc_host}:{port}", flush=True)
-        log.info("gateway ready grpc=%s:%d", config.grpc_host, port)
+        grpc_address = join_host_port(config.grpc_host, port)
+        http_address = join_host_port(config.http_host, app.http_port)
+        print(f"gateway ready grpc={grpc_address} http={http_address}", flush=True)
+        log.info("gateway ready grpc=%s http=%s", grpc_address, http_address)
         await stop.wait()
         log.info("gateway shutting down")
     finally:
@@ -108,19 +177,32 @@ async def serve_gateway(config: GatewayConfig, stop: asyncio.Event | None = None
             loop.remove_signal_handler(sig)
 
 
-def run(config: GatewayConfig) -> None:
+def _default_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+
+
+def run(config: GatewayConfig) -> None:
+    _default_logging()
     asyncio.run(serve_gateway(config))
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m gateway.main`: the gateway alone, until the CLI delegates here."""
-    parser = argparse.ArgumentParser(prog="tandem gateway", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tandem gateway",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_arguments(parser)
-    run(config_from_args(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    _default_logging()
+    try:
+        run(config_from_args(args))
+    except (ValueError, OSError) as exc:
+        parser.exit(2, f"tandem gateway: error: {exc}\n")
 
 
 if __name__ == "__main__":

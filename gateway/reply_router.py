@@ -95,6 +95,9 @@ class ReplyRouter:
         self._task: asyncio.Task[None] | None = None
         self._last_id = b"0-0"
         self._last_trim = 0.0
+        # redis-py can swallow a cancellation that lands inside a blocking XREAD; the
+        # loop also checks this flag, so stop() always ends within one BLOCK.
+        self._stopping = False
 
     @property
     def active(self) -> int:
@@ -121,6 +124,7 @@ class ReplyRouter:
         self._task = asyncio.create_task(self._run(), name=f"reply-router {self.stream}")
 
     async def stop(self, delete_stream: bool = True) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -147,7 +151,7 @@ class ReplyRouter:
         backoff = BACKOFF_MIN_S
         connected = True
         self._on_connected(True)
-        while True:
+        while not self._stopping:
             try:
                 if not connected:
                     await self._sync_position(first=False)

@@ -1,8 +1,9 @@
 """Turn a gRPC GenerateRequest into prompt token ids and core SamplingParams.
 
-Every failure is a ValueError whose message is shown to the client as INVALID_ARGUMENT,
-so messages name the field and the bound. Bounds on sampling fields live in
-core.sampling_params, shared with the HTTP front end and the workers.
+Every failure is a ValueError whose message is shown to the client as INVALID_ARGUMENT
+(HTTP 400), so messages name the field and the bound. Bounds on sampling fields live in
+core.sampling_params, shared with the workers; `validate_prompt` is shared with the HTTP
+front end (gateway.openai_requests).
 """
 
 from __future__ import annotations
@@ -96,15 +97,40 @@ async def validate_request(
     """
     check_prompt_shape(request, config)
     sampling = sampling_from_proto(request.sampling, config)
-    # Field bounds first: a bad temperature is reported even when the prompt is long.
+    token_ids = await validate_prompt(
+        request.prompt or None, list(request.prompt_token_ids), sampling, limits, encode
+    )
+    return token_ids, sampling
+
+
+def check_sampling(sampling: SamplingParams, limits: ModelLimits) -> None:
+    """Field bounds, before any tokenizing: a bad temperature is reported even when the
+    prompt is long."""
     sampling.validate()
     sampling.validate_token_ids(limits.vocab_size)
-    if request.prompt:
-        token_ids = await encode(request.prompt)
+
+
+async def validate_prompt(
+    prompt: str | None,
+    prompt_token_ids: Sequence[int],
+    sampling: SamplingParams,
+    limits: ModelLimits,
+    encode: Encode,
+) -> list[int]:
+    """Sampling bounds, then the prompt (text, tokenized by `encode`, or token ids), then
+    prompt + max_tokens against the context; the prompt's token ids, or ValueError.
+
+    Shared by the gRPC and HTTP front ends so that both refuse the same inputs.
+    """
+    check_sampling(sampling, limits)
+    if prompt:
+        token_ids = await encode(prompt)
         if not token_ids:
             raise ValueError("prompt encodes to no tokens")
     else:
-        token_ids = list(request.prompt_token_ids)
+        token_ids = list(prompt_token_ids)
+        if not token_ids:
+            raise ValueError("a prompt is required: set prompt or prompt_token_ids")
         check_token_ids(token_ids, limits.vocab_size)
     sampling.validate(max_model_len=limits.max_model_len, prompt_len=len(token_ids))
-    return token_ids, sampling
+    return token_ids

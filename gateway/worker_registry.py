@@ -31,6 +31,10 @@ class WorkerRegistry:
 
     async def live_workers(self) -> list[WorkerInfo]:
         """Every registered, non-draining worker of the served model."""
+        return [w for w in await self.workers() if not w.draining]
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Every registered worker of the served model, draining ones included."""
         keys = [
             k
             async for k in self._redis.scan_iter(
@@ -52,7 +56,7 @@ class WorkerRegistry:
             except ValueError as exc:
                 log.warning("registry entry %r unreadable: %s", key, exc)
                 continue
-            if info.model == self._model and not info.draining:
+            if info.model == self._model:
                 workers.append(info)
         return workers
 

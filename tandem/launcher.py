@@ -40,7 +40,11 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
              "--block-size", str(args.block_size), "--num-blocks", str(args.num_blocks),
              "--max-num-seqs", str(args.max_num_seqs),
              "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-             "--max-model-len", str(args.max_model_len)]
+             "--max-model-len", str(args.max_model_len),
+             "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+             "--attention-backend", args.attention_backend]
+    if args.enforce_eager:
+        flags.append("--enforce-eager")
     threads = args.threads
     if not threads and args.device != "cuda":
         # Workers sharing the CPU each get a slice: oversubscribed OpenMP threads spin
@@ -74,7 +78,9 @@ class Service:
                 self._spawn(role, [*base, *log_level, role, *engine_flags(self.args), *common])
         self._spawn("gateway", [*base, *log_level, "gateway", "--model", self.args.model,
                                 "--redis-url", self.redis_url, "--grpc-host", self.args.host,
-                                "--grpc-port", str(self.args.grpc_port)])
+                                "--grpc-port", str(self.args.grpc_port),
+                                "--http-host", self.args.host,
+                                "--http-port", str(self.args.http_port)])
 
     def _spawn(self, role: str, cmd: list[str]) -> None:
         proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
@@ -103,7 +109,8 @@ class Service:
             prefill = sum(w.role == "prefill" for w in workers)
             decode = sum(w.role == "decode" for w in workers)
             if (prefill >= self.args.prefill_workers and decode >= self.args.decode_workers
-                    and _port_open(self.args.host, self.args.grpc_port)):
+                    and _port_open(self.args.host, self.args.grpc_port)
+                    and _port_open(self.args.host, self.args.http_port)):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"service not ready after {timeout_s:.0f}s")
@@ -132,10 +139,11 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from engine.model_registry import resolve_model
+    from engine.model_registry import model_name, resolve_model
 
-    if _port_open(args.host, args.grpc_port):
-        raise OSError(f"port {args.grpc_port} on {args.host} is already in use")
+    for port in (args.grpc_port, args.http_port):
+        if _port_open(args.host, port):
+            raise OSError(f"port {port} on {args.host} is already in use")
     resolve_model(args.model)  # convert the bundled model once, before workers race for it
     stop = {"signal": 0}
 
@@ -149,9 +157,14 @@ def serve(args: argparse.Namespace) -> int:
         service.start()
         service.wait_ready(args.ready_timeout, lambda: bool(stop["signal"]))
         grpc = f"{args.host}:{args.grpc_port}"
-        print(f"tandem ready: model={args.model} grpc={grpc} redis={service.redis_url} "
-              f"prefill={args.prefill_workers} decode={args.decode_workers}", flush=True)
+        http = f"{args.host}:{args.http_port}"
+        print(f"tandem ready: model={args.model} grpc={grpc} http={http} "
+              f"redis={service.redis_url} prefill={args.prefill_workers} "
+              f"decode={args.decode_workers}", flush=True)
         print(f"  try: .venv/bin/python -m gateway.client --target {grpc} 'Hello!'", flush=True)
+        print(f"  or:  curl -s http://{http}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{model_name(args.model)}\", \"prompt\": \"Hello!\", "
+              f"\"max_tokens\": 16}}'", flush=True)
         while not stop["signal"]:
             if (why := service.dead_child()) is not None:
                 print(f"tandem serve: {why}; stopping", file=sys.stderr, flush=True)

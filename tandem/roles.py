@@ -82,6 +82,8 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
                        "and gateway processes", formatter_class=FMT)
     add_engine_args(s)
     s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument("--http-port", type=int, default=8000,
+                   help="port of the OpenAI-style HTTP API and /metrics")
     s.add_argument("--host", default="127.0.0.1", help="interface for the gateway's ports")
     s.add_argument("--redis-url", default=None,
                    help="use this Redis instead of starting a private redis-server")

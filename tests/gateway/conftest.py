@@ -55,6 +55,14 @@ class Gateway:
     def config(self) -> GatewayConfig:
         return self.app.config
 
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.app.http_port}"
+
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
@@ -86,6 +94,32 @@ def redis_client(redis_server: LocalRedis) -> Iterator[redis.Redis]:
     client.close()
 
 
+def open_gateway(
+    redis_server: LocalRedis, loop_thread: LoopThread, model_dir: Path, **overrides: Any
+) -> Gateway:
+    fields = {"model": MODEL, "model_dir": model_dir, "redis_url": redis_server.url}
+    config = GatewayConfig(**{**fields, "grpc_port": 0, "http_port": 0, **overrides})
+    app = GatewayApp(config, tokenizer=_shared_tokenizer(model_dir))
+    port = loop_thread.run(app.start())
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return Gateway(app, channel, pb_grpc.GenerationStub(channel))
+
+
+def close_gateway(gw: Gateway, loop_thread: LoopThread) -> None:
+    gw.channel.close()
+    loop_thread.run(gw.app.stop(grace_s=0))
+
+
+_tokenizers: dict[Path, Tokenizer] = {}
+
+
+def _shared_tokenizer(model_dir: Path) -> Tokenizer:
+    """Loading tokenizer.json takes a tenth of a second: once per session is enough."""
+    if model_dir not in _tokenizers:
+        _tokenizers[model_dir] = Tokenizer(model_dir)
+    return _tokenizers[model_dir]
+
+
 @pytest.fixture
 def start_gateway(
     redis_server: LocalRedis, loop_thread: LoopThread, model_dir: Path
@@ -93,19 +127,23 @@ def start_gateway(
     started: list[Gateway] = []
 
     def start(**overrides: Any) -> Gateway:
-        fields = {"model": MODEL, "model_dir": model_dir, "redis_url": redis_server.url}
-        config = GatewayConfig(**{**fields, "grpc_port": 0, **overrides})
-        app = GatewayApp(config)
-        port = loop_thread.run(app.start())
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        gw = Gateway(app, channel, pb_grpc.GenerationStub(channel))
+        gw = open_gateway(redis_server, loop_thread, model_dir, **overrides)
         started.append(gw)
         return gw
 
     yield start
     for gw in started:
-        gw.channel.close()
-        loop_thread.run(gw.app.stop(grace_s=0))
+        close_gateway(gw, loop_thread)
+
+
+@pytest.fixture(scope="module")
+def module_gateway(
+    redis_server: LocalRedis, loop_thread: LoopThread, model_dir: Path
+) -> Iterator[Gateway]:
+    """One gateway for a whole module, for tests that change none of its settings."""
+    gw = open_gateway(redis_server, loop_thread, model_dir)
+    yield gw
+    close_gateway(gw, loop_thread)
 
 
 @pytest.fixture

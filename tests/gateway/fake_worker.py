@@ -53,6 +53,9 @@ class FakeWorker:
         self._redis: aioredis.Redis | None = None
         self._tasks: list[asyncio.Task] = []
         self._answering: set[asyncio.Task] = set()
+        # redis-py can swallow a cancellation that lands inside a blocking command, so
+        # every loop also checks this flag and stop() does not wait forever.
+        self._stopping = False
 
     async def start(self) -> FakeWorker:
         self._redis = aioredis.Redis.from_url(self.redis_url, socket_timeout=5)
@@ -74,10 +77,11 @@ class FakeWorker:
         return self
 
     async def stop(self) -> None:
+        self._stopping = True
         tasks = [*self._tasks, *self._answering]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(tasks, timeout=2)
         assert self._redis is not None
         await self._redis.delete(*(redis_keys.worker_key(i) for i in self._ids))
         await self._redis.aclose()
@@ -97,20 +101,24 @@ class FakeWorker:
             await self._redis.expire(key, redis_keys.WORKER_TTL_S)
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(1.0)
             await self._register()
 
     async def _listen(self, pubsub) -> None:
-        async for message in pubsub.listen():
-            if message["type"] == "message":
-                self.notices.append(decode(message["data"], AbortNotice))
+        try:
+            while not self._stopping:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+                if message and message["type"] == "message":
+                    self.notices.append(decode(message["data"], AbortNotice))
+        finally:
+            await pubsub.aclose()
 
     async def _consume(self) -> None:
         assert self._redis is not None
         stream = redis_keys.prefill_stream(self.model)
         running = self._answering
-        while True:
+        while not self._stopping:
             reply = await self._redis.xreadgroup(
                 redis_keys.PREFILL_GROUP, "fake", {stream: ">"}, count=16, block=100
             )
@@ -144,7 +152,7 @@ class FakeWorker:
         output = expected_output(task.prompt_token_ids, task.sampling.max_tokens)
         i = 0
         replayed = False
-        while i < len(output):
+        while i < len(output) and not self._stopping:
             if await self._redis.exists(redis_keys.abort_marker(rid)):
                 self.aborted.add(rid)
                 return

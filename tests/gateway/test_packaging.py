@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -29,7 +31,8 @@ def test_committed_stubs_are_current(tmp_path: Path) -> None:
 
 def test_gateway_imports_no_torch() -> None:
     code = (
-        "import sys, gateway.server, gateway.main, gateway.app; "
+        "import sys, gateway.server, gateway.main, gateway.app, gateway.client, "
+        "gateway.http_api, gateway.http_server, gateway.metrics, gateway.execution; "
         "bad = [m for m in ('torch', 'transformers', 'engine') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -58,6 +61,8 @@ def test_process_serves_and_exits_on_sigterm(model_dir: Path, redis_server: Loca
         redis_server.url,
         "--grpc-port",
         "0",
+        "--http-port",
+        "0",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -66,7 +71,11 @@ def test_process_serves_and_exits_on_sigterm(model_dir: Path, redis_server: Loca
     try:
         line = read_line(proc, timeout=10)
         assert line.startswith("gateway ready grpc=127.0.0.1:"), (line, proc.stderr)
-        port = int(line.strip().rsplit(":", 1)[1])
+        fields = dict(kv.split("=", 1) for kv in line.split()[2:])
+        port = int(fields["grpc"].rsplit(":", 1)[1])
+        http_port = int(fields["http"].rsplit(":", 1)[1])
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=5) as r:
+            assert json.loads(r.read()) == {"status": "ok"}
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=5

@@ -24,6 +24,11 @@ class RunningService:
     target: str
     redis_url: str
     log: list[str]
+    http: str = ""  # HOST:PORT of the OpenAI-style HTTP API
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http}"
 
     def stub(self) -> tandem_pb2_grpc.GenerationStub:
         channel = grpc.insecure_channel(self.target)
@@ -31,9 +36,12 @@ class RunningService:
 
 
 def start_service(*extra: str, ready_timeout: float = 240.0) -> RunningService:
+    """`tandem serve` with free ports; `extra` flags are appended (they may override)."""
     port = free_port()
+    http = [] if "--http-port" in extra else ["--http-port", str(free_port())]
     cmd = [sys.executable, "-m", "tandem.cli", "--log-level", "INFO", "serve", "--model",
-           "smollm2", "--device", "cpu", "--grpc-port", str(port), "--num-blocks", "512", *extra]
+           "smollm2", "--device", "cpu", "--grpc-port", str(port), "--num-blocks", "512",
+           *http, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     log: list[str] = []
@@ -53,7 +61,7 @@ def start_service(*extra: str, ready_timeout: float = 240.0) -> RunningService:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("service did not start:\n" + "".join(log[-60:]))
-    return RunningService(proc, info["grpc"], info["redis"], log)
+    return RunningService(proc, info["grpc"], info["redis"], log, info.get("http", ""))
 
 
 def stop_service(svc: RunningService, sig: int = signal.SIGINT) -> int:

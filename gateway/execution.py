@@ -1,0 +1,335 @@
+"""Running a request, shared by the gRPC and HTTP front ends.
+
+A front end validates and tokenizes (gateway.validation, gateway.openai_requests), then
+
+    async with executor.generate(prompt_ids, sampling, timeout_s, api="http") as gen:
+        async for out in gen:   # Output: new token ids, new text, logprobs, finish
+            ...
+
+`generate` assigns the gateway-owned request id and registers a queue with the reply
+router *before* the task is queued, so no token can arrive unrouted; entering the block
+XADDs the PrefillTask; iterating turns deltas into client text (incremental detokenizer,
+stop strings) until a finish, a worker error, or the deadline (both raise RequestError).
+Leaving the block any other way (client gone, cancelled, stop string, error) publishes
+an abort, so the workers drop the request and free its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import jinja2
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from core import redis_keys
+from core.protocol import AbortNotice, PrefillTask, encode
+from core.sampling_params import SamplingParams
+from core.tokenizer import Tokenizer
+from gateway.config import GatewayConfig, ModelLimits
+from gateway.detokenizer import TextStream
+from gateway.metrics import GatewayMetrics
+from gateway.reply_router import ReplyRouter, RequestStream
+from gateway.worker_registry import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+# Tokenizing is fast, but a megabyte prompt would stall every other stream on the loop.
+TOKENIZE_IN_THREAD_CHARS = 4096
+
+
+class RequestError(Exception):
+    """A request refused or failed, with a code both front ends map to their status.
+
+    code: invalid_argument | unauthenticated | not_found | resource_exhausted |
+    unavailable | deadline | internal (a worker may report others: they count as internal).
+    """
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+@dataclass
+class Output:
+    """What one step of a request brought: new tokens and the text now final."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # one per token, if asked
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last output
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # output tokens so far, this output's included
+
+
+class Executor:
+    """Everything a request needs from the gateway: tokenizer, Redis, router, registry."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        limits: ModelLimits,
+        tokenizer: Tokenizer,
+        redis: aioredis.Redis,
+        router: ReplyRouter,
+        registry: WorkerRegistry,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.config = config
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self.redis = redis
+        self.router = router
+        self.registry = registry
+        self.metrics = metrics
+        self.prefill_stream = redis_keys.prefill_stream(config.model)
+        self._abort_tasks: set[asyncio.Task[None]] = set()
+
+    # -- checks shared by both front ends -----------------------------------------------
+    def check_api_key(self, authorization: str | None) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), key.encode()
+        ):
+            raise RequestError(
+                "unauthenticated", "missing or invalid API key (send 'Authorization: Bearer KEY')"
+            )
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.config.model:
+            raise RequestError(
+                "not_found",
+                f"model {model!r} is not served here (this gateway serves {self.config.model!r})",
+                param="model",
+            )
+
+    async def check_available(self, requests: int = 1) -> None:
+        """Refuse at once what cannot be served now: overload, or no workers."""
+        active = self.router.active
+        if active + requests > self.config.max_active_requests:
+            raise RequestError(
+                "resource_exhausted",
+                f"gateway overloaded: {active} requests in flight, the limit is "
+                f"{self.config.max_active_requests}; retry later",
+            )
+        try:
+            reason = await self.registry.unavailable_reason()
+        except RedisError as exc:
+            reason = f"worker registry unreachable: {exc}"
+        if reason is not None:
+            raise RequestError("unavailable", reason)
+
+    async def encode(self, prompt: str) -> list[int]:
+        if len(prompt) > TOKENIZE_IN_THREAD_CHARS:
+            return await asyncio.to_thread(self.tokenizer.encode, prompt, True)
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template applied and tokenized; ValueError when the template refuses."""
+        size = sum(len(m.get("content", "")) for m in messages)
+        try:
+            if size > TOKENIZE_IN_THREAD_CHARS:
+                return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
+            return self.tokenizer.encode_chat(messages)
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"chat template failed on these messages: {exc}") from exc
+
+    # -- running ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        timeout_s: float | None = None,
+        api: str = "grpc",
+        arrival: float | None = None,
+    ) -> Generation:
+        """One request to the workers; use as `async with` (see the module docstring).
+
+        arrival: time.monotonic() when the client's request came in (for TTFT).
+        """
+        timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
+        return Generation(self, prompt_ids, sampling, timeout, api, arrival)
+
+    def abort_later(self, request_id: str, reason: str) -> None:
+        # Not awaited: a handler being cancelled must not lose the abort.
+        task = asyncio.get_running_loop().create_task(self.publish_abort(request_id, reason))
+        self._abort_tasks.add(task)
+        task.add_done_callback(self._abort_tasks.discard)
+
+    async def publish_abort(self, request_id: str, reason: str = "client cancelled") -> None:
+        """Tell every worker to drop the request: a marker for late readers, then pub/sub."""
+        notice = encode(AbortNotice(request_id=request_id, reason=reason))
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                # The marker goes first so that a worker woken by the message finds it.
+                pipe.set(
+                    redis_keys.abort_marker(request_id), notice, ex=redis_keys.ABORT_MARKER_TTL_S
+                )
+                pipe.publish(redis_keys.ABORT_CHANNEL, notice)
+                await pipe.execute()
+        except RedisError as exc:
+            # The task's deadline still bounds how long workers keep it.
+            log.warning("abort of %s not published: %s", request_id, exc,
+                        extra={"request_id": request_id})  # fmt: skip
+
+    async def drain(self) -> None:
+        """Wait for aborts still being published (at shutdown)."""
+        if self._abort_tasks:
+            await asyncio.gather(*self._abort_tasks, return_exceptions=True)
+
+
+class Generation:
+    """One request in flight: an async context manager and an async iterator of Outputs."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        timeout_s: float,
+        api: str,
+        arrival: float | None,
+    ) -> None:
+        self.request_id = uuid.uuid4().hex
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.timeout_s = timeout_s
+        self._ex = executor
+        self._api = api
+        self._arrival = time.monotonic() if arrival is None else arrival
+        self._deadline = time.monotonic() + timeout_s
+        self._text = TextStream(executor.tokenizer, prompt_ids, sampling.stop)
+        self._stream: RequestStream | None = None
+        self._completion_tokens = 0
+        self._first_token_at: float | None = None
+        self._last_output_at = 0.0
+        self._done = False  # finished or failed: no more outputs
+        self._failed = False
+        # Why the workers must drop the request; None only when they finished it. A
+        # worker-reported error still aborts: another worker may hold a reservation.
+        self._abort_reason: str | None = "cancelled, timed out or failed at the gateway"
+
+    async def __aenter__(self) -> Generation:
+        ex = self._ex
+        rid = self.request_id
+        self._stream = ex.router.register(rid)
+        task = PrefillTask(
+            request_id=rid,
+            prompt_token_ids=self.prompt_ids,
+            sampling=self.sampling,
+            reply_stream=ex.router.stream,
+            deadline=time.time() + self.timeout_s,
+        )
+        try:
+            await ex.redis.xadd(ex.prefill_stream, {redis_keys.MESSAGE_FIELD: encode(task)})
+        except BaseException as exc:
+            ex.router.unregister(rid)
+            # Cancelled or cut off mid-XADD, the task may be queued all the same.
+            ex.abort_later(rid, "not queued: cancelled or Redis failed")
+            if isinstance(exc, RedisError):
+                raise RequestError("unavailable", f"prefill queue unreachable: {exc}") from exc
+            raise
+        ex.metrics.active.inc()
+        log.info("request %s queued (%s): %d prompt tokens, max_tokens %d", rid, self._api,
+                 len(self.prompt_ids), self.sampling.max_tokens,
+                 extra={"request_id": rid})  # fmt: skip
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        ex = self._ex
+        rid = self.request_id
+        ex.router.unregister(rid)
+        ex.metrics.active.dec()
+        if self._abort_reason is not None:
+            ex.abort_later(rid, self._abort_reason)
+        if not self._done:  # the client left or the handler was cancelled
+            ex.metrics.finished("abort", self._api, len(self.prompt_ids))
+            log.info("request %s aborted after %d tokens: %s", rid, self._completion_tokens,
+                     self._abort_reason, extra={"request_id": rid})  # fmt: skip
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> Output:
+        if self._done or self._stream is None:
+            raise StopAsyncIteration
+        while True:
+            try:
+                deltas = await self._stream.get_many(max(self._deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                self._fail()
+                raise RequestError(
+                    "deadline",
+                    f"request {self.request_id} did not finish within {self.timeout_s:.1f}s",
+                ) from None
+            out = Output(prompt_tokens=len(self.prompt_ids))
+            pieces: list[str] = []
+            worker_finished = False
+            for delta in deltas:
+                if delta.error is not None:
+                    self._fail()
+                    raise RequestError(delta.error_code or "internal", delta.error)
+                out.token_ids.extend(delta.token_ids)
+                if delta.logprobs:
+                    out.logprobs.extend(delta.logprobs)
+                pieces.append(self._text.add(delta.token_ids))
+                out.finish_reason = delta.finish_reason
+                worker_finished = delta.finish_reason is not None
+                if self._text.stopped:
+                    out.finish_reason = "stop"
+                    break
+                if out.finish_reason is not None:
+                    pieces.append(self._text.finish())
+                    break
+            out.text = "".join(pieces)
+            self._completion_tokens += len(out.token_ids)
+            out.completion_tokens = self._completion_tokens
+            self._observe(out)
+            if out.finish_reason is not None:
+                # A stop string ends the request here; the workers do not know yet.
+                self._abort_reason = None if worker_finished else "stop string"
+                self._finish(out.finish_reason)
+                return out
+            if out.token_ids or out.text:
+                return out
+
+    def _observe(self, out: Output) -> None:
+        if not out.token_ids:
+            return
+        now = time.monotonic()
+        metrics = self._ex.metrics
+        metrics.generation_tokens.inc(len(out.token_ids))
+        if self._first_token_at is None:
+            self._first_token_at = now
+            metrics.ttft.observe(now - self._arrival)
+        else:
+            gap = (now - self._last_output_at) / len(out.token_ids)
+            for _ in out.token_ids:
+                metrics.itl.observe(gap)
+        self._last_output_at = now
+
+    def _finish(self, reason: str) -> None:
+        self._done = True
+        now = time.monotonic()
+        metrics = self._ex.metrics
+        metrics.e2e.observe(now - self._arrival)
+        if self._first_token_at is not None and self._completion_tokens > 1:
+            metrics.tpot.observe((now - self._first_token_at) / (self._completion_tokens - 1))
+        metrics.finished(reason, self._api, len(self.prompt_ids))
+        log.info("request %s finished (%s): %d prompt + %d output tokens in %.3fs",
+                 self.request_id, reason, len(self.prompt_ids), self._completion_tokens,
+                 now - self._arrival, extra={"request_id": self.request_id})  # fmt: skip
+
+    def _fail(self) -> None:
+        self._done = True
+        self._failed = True
