@@ -52,6 +52,7 @@ class GatewayApp:
         self._health: health.aio.HealthServicer | None = None
         self._service: GenerationService | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
+        self._owner_watch: asyncio.Task[None] | None = None
         self._stopped = False
 
     async def start(self) -> int:
@@ -82,6 +83,7 @@ class GatewayApp:
         self._http = HttpServer(self.http_app, cfg.http_host, cfg.http_port, cfg.shutdown_grace_s)
         self.http_port = self._http.port
         await self._router.start()
+        self._owner_watch = asyncio.get_running_loop().create_task(self.executor.watch_owners())
         self._service = GenerationService(self.executor)
         self._server = grpc.aio.server(
             options=[
@@ -121,6 +123,8 @@ class GatewayApp:
             self._server.stop(grace) if self._server is not None else asyncio.sleep(0),
             self._http.stop(grace) if self._http is not None else asyncio.sleep(0),
         )
+        if self._owner_watch is not None:
+            self._owner_watch.cancel()
         if self.executor is not None:
             await self.executor.drain()  # cancelled streams' aborts
         if self._health_tasks:

@@ -37,6 +37,10 @@ class GatewayConfig:
     worker_check_ttl_s: float = 1.0  # how long a "workers are live" answer is trusted
     shutdown_grace_s: float = 5.0  # streams left after this are cancelled
     max_active_requests: int = 4096  # in flight at once; past it: overload (HTTP 429)
+    # A request whose decode worker vanished from the registry: False ends it with
+    # UNAVAILABLE, True re-queues it (prompt + tokens so far) for another decode worker.
+    migrate: bool = False
+    owner_check_s: float = 1.0
     max_choices: int = 8  # bound on n (times the prompts of a batch) per HTTP request
 
     def __post_init__(self) -> None:

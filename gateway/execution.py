@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from core import redis_keys
-from core.protocol import AbortNotice, PrefillTask, encode
+from core.protocol import AbortNotice, PrefillTask, TokenDelta, encode
 from core.sampling_params import SamplingParams
 from core.tokenizer import Tokenizer
 from gateway.config import GatewayConfig, ModelLimits
@@ -91,6 +91,25 @@ class Executor:
         self.metrics = metrics
         self.prefill_stream = redis_keys.prefill_stream(config.model)
         self._abort_tasks: set[asyncio.Task[None]] = set()
+        self.inflight: dict[str, Generation] = {}
+
+    # -- decode workers that die --------------------------------------------------------
+    async def watch_owners(self) -> None:
+        """Every `owner_check_s`: a request whose decode worker left the registry (its
+        entry expires a few seconds after its last heartbeat) is migrated or failed, so
+        no stream waits on a dead worker until its deadline."""
+        while True:
+            await asyncio.sleep(self.config.owner_check_s)
+            orphans = [g for g in self.inflight.values() if g.owner is not None]
+            if not orphans:
+                continue
+            try:
+                live = {w.worker_id for w in await self.registry.workers()}
+            except RedisError:
+                continue  # Redis is down: the router's reconnect path handles that
+            for gen in orphans:
+                if gen.owner not in live:
+                    await gen.owner_lost(self.config.migrate)
 
     # -- checks shared by both front ends -----------------------------------------------
     def check_api_key(self, authorization: str | None) -> None:
@@ -219,17 +238,46 @@ class Generation:
         # worker-reported error still aborts: another worker may hold a reservation.
         self._abort_reason: str | None = "cancelled, timed out or failed at the gateway"
 
+    def _task(self, output_token_ids: list[int]) -> PrefillTask:
+        return PrefillTask(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_ids,
+            sampling=self.sampling,
+            reply_stream=self._ex.router.stream,
+            deadline=time.time() + max(self._deadline - time.monotonic(), 0.0),
+            output_token_ids=output_token_ids,
+        )
+
+    @property
+    def owner(self) -> str | None:
+        return self._stream.owner if self._stream is not None and not self._done else None
+
+    async def owner_lost(self, migrate: bool) -> None:
+        stream = self._stream
+        if stream is None or stream.closed:
+            return
+        lost = stream.owner
+        stream.owner = None
+        if migrate:
+            # Same request id: the prefill pool recomputes prompt + tokens so far and the
+            # next delta starts at the next offset, so nothing is lost or repeated.
+            log.warning("decode worker %s lost; migrating %s after %d tokens", lost,
+                        self.request_id, len(stream.token_ids),
+                        extra={"request_id": self.request_id})  # fmt: skip
+            try:
+                await self._ex.redis.xadd(self._ex.prefill_stream, {
+                    redis_keys.MESSAGE_FIELD: encode(self._task(list(stream.token_ids)))})
+                return
+            except RedisError as exc:
+                log.warning("migration of %s failed: %s", self.request_id, exc)
+        stream.push(TokenDelta(request_id=self.request_id,
+                               error=f"decode worker {lost} was lost", error_code="unavailable"))
+
     async def __aenter__(self) -> Generation:
         ex = self._ex
         rid = self.request_id
         self._stream = ex.router.register(rid)
-        task = PrefillTask(
-            request_id=rid,
-            prompt_token_ids=self.prompt_ids,
-            sampling=self.sampling,
-            reply_stream=ex.router.stream,
-            deadline=time.time() + self.timeout_s,
-        )
+        task = self._task([])
         try:
             await ex.redis.xadd(ex.prefill_stream, {redis_keys.MESSAGE_FIELD: encode(task)})
         except BaseException as exc:
@@ -239,6 +287,7 @@ class Generation:
             if isinstance(exc, RedisError):
                 raise RequestError("unavailable", f"prefill queue unreachable: {exc}") from exc
             raise
+        ex.inflight[rid] = self
         ex.metrics.active.inc()
         log.info("request %s queued (%s): %d prompt tokens, max_tokens %d", rid, self._api,
                  len(self.prompt_ids), self.sampling.max_tokens,
@@ -249,6 +298,7 @@ class Generation:
         ex = self._ex
         rid = self.request_id
         ex.router.unregister(rid)
+        ex.inflight.pop(rid, None)
         ex.metrics.active.dec()
         if self._abort_reason is not None:
             ex.abort_later(rid, self._abort_reason)

@@ -208,7 +208,9 @@ def build_http_app(executor: Executor, texts: TokenTexts) -> FastAPI:
     async def _request_error(_request: Request, exc: RequestError) -> JSONResponse:
         ex.metrics.error(exc.code, "http")
         status, payload = request_error_payload(exc)
-        return JSONResponse(payload, status_code=status)
+        # Overload is momentary: tell well-behaved clients when to come back.
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        return JSONResponse(payload, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests in flight at once; more are refused (HTTP 429, RESOURCE_EXHAUSTED)",
     )
     parser.add_argument(
+        "--migrate",
+        action="store_true",
+        help="when a request's decode worker dies, continue it on another one (prompt and "
+        "tokens so far recomputed by the prefill pool) instead of failing it with UNAVAILABLE",
+    )
+    parser.add_argument(
         "--gateway-id", default=None, help="names this gateway's reply stream; None: random"
     )
     parser.add_argument(
@@ -137,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=getattr(args, "http_port", 8000),
         api_key=getattr(args, "api_key", None),
         max_active_requests=getattr(args, "max_active_requests", 4096),
+        migrate=getattr(args, "migrate", False),
         request_timeout_s=args.request_timeout,
         max_model_len=args.max_model_len,
         **extra,

@@ -35,6 +35,8 @@ class RequestStream:
         self.request_id = request_id
         self.next_offset = 0  # output position of the next token the client has not seen
         self.closed = False  # a finish or an error was delivered: nothing more is
+        self.owner: str | None = None  # the decode worker generating it, once known
+        self.token_ids: list[int] = []  # every output token delivered (for migration)
         self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
 
     def push(self, delta: TokenDelta) -> None:
@@ -58,7 +60,10 @@ class RequestStream:
                 error_code="internal",
             )
             ends = True
+        if delta.worker_id is not None:
+            self.owner = delta.worker_id
         self.next_offset += len(delta.token_ids)
+        self.token_ids.extend(delta.token_ids)
         self.closed = ends
         self._queue.put_nowait(delta)
 

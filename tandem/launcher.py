@@ -80,7 +80,9 @@ class Service:
                                 "--redis-url", self.redis_url, "--grpc-host", self.args.host,
                                 "--grpc-port", str(self.args.grpc_port),
                                 "--http-host", self.args.host,
-                                "--http-port", str(self.args.http_port)])
+                                "--http-port", str(self.args.http_port),
+                                *(["--api-key", self.args.api_key] if self.args.api_key else []),
+                                *(["--migrate"] if self.args.migrate else [])])
 
     def _spawn(self, role: str, cmd: list[str]) -> None:
         proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)

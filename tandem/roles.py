@@ -90,5 +90,10 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     s.add_argument("--prefill-workers", type=int, default=1)
     s.add_argument("--decode-workers", type=int, default=1)
     s.add_argument("--kv-transport", default="zmq", choices=["zmq"])
-    s.add_argument("--ready-timeout", type=float, default=600.0)
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on gRPC and HTTP (not health)")
+    s.add_argument("--migrate", action="store_true",
+                   help="continue a request on another decode worker when its worker dies")
+    s.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds to wait for every process to be ready")
     s.set_defaults(func=_cmd_serve)

@@ -56,7 +56,7 @@ class Cluster:
     def start_gateway(self, *flags: str) -> subprocess.Popen:
         proc = self._spawn("gateway", ["gateway", "--model", "smollm2", "--redis-url",
                                        self.redis.url, "--grpc-port", str(self.grpc_port),
-                                       *flags])
+                                       "--http-port", str(free_port()), *flags])
         self.wait_for(lambda: _port_open(self.grpc_port), "gateway port", proc=proc)
         return proc
 

@@ -6,7 +6,7 @@ import threading
 import time
 
 from core.protocol import PrefillTask, TokenBatch, decode
-from core.redis_client import add_task
+from core.redis_client import add_task, ensure_group
 from core.redis_keys import MESSAGE_FIELD, PREFILL_GROUP, dead_letter_stream, prefill_stream
 from core.sampling_params import SamplingParams
 from tests.faults.cluster import Cluster, collect, request
@@ -59,7 +59,7 @@ def test_task_failing_too_often_goes_to_dead_letter_and_client_gets_error():
     cluster = Cluster()
     try:
         cluster.start_worker("decode-0", "decode")
-        cluster.client.xgroup_create(STREAM, PREFILL_GROUP, id="0", mkstream=True)
+        ensure_group(cluster.client, STREAM)  # the decode worker may have made it already
         reply = "tandem:reply:test-dead-letter"
         task = PrefillTask(request_id="poison-1", prompt_token_ids=[1, 2, 3],
                            sampling=SamplingParams(max_tokens=4), reply_stream=reply,

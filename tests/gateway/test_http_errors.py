@@ -183,9 +183,12 @@ def test_ready_with_workers(gateway: Gateway, fake_worker: FakeWorker) -> None:
 def test_overload_is_429(start_gateway, fake_worker: FakeWorker) -> None:
     gateway = start_gateway(max_active_requests=2)
     fake_worker.stall = True
-    status, payload, _ = post(gateway, "/v1/completions", {"prompt": "hi", "n": 3})
+    started = time.monotonic()
+    status, payload, headers = post(gateway, "/v1/completions", {"prompt": "hi", "n": 3})
     error = assert_error(status, payload, 429, "overloaded")
     assert error["type"] == "rate_limit_error"
+    assert {k.lower(): v for k, v in headers.items()}.get("retry-after") == "1"
+    assert time.monotonic() - started < 0.5, "overload must be refused at once"
 
 
 def test_deadline_is_504_and_aborts(
