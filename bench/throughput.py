@@ -27,12 +27,12 @@ def make_workload(n: int, input_len: int, output_len: int, vocab: int, seed: int
     return jobs
 
 
-def run_ours(llm: LLM, jobs: list[tuple[list[int], int]]) -> float:
+def run_ours(llm: LLM, jobs: list[tuple[list[int], int]], progress: bool = False) -> float:
     params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for _, o in jobs]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    outs = llm.generate([p for p, _ in jobs], params)
+    outs = llm.generate([p for p, _ in jobs], params, progress=progress)
     elapsed = time.perf_counter() - t0
     assert all(len(o.token_ids) == n for o, (_, n) in zip(outs, jobs, strict=True))
     return elapsed
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, engine: Engine) -> dict:
     vocab = engine.model_config.vocab_size
     jobs = make_workload(args.num_requests, args.input_len, args.output_len, vocab, 0, uniform)
     run_ours(llm, make_workload(min(32, args.num_requests), 64, 16, vocab, 1, None))  # warm up
-    elapsed = run_ours(llm, jobs)
+    elapsed = run_ours(llm, jobs, progress=True)
     n_in = sum(len(p) for p, _ in jobs)
     n_out = sum(o for _, o in jobs)
     metrics = {

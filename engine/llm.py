@@ -7,6 +7,8 @@ import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from core.sampling_params import SamplingParams
 from core.sequence import Sequence
 from engine.engine import Engine, EngineConfig
@@ -43,9 +45,11 @@ class LLM:
         prompts: Seq[str | list[int]],
         sampling: SamplingParams | Seq[SamplingParams] | None = None,
         arrival_steps: Seq[int] | None = None,
+        progress: bool = False,
     ) -> list[RequestOutput]:
         """Run every prompt to completion. `arrival_steps[i]` delays prompt i until that
-        engine step (staggered arrivals for tests and benchmarks)."""
+        engine step (staggered arrivals for tests and benchmarks); `progress` shows a bar
+        of finished requests on a terminal."""
         n = len(prompts)
         params = ([sampling or SamplingParams()] * n if not isinstance(sampling, Seq)
                   else list(sampling))
@@ -56,11 +60,14 @@ class LLM:
                 for p, sp in zip(prompts, params, strict=True)]
         pending = sorted(range(n), key=lambda i: arrivals[i])
         step = 0
+        bar = tqdm(total=n, desc="requests", unit="req", disable=None if progress else True)
         while pending or self.engine.scheduler.has_work:
             while pending and arrivals[pending[0]] <= step:
                 self.engine.add(seqs[pending.pop(0)])
-            self.engine.step()
+            _, got = self.engine.step()
+            bar.update(sum(s.is_finished for s in got))
             step += 1
+        bar.close()
         return [self._output(s) for s in seqs]
 
     def _output(self, seq: Sequence) -> RequestOutput:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from engine.model_config import ModelConfig
 
@@ -43,9 +44,13 @@ def load_safetensors(model: nn.Module, model_dir: Path) -> None:
     params = dict(model.named_parameters())
     slices = _shard_slices(cfg)
     filled: dict[str, int] = {}  # parameter -> elements written
-    for path in checkpoint_files(model_dir):
+    files = checkpoint_files(model_dir)
+    bar = tqdm(total=len(params), desc=f"loading {model_dir.name}", unit="tensor",
+               disable=None, leave=False)  # disable=None: only on a terminal
+    for path in files:
         with safe_open(str(path), framework="pt") as f:
             for hf_name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                bar.update(1)
                 if hf_name.endswith(IGNORED_SUFFIXES):
                     continue
                 if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -63,6 +68,7 @@ def load_safetensors(model: nn.Module, model_dir: Path) -> None:
                                      f"{name} {tuple(target.shape)}")
                 target.copy_(tensor)
                 filled[name] = filled.get(name, 0) + tensor.numel()
+    bar.close()
     missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
     if missing:
         raise ValueError(f"checkpoint leaves parameters unfilled: {missing[:5]}")

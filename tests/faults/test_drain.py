@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+
+import grpc
 
 from tests.faults.cluster import Cluster, collect, request
 
@@ -41,9 +44,13 @@ def test_sigterm_drains_decode_then_exits_and_second_signal_is_immediate():
         assert cluster.procs["decode-0"].wait(30) == 0
         assert cluster.worker("decode-0") is None
 
-        # decode-1 is idle now: give it a long request, then two signals: it exits at once.
-        threading.Thread(target=lambda: collect(stub, request("Another essay", 400)),
-                         daemon=True).start()
+        # decode-1 is idle now: give it a long request, then two signals: it exits at once
+        # (the stream then fails, which is what the second signal means).
+        def doomed() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                collect(stub, request("Another essay", 400))
+
+        threading.Thread(target=doomed, daemon=True).start()
         cluster.wait_for(lambda: cluster.worker("decode-1").running == 1, "decode-1 busy")
         cluster.signal("decode-1", signal.SIGTERM)
         cluster.wait_for(lambda: cluster.worker("decode-1").draining, "decode-1 draining")
