@@ -72,3 +72,17 @@ def dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PREC)
+
+
+def check_paged_attention_args(
+    q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor
+) -> tuple[int, int]:
+    """Shared argument checks of the paged attention kernels; (block_size, kv_heads)."""
+    _, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, cache_dim = cache.shape
+    if cache_dim != head_dim or num_heads % num_kv_heads or head_dim != next_pow2(head_dim):
+        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(cache.shape)}")
+    if cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("cache head_dim and block_tables rows must be contiguous")
+    return block_size, num_kv_heads
+

@@ -20,7 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_out, dot, dot_config, last_dim_contiguous, next_pow2, num_sms
+from kernels._utils import (
+    check_out,
+    check_paged_attention_args,
+    dot,
+    dot_config,
+    last_dim_contiguous,
+    next_pow2,
+    num_sms,
+)
 
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism
 MAX_SPLITS = 64
@@ -154,11 +162,7 @@ def paged_decode_attention(
     `out` (like q, head_dim contiguous) lets a CUDA graph keep a static output buffer.
     """
     batch, num_heads, head_dim = q.shape
-    _, _, block_size, num_kv_heads, cache_dim = cache.shape
-    if cache_dim != head_dim or num_heads % num_kv_heads or head_dim != next_pow2(head_dim):
-        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(cache.shape)}")
-    if cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("cache head_dim and block_tables rows must be contiguous")
+    block_size, num_kv_heads = check_paged_attention_args(q, cache, block_tables)
     q = last_dim_contiguous(q)
     out = check_out(out, q)
     if batch == 0:

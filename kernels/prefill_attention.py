@@ -17,7 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_out, dot, dot_config, last_dim_contiguous, next_pow2
+from kernels._utils import (
+    check_out,
+    check_paged_attention_args,
+    dot,
+    dot_config,
+    last_dim_contiguous,
+    next_pow2,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -143,11 +150,7 @@ def paged_prefill_attention(
     preallocated output like q.
     """
     num_tokens, num_heads, head_dim = q.shape
-    _, _, block_size, num_kv_heads, cache_dim = cache.shape
-    if cache_dim != head_dim or num_heads % num_kv_heads or head_dim != next_pow2(head_dim):
-        raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(cache.shape)}")
-    if cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("cache head_dim and block_tables rows must be contiguous")
+    block_size, num_kv_heads = check_paged_attention_args(q, cache, block_tables)
     q = last_dim_contiguous(q)
     out = check_out(out, q)
     num_seqs = context_lens.shape[0]
