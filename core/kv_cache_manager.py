@@ -29,9 +29,6 @@ class KVCacheManager:
     def num_used_blocks(self) -> int:
         return self.pool.num_used
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= self.pool.num_free
-
     def allocate_slots(self, request_id: str, total_tokens: int) -> bool:
         """Grow the request's blocks to hold `total_tokens` tokens; False if out of blocks."""
         owned = self._blocks.setdefault(request_id, [])
@@ -55,7 +52,3 @@ class KVCacheManager:
         blocks = self._blocks.pop(request_id, None)
         if blocks:
             self.pool.free(blocks)
-
-    @property
-    def request_ids(self) -> list[str]:
-        return list(self._blocks)

@@ -41,20 +41,6 @@ def ensure_group(client: redis.Redis, stream: str, group: str = PREFILL_GROUP) -
             raise
 
 
-def retry(fn: Callable[[], T], what: str, stop: Callable[[], bool],
-          max_backoff_s: float = 2.0) -> T | None:
-    """Call fn until it succeeds, backing off on connection errors; None if stopping."""
-    delay = 0.05
-    while not stop():
-        try:
-            return fn()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("redis unavailable during %s (%s); retrying in %.2fs", what, exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, max_backoff_s)
-    return None
-
-
 def add_task(client: redis.Redis, stream: str, task: PrefillTask) -> bytes:
     return client.xadd(stream, {MESSAGE_FIELD: encode(task)})
 
