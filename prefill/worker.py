@@ -79,6 +79,8 @@ class PrefillWorker(WorkerBase):
         self.sender = make_sender(config.kv_transport, self.worker_id)
         self.inflight: dict[str, InFlight] = {}
         self._last_reclaim = 0.0
+        self._decoders: list[WorkerInfo] = []
+        self._decoders_at = 0.0
         self.admitted = 0
 
     def snapshot(self) -> WorkerInfo:
@@ -217,9 +219,18 @@ class PrefillWorker(WorkerBase):
         self.inflight[rid] = InFlight(entry_id, task, seq, decode_id, address, blocks)
         self.admitted += 1
 
+    def _decode_workers(self) -> list[WorkerInfo]:
+        """Compatible decode workers, read from the registry at most every 0.5 s (a burst
+        of tasks must not SCAN the registry once per task)."""
+        now = time.monotonic()
+        if now - self._decoders_at > 0.5:
+            self._decoders = [w for w in list_workers(self.redis, "decode", self.engine.name)
+                              if w.layout is not None and w.layout.mismatch(self.layout) is None]
+            self._decoders_at = now
+        return self._decoders
+
     def _reserve(self, seq: Sequence) -> tuple[str, str, list[int]] | None:
-        candidates = [w for w in list_workers(self.redis, "decode", self.engine.name)
-                      if w.layout is not None and w.layout.mismatch(self.layout) is None]
+        candidates = self._decode_workers()
         tried: set[str] = set()
         for _ in range(RESERVE_ATTEMPTS):
             worker = pick_decode_worker(candidates, tried)
@@ -235,6 +246,9 @@ class PrefillWorker(WorkerBase):
                 log.warning("reserve on %s failed: %s", worker.worker_id, exc)
                 continue
             if reply.ok:
+                # Count it locally until the next registry read, so a burst spreads out.
+                worker.free_blocks -= len(reply.block_ids)
+                worker.running += 1
                 return worker.worker_id, worker.control_address, list(reply.block_ids)
             log.info("decode %s refused %s: %s", worker.worker_id, seq.request_id, reply.reason)
         return None
