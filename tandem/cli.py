@@ -18,12 +18,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
                    "(default: float32 on cpu, bfloat16 on cuda)")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights (benchmarks with a shipped config)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-blocks", type=int, default=0, help="KV blocks (0: from memory)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="sequences in one continuous batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step (prefill chunks + decodes)")
+    p.add_argument("--max-model-len", type=int, default=8192,
+                   help="longest prompt + output (capped at the model's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="CUDA: share of GPU memory for weights, activations and KV cache")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tandem", description="Disaggregated LLM inference",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ...")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="run the engine in-process on some prompts",

@@ -13,15 +13,18 @@ FMT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", required=True)
+    p.add_argument("--redis-url", required=True, help="Redis shared with the gateway")
     p.add_argument("--worker-id", default="", help="default: ROLE-HOSTNAME-PID")
-    p.add_argument("--kv-transport", default="zmq", choices=["zmq"])
+    p.add_argument("--kv-transport", default="zmq", choices=["zmq"],
+                   help="how KV blocks move between workers")
     p.add_argument("--bind-host", default="127.0.0.1",
                    help="interface for internal sockets (never all interfaces by default)")
     p.add_argument("--advertise-host", default="",
                    help="address other workers use to reach this one (default: --bind-host)")
-    p.add_argument("--reservation-lease", type=float, default=10.0, dest="reservation_lease_s")
-    p.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s")
+    p.add_argument("--reservation-lease", type=float, default=10.0, dest="reservation_lease_s",
+                   help="seconds a decode worker keeps reserved blocks waiting for their KV")
+    p.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s",
+                   help="seconds a prefill worker waits for each reserve/transfer/handoff")
     p.add_argument("--reclaim-idle", type=float, default=5.0, dest="reclaim_idle_s",
                    help="seconds before a dead prefill worker's tasks are taken over")
 
@@ -74,22 +77,24 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
 
     from gateway.main import add_arguments as add_gateway_args
 
-    g = sub.add_parser("gateway", help="run the gRPC gateway", formatter_class=FMT)
+    g = sub.add_parser("gateway", help="run the gateway (gRPC and OpenAI-style HTTP)",
+                       formatter_class=FMT)
     add_gateway_args(g)
     g.set_defaults(func=_cmd_gateway)
 
     s = sub.add_parser("serve", help="run a complete local service: redis, prefill, decode "
                        "and gateway processes", formatter_class=FMT)
     add_engine_args(s)
-    s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument("--grpc-port", type=int, default=50051, help="port of the gRPC API")
     s.add_argument("--http-port", type=int, default=8000,
                    help="port of the OpenAI-style HTTP API and /metrics")
     s.add_argument("--host", default="127.0.0.1", help="interface for the gateway's ports")
     s.add_argument("--redis-url", default=None,
                    help="use this Redis instead of starting a private redis-server")
-    s.add_argument("--prefill-workers", type=int, default=1)
-    s.add_argument("--decode-workers", type=int, default=1)
-    s.add_argument("--kv-transport", default="zmq", choices=["zmq"])
+    s.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes")
+    s.add_argument("--decode-workers", type=int, default=1, help="decode worker processes")
+    s.add_argument("--kv-transport", default="zmq", choices=["zmq"],
+                   help="how KV blocks move between workers")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on gRPC and HTTP (not health)")
     s.add_argument("--migrate", action="store_true",
