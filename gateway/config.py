@@ -37,6 +37,9 @@ class GatewayConfig:
     worker_check_ttl_s: float = 1.0  # how long a "workers are live" answer is trusted
     shutdown_grace_s: float = 5.0  # streams left after this are cancelled
     max_active_requests: int = 4096  # in flight at once; past it: overload (HTTP 429)
+    # Tasks waiting in (or being prefilled from) the model's prefill stream, all gateways
+    # together; past it new requests are refused at once instead of queueing. 0: no bound.
+    max_queued_tasks: int = 2048
     # A request whose decode worker vanished from the registry: False ends it with
     # UNAVAILABLE, True re-queues it (prompt + tokens so far) for another decode worker.
     migrate: bool = False
@@ -78,6 +81,8 @@ class GatewayConfig:
             raise ValueError("default_max_tokens must be >= 1")
         if self.max_active_requests < 1:
             raise ValueError("max_active_requests must be >= 1")
+        if self.max_queued_tasks < 0:
+            raise ValueError("max_queued_tasks must be >= 0 (0: no bound)")
         if self.max_choices < 1:
             raise ValueError("max_choices must be >= 1")
 

@@ -141,6 +141,17 @@ class Executor:
                 f"gateway overloaded: {active} requests in flight, the limit is "
                 f"{self.config.max_active_requests}; retry later",
             )
+        if self.config.max_queued_tasks:
+            try:
+                queued = await self.redis.xlen(self.prefill_stream)
+            except RedisError:
+                queued = 0  # the registry check below reports Redis being down
+            if queued + requests > self.config.max_queued_tasks:
+                raise RequestError(
+                    "resource_exhausted",
+                    f"prefill queue full: {queued} tasks waiting, the limit is "
+                    f"{self.config.max_queued_tasks}; retry later",
+                )
         try:
             reason = await self.registry.unavailable_reason()
         except RedisError as exc:

@@ -71,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests in flight at once; more are refused (HTTP 429, RESOURCE_EXHAUSTED)",
     )
     parser.add_argument(
+        "--max-queued-tasks",
+        type=int,
+        default=defaults["max_queued_tasks"].default,
+        help="tasks waiting for the prefill pool (all gateways); more are refused "
+        "(HTTP 429, RESOURCE_EXHAUSTED); 0: no bound",
+    )
+    parser.add_argument(
         "--migrate",
         action="store_true",
         help="when a request's decode worker dies, continue it on another one (prompt and "
@@ -143,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=getattr(args, "http_port", 8000),
         api_key=getattr(args, "api_key", None),
         max_active_requests=getattr(args, "max_active_requests", 4096),
+        max_queued_tasks=getattr(args, "max_queued_tasks", 2048),
         migrate=getattr(args, "migrate", False),
         request_timeout_s=args.request_timeout,
         max_model_len=args.max_model_len,

@@ -191,6 +191,24 @@ def test_overload_is_429(start_gateway, fake_worker: FakeWorker) -> None:
     assert time.monotonic() - started < 0.5, "overload must be refused at once"
 
 
+def test_full_prefill_queue_is_429_at_once(
+    start_gateway, fake_worker: FakeWorker, redis_client: redis.Redis
+) -> None:
+    gateway = start_gateway(max_queued_tasks=3)
+    stream = redis_keys.prefill_stream(MODEL)
+    fake_worker.stall = True
+    backlog = [redis_client.xadd(stream, {redis_keys.MESSAGE_FIELD: b"waiting"})
+               for _ in range(3)]
+    try:
+        started = time.monotonic()
+        status, payload, headers = post(gateway, "/v1/completions", {"prompt": "hi"})
+        assert_error(status, payload, 429, "prefill queue full")
+        assert {k.lower(): v for k, v in headers.items()}.get("retry-after") == "1"
+        assert time.monotonic() - started < 0.5
+    finally:
+        redis_client.xdel(stream, *backlog)
+
+
 def test_deadline_is_504_and_aborts(
     start_gateway, fake_worker: FakeWorker, redis_client: redis.Redis
 ) -> None:
