@@ -180,9 +180,17 @@ class PrefillWorker(WorkerBase):
             log.warning("XACK failed (the task may be redelivered): %s", exc)
 
     def _fail(self, task: PrefillTask, code: str, message: str) -> None:
-        publish_deltas(self.redis, {task.reply_stream: [TokenDelta(
+        self._publish({task.reply_stream: [TokenDelta(
             request_id=task.request_id, finish_reason="abort", error=message,
             error_code=code)]})
+
+    def _publish(self, deltas: dict[str, list[TokenDelta]]) -> None:
+        """Publish, surviving a Redis outage: the gateway then sees a gap or its deadline
+        and ends the request explicitly; the worker itself must keep running."""
+        try:
+            publish_deltas(self.redis, deltas)
+        except redis.RedisError as exc:
+            log.error("could not publish to the gateway: %s", exc)
 
     def _take(self, entry_id: bytes, task: PrefillTask | None) -> None:
         if task is None:
@@ -224,7 +232,12 @@ class PrefillWorker(WorkerBase):
         of tasks must not SCAN the registry once per task)."""
         now = time.monotonic()
         if now - self._decoders_at > 0.5:
-            self._decoders = [w for w in list_workers(self.redis, "decode", self.engine.name)
+            try:
+                workers = list_workers(self.redis, "decode", self.engine.name)
+            except redis.RedisError as exc:
+                log.warning("registry unreadable, using the last view: %s", exc)
+                return self._decoders
+            self._decoders = [w for w in workers
                               if w.layout is not None and w.layout.mismatch(self.layout) is None]
             self._decoders_at = now
         return self._decoders
@@ -290,7 +303,7 @@ class PrefillWorker(WorkerBase):
             if not seq.is_finished:
                 continuing.append(seq)
                 self.engine.scheduler.detach(seq)  # decode generates the rest
-        publish_deltas(self.redis, deltas)  # first tokens out before any KV moves
+        self._publish(deltas)  # first tokens out before any KV moves
         for seq in got:
             flight = self.inflight.pop(seq.request_id)
             if seq in continuing:
