@@ -90,6 +90,8 @@ class KVTransfer(msgspec.Struct, tag=True, kw_only=True):
     block_ids: list[int]  # destination blocks on the receiver, in order
     dtype: str
     shape: list[int]  # [layers, 2, n, block_size, kv_heads, head_dim]
+    # True when the sender already wrote the blocks (cuda_ipc): no payload follows.
+    in_place: bool = False
 
 
 class TransferAck(msgspec.Struct, tag=True, kw_only=True):

@@ -77,6 +77,7 @@ class DecodeWorker(WorkerBase):
         self.stream = prefill_stream(self.engine.name)
         host = config.bind_host
         self.receiver = make_receiver(config.kv_transport, f"tcp://{host}:0")
+        self.receiver.attach_kv_caches(self.engine.runner.kv_caches)
         self.reservations: dict[str, Reservation] = {}
         self.tasks: dict[str, PrefillTask] = {}  # running requests' routing facts
         self.admitted = 0
@@ -173,12 +174,15 @@ class DecodeWorker(WorkerBase):
         if res is None:
             return TransferAck(request_id=rid, ok=False, reason="no reservation (expired?)")
         owned = self.kv.block_table(rid)
-        if msg.block_ids != owned[: len(msg.block_ids)] or packed is None:
+        if msg.in_place and not self.receiver.in_place:
+            return TransferAck(request_id=rid, ok=False, reason="this transport carries KV")
+        if msg.block_ids != owned[: len(msg.block_ids)] or (packed is None) != msg.in_place:
             return TransferAck(request_id=rid, ok=False, reason="blocks do not match reservation")
-        try:
-            unpack_blocks(self.engine.runner.kv_caches, msg.block_ids, packed)
-        except (ValueError, RuntimeError) as exc:
-            return TransferAck(request_id=rid, ok=False, reason=f"bad KV payload: {exc}")
+        if packed is not None:
+            try:
+                unpack_blocks(self.engine.runner.kv_caches, msg.block_ids, packed)
+            except (ValueError, RuntimeError) as exc:
+                return TransferAck(request_id=rid, ok=False, reason=f"bad KV payload: {exc}")
         res.filled = True
         # The handoff follows right behind the KV; give it a fresh lease to arrive in.
         res.expires_at = time.monotonic() + self.config.reservation_lease_s

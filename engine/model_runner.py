@@ -91,7 +91,8 @@ class ModelRunner:
                             cfg.max_position_embeddings)
             model.cos_sin_cache = build_cos_sin_cache(model.inv_freq, positions, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.kv_caches: list[torch.Tensor] = []
+        self.kv_cache: torch.Tensor | None = None  # [layers, 2, blocks, block, heads, dim]
+        self.kv_caches: list[torch.Tensor] = []  # its per-layer views
         self.block_size = 16
         self.graphs: DecodeGraphs | None = None
 
@@ -125,6 +126,7 @@ class ModelRunner:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device)
         self.kv_caches = []
+        self.kv_cache = None
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = int(total * utilization) - peak
@@ -146,16 +148,19 @@ class ModelRunner:
         """Drop the KV cache, graphs and weights (the runner is unusable afterwards)."""
         self.graphs = None
         self.kv_caches = []
+        self.kv_cache = None
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         c = self.cfg
-        shape = (2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.block_size = block_size
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(c.num_layers)]
+        # One allocation, one view per layer: a transfer backend can then reach every
+        # layer's blocks through a single tensor (one IPC handle, one copy kernel).
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
 
     # -- one step ----------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput, kv: KVCacheManager) -> StepInputs:

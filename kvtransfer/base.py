@@ -85,10 +85,25 @@ class Inbound:
 
 
 class KVReceiver(abc.ABC):
-    """Decode side: receives reservations, KV payloads, handoffs and releases."""
+    """Decode side: receives reservations, KV payloads, handoffs and releases.
+
+    A KVTransfer arrives either with a payload to scatter (zmq, nccl) or, when its
+    header says `in_place`, with none: the sender already wrote the reserved blocks
+    (cuda_ipc) and the receiver only marks them filled.
+    """
 
     # Inbound messages dropped as malformed, oversized or unexpected (a health metric).
     rejected: int = 0
+    # Whether senders write this receiver's cache directly (in_place KVTransfers).
+    in_place: bool = False
+
+    def attach_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        """Called once, before start(), with the worker's KV cache tensors.
+
+        Backends that move bytes without the worker's help (cuda_ipc exports them,
+        nccl learns the device) keep what they need; the default needs nothing.
+        """
+        return None
 
     @property
     @abc.abstractmethod
@@ -132,6 +147,24 @@ class KVSender(abc.ABC):
         given time or replaced.
         """
 
+    def send_blocks(
+        self,
+        address: str,
+        request_id: str,
+        kv_caches: Sequence[torch.Tensor],
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
+        timeout_s: float,
+        staging: torch.Tensor | None = None,
+    ) -> TransferAck:
+        """Move `src_block_ids` of `kv_caches` into the receiver's `dst_block_ids`.
+
+        The default packs them into one tensor and calls send_kv; a backend that can
+        write the receiver's cache directly (cuda_ipc) overrides this.
+        """
+        packed = pack_blocks(kv_caches, src_block_ids, out=staging)
+        return self.send_kv(address, request_id, dst_block_ids, packed, timeout_s)
+
     @abc.abstractmethod
     def handoff(self, address: str, msg: Handoff, timeout_s: float) -> TransferAck: ...
 
@@ -153,7 +186,7 @@ def ship(
     timeout_s: float,
     staging: torch.Tensor | None = None,
 ) -> Transfer:
-    """Pack `src_block_ids`, send them into the reserved `dst_block_ids`, wait for the ack.
+    """Send `src_block_ids` into the reserved `dst_block_ids` and wait for the ack.
 
     Returns the Transfer as DONE or FAILED (with the reason); transport failures and
     refusals never raise, so the caller has one place to release the reservation.
@@ -169,10 +202,10 @@ def ship(
         deadline=time.monotonic() + timeout_s,
         state=TransferState.SENDING,  # the reservation already succeeded
     )
-    packed = pack_blocks(kv_caches, src_block_ids, out=staging)
     remaining = max(0.0, transfer.deadline - time.monotonic())
     try:
-        ack = sender.send_kv(address, request_id, dst_block_ids, packed, remaining)
+        ack = sender.send_blocks(address, request_id, kv_caches, src_block_ids,
+                                 dst_block_ids, remaining, staging)
     except TransferError as exc:
         transfer.fail(str(exc) or type(exc).__name__)
         return transfer

@@ -84,7 +84,7 @@ def parse_inbound(
     if not isinstance(msg, _RECEIVABLE):
         raise RejectedFrame(f"a receiver does not accept {type(msg).__name__}")
     extra = len(frames) - 1
-    if not isinstance(msg, KVTransfer):
+    if not isinstance(msg, KVTransfer) or msg.in_place:
         if extra:
             raise RejectedFrame(
                 f"{type(msg).__name__} carries {extra} unexpected frame(s)", _refusal(msg)
