@@ -41,6 +41,11 @@ class SchedulerConfig:
             )
 
 
+# zmq: host-staged, any device; cuda_ipc: same node, CUDA; nccl: torch.distributed p2p
+# (NCCL on CUDA, gloo on CPU); fake: in-memory, tests only.
+KV_TRANSPORTS = ("zmq", "cuda_ipc", "nccl", "fake")
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """Settings common to prefill and decode workers."""
@@ -62,8 +67,9 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError("role must be prefill or decode")
-        if self.kv_transport not in ("zmq", "fake"):
-            raise ValueError(f"unknown kv transport {self.kv_transport!r} (zmq)")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(
+                f"unknown kv transport {self.kv_transport!r} (one of {', '.join(KV_TRANSPORTS)})")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         for name in ("heartbeat_s", "registry_ttl_s", "drain_timeout_s",

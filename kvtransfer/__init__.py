@@ -6,6 +6,7 @@ the same worker code over the in-memory fake and production runs it over zmq.
 
 from __future__ import annotations
 
+from core.config import KV_TRANSPORTS
 from kvtransfer.base import (
     Inbound,
     KVReceiver,
@@ -29,13 +30,10 @@ from kvtransfer.pack import (
 )
 from kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
 
-BACKENDS = ("zmq", "fake")
-_PLANNED_BACKENDS = ("cuda_ipc", "nccl")
+BACKENDS = KV_TRANSPORTS
 
 
 def _check_backend(backend: str) -> None:
-    if backend in _PLANNED_BACKENDS:
-        raise ValueError(f"KV transport {backend!r} is not implemented yet; use one of {BACKENDS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown KV transport {backend!r}; use one of {BACKENDS}")
 
@@ -45,6 +43,14 @@ def make_receiver(backend: str, bind_address: str) -> KVReceiver:
     _check_backend(backend)
     if backend == "zmq":
         return ZmqKVReceiver(bind_address)
+    if backend == "cuda_ipc":
+        from kvtransfer.cuda_ipc_backend import CudaIpcKVReceiver
+
+        return CudaIpcKVReceiver(bind_address)
+    if backend == "nccl":
+        from kvtransfer.nccl_backend import NcclKVReceiver
+
+        return NcclKVReceiver(bind_address)
     return FakeKVReceiver(bind_address)
 
 
@@ -53,6 +59,14 @@ def make_sender(backend: str, identity: str) -> KVSender:
     _check_backend(backend)
     if backend == "zmq":
         return ZmqKVSender(identity)
+    if backend == "cuda_ipc":
+        from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
+
+        return CudaIpcKVSender(identity)
+    if backend == "nccl":
+        from kvtransfer.nccl_backend import NcclKVSender
+
+        return NcclKVSender(identity)
     return FakeKVSender(identity)
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from core.config import KV_TRANSPORTS
+
 FMT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", required=True, help="Redis shared with the gateway")
     p.add_argument("--worker-id", default="", help="default: ROLE-HOSTNAME-PID")
-    p.add_argument("--kv-transport", default="zmq", choices=["zmq"],
+    p.add_argument("--kv-transport", default="zmq", choices=[t for t in KV_TRANSPORTS if t != "fake"],
                    help="how KV blocks move between workers")
     p.add_argument("--bind-host", default="127.0.0.1",
                    help="interface for internal sockets (never all interfaces by default)")
@@ -93,7 +95,7 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
                    help="use this Redis instead of starting a private redis-server")
     s.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes")
     s.add_argument("--decode-workers", type=int, default=1, help="decode worker processes")
-    s.add_argument("--kv-transport", default="zmq", choices=["zmq"],
+    s.add_argument("--kv-transport", default="zmq", choices=[t for t in KV_TRANSPORTS if t != "fake"],
                    help="how KV blocks move between workers")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on gRPC and HTTP (not health)")
