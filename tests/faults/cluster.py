@@ -27,10 +27,13 @@ class Cluster:
     grpc_port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
+    # What the service's processes are given; "" means the private server's own URL.
+    redis_url: str = ""
 
     def __post_init__(self) -> None:
         self.redis.start()
         self.client = connect(self.redis.url)
+        self.redis_url = self.redis_url or self.redis.url
 
     @property
     def target(self) -> str:
@@ -47,7 +50,7 @@ class Cluster:
         return proc
 
     def start_worker(self, name: str, role: str, *flags: str) -> subprocess.Popen:
-        proc = self._spawn(name, [role, *ENGINE_FLAGS, "--redis-url", self.redis.url,
+        proc = self._spawn(name, [role, *ENGINE_FLAGS, "--redis-url", self.redis_url,
                                   "--worker-id", name, *flags])
         self.wait_for(lambda: any(w.worker_id == name for w in self.workers()),
                       f"{name} to register", proc=proc)
@@ -55,7 +58,7 @@ class Cluster:
 
     def start_gateway(self, *flags: str) -> subprocess.Popen:
         proc = self._spawn("gateway", ["gateway", "--model", "smollm2", "--redis-url",
-                                       self.redis.url, "--grpc-port", str(self.grpc_port),
+                                       self.redis_url, "--grpc-port", str(self.grpc_port),
                                        "--http-port", str(free_port()), *flags])
         self.wait_for(lambda: _port_open(self.grpc_port), "gateway port", proc=proc)
         return proc

@@ -58,6 +58,31 @@ def test_cancel_while_prefilling(cluster):
     cluster.assert_no_blocks_in_use()
 
 
+def test_cancel_while_transferring(cluster):
+    """Freeze the decode worker once it has reserved blocks, so the prefill worker's KV
+    transfer cannot complete; cancel while it waits; then let the decoder run again."""
+    stub = cluster.stub()
+    call = stub.Generate(request(LONG_PROMPT * 3, 50), timeout=120)
+    cluster.wait_for(lambda: (w := cluster.worker("decode-0")) is not None
+                     and w.reservations == 1, "the decode worker to reserve blocks", timeout=30)
+    cluster.signal("decode-0", signal.SIGSTOP)
+    try:
+        # The first token is published just before the KV is shipped, so once it arrives
+        # the transfer is in flight and stuck behind the frozen receiver.
+        first = next(iter(call))
+        assert len(first.token_ids) == 1
+        call.cancel()
+        time.sleep(0.5)  # the prefill worker sees the abort while its send is unanswered
+    finally:
+        cluster.signal("decode-0", signal.SIGCONT)
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in call:
+            pass
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    cluster.assert_no_blocks_in_use(timeout=15)
+    assert len(collect(stub, request("After the transfer was cut short", 6))) == 6
+
+
 def test_cancel_while_decoding(cluster):
     assert _cancel_after(cluster.stub(), request("Count to one hundred:", 300), tokens=3) >= 3
     cluster.assert_no_blocks_in_use()
