@@ -15,7 +15,7 @@ from core.sequence import Sequence
 from core.tokenizer import Tokenizer
 from engine.model_config import ModelConfig
 from engine.model_registry import model_name, resolve_model
-from engine.model_runner import ModelRunner, default_device, resolve_dtype
+from engine.model_runner import ModelRunner, StepInputs, default_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + KV
     attention_backend: str = "auto"  # auto (triton on cuda), torch, triton
     enforce_eager: bool = False  # CUDA: no CUDA graphs
+    # Build step N+1's inputs on the host while the device runs step N (steady decode).
+    overlap_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -87,6 +89,8 @@ class Engine:
             self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
         self.eos_token_ids = eos
         self.scheduler = Scheduler(sched_cfg, self.kv, eos, requeue_preempted)
+        self._planned: StepInputs | None = None  # inputs prepare_next built ahead
+        self.num_planned_steps = 0  # steps that ran on inputs built during the last one
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens", self.name, device,
                  dtype, num_blocks, block_size)
 
@@ -107,14 +111,34 @@ class Engine:
 
         With `lock`, scheduler state is touched only while holding it and the forward
         pass runs without it, so a control thread can reserve blocks or admit requests
-        while the device works.
+        while the device works. With overlap_scheduling, the next step's inputs are
+        built while the device runs this one, and used if the next schedule matches.
         """
         lock = lock or nullcontext()
         with lock:
             out = self.scheduler.schedule()
+            planned, self._planned = self._planned, None
             if not out:
                 return out, []
-            inputs = self.runner.prepare(out, self.kv)
-        sampled, logprobs = self.runner.execute(out, inputs)
+            if planned is not None and _matches(planned, out):
+                inputs = planned
+                self.num_planned_steps += 1
+            else:
+                inputs = self.runner.prepare(out, self.kv)
+        pending = self.runner.launch(out, inputs)
+        if self.config.overlap_scheduling:
+            with lock:
+                self._planned = self.runner.prepare_next(out, inputs, pending, self.kv)
+        sampled, logprobs = pending.result()
         with lock:
             return out, self.scheduler.update(out, sampled, logprobs)
+
+
+def _matches(planned: StepInputs, out: SchedulerOutput) -> bool:
+    """Whether inputs built ahead are exactly this schedule's: the same sequences, in
+    order, each decoding the position that was planned for it."""
+    chunks = out.chunks
+    if planned.planned is None or len(planned.planned) != len(chunks):
+        return False
+    return all(c.num_tokens == 1 and c.seq.request_id == rid and c.start == pos
+               for c, (rid, pos) in zip(chunks, planned.planned, strict=True))

@@ -17,7 +17,7 @@ from engine.model_config import ModelConfig
 from engine.models import build_model
 from engine.ops import make_ops
 from engine.rope import rope_inv_freq
-from engine.sampler import SampleRequest, sample
+from engine.sampler import SampleRequest, sample_tokens, top_logprobs
 from engine.weights import init_dummy, load_safetensors
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,40 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     sample_indices: list[int]  # rows of the flat batch whose logits are sampled
+    # Set on inputs built ahead by prepare_next: the step they were built for, by
+    # request id and first position, so the engine can check the schedule matches.
+    planned: list[tuple[str, int]] | None = None
+
+
+class PendingStep:
+    """A launched step: its sampled ids stay on the device (the next step's input ids)
+    while one non-blocking copy brings them to the host; result() waits for that copy."""
+
+    def __init__(self, samplers: list, tokens: torch.Tensor | None,
+                 raw_logprobs: torch.Tensor | None, rows: list[SampleRequest]) -> None:
+        self.samplers, self.tokens, self.rows = samplers, tokens, rows
+        self._raw_logprobs = raw_logprobs
+        self._host: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        if tokens is not None and tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def result(self) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
+        if self.tokens is None:
+            return {}, {}
+        if self._ready is not None:
+            self._ready.synchronize()
+            token_list = self._host.tolist()
+        else:
+            token_list = self.tokens.tolist()
+        logprobs = top_logprobs(self._raw_logprobs, self.rows, token_list)
+        sampled = {s.request_id: t for s, t in zip(self.samplers, token_list, strict=True)}
+        lp = {s.request_id: x for s, x in zip(self.samplers, logprobs, strict=True)
+              if x is not None}
+        return sampled, lp
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -213,6 +247,11 @@ class ModelRunner:
         self, out: SchedulerOutput, inputs: StepInputs
     ) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
         """Run one step; return sampled tokens (and logprobs) for chunks that sample."""
+        return self.launch(out, inputs).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, inputs: StepInputs) -> PendingStep:
+        """Queue one step's forward pass and sampling on the device; return at once."""
         samplers = [c.seq for c in out.chunks if c.samples]
         meta = inputs.meta
         graphs = self.graphs
@@ -221,17 +260,49 @@ class ModelRunner:
             logits = graphs.run(inputs.input_ids, inputs.positions, meta)
             if len(samplers) != meta.num_seqs:  # a 1-token prefill chunk mid-prompt
                 logits = logits[_to_device(inputs.sample_indices, torch.long, self.device)]
-            if not samplers:
-                return {}, {}
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
-            if not samplers:
-                return {}, {}
-            idx = _to_device(inputs.sample_indices, torch.long, self.device)
-            logits = self.model.compute_logits(hidden[idx])
+            if samplers:
+                idx = _to_device(inputs.sample_indices, torch.long, self.device)
+                logits = self.model.compute_logits(hidden[idx])
+        if not samplers:
+            return PendingStep([], None, None, [])
         rows = [SampleRequest(s.sampling, s.prompt_token_ids, s.output_token_ids)
                 for s in samplers]
-        tokens, logprobs = sample(logits, rows, self.generator)
-        sampled = {s.request_id: t for s, t in zip(samplers, tokens, strict=True)}
-        lp = {s.request_id: x for s, x in zip(samplers, logprobs, strict=True) if x is not None}
-        return sampled, lp
+        tokens, raw_logprobs = sample_tokens(logits, rows, self.generator)
+        return PendingStep(samplers, tokens, raw_logprobs, rows)
+
+    def prepare_next(self, out: SchedulerOutput, inputs: StepInputs, pending: PendingStep,
+                     kv: KVCacheManager) -> StepInputs | None:
+        """Inputs for the step after `out`, built while the device still runs `out`.
+
+        Only for the steady state: every chunk a decode that samples, and every
+        sequence's next slot already in a block it owns. The input ids are `out`'s
+        sampled ids, still on the device, so nothing waits for them. None otherwise;
+        the engine also discards the result when the next schedule differs (a sequence
+        finished, arrived or was preempted).
+        """
+        meta = inputs.meta
+        if (pending.tokens is None or meta.max_query_len != 1
+                or len(pending.samplers) != len(out.chunks)):
+            return None
+        bs = self.block_size
+        positions, slots, planned = [], [], []
+        for chunk in out.chunks:
+            pos = chunk.start + 1
+            table = kv.block_table(chunk.seq.request_id)
+            if pos // bs >= len(table):
+                return None  # the scheduler will allocate a block first
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            planned.append((chunk.seq.request_id, pos))
+        n = len(positions)
+        context_lens = [p + 1 for p in positions]
+        flat = _to_device(positions + slots + context_lens, torch.long, self.device)
+        pos_t, slot_t, ctx_t = flat.split([n, n, n])
+        next_meta = AttentionMetadata(
+            slot_mapping=slot_t, block_tables=meta.block_tables,
+            context_lens=ctx_t.to(torch.int32), query_start_loc=meta.query_start_loc,
+            query_lens_host=meta.query_lens_host, context_lens_host=context_lens,
+            block_tables_host=meta.block_tables_host, max_query_len=1)
+        return StepInputs(pending.tokens, pos_t, next_meta, inputs.sample_indices, planned)

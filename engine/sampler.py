@@ -71,11 +71,11 @@ def apply_top_k_top_p_min_p(
     return logits
 
 
-def sample(
+def sample_tokens(
     logits: torch.Tensor, rows: list[SampleRequest], generator: torch.Generator | None = None
-) -> tuple[list[int], list[dict[int, float] | None]]:
-    """logits: [rows, vocab] float32 (modified). Returns token ids and, per row, the
-    top-n logprobs when requested (the sampled token always included)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits: [rows, vocab] float32 (modified). Returns the sampled ids as a device tensor,
+    without waiting for the device, and the raw log-probs when any row asked for them."""
     device = logits.device
     want_logprobs = any(r.sampling.logprobs is not None for r in rows)
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
@@ -106,16 +106,32 @@ def sample(
             else:
                 noise[j].exponential_(generator=generator)
         tokens[idx] = (probs / noise).argmax(-1)
-    token_list = tokens.tolist()
+    return tokens, raw_logprobs
+
+
+def top_logprobs(
+    raw_logprobs: torch.Tensor | None, rows: list[SampleRequest], token_list: list[int]
+) -> list[dict[int, float] | None]:
+    """Per row, the top-n log-probs it asked for, the sampled token always included."""
     logprob_list: list[dict[int, float] | None] = [None] * len(rows)
-    if raw_logprobs is not None:
-        for i, r in enumerate(rows):
-            n = r.sampling.logprobs
-            if n is None:
-                continue
-            top = raw_logprobs[i].topk(n) if n else None
-            entry = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top \
-                else {}
-            entry[token_list[i]] = float(raw_logprobs[i, token_list[i]])
-            logprob_list[i] = entry
-    return token_list, logprob_list
+    if raw_logprobs is None:
+        return logprob_list
+    for i, r in enumerate(rows):
+        n = r.sampling.logprobs
+        if n is None:
+            continue
+        top = raw_logprobs[i].topk(n) if n else None
+        entry = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top \
+            else {}
+        entry[token_list[i]] = float(raw_logprobs[i, token_list[i]])
+        logprob_list[i] = entry
+    return logprob_list
+
+
+def sample(
+    logits: torch.Tensor, rows: list[SampleRequest], generator: torch.Generator | None = None
+) -> tuple[list[int], list[dict[int, float] | None]]:
+    """sample_tokens, then wait for the ids and gather the requested log-probs."""
+    tokens, raw_logprobs = sample_tokens(logits, rows, generator)
+    token_list = tokens.tolist()
+    return token_list, top_logprobs(raw_logprobs, rows, token_list)

@@ -11,11 +11,11 @@ from engine.engine import EngineConfig
 from engine.llm import LLM
 
 
-def _llm(path, num_blocks, budget=64):
+def _llm(path, num_blocks, budget=64, overlap=True):
     return LLM(config=EngineConfig(
         model=str(path), device="cpu", cache=CacheConfig(block_size=4, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16,
-                                  max_model_len=512)))
+                                  max_model_len=512), overlap_scheduling=overlap))
 
 
 def test_staggered_batch_with_preemption_equals_solo_runs(tiny_checkpoints):
@@ -27,7 +27,7 @@ def test_staggered_batch_with_preemption_equals_solo_runs(tiny_checkpoints):
               for i in range(16)]
     params = [greedy if i % 2 else seeded[i] for i in range(16)]
 
-    solo_llm = _llm(path, num_blocks=512)
+    solo_llm = _llm(path, num_blocks=512, overlap=False)
     solo = [solo_llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params,
                                                                        strict=True)]
 
@@ -36,5 +36,7 @@ def test_staggered_batch_with_preemption_equals_solo_runs(tiny_checkpoints):
     outs = small.generate(prompts, params, arrival_steps=[i * 3 for i in range(16)])
     assert [o.token_ids for o in outs] == solo
     assert small.engine.scheduler.num_preemptions > 0
+    # Most decode steps ran on inputs built while the previous step ran.
+    assert small.engine.num_planned_steps > 0
     assert small.engine.kv.num_used_blocks == 0
     assert small.engine.kv.num_free_blocks == 40
