@@ -276,33 +276,43 @@ class ModelRunner:
                      kv: KVCacheManager) -> StepInputs | None:
         """Inputs for the step after `out`, built while the device still runs `out`.
 
-        Only for the steady state: every chunk a decode that samples, and every
-        sequence's next slot already in a block it owns. The input ids are `out`'s
-        sampled ids, still on the device, so nothing waits for them. None otherwise;
-        the engine also discards the result when the next schedule differs (a sequence
-        finished, arrived or was preempted).
+        Only for the steady state: every chunk a decode that samples. A sequence whose
+        next token starts a new block gets that block now, as the next schedule would
+        give it (it goes back to the pool with the sequence if it finishes instead).
+        The input ids are `out`'s sampled ids, still on the device, so nothing waits
+        for them. None when this cannot be done; the engine also discards the result
+        when the next schedule differs (a sequence finished, arrived or was preempted).
         """
         meta = inputs.meta
         if (pending.tokens is None or meta.max_query_len != 1
                 or len(pending.samplers) != len(out.chunks)):
             return None
         bs = self.block_size
-        positions, slots, planned = [], [], []
+        positions, slots, planned, tables = [], [], [], []
+        grew = False
         for chunk in out.chunks:
-            pos = chunk.start + 1
-            table = kv.block_table(chunk.seq.request_id)
+            rid, pos = chunk.seq.request_id, chunk.start + 1
+            table = kv.block_table(rid)
             if pos // bs >= len(table):
-                return None  # the scheduler will allocate a block first
+                if not kv.allocate_slots(rid, pos + 1):
+                    return None  # out of blocks: the scheduler decides who is preempted
+                grew = True
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
-            planned.append((chunk.seq.request_id, pos))
+            planned.append((rid, pos))
+            tables.append(table)
         n = len(positions)
         context_lens = [p + 1 for p in positions]
         flat = _to_device(positions + slots + context_lens, torch.long, self.device)
         pos_t, slot_t, ctx_t = flat.split([n, n, n])
+        block_tables = meta.block_tables
+        if grew:
+            width = max(len(t) for t in tables)
+            block_tables = _to_device([t + [0] * (width - len(t)) for t in tables],
+                                      torch.int32, self.device)
         next_meta = AttentionMetadata(
-            slot_mapping=slot_t, block_tables=meta.block_tables,
+            slot_mapping=slot_t, block_tables=block_tables,
             context_lens=ctx_t.to(torch.int32), query_start_loc=meta.query_start_loc,
             query_lens_host=meta.query_lens_host, context_lens_host=context_lens,
-            block_tables_host=meta.block_tables_host, max_query_len=1)
+            block_tables_host=tables, max_query_len=1)
         return StepInputs(pending.tokens, pos_t, next_meta, inputs.sample_indices, planned)
