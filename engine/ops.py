@@ -49,9 +49,11 @@ class TorchOps:
         cos, sin = tables
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
-    @staticmethod
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def rotary_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         rope: tuple, cache: torch.Tensor, meta: AttentionMetadata,
+                         scale: float) -> torch.Tensor:
+        """Rotate q and k, store k and v in the cache, attend over the cache."""
+        q, k = self.rotary(q, k, rope)
         store_kv(cache, k, v, meta.slot_mapping)
         return paged_attention_torch(q, cache, meta, scale)
 
@@ -66,18 +68,17 @@ class TritonOps(TorchOps):
 
     def __init__(self) -> None:
         from kernels import (
-            apply_rotary,
             fused_add_rms_norm,
             paged_decode_attention,
             paged_prefill_attention,
             rms_norm,
+            rotary_store_kv,
             silu_and_mul,
         )
-        from kernels import store_kv as store_kv_kernel
 
         self._rms_norm, self._add_rms_norm = rms_norm, fused_add_rms_norm
-        self._silu_and_mul, self._rotary = silu_and_mul, apply_rotary
-        self._store_kv = store_kv_kernel
+        self._silu_and_mul = silu_and_mul
+        self._rotary_store_kv = rotary_store_kv
         self._decode, self._prefill = paged_decode_attention, paged_prefill_attention
 
     def rms_norm(self, x, weight, eps):  # type: ignore[override]
@@ -93,11 +94,10 @@ class TritonOps(TorchOps):
     def rope_tables(positions, inv_freq, cos_sin_cache, dtype):  # type: ignore[override]
         return positions, cos_sin_cache
 
-    def rotary(self, q, k, tables):  # type: ignore[override]
-        return self._rotary(q, k, *tables)
-
-    def attention(self, q, k, v, cache, meta, scale):  # type: ignore[override]
-        self._store_kv(cache, k, v, meta.slot_mapping)
+    def rotary_attention(self, q, k, v, rope, cache, meta, scale):
+        # One kernel rotates q and k and writes k and v into the cache.
+        positions, cos_sin_cache = rope
+        q = self._rotary_store_kv(q, k, v, positions, cos_sin_cache, cache, meta.slot_mapping)
         if meta.max_query_len == 1:
             return self._decode(q, cache, meta.block_tables, meta.context_lens, scale,
                                 num_splits=meta.decode_splits)

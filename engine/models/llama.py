@@ -54,8 +54,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.ops.rotary(q, k, rope)
-        out = self.ops.attention(q, k, v, cache, meta, self.scale)
+        out = self.ops.rotary_attention(q, k, v, rope, cache, meta, self.scale)
         return self.o_proj(out.flatten(1))
 
 

@@ -12,6 +12,7 @@ from engine.attention import store_kv as engine_store_kv
 from engine.ops import TorchOps, TritonOps
 from engine.rope import rope_inv_freq
 from kernels import (
+    apply_rotary,
     apply_rotary_ref,
     build_cos_sin_cache,
     fused_add_rms_norm_ref,
@@ -148,7 +149,7 @@ def _compare_ops(device: str, seed: int) -> None:
     tables = triton_ops.rope_tables(
         positions, inv_freq, build_cos_sin_cache(inv_freq, 256), q.dtype
     )
-    got = triton_ops.rotary(q.clone(), k.clone(), tables)
+    got = apply_rotary(q.clone(), k.clone(), *tables)
     for g, w in zip(got, want, strict=True):
         assert_close(g, w, seed, "rotary")
 
@@ -156,12 +157,21 @@ def _compare_ops(device: str, seed: int) -> None:
         batch = make_paged_batch(ctx_lens, query_lens, 2, 64, 16, torch.float32, device)
         meta = _meta(batch, 16)
         meta.max_query_len = max(query_lens)
-        q = torch.randn(sum(query_lens), 4, 64)
-        k, v = torch.randn(sum(query_lens), 2, 64), torch.randn(sum(query_lens), 2, 64)
+        n = sum(query_lens)
+        q = torch.randn(n, 4, 64)
+        k, v = torch.randn(n, 2, 64), torch.randn(n, 2, 64)
+        positions = torch.tensor([c - q_len + i for q_len, c in zip(query_lens, ctx_lens,
+                                                                    strict=True)
+                                  for i in range(q_len)])
         cache = batch.cache.clone()
-        want = torch_ops.attention(q, k, v, cache, meta, 0.125)
-        got = triton_ops.attention(q, k, v, batch.cache, meta, 0.125)
-        assert torch.equal(batch.cache, cache), f"seed={seed}: KV store differs"
+        want = torch_ops.rotary_attention(
+            q.clone(), k.clone(), v, torch_ops.rope_tables(positions, inv_freq, None, q.dtype),
+            cache, meta, 0.125)
+        got = triton_ops.rotary_attention(
+            q.clone(), k.clone(), v, triton_ops.rope_tables(
+                positions, inv_freq, build_cos_sin_cache(inv_freq, 256), q.dtype),
+            batch.cache, meta, 0.125)
+        assert_close(batch.cache, cache, seed, "KV store")
         assert_close(got, want, seed, f"attention q_lens={query_lens}")
 
 
