@@ -393,33 +393,43 @@ class CudaIpcKVSender(ZmqKVSender):
     def _mapped(
         self, address: str, export_id: str, src: torch.Tensor, deadline: float
     ) -> torch.Tensor:
-        """The receiver's cache as exported under `export_id`, mapped on src's device."""
+        """The receiver's cache as exported under `export_id`, mapped on src's device.
+        One export request per address at a time; concurrent callers reuse its result."""
         with self._state_lock:
             lock = self._map_locks.setdefault(address, threading.Lock())
-        with lock:  # one export request per address at a time; others reuse its result
-            with self._state_lock:
-                mapping = self._mappings.get(address)
-            if (
-                mapping is not None
-                and mapping.export_id == export_id
-                and mapping.cache.device == src.device
-            ):
-                return mapping.cache
-            export = self._fetch_export(address, deadline)
-            if export.export_id != export_id:
-                raise TransferError(
-                    f"the receiver at {address} restarted after granting the reservation "
-                    f"(its cache is export {export.export_id}, the blocks were reserved in "
-                    f"{export_id}); nothing was written"
-                )
-            why = export_mismatch(export, src)
-            if why is not None:
-                raise TransferError(f"cannot write the KV cache of {address}: {why}")
-            cache = open_export(export, src.device)
-            with self._state_lock:
-                self._mappings[address] = _Mapping(export_id, cache)
-            log.info("mapped the KV cache of %s (export %s) on %s", address, export_id, src.device)
-            return cache
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TransferError(f"timed out waiting for the KV cache mapping of {address}")
+        try:
+            return self._map_locked(address, export_id, src, deadline)
+        finally:
+            lock.release()
+
+    def _map_locked(
+        self, address: str, export_id: str, src: torch.Tensor, deadline: float
+    ) -> torch.Tensor:
+        with self._state_lock:
+            mapping = self._mappings.get(address)
+        if (
+            mapping is not None
+            and mapping.export_id == export_id
+            and mapping.cache.device == src.device
+        ):
+            return mapping.cache
+        export = self._fetch_export(address, deadline)
+        if export.export_id != export_id:
+            raise TransferError(
+                f"the receiver at {address} restarted after granting the reservation "
+                f"(its cache is export {export.export_id}, the blocks were reserved in "
+                f"{export_id}); nothing was written"
+            )
+        why = export_mismatch(export, src)
+        if why is not None:
+            raise TransferError(f"cannot write the KV cache of {address}: {why}")
+        cache = open_export(export, src.device)
+        with self._state_lock:
+            self._mappings[address] = _Mapping(export_id, cache)
+        log.info("mapped the KV cache of %s (export %s) on %s", address, export_id, src.device)
+        return cache
 
     def _fetch_export(self, address: str, deadline: float) -> CudaIpcExport:
         token = uuid.uuid4().hex
