@@ -54,8 +54,8 @@ def _layout():
 
 
 def _receiver_main(address: str, device: str, seed: int, conn: Connection) -> None:
-    """Decode stand-in: a poisoned cache, exported; on ("check", pairs) it compares the
-    written blocks with the sender's source and the rest with the poison."""
+    """Decode stand-in: a poisoned cache, exported; given (src_ids, dst_ids) it checks the
+    written blocks bit for bit against the sender's source, and the rest for the poison."""
     torch.cuda.set_device(device)
     cache = torch.full(
         (LAYERS, 2, DST_BLOCKS, BLOCK, HEADS, DIM), float("nan"), dtype=DTYPE, device=device
