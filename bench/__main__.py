@@ -1,5 +1,5 @@
-"""`python -m bench latency|throughput ...`: the same as `tandem bench ...`, without the
-service roles' imports (grpc, redis), for machines that only run the engine."""
+"""`python -m bench latency|throughput|transfer ...`: the same as `tandem bench ...`,
+without the service roles' imports (grpc, redis), for machines that only run the engine."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`tandem bench latency|throughput`: argument parsing and dispatch."""
+"""`tandem bench latency|throughput|transfer`: argument parsing and dispatch."""
 
 from __future__ import annotations
 
@@ -35,6 +35,37 @@ def add_bench_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
             return 0
 
         p.set_defaults(func=handler)
+
+    transfer = kinds.add_parser(
+        "transfer", formatter_class=fmt,
+        help="KV transfer GB/s per backend (Llama-3.1-8B-shaped KV) beside its ceiling")
+    _transfer_args(transfer)
+    transfer.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+
+    def transfer_handler(args) -> int:
+        from bench.transfer import run
+
+        run(args)
+        return 0
+
+    transfer.set_defaults(func=transfer_handler)
+
+
+def _transfer_args(p: argparse.ArgumentParser) -> None:
+    # Without torch loaded: CUDA's presence decides the defaults only once it runs.
+    p.add_argument("--backends", default=None,
+                   help="comma-separated: zmq, cuda_ipc, nccl (default: zmq,cuda_ipc with a "
+                        "GPU, zmq without)")
+    p.add_argument("--tokens", default="512,2048,8192", help="tokens per request")
+    p.add_argument("--requests", default="1,16,256", help="concurrent requests")
+    p.add_argument("--sender-device", default=None,
+                   help="the sender's cache (default: cuda:0 with a GPU, else cpu)")
+    p.add_argument("--receiver-device", default=None,
+                   help="the receiver process's cache (default: the sender's device)")
+    p.add_argument("--iters", type=int, default=3, help="timed rounds per case (median)")
+    p.add_argument("--max-gib", type=float, default=16.0,
+                   help="skip cases moving more than this per side (cache and staging)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per transfer")
 
 
 def _latency_args(p: argparse.ArgumentParser) -> None:

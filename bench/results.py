@@ -39,7 +39,10 @@ def git_commit() -> str:
 
 
 def write_result(benchmark: str, model: str, params: dict[str, Any],
-                 metrics: dict[str, Any], out_dir: Path | None = None) -> Path:
+                 metrics: dict[str, Any], out_dir: Path | None = None,
+                 label: str | None = None) -> Path:
+    """Write the record; `label` names the workload in the file name (default: the
+    params' input_len x output_len)."""
     now = dt.datetime.now(dt.timezone.utc)
     record = {
         "benchmark": benchmark,
@@ -53,8 +56,8 @@ def write_result(benchmark: str, model: str, params: dict[str, Any],
     }
     out_dir = out_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{benchmark}-{model}-{params.get('input_len')}x{params.get('output_len')}-" \
-           f"{now.strftime('%Y%m%dT%H%M%S')}.json"
+    label = label or f"{params.get('input_len')}x{params.get('output_len')}"
+    name = f"{benchmark}-{model}-{label}-{now.strftime('%Y%m%dT%H%M%S')}.json"
     path = out_dir / name
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))

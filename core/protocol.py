@@ -81,6 +81,9 @@ class ReserveReply(msgspec.Struct, tag=True, kw_only=True):
     ok: bool
     block_ids: list[int] = []
     reason: str = ""
+    # cuda_ipc: the receiver's cache export these block ids index (CudaIpcExport.export_id);
+    # a sender writes them only through a mapping of that same export.
+    export_id: str = ""
 
 
 class KVTransfer(msgspec.Struct, tag=True, kw_only=True):
@@ -92,6 +95,8 @@ class KVTransfer(msgspec.Struct, tag=True, kw_only=True):
     shape: list[int]  # [layers, 2, n, block_size, kv_heads, head_dim]
     # True when the sender already wrote the blocks (cuda_ipc): no payload follows.
     in_place: bool = False
+    # in_place: the export the sender wrote through; the receiver refuses any other.
+    export_id: str = ""
 
 
 class TransferAck(msgspec.Struct, tag=True, kw_only=True):
@@ -114,7 +119,47 @@ class Release(msgspec.Struct, tag=True, kw_only=True):
     request_id: str
 
 
-ControlMessage = Union[ReserveRequest, ReserveReply, KVTransfer, TransferAck, Handoff, Release]
+class CudaIpcExport(msgspec.Struct, frozen=True, kw_only=True):
+    """A decode worker's whole KV cache as a CUDA IPC handle (what torch's
+    `UntypedStorage._share_cuda_()` returns) plus the tensor view over it."""
+
+    # Random per receiver incarnation: a restarted worker's cache gets a new one.
+    export_id: str
+    device_uuid: str  # the GPU holding the cache, as torch.cuda.get_device_properties().uuid
+    handle: bytes  # the caching allocator's IPC handle of the segment holding the storage
+    storage_bytes: int
+    storage_offset_bytes: int  # the storage's start inside that segment
+    ref_counter: bytes  # torch's shared-memory ref counter file for the handle
+    ref_counter_offset: int
+    dtype: str
+    shape: list[int]  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
+    stride: list[int]  # in elements
+    offset: int  # the view's first element within the storage
+
+
+class ExportRequest(msgspec.Struct, tag=True, kw_only=True):
+    """cuda_ipc: a sender asks for the receiver's cache export on first contact."""
+
+    request_id: str  # a fresh token per call, so a late reply cannot answer a later call
+
+
+class ExportReply(msgspec.Struct, tag=True, kw_only=True):
+    request_id: str
+    ok: bool
+    export: CudaIpcExport | None = None
+    reason: str = ""
+
+
+ControlMessage = Union[
+    ReserveRequest,
+    ReserveReply,
+    KVTransfer,
+    TransferAck,
+    Handoff,
+    Release,
+    ExportRequest,
+    ExportReply,
+]
 
 
 # -- Redis: worker registry ---------------------------------------------------------------

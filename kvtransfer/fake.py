@@ -15,7 +15,7 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from core.protocol import MAX_CONTROL_FRAME_BYTES, ControlMessage, ReserveReply, TransferAck, encode
+from core.protocol import MAX_CONTROL_FRAME_BYTES, ControlMessage, encode
 from kvtransfer.base import Inbound, KVReceiver, TransferError
 from kvtransfer.pack import BufferLike
 from kvtransfer.wire import (
@@ -23,6 +23,7 @@ from kvtransfer.wire import (
     AbandonedReplies,
     FramedKVSender,
     RejectedFrame,
+    Reply,
     ReplyKey,
     await_reply,
     drain,
@@ -136,9 +137,7 @@ class FakeKVSender(FramedKVSender):
         with self._peers_lock:
             self._closed = True
 
-    def _request(
-        self, address: str, frames: list, want: ReplyKey, timeout_s: float
-    ) -> ReserveReply | TransferAck:
+    def _request(self, address: str, frames: list, want: ReplyKey, timeout_s: float) -> Reply:
         peer = self._peer(address)
         with peer.lock:
             self._deliver(address, frames, peer)

@@ -13,13 +13,15 @@ import queue
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Union, cast
 
 import torch
 
 from core.protocol import (
     MAX_CONTROL_FRAME_BYTES,
     ControlMessage,
+    ExportReply,
+    ExportRequest,
     Handoff,
     KVTransfer,
     Release,
@@ -38,10 +40,13 @@ log = logging.getLogger(__name__)
 # a peer from making the receiver allocate without bound.
 MAX_KV_PAYLOAD_BYTES = 16 << 30
 
-_RECEIVABLE = (ReserveRequest, KVTransfer, Handoff, Release)
-_REPLIES = (ReserveReply, TransferAck)
+# What every receiver accepts; a backend with more to answer (cuda_ipc: ExportRequest)
+# passes its own tuple to parse_inbound.
+RECEIVABLE: tuple[type, ...] = (ReserveRequest, KVTransfer, Handoff, Release)
+_REPLIES = (ReserveReply, TransferAck, ExportReply)
 _PACKED_RANK = 6  # [layers, 2, n, block_size, kv_heads, head_dim]
 
+Reply = Union[ReserveReply, TransferAck, ExportReply]
 ReplyKey = tuple[type, str]
 
 
@@ -72,8 +77,12 @@ def parse_inbound(
     frames: Sequence[BufferLike],
     max_header_bytes: int = MAX_CONTROL_FRAME_BYTES,
     max_payload_bytes: int = MAX_KV_PAYLOAD_BYTES,
+    accepts: tuple[type, ...] = RECEIVABLE,
 ) -> Inbound:
-    """Turn `[header, (payload)]` buffers from `peer` into an Inbound; RejectedFrame if bad."""
+    """Turn `[header, (payload)]` buffers from `peer` into an Inbound; RejectedFrame if bad.
+
+    Messages outside `accepts` are rejected, with a refusal when the sender awaits one.
+    """
     if not frames:
         raise RejectedFrame("empty message")
     header = memoryview(frames[0]).cast("B")
@@ -81,8 +90,8 @@ def parse_inbound(
         msg = decode(header, ControlMessage, max_bytes=max_header_bytes)
     except ValueError as exc:
         raise RejectedFrame(str(exc)) from None
-    if not isinstance(msg, _RECEIVABLE):
-        raise RejectedFrame(f"a receiver does not accept {type(msg).__name__}")
+    if not isinstance(msg, accepts):
+        raise RejectedFrame(f"this receiver does not accept {type(msg).__name__}", _refusal(msg))
     extra = len(frames) - 1
     if not isinstance(msg, KVTransfer) or msg.in_place:
         if extra:
@@ -123,20 +132,21 @@ def _refusal(msg: ControlMessage) -> ControlMessage | None:
         return TransferAck(request_id=msg.request_id, ok=False, reason=reason)
     if isinstance(msg, Handoff):
         return TransferAck(request_id=msg.task.request_id, ok=False, reason=reason)
+    if isinstance(msg, ExportRequest):
+        return ExportReply(request_id=msg.request_id, ok=False,
+                           reason="this receiver exports no KV cache (not a cuda_ipc receiver)")
     return None
 
 
-def parse_reply(
-    data: BufferLike, max_bytes: int = MAX_CONTROL_FRAME_BYTES
-) -> ReserveReply | TransferAck:
-    """Decode a receiver's reply; ValueError for anything but a ReserveReply / TransferAck."""
+def parse_reply(data: BufferLike, max_bytes: int = MAX_CONTROL_FRAME_BYTES) -> Reply:
+    """Decode a receiver's reply; ValueError for anything but the reply types."""
     msg = decode(memoryview(data).cast("B"), ControlMessage, max_bytes=max_bytes)
     if not isinstance(msg, _REPLIES):
         raise ValueError(f"a sender does not accept {type(msg).__name__}")
     return msg
 
 
-def reply_key(msg: ReserveReply | TransferAck) -> ReplyKey:
+def reply_key(msg: Reply) -> ReplyKey:
     return (type(msg), msg.request_id)
 
 
@@ -160,7 +170,7 @@ class AbandonedReplies:
             # Oldest first (insertion order): those replies are the least likely to come.
             del self._owed[next(iter(self._owed))]
 
-    def is_stale(self, msg: ReserveReply | TransferAck) -> bool:
+    def is_stale(self, msg: Reply) -> bool:
         """True (and forget one debt) if `msg` answers an abandoned call."""
         key = reply_key(msg)
         if self._owed.get(key, 0) <= 0:
@@ -191,7 +201,7 @@ def await_reply(
     want: ReplyKey,
     address: str,
     timeout_s: float,
-) -> ReserveReply | TransferAck:
+) -> Reply:
     """Wait for the reply keyed `want`, dropping late replies to abandoned calls.
 
     `receive(remaining_s)` returns one reply's frames, or None when nothing came in
@@ -227,9 +237,7 @@ class FramedKVSender(KVSender):
     and a one-way post. Message building and reply typing live here once."""
 
     @abc.abstractmethod
-    def _request(
-        self, address: str, frames: list, want: ReplyKey, timeout_s: float
-    ) -> ReserveReply | TransferAck:
+    def _request(self, address: str, frames: list, want: ReplyKey, timeout_s: float) -> Reply:
         """Send `frames`, return the reply keyed `want` (see await_reply)."""
 
     @abc.abstractmethod

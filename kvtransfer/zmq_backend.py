@@ -16,19 +16,15 @@ import threading
 
 import zmq
 
-from core.protocol import (
-    MAX_CONTROL_FRAME_BYTES,
-    ControlMessage,
-    ReserveReply,
-    TransferAck,
-    encode,
-)
+from core.protocol import MAX_CONTROL_FRAME_BYTES, ControlMessage, encode
 from kvtransfer.base import Inbound, KVReceiver, TransferError
 from kvtransfer.wire import (
     MAX_KV_PAYLOAD_BYTES,
+    RECEIVABLE,
     AbandonedReplies,
     FramedKVSender,
     RejectedFrame,
+    Reply,
     ReplyKey,
     await_reply,
     drain,
@@ -53,6 +49,9 @@ def _bind(sock: zmq.Socket, address: str) -> str:
 
 
 class ZmqKVReceiver(KVReceiver):
+    # Message types parse_inbound lets through; subclasses answering more extend it.
+    accepts: tuple[type, ...] = RECEIVABLE
+
     def __init__(
         self,
         bind_address: str = "tcp://127.0.0.1:0",
@@ -199,6 +198,7 @@ class ZmqKVReceiver(KVReceiver):
                 [frame.buffer for frame in frames[1:]],
                 self._max_header_bytes,
                 self._max_payload_bytes,
+                self.accepts,
             )
         except RejectedFrame as exc:
             self.rejected += 1
@@ -206,6 +206,11 @@ class ZmqKVReceiver(KVReceiver):
             if exc.refusal is not None:
                 self._outbox.put((peer, encode(exc.refusal)))
             return
+        self._route(inbound)
+
+    def _route(self, inbound: Inbound) -> None:
+        """Hand a valid message to the worker. On the I/O thread: a subclass may answer
+        transport-level messages here itself (queue replies on _outbox) instead."""
         self._inbox.put(inbound)
 
 
@@ -268,9 +273,7 @@ class ZmqKVSender(FramedKVSender):
             peer.socket = sock
         return peer.socket
 
-    def _request(
-        self, address: str, frames: list, want: ReplyKey, timeout_s: float
-    ) -> ReserveReply | TransferAck:
+    def _request(self, address: str, frames: list, want: ReplyKey, timeout_s: float) -> Reply:
         peer = self._peer(address)
         with peer.lock:
             sock = self._socket(peer, address)

@@ -51,6 +51,8 @@ def _compile_only(self: JITFunction, *args, grid, warmup, **kwargs):
             shared=kernel.metadata.shared,
             cp_async="cp.async" in kernel.asm["ptx"],
             wgmma="wgmma" in kernel.asm["ptx"],
+            # 16-byte loads and stores: what a bandwidth-bound copy needs.
+            v4=all(f"{op}.global.v4" in kernel.asm["ptx"] for op in ("ld", "st")),
             num_warps=options.num_warps,
         )
     )
@@ -75,6 +77,7 @@ def run_all(quick: bool = False) -> None:
         apply_rotary,
         build_cos_sin_cache,
         fused_add_rms_norm,
+        kv_block_transfer,
         pack_blocks,
         paged_decode_attention,
         paged_prefill_attention,
@@ -114,6 +117,9 @@ def run_all(quick: bool = False) -> None:
     caches = [torch.zeros(2, 8, 16, 8, 128, dtype=bf16) for _ in range(2)]
     ids = torch.tensor([3, 1])
     unpack_blocks(caches, ids, pack_blocks(caches, ids))
+    # Llama-3.1-8B blocks between caches of different sizes (the cuda_ipc transfer).
+    src = torch.zeros(4, 2, 64, 16, 8, 128, dtype=bf16)
+    kv_block_transfer(src, src[:, :, :40].clone(), torch.zeros(2, 7, dtype=torch.int32))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         shown = {k: v for k, v in r["constexprs"].items() if k.isupper()}
         print(
             f"{r['name']:22s} {r['usage']:18s} smem={r['shared']:<6d} warps={r['num_warps']} "
-            f"wgmma={int(r['wgmma'])} cp.async={int(r['cp_async'])} {r['seconds']:4.1f}s {shown}"
+            f"wgmma={int(r['wgmma'])} cp.async={int(r['cp_async'])} v4={int(r['v4'])} "
+            f"{r['seconds']:4.1f}s {shown}"
         )
     print(f"compiled {len(RESULTS)} kernels for sm_90")
 

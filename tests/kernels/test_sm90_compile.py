@@ -43,9 +43,12 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         "_rms_norm_kernel",
         "_silu_mul_kernel",
         "_block_copy_kernel",
+        "_kv_block_transfer_kernel",
     }, proc.stdout
     spills = [line for line in lines if "STACK:0 " not in line]
     assert not spills, "register spills on sm_90:\n" + "\n".join(spills)
+    # The KV transfer copy is bandwidth-bound: every access must be a 16-byte vector.
+    assert any("_kv_block_transfer_kernel" in ln and "v4=1" in ln for ln in lines), proc.stdout
     # The long-prefill tile must use Hopper's warpgroup MMA, not the Ampere fallback.
     assert any(
         "_prefill_kernel" in ln and "BLOCK_M': 128" in ln and "wgmma=1" in ln for ln in lines

@@ -63,9 +63,12 @@ class DecodeStub:
         elif isinstance(msg, KVTransfer):
             if msg.block_ids != self.reserved.get(msg.request_id):
                 ack = TransferAck(request_id=msg.request_id, ok=False, reason="not reserved")
+            elif msg.in_place and not self.receiver.in_place:
+                ack = TransferAck(request_id=msg.request_id, ok=False, reason="carries KV")
             else:
-                assert item.payload is not None
-                unpack_blocks(self.kv_caches, msg.block_ids, item.payload)
+                if not msg.in_place:  # in_place: the sender already wrote the blocks
+                    assert item.payload is not None
+                    unpack_blocks(self.kv_caches, msg.block_ids, item.payload)
                 self.filled.add(msg.request_id)
                 ack = TransferAck(request_id=msg.request_id, ok=True)
             self.receiver.reply(item.peer, ack)

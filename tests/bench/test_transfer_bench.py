@@ -1,0 +1,54 @@
+"""`python -m bench transfer` on CPU: the zmq backend with tiny requests, end to end
+(CLI, receiver process, ceiling, result file); figures are not judged, only present."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_zmq_transfer_bench_writes_a_complete_result(tmp_path: Path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "transfer",
+        "--backends",
+        "zmq",
+        "--tokens",
+        "16,32",
+        "--requests",
+        "1,2",
+        "--iters",
+        "1",
+        "--sender-device",
+        "cpu",
+        "--receiver-device",
+        "cpu",
+        "--max-gib",
+        "0.005",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [path] = tmp_path.glob("transfer-llama-3.1-8b-zmq-*.json")
+    record = json.loads(path.read_text())
+    assert record["benchmark"] == "transfer" and record["model"] == "llama-3.1-8b"
+    for key in ("card", "commit", "date", "command", "params", "metrics"):
+        assert record[key], key
+    metrics = record["metrics"]
+    # 32 tokens x 2 requests is 8 MiB of KV, over the 5 MiB cap.
+    assert set(metrics["gb_per_s"]) == {"zmq/16tok/1req", "zmq/16tok/2req", "zmq/32tok/1req"}
+    assert [(s["tokens"], s["requests"]) for s in metrics["skipped"]] == [(32, 2)]
+    assert all(v > 0 for v in metrics["gb_per_s"].values())
+    assert metrics["ceilings_gb_per_s"]["host_memcpy"] > 0
+    assert "bytes_counted" in metrics
+    for case in metrics["cases"]:
+        assert case["ceiling"] == "host_memcpy" and case["fraction_of_ceiling"] > 0
+        assert case["bytes"] == case["tokens"] * case["requests"] * 128 * 1024
+    assert record["params"]["kv_shape"]["bytes_per_token"] == 128 * 1024
