@@ -158,27 +158,21 @@ def test_receiver_restarted_on_the_same_address_is_mapped_afresh(tmp_path: Path,
         sender.close()
 
 
-PROMPTS = ["The history of the Roman Empire", "def add(a, b):", "List three fruits:"]
+# Token-id prompts for a dummy-weight model: the GPU machine carries no checkpoint.
+PROMPTS = [[(17 * i + 3 * j) % 1000 + 10 for j in range(n)] for i, n in enumerate((40, 7, 130))]
 
 
 def _greedy_tokens(transport: str) -> list[list[int]]:
     svc = start_service(
-        "--device",
-        "cuda",
-        "--kv-transport",
-        transport,
-        "--num-blocks",
-        "512",
-        "--max-num-seqs",
-        "8",
-        "--max-model-len",
-        "1024",
+        "--model", "qwen3-0.6b", "--load-format", "dummy",
+        "--device", "cuda", "--kv-transport", transport,
+        "--num-blocks", "512", "--max-num-seqs", "8", "--max-model-len", "1024",
     )
     try:
         stub = svc.stub()
         # One request at a time: batch composition then cannot change the numerics.
         return [
-            generate(stub, prompt=p, max_tokens=24, temperature=0.0, ignore_eos=True)[0]
+            generate(stub, ids=p, max_tokens=24, temperature=0.0, ignore_eos=True)[0]
             for p in PROMPTS
         ]
     finally:
