@@ -20,7 +20,13 @@ def main() -> int:
                              else sys.argv[1:])
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"python -m bench {args.benchmark}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

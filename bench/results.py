@@ -38,19 +38,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _program() -> list[str]:
+    """How this run was invoked: `python -m bench ...` has bench/__main__.py as argv[0]."""
+    if Path(sys.argv[0]).name == "__main__.py" and Path(sys.argv[0]).parent.name == "bench":
+        return ["python", "-m", "bench"]
+    return ["tandem"]
+
+
 def write_result(benchmark: str, model: str, params: dict[str, Any],
                  metrics: dict[str, Any], out_dir: Path | None = None,
-                 label: str | None = None) -> Path:
+                 label: str | None = None, card: str | None = None) -> Path:
     """Write the record; `label` names the workload in the file name (default: the
-    params' input_len x output_len)."""
+    params' input_len x output_len); `card` overrides this machine's card (a remote
+    service's run)."""
     now = dt.datetime.now(dt.timezone.utc)
     record = {
         "benchmark": benchmark,
         "model": model,
-        "card": card_name(),
+        "card": card or card_name(),
         "commit": git_commit(),
         "date": now.isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in ["tandem", *sys.argv[1:]]),
+        "command": " ".join(shlex.quote(a) for a in [*_program(), *sys.argv[1:]]),
         "params": params,
         "metrics": metrics,
     }

@@ -1,0 +1,164 @@
+"""Figures of `tandem bench serve` from what the client saw: per-request TTFT, TPOT,
+inter-token latencies and end-to-end latency; their mean and percentiles per run;
+throughput and goodput under SLOs; and the printed table.
+
+Definitions (the ones vLLM's `bench serve` uses, so numbers compare):
+- TTFT: request sent to the first chunk carrying a token.
+- TPOT, per request: (e2e - TTFT) / (output tokens - 1); none for one-token outputs.
+- ITL: the gap before each chunk after the first, split evenly over the tokens of that
+  chunk (a chunk of k tokens after a gap g counts k gaps of g / k), pooled over requests.
+- e2e: request sent to the end of its stream.
+A request failed when it raised an error or returned a token count other than asked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from bench.serve_client import RequestResult
+
+SLO_KEYS = ("ttft", "tpot", "e2e")
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The q-th percentile of sorted values, linearly interpolated (numpy's default)."""
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize_ms(values_s: Iterable[float]) -> dict[str, float] | None:
+    """Mean, p50, p90 and p99 in milliseconds of values in seconds; None when empty."""
+    values = sorted(values_s)
+    if not values:
+        return None
+    out = {"mean": sum(values) / len(values) * 1e3}
+    out.update({f"p{q}": percentile(values, q) * 1e3 for q in (50, 90, 99)})
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class RequestTimes:
+    """Derived seconds of one completed request."""
+
+    ttft: float
+    tpot: float | None
+    e2e: float
+    itls: list[float]
+
+
+def failure(result: RequestResult) -> str | None:
+    """Why a request counts as failed, or None when it completed as asked."""
+    if result.error:
+        return result.error
+    if result.output_tokens != result.expected_output_len:
+        return f"returned {result.output_tokens} tokens of {result.expected_output_len} asked"
+    if not result.chunks:
+        return "no token arrived"
+    return None
+
+
+def request_times(result: RequestResult) -> RequestTimes:
+    first_at = result.chunks[0][0]
+    ttft = first_at - result.start
+    e2e = result.end - result.start
+    tpot = (e2e - ttft) / (result.output_tokens - 1) if result.output_tokens > 1 else None
+    itls: list[float] = []
+    previous = first_at
+    # The first chunk's extra tokens arrived with the first one: no gap to count.
+    for at, n in result.chunks[1:]:
+        itls.extend([(at - previous) / n] * n)
+        previous = at
+    return RequestTimes(ttft, tpot, e2e, itls)
+
+
+def meets_slos(times: RequestTimes, slos_ms: dict[str, float]) -> bool:
+    values = {"ttft": times.ttft, "tpot": times.tpot or 0.0, "e2e": times.e2e}
+    return all(values[key] * 1e3 <= limit for key, limit in slos_ms.items())
+
+
+def parse_slos(items: Sequence[str]) -> dict[str, float]:
+    """`["ttft:500", "tpot:50"]` -> {"ttft": 500.0, "tpot": 50.0} (milliseconds)."""
+    slos: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition(":")
+        if not sep or key not in SLO_KEYS:
+            raise ValueError(f"--goodput takes KEY:MS with KEY in {', '.join(SLO_KEYS)}, "
+                             f"not {item!r}")
+        try:
+            slos[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--goodput {item!r}: {value!r} is not a number") from None
+        if slos[key] <= 0:
+            raise ValueError(f"--goodput {item!r}: the limit must be positive")
+    return slos
+
+
+def summarize_run(results: Sequence[RequestResult], duration_s: float,
+                  slos_ms: dict[str, float]) -> dict:
+    """One (mode, rate) row of the results: counts, throughput, goodput, latencies."""
+    done = [r for r in results if failure(r) is None]
+    errors = Counter(why for r in results if (why := failure(r)) is not None)
+    times = [request_times(r) for r in done]
+    duration_s = max(duration_s, 1e-9)
+    out_tokens = sum(r.output_tokens for r in done)
+    in_tokens = sum(r.prompt_len for r in done)
+    good = sum(meets_slos(t, slos_ms) for t in times) if slos_ms else None
+    return {
+        "num_prompts": len(results),
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "errors": dict(errors.most_common(5)),
+        "duration_s": round(duration_s, 3),
+        "request_throughput": round(len(done) / duration_s, 3),
+        "output_throughput": round(out_tokens / duration_s, 1),
+        "total_token_throughput": round((in_tokens + out_tokens) / duration_s, 1),
+        "goodput": None if good is None else round(good / duration_s, 3),
+        "goodput_requests": good,
+        "ttft_ms": summarize_ms(t.ttft for t in times),
+        "tpot_ms": summarize_ms(t.tpot for t in times if t.tpot is not None),
+        "itl_ms": summarize_ms(x for t in times for x in t.itls),
+        "e2e_ms": summarize_ms(t.e2e for t in times),
+    }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def _stat(row: dict, key: str, stat: str) -> str:
+    values = row.get(key)
+    return f"{values[stat]:.1f}" if values else "-"
+
+
+COLUMNS = ("mode", "rate", "ok", "fail", "req/s", "out tok/s", "tot tok/s", "goodput",
+           "TTFT mean", "TTFT p50", "TTFT p99", "TPOT mean", "TPOT p99", "ITL p50", "ITL p99",
+           "E2E p50", "E2E p99")  # fmt: skip
+
+
+def format_table(rows: Sequence[tuple[str, str, dict]]) -> str:
+    """(mode, rate label, summarize_run row) as aligned text; latencies in ms."""
+    lines = [COLUMNS]
+    for mode, rate, row in rows:
+        goodput = "-" if row["goodput"] is None else f"{row['goodput']:.2f}"
+        lines.append((
+            mode, rate, str(row["completed"]), str(row["failed"]),
+            f"{row['request_throughput']:.2f}", f"{row['output_throughput']:.0f}",
+            f"{row['total_token_throughput']:.0f}", goodput,
+            _stat(row, "ttft_ms", "mean"), _stat(row, "ttft_ms", "p50"),
+            _stat(row, "ttft_ms", "p99"), _stat(row, "tpot_ms", "mean"),
+            _stat(row, "tpot_ms", "p99"), _stat(row, "itl_ms", "p50"),
+            _stat(row, "itl_ms", "p99"), _stat(row, "e2e_ms", "p50"),
+            _stat(row, "e2e_ms", "p99"),
+        ))  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
+                     for line in lines)

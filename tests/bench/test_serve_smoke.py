@@ -1,0 +1,75 @@
+"""`tandem bench serve` end to end on CPU: it launches the real service (SmolLM2),
+sends tiny workloads, writes the results JSON and leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROW_KEYS = {"num_prompts", "completed", "failed", "errors", "duration_s", "request_throughput",
+            "output_throughput", "total_token_throughput", "goodput", "goodput_requests",
+            "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "client_cpu_share"}  # fmt: skip
+
+
+def bench_serve(tmp_path: Path, *flags: str) -> tuple[dict, str]:
+    # One torch thread per process: the service's two workers and the baseline share the CPU.
+    cmd = [sys.executable, "-m", "tandem.cli", "bench", "serve", "--device", "cpu",
+           "--num-blocks", "256", "--threads", "1", "--modes", "1p1d", "--input-len", "16",
+           "--output-len", "8", "--warmup-prompts", "2", "--out-dir", str(tmp_path), "--log-dir",
+           str(tmp_path / "logs"), *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (path,) = tmp_path.glob("serve-smollm2-16x8-*.json")
+    return json.loads(path.read_text()), done.stdout
+
+
+def assert_nothing_left(stdout: str) -> None:
+    # The gateway's command line carries the gRPC port the bench picked for the service.
+    port = re.search(r"--grpc-port (\d+)", stdout).group(1)
+    left = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if f"--grpc-port {port} " in cmdline + " " and "tandem" in cmdline:
+            left.append(cmdline)
+    assert left == []
+
+
+def test_grpc_two_rates_every_request_complete(tmp_path):
+    record, stdout = bench_serve(tmp_path, "--num-prompts", "6", "--rates", "inf,4")
+    assert record["benchmark"] == "serve" and record["model"] == "smollm2"
+    assert {"card", "commit", "date", "command", "params", "metrics"} <= set(record)
+    params = record["params"]
+    assert params["modes"] == ["1p1d"] and params["rates"] == ["inf", "4"]
+    assert (params["input_len"], params["output_len"]) == (16, 8)
+    assert params["num_prompts"] == {"inf": 6, "4": 6}
+    mode = record["metrics"]["modes"]["1p1d"]
+    assert set(mode["rates"]) == {"inf", "4"}
+    for row in mode["rates"].values():
+        assert set(row) == ROW_KEYS
+        # completed means: no error and exactly output-len tokens streamed
+        assert (row["completed"], row["failed"]) == (6, 0), row["errors"]
+        assert row["output_throughput"] * row["duration_s"] == pytest.approx(6 * 8, rel=0.01)
+        assert row["goodput"] is None
+    assert "served_vs_offline_throughput_ratio" not in record["metrics"]
+    assert_nothing_left(stdout)
+
+
+def test_http_backend_goodput_and_offline_baseline(tmp_path):
+    record, stdout = bench_serve(tmp_path, "--num-prompts", "4", "--rates", "inf",
+                                 "--backend", "http", "--goodput", "ttft:600000",
+                                 "tpot:600000", "--offline-baseline", "--client-processes", "2")
+    metrics = record["metrics"]
+    row = metrics["modes"]["1p1d"]["rates"]["inf"]
+    assert (row["completed"], row["failed"]) == (4, 0), row["errors"]
+    assert row["goodput_requests"] == 4  # ten-minute SLOs: every completed request is good
+    assert record["params"]["slos_ms"] == {"ttft": 600000.0, "tpot": 600000.0}
+    assert metrics["offline"]["num_prompts"] == 4
+    assert metrics["served_vs_offline_mode"] == "1p1d"
+    assert metrics["served_vs_offline_throughput_ratio"] > 0
+    assert_nothing_left(stdout)

@@ -1,0 +1,236 @@
+"""`tandem bench serve` on fake data: statistics, SLO counting, workload and schedule,
+the load loop, the SSE reader, the command lines of each mode, and the ratios."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+import time
+
+import numpy as np
+import pytest
+
+from bench.serve import _add_ratios, parse_rates, prompts_for
+from bench.serve_client import (
+    HttpBackend,
+    Prompt,
+    RequestResult,
+    arrival_times,
+    make_prompts,
+    run_load,
+)
+from bench.serve_service import engine_argv, mode_argv, shares_one_gpu
+from bench.serve_stats import (
+    failure,
+    format_table,
+    meets_slos,
+    parse_slos,
+    percentile,
+    request_times,
+    summarize_ms,
+    summarize_run,
+)
+from tandem.cli import _add_engine_args
+
+
+def result(start: float, chunks: list[tuple[float, int]], end: float, expected: int | None = None,
+           error: str = "", prompt_len: int = 10) -> RequestResult:
+    tokens = sum(n for _, n in chunks)
+    return RequestResult(prompt_len, tokens if expected is None else expected, start, end,
+                         list(chunks), tokens, error)
+
+
+def test_percentile_matches_numpy_linear_interpolation():
+    rng = random.Random(3)
+    for n in (1, 2, 5, 101):
+        values = sorted(rng.uniform(0, 10) for _ in range(n))
+        for q in (0, 25, 50, 90, 99, 100):
+            assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_summarize_ms_in_milliseconds_and_none_when_empty():
+    assert summarize_ms([]) is None
+    s = summarize_ms([0.001 * i for i in range(1, 101)])  # 1..100 ms
+    assert s == {"mean": 50.5, "p50": 50.5, "p90": 90.1, "p99": 99.01}
+
+
+def test_ttft_tpot_e2e_and_itl_spread_over_the_tokens_of_a_chunk():
+    # sent at 10.0; first token at 10.5; one token at 10.7; three at 11.3; end at 11.4
+    t = request_times(result(10.0, [(10.5, 1), (10.7, 1), (11.3, 3)], 11.4))
+    assert t.ttft == pytest.approx(0.5)
+    assert t.e2e == pytest.approx(1.4)
+    assert t.tpot == pytest.approx((1.4 - 0.5) / 4)
+    assert t.itls == pytest.approx([0.2, 0.2, 0.2, 0.2])
+
+
+def test_first_chunk_extra_tokens_have_no_gap_and_one_token_has_no_tpot():
+    t = request_times(result(0.0, [(1.0, 3), (2.0, 1)], 2.0))
+    assert t.itls == pytest.approx([1.0])
+    assert t.tpot == pytest.approx(1.0 / 3)
+    single = request_times(result(0.0, [(0.3, 1)], 0.4))
+    assert single.tpot is None and single.itls == []
+
+
+def test_a_short_or_failed_request_counts_as_failed():
+    assert failure(result(0, [(1, 4)], 2)) is None
+    assert "3 tokens of 4" in failure(result(0, [(1, 3)], 2, expected=4))
+    assert failure(result(0, [(1, 5)], 2, expected=4)) is not None
+    assert failure(result(0, [], 1, error="UNAVAILABLE: gone")) == "UNAVAILABLE: gone"
+
+
+def test_goodput_counts_completed_requests_within_every_slo():
+    slos = parse_slos(["ttft:100", "tpot:50"])
+    assert slos == {"ttft": 100.0, "tpot": 50.0}
+    fast = result(0.0, [(0.05, 1), (0.09, 1), (0.13, 1)], 0.13)  # ttft 50, tpot 40
+    slow_first = result(0.0, [(0.2, 1), (0.22, 1), (0.24, 1)], 0.24)  # ttft 200
+    slow_steps = result(0.0, [(0.05, 1), (0.15, 1), (0.25, 1)], 0.25)  # tpot 100
+    edge = result(0.0, [(0.1, 1), (0.15, 1), (0.2, 1)], 0.2)  # exactly at both limits
+    short = result(0.0, [(0.01, 1)], 0.02, expected=3)  # fast but failed
+    assert [meets_slos(request_times(r), slos) for r in (fast, slow_first, slow_steps, edge)] \
+        == [True, False, False, True]
+    row = summarize_run([fast, slow_first, slow_steps, edge, short], 2.0, slos)
+    assert (row["completed"], row["failed"], row["goodput_requests"]) == (4, 1, 2)
+    assert row["goodput"] == 1.0
+    assert row["request_throughput"] == 2.0
+    assert row["output_throughput"] == 6.0  # 12 tokens of completed requests in 2 s
+    assert row["total_token_throughput"] == 26.0  # plus 4 prompts of 10
+    assert row["errors"] == {"returned 1 tokens of 3 asked": 1}
+    assert set(row["ttft_ms"]) == {"mean", "p50", "p90", "p99"}
+    assert summarize_run([fast], 1.0, {})["goodput"] is None
+    assert "ITL p99" in format_table([("1p1d", "inf", row)])
+
+
+@pytest.mark.parametrize("bad", ["ttft", "itl:5", "ttft:x", "tpot:0"])
+def test_bad_slos_are_refused(bad):
+    with pytest.raises(ValueError):
+        parse_slos([bad])
+
+
+def test_poisson_schedule_is_reproducible_with_the_right_mean():
+    times = arrival_times(20000, 4.0, "0:4")
+    assert times == arrival_times(20000, 4.0, "0:4")
+    assert times != arrival_times(20000, 4.0, "1:4")
+    assert times[0] == 0.0 and times == sorted(times)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert sum(gaps) / len(gaps) == pytest.approx(0.25, rel=0.05)
+    # exponential gaps: P(gap < mean) = 1 - 1/e
+    assert sum(g < 0.25 for g in gaps) / len(gaps) == pytest.approx(1 - math.exp(-1), abs=0.02)
+    assert arrival_times(3, math.inf, "x") == [0.0, 0.0, 0.0]
+
+
+def test_prompts_are_seeded_in_the_vocabulary_and_of_the_asked_lengths():
+    a = make_prompts(50, 16, 8, 100, "7:inf")
+    assert a == make_prompts(50, 16, 8, 100, "7:inf")
+    assert a != make_prompts(50, 16, 8, 100, "7:4")
+    assert all(len(p.token_ids) == 16 and p.output_len == 8 for p in a)
+    assert all(0 <= t < 100 for p in a for t in p.token_ids)
+    ranged = make_prompts(200, 100, 10, 100, "s", range_ratio=0.5)
+    assert {len(p.token_ids) for p in ranged} <= set(range(50, 151))
+    assert len({len(p.token_ids) for p in ranged}) > 10
+    assert {p.output_len for p in ranged} <= set(range(5, 16))
+    with pytest.raises(ValueError):
+        make_prompts(1, 4, 4, 10, "s", range_ratio=1.0)
+
+
+def test_run_load_sends_everything_and_respects_the_concurrency_cap():
+    state = {"now": 0, "most": 0}
+
+    async def send(prompt: Prompt, r: RequestResult) -> None:
+        state["now"] += 1
+        state["most"] = max(state["most"], state["now"])
+        r.start = time.perf_counter()
+        await asyncio.sleep(0.01)
+        r.chunks.append((time.perf_counter(), prompt.output_len))
+        r.output_tokens = prompt.output_len
+        r.end = time.perf_counter()
+        state["now"] -= 1
+
+    prompts = make_prompts(12, 4, 3, 50, "c")
+    results, duration = asyncio.run(run_load(send, prompts, [0.0] * 12, max_concurrency=3))
+    assert state["most"] == 3
+    assert len(results) == 12 and all(failure(r) is None for r in results)
+    assert [r.prompt_len for r in results] == [4] * 12
+    assert duration >= max(r.end for r in results) - min(r.start for r in results)
+
+
+def _events(lines: list[bytes], result: RequestResult) -> None:
+    async def go() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"".join(lines))
+        reader.feed_eof()
+        await HttpBackend._events(reader, result)
+
+    asyncio.run(go())
+
+
+def test_sse_reader_counts_text_events_and_takes_usage():
+    r = RequestResult(3, 2)
+    _events([b'data: {"choices": [{"text": "a"}]}\n\n', b": keep-alive\n\n",
+             b'data: {"choices": [{"text": ""}]}\n\n',
+             b'data: {"choices": [{"text": "b", "finish_reason": "length"}]}\n\n',
+             b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\n',
+             b"data: [DONE]\n\n"], r)
+    assert len(r.chunks) == 2 and r.output_tokens == 2
+    with pytest.raises(ValueError, match="boom"):
+        _events([b'data: {"error": {"message": "boom"}}\n\n', b"data: [DONE]\n\n"],
+                RequestResult(3, 2))
+    with pytest.raises(ValueError, match="DONE"):
+        _events([b'data: {"choices": [{"text": "a"}]}\n\n'], RequestResult(3, 2))
+
+
+def test_mode_command_lines_place_workers_on_gpus():
+    assert mode_argv("colocated", 2, True) == ["--colocated-workers", "2",
+                                               "--colocated-gpus", "0,1"]
+    assert mode_argv("1p1d", 2, True)[-4:] == ["--prefill-gpus", "0", "--decode-gpus", "1"]
+    assert mode_argv("1p1d", 1, True)[-4:] == ["--prefill-gpus", "0", "--decode-gpus", "0"]
+    assert mode_argv("1p1d", 1, False) == ["--prefill-workers", "1", "--decode-workers", "1"]
+    assert shares_one_gpu("1p1d", 1, True) and not shares_one_gpu("1p1d", 2, True)
+    assert not shares_one_gpu("colocated", 1, True)
+    with pytest.raises(ValueError):
+        mode_argv("2p2d", 2, True)
+
+
+def test_engine_flags_travel_with_overrides():
+    parser = argparse.ArgumentParser()
+    _add_engine_args(parser)
+    args = parser.parse_args(["--model", "llama-3.1-8b", "--load-format", "dummy",
+                              "--enforce-eager"])
+    argv = engine_argv(args, _add_engine_args, gpu_memory_utilization=0.45)
+    assert argv[argv.index("--model") + 1] == "llama-3.1-8b"
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.45"
+    assert "--enforce-eager" in argv and "--device" not in argv  # unset: the child's default
+    assert parser.parse_args(argv).load_format == "dummy"
+
+
+def test_rates_and_prompt_counts():
+    assert parse_rates("1, 4,inf,0.5") == [("1", 1.0), ("4", 4.0), ("inf", math.inf),
+                                           ("0.5", 0.5)]
+    with pytest.raises(ValueError):
+        parse_rates("0")
+    args = argparse.Namespace(num_prompts=500, duration=30.0, min_prompts=20)
+    assert [prompts_for(r, args) for r in (0.1, 4.0, 100.0, math.inf)] == [20, 120, 500, 500]
+    args.duration = 0.0
+    assert prompts_for(1.0, args) == 500
+
+
+def test_ratios_of_served_to_offline_and_of_1p1d_to_two_colocated():
+    def row(goodput, total):
+        return {"goodput": goodput, "total_token_throughput": total}
+
+    metrics = {"offline": {"total_token_throughput": 1000.0}, "modes": {
+        "1p1d": {"rates": {"4": row(3.0, 500.0), "inf": row(2.0, 800.0)}},
+        "colocated": {"rates": {"4": row(2.0, 400.0), "inf": row(4.0, 900.0)}}}}
+    _add_ratios(metrics, ["1p1d", "colocated"], gpus=2)
+    assert metrics["served_vs_offline_mode"] == "1p1d"
+    assert metrics["served_vs_offline_throughput_ratio"] == 0.8
+    assert metrics["modes"]["colocated"]["served_vs_offline_throughput_ratio"] == 0.9
+    assert metrics["goodput_ratio_1p1d_vs_2_colocated"] == 0.75
+    assert metrics["goodput_ratio_1p1d_vs_2_colocated_by_rate"] == {"4": 1.5, "inf": 0.5}
+    one_gpu = {"modes": {"1p1d": {"rates": {}}, "colocated": {"rates": {}}}}
+    _add_ratios(one_gpu, ["1p1d", "colocated"], gpus=1)
+    assert "goodput_ratio_1p1d_vs_2_colocated" not in one_gpu
