@@ -339,5 +339,5 @@ def run(args: argparse.Namespace) -> dict:
             "bytes_per_token": SHAPE.block_bytes // SHAPE.block_size,
         },
     }
-    write_result("transfer", MODEL, params, metrics, args.out_dir, label="+".join(backends))
+    write_result("transfer", MODEL, params, metrics, args.out_dir, label="-".join(backends))
     return metrics

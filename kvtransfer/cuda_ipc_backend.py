@@ -54,6 +54,7 @@ from core.protocol import (
     CudaIpcExport,
     ExportReply,
     ExportRequest,
+    Handoff,
     KVTransfer,
     ReserveReply,
     ReserveRequest,
@@ -324,6 +325,16 @@ class CudaIpcKVSender(ZmqKVSender):
             self._reserved.pop((address, request_id), None)
         super().release(address, request_id)
 
+    def handoff(self, address: str, msg: Handoff, timeout_s: float) -> TransferAck:
+        # The first reply after a one-way KV header: a receiver that stopped answering
+        # may be gone, and its cache with it, so the next transfer maps afresh.
+        try:
+            return super().handoff(address, msg, timeout_s)
+        except TransferError:
+            with self._state_lock:
+                self._mappings.pop(address, None)
+            raise
+
     def close(self) -> None:
         with self._state_lock:
             self._reserved.clear()
@@ -370,13 +381,20 @@ class CudaIpcKVSender(ZmqKVSender):
             in_place=True,
             export_id=export_id,
         )
-        remaining = max(0.0, deadline - time.monotonic())
+        # The bytes are in the receiver's memory once _copy_blocks returns, so the header
+        # goes one way: no round trip per transfer. It travels on the same connection as
+        # the Handoff that follows, so it arrives first; if the receiver refuses it, the
+        # Handoff is refused too ("KV not received"), and that is where it surfaces. The
+        # receiver's ack for the header is dropped when it arrives.
+        peer = self._peer(address)
+        with peer.lock:
+            peer.abandoned.abandon((TransferAck, request_id))
         try:
-            ack = self._request(address, [encode(header)], (TransferAck, request_id), remaining)
+            self._post(address, [encode(header)])
         except TransferError:
             self._forget(address, export_id)  # the receiver may be gone: map afresh
             raise
-        return cast(TransferAck, ack)
+        return TransferAck(request_id=request_id, ok=True)
 
     def _stacked(self, kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:
         seen = self._source

@@ -19,13 +19,16 @@ from core.protocol import (
     CudaIpcExport,
     ExportReply,
     ExportRequest,
+    Handoff,
     KVTransfer,
+    PrefillTask,
     ReserveReply,
     ReserveRequest,
     decode,
     encode,
 )
-from kvtransfer import TransferState, ZmqKVReceiver, layout_of, ship
+from core.sampling_params import SamplingParams
+from kvtransfer import TransferError, TransferState, ZmqKVReceiver, layout_of, ship
 from kvtransfer import cuda_ipc_backend as ipc
 from kvtransfer.cuda_ipc_backend import (
     CudaIpcKVReceiver,
@@ -129,6 +132,14 @@ def _reserve(
     reply = sender.reserve(address, req, 5.0)
     assert reply.ok, reply.reason
     return reply
+
+
+def _handoff(sender: CudaIpcKVSender, address: str, rid: str, timeout_s: float = 5.0):
+    task = PrefillTask(request_id=rid, prompt_token_ids=[1, 2, 3],
+                       sampling=SamplingParams(max_tokens=4), reply_stream="r",
+                       deadline=time.time() + 60)
+    return sender.handoff(address, Handoff(task=task, output_token_ids=[5],
+                                           num_computed_tokens=3), timeout_s)
 
 
 def _untouched(cache: torch.Tensor, written: list[int]) -> bool:
@@ -237,6 +248,8 @@ def test_blocks_land_bit_exact_and_the_mapping_is_reused(fake_ipc, sender, ipc_a
             t = ship(sender, ipc_address, rid, list(src.unbind(0)), src_ids, dst_ids, 5.0)
             assert t.state is TransferState.DONE, t.reason
             assert torch.equal(bits(decode_.cache[:, :, dst_ids]), bits(src[:, :, src_ids]))
+            # The header went one way; the handoff behind it finds the blocks filled.
+            assert _handoff(sender, ipc_address, rid).ok
             written += dst_ids
         assert _untouched(decode_.cache, written)
         assert decode_.stub.filled == {"a", "b"}
@@ -276,10 +289,13 @@ def test_reservation_of_a_previous_incarnation_never_writes_the_new_cache(
     second = Decode(ipc_address, torch.float32)
     try:
         t = ship(sender, ipc_address, "stale", list(src.unbind(0)), [1, 2, 3], stale, 5.0)
-        assert t.state is TransferState.FAILED
-        # Unmapped: refused before writing. Mapped: written into the old export only, and
-        # the new receiver refuses the header.
-        assert ("restarted" if not mapped_before else "another cache export") in t.reason
+        if mapped_before:
+            # Written into the old export only; the new receiver refuses the one-way
+            # header, so the handoff behind it is refused.
+            assert t.state is TransferState.DONE
+            assert not _handoff(sender, ipc_address, "stale").ok
+        else:
+            assert t.state is TransferState.FAILED and "restarted" in t.reason  # no write
         assert _untouched(second.cache, [])
         assert second.stub.filled == set()
     finally:
@@ -289,7 +305,7 @@ def test_reservation_of_a_previous_incarnation_never_writes_the_new_cache(
 def test_receiver_gone_fails_within_the_timeout(fake_ipc, ipc_address):
     decode_ = Decode(ipc_address, torch.float32)
     fresh = CudaIpcKVSender("prefill-1")  # never mapped: the export request times out
-    mapped = CudaIpcKVSender("prefill-2")  # mapped: the header's ack times out
+    mapped = CudaIpcKVSender("prefill-2")  # mapped: the handoff after the header times out
     src = list(_cache(SRC_BLOCKS, torch.float32).unbind(0))
     try:
         dst = _reserve(mapped, ipc_address, "warm", 1).block_ids
@@ -299,8 +315,11 @@ def test_receiver_gone_fails_within_the_timeout(fake_ipc, ipc_address):
         decode_.close()
         failed = ship(fresh, ipc_address, "x", src, [1], fresh_dst, 0.3)
         assert failed.state is TransferState.FAILED and "ExportReply" in failed.reason
-        failed = ship(mapped, ipc_address, "y", src, [1], mapped_dst, 0.3)
-        assert failed.state is TransferState.FAILED and "TransferAck" in failed.reason
+        ship(mapped, ipc_address, "y", src, [1], mapped_dst, 0.3)  # one way: nothing to wait on
+        t0 = time.monotonic()
+        with pytest.raises(TransferError, match="TransferAck"):
+            _handoff(mapped, ipc_address, "y", timeout_s=0.3)
+        assert time.monotonic() - t0 < 5
         assert mapped._mappings == {}  # dropped: the next transfer asks again
     finally:
         fresh.close()
