@@ -44,14 +44,17 @@ class SchedulerConfig:
 # zmq: host-staged, any device; cuda_ipc: same node, CUDA; nccl: torch.distributed p2p
 # (NCCL on CUDA, gloo on CPU); fake: in-memory, tests only.
 KV_TRANSPORTS = ("zmq", "cuda_ipc", "nccl", "fake")
+# colocated: one process takes tasks, prefills and decodes them itself (no KV transfer).
+WORKER_ROLES = ("prefill", "decode", "colocated")
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Settings common to prefill and decode workers."""
+    """Settings common to prefill, decode and colocated workers (the KV transfer ones
+    mean nothing to a colocated worker, which moves no KV)."""
 
     redis_url: str
-    role: str  # "prefill" | "decode"
+    role: str  # "prefill" | "decode" | "colocated"
     worker_id: str = ""  # "": role-hostname-pid
     kv_transport: str = "zmq"
     bind_host: str = "127.0.0.1"  # internal sockets never bind all interfaces by default
@@ -65,8 +68,8 @@ class WorkerConfig:
     max_deliveries: int = 3
 
     def __post_init__(self) -> None:
-        if self.role not in ("prefill", "decode"):
-            raise ValueError("role must be prefill or decode")
+        if self.role not in WORKER_ROLES:
+            raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(
                 f"unknown kv transport {self.kv_transport!r} (one of {', '.join(KV_TRANSPORTS)})")

@@ -165,7 +165,7 @@ ControlMessage = Union[
 # -- Redis: worker registry ---------------------------------------------------------------
 class WorkerInfo(msgspec.Struct, kw_only=True):
     worker_id: str
-    role: str  # "prefill" | "decode"
+    role: str  # "prefill" | "decode" | "colocated"
     model: str
     pid: int
     control_address: str = ""  # decode: where prefill workers connect
@@ -177,7 +177,7 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     waiting: int = 0
     reservations: int = 0
     preemptions: int = 0
-    admitted: int = 0  # requests taken since start (decode: handoffs; prefill: tasks)
+    admitted: int = 0  # requests taken since start (decode: handoffs; others: tasks)
     heartbeat: float = 0.0
     draining: bool = False
 

@@ -87,6 +87,21 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def room(self) -> int:
+        """How many more sequences fit now (a worker taking tasks from a shared queue
+        takes no more, leaving the rest to its peers): free sequence slots, and free
+        blocks beyond what the sequences in hand still need for the rest of their
+        prompts and one token more, a new one needing at least one. None while a
+        step's token budget of prompts is already waiting."""
+        waiting_tokens = sum(s.num_uncomputed_tokens for s in self.waiting)
+        if waiting_tokens >= self.config.max_num_batched_tokens:
+            return 0
+        promised = sum(blocks_needed(s.num_tokens + 1, self.kv.block_size)
+                       - len(self.kv.block_table(s.request_id))
+                       for s in (*self.running, *self.waiting))
+        slots = self.config.max_num_seqs - len(self.running) - len(self.waiting)
+        return max(0, min(slots, self.kv.num_free_blocks - promised))
+
     def get(self, request_id: str) -> Sequence | None:
         for seq in self.running:
             if seq.request_id == request_id:

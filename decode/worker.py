@@ -23,7 +23,8 @@ Two threads touch the engine's bookkeeping, serialized by one lock: the control 
 answers prefill workers (reserve, fill, handoff, release) at once, so their round trips
 never wait for a decode step, and the main loop schedules, runs and publishes steps. The
 forward pass runs without the lock; it only reads blocks of running sequences, which the
-control thread never writes.
+control thread never writes. Redis writes (tokens, requeued tasks) go out in order on the
+outbox thread (core.replies), so a step never waits on a socket.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import redis
@@ -45,13 +45,13 @@ from core.protocol import (
     Release,
     ReserveReply,
     ReserveRequest,
-    TokenDelta,
     TransferAck,
     WorkerInfo,
 )
 from core.redis_client import add_task, ensure_group, publish_deltas
 from core.redis_keys import prefill_stream
-from core.sequence import FinishReason, Sequence, SequenceStatus
+from core.replies import Deltas, Outbox, error_delta, new_deltas, token_delta
+from core.sequence import Sequence, SequenceStatus
 from core.worker_base import WorkerBase
 from engine.engine import Engine, EngineConfig
 from kvtransfer import make_receiver
@@ -80,6 +80,7 @@ class DecodeWorker(WorkerBase):
         self.receiver.attach_kv_caches(self.engine.runner.kv_caches)
         self.reservations: dict[str, Reservation] = {}
         self.tasks: dict[str, PrefillTask] = {}  # running requests' routing facts
+        self.outbox = Outbox(self.redis)
         self.admitted = 0
         self.lock = threading.Lock()
         self.work_arrived = threading.Event()
@@ -104,6 +105,7 @@ class DecodeWorker(WorkerBase):
         self.receiver.start()
         ensure_group(self.redis, self.stream)
         self.start_background(self.snapshot)
+        self.outbox.start()
         self._spawn(self._control_loop)
         log.info("decode worker %s ready at %s", self.worker_id, self.receiver.address)
         try:
@@ -122,6 +124,7 @@ class DecodeWorker(WorkerBase):
         finally:
             self.request_stop()
             self.receiver.close()
+            self.outbox.close()  # the last tokens go out before the registry entry goes
             self.shutdown()
 
     def _control_loop(self) -> None:
@@ -227,40 +230,29 @@ class DecodeWorker(WorkerBase):
 
     # -- one decode step ----------------------------------------------------------------
     def _step(self) -> None:
-        deltas: dict[str, list[TokenDelta]] = defaultdict(list)
+        deltas = new_deltas()
         with self.lock:
             self._expire_deadlines(deltas)
         out, got = self.engine.step(self.lock)
         with self.lock:
-            self._collect(out, got, deltas)
-        try:
-            publish_deltas(self.redis, deltas)
-        except redis.RedisError as exc:
-            log.error("could not publish tokens: %s", exc)
+            for seq in got:
+                deltas[self.tasks[seq.request_id].reply_stream].append(
+                    token_delta(seq, self.worker_id))
+                if seq.is_finished:
+                    del self.tasks[seq.request_id]
+            # Published first: a requeued request's next token must not overtake these.
+            self.outbox.publish(deltas)
+            for seq in out.preempted:
+                self._send_back(seq)
 
-    def _collect(self, out, got: list[Sequence], deltas: dict[str, list[TokenDelta]]) -> None:
-        for seq in got:
-            task = self.tasks[seq.request_id]
-            finished = seq.is_finished
-            deltas[task.reply_stream].append(TokenDelta(
-                request_id=seq.request_id, token_ids=[seq.output_token_ids[-1]],
-                offset=len(seq.output_token_ids) - 1,
-                finish_reason=seq.finish_reason.value if finished else None,
-                logprobs=seq.output_logprobs[-1:] or None, worker_id=self.worker_id))
-            if finished:
-                del self.tasks[seq.request_id]
-        for seq in out.preempted:
-            self._send_back(seq)
-
-    def _expire_deadlines(self, deltas: dict[str, list[TokenDelta]]) -> None:
+    def _expire_deadlines(self, deltas: Deltas) -> None:
         now = time.time()
         for rid, task in list(self.tasks.items()):
             if task.deadline and now > task.deadline:
                 self.engine.scheduler.abort(rid)
                 del self.tasks[rid]
-                deltas[task.reply_stream].append(TokenDelta(
-                    request_id=rid, finish_reason=FinishReason.ABORT.value,
-                    error="request deadline exceeded", error_code="deadline"))
+                deltas[task.reply_stream].append(
+                    error_delta(rid, "deadline", "request deadline exceeded"))
 
     def _send_back(self, seq: Sequence) -> None:
         """Preempted: the prefill pool recomputes prompt + generated tokens."""
@@ -269,9 +261,12 @@ class DecodeWorker(WorkerBase):
         again = PrefillTask(request_id=task.request_id, prompt_token_ids=task.prompt_token_ids,
                             sampling=task.sampling, reply_stream=task.reply_stream,
                             deadline=task.deadline, output_token_ids=list(seq.output_token_ids))
+        self.outbox.call(self._requeue, again)
+
+    def _requeue(self, task: PrefillTask) -> None:
+        """On the outbox thread."""
         try:
-            add_task(self.redis, self.stream, again)
+            add_task(self.redis, self.stream, task)
         except redis.RedisError as exc:
-            publish_deltas(self.redis, {task.reply_stream: [TokenDelta(
-                request_id=seq.request_id, finish_reason="abort",
-                error=f"preempted and could not be requeued: {exc}", error_code="unavailable")]})
+            publish_deltas(self.redis, {task.reply_stream: [error_delta(
+                task.request_id, "unavailable", f"preempted and could not be requeued: {exc}")]})

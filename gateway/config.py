@@ -40,8 +40,8 @@ class GatewayConfig:
     # Tasks waiting in (or being prefilled from) the model's prefill stream, all gateways
     # together; past it new requests are refused at once instead of queueing. 0: no bound.
     max_queued_tasks: int = 2048
-    # A request whose decode worker vanished from the registry: False ends it with
-    # UNAVAILABLE, True re-queues it (prompt + tokens so far) for another decode worker.
+    # A request whose decode or colocated worker vanished from the registry: False ends
+    # it with UNAVAILABLE, True re-queues it (prompt + tokens so far) for another worker.
     migrate: bool = False
     owner_check_s: float = 1.0
     max_choices: int = 8  # bound on n (times the prompts of a batch) per HTTP request

@@ -93,11 +93,12 @@ class Executor:
         self._abort_tasks: set[asyncio.Task[None]] = set()
         self.inflight: dict[str, Generation] = {}
 
-    # -- decode workers that die --------------------------------------------------------
+    # -- decode or colocated workers that die -------------------------------------------
     async def watch_owners(self) -> None:
-        """Every `owner_check_s`: a request whose decode worker left the registry (its
-        entry expires a few seconds after its last heartbeat) is migrated or failed, so
-        no stream waits on a dead worker until its deadline."""
+        """Every `owner_check_s`: a request whose owner (the decode or colocated worker
+        named by its deltas) left the registry (its entry expires a few seconds after its
+        last heartbeat) is migrated or failed, so no stream waits on a dead worker until
+        its deadline."""
         while True:
             await asyncio.sleep(self.config.owner_check_s)
             orphans = [g for g in self.inflight.values() if g.owner is not None]
@@ -270,9 +271,9 @@ class Generation:
         lost = stream.owner
         stream.owner = None
         if migrate:
-            # Same request id: the prefill pool recomputes prompt + tokens so far and the
-            # next delta starts at the next offset, so nothing is lost or repeated.
-            log.warning("decode worker %s lost; migrating %s after %d tokens", lost,
+            # Same request id: a prefill or colocated worker recomputes prompt + tokens so
+            # far and the next delta starts at the next offset: nothing lost or repeated.
+            log.warning("worker %s lost; migrating %s after %d tokens", lost,
                         self.request_id, len(stream.token_ids),
                         extra={"request_id": self.request_id})  # fmt: skip
             try:
@@ -282,7 +283,7 @@ class Generation:
             except RedisError as exc:
                 log.warning("migration of %s failed: %s", self.request_id, exc)
         stream.push(TokenDelta(request_id=self.request_id,
-                               error=f"decode worker {lost} was lost", error_code="unavailable"))
+                               error=f"worker {lost} was lost", error_code="unavailable"))
 
     async def __aenter__(self) -> Generation:
         ex = self._ex

@@ -80,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--migrate",
         action="store_true",
-        help="when a request's decode worker dies, continue it on another one (prompt and "
-        "tokens so far recomputed by the prefill pool) instead of failing it with UNAVAILABLE",
+        help="when a request's decode or colocated worker dies, continue it on another one "
+        "(prompt and tokens so far recomputed by a prefill or colocated worker) instead of "
+        "failing it with UNAVAILABLE",
     )
     parser.add_argument(
         "--gateway-id", default=None, help="names this gateway's reply stream; None: random"

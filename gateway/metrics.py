@@ -150,7 +150,7 @@ class GatewayMetrics:
         for gauge in (*self.worker_figures.values(), self.worker_heartbeat_age,
                       self.worker_draining, self.workers):  # fmt: skip
             gauge.clear()
-        for role in ("prefill", "decode"):
+        for role in ("prefill", "decode", "colocated"):
             live = [w for w in workers if w.role == role and not w.draining]
             self.workers.labels(model=self.model, role=role).set(len(live))
         for w in workers:

@@ -35,7 +35,7 @@ class RequestStream:
         self.request_id = request_id
         self.next_offset = 0  # output position of the next token the client has not seen
         self.closed = False  # a finish or an error was delivered: nothing more is
-        self.owner: str | None = None  # the decode worker generating it, once known
+        self.owner: str | None = None  # the worker generating it (decode, colocated)
         self.token_ids: list[int] = []  # every output token delivered (for migration)
         self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
 

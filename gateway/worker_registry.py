@@ -2,8 +2,9 @@
 
 Workers refresh their registry hash every second and it expires after a few, so a
 present, non-draining entry is a live worker. A request is only queued when the model
-has at least one prefill and one decode worker; otherwise it would wait for nothing
-until its deadline, and the client is better told UNAVAILABLE at once.
+has at least one colocated worker, or one prefill and one decode worker; otherwise it
+would wait for nothing until its deadline, and the client is better told UNAVAILABLE at
+once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from core.protocol import WorkerInfo, decode
 
 log = logging.getLogger(__name__)
 
-REQUIRED_ROLES = ("prefill", "decode")
+REQUIRED_ROLES = ("prefill", "decode")  # unless a colocated worker serves on its own
 SCAN_COUNT = 1000  # registry keys are few; SCAN walks the whole keyspace anyway
 
 
@@ -70,7 +71,7 @@ class WorkerRegistry:
             return None
         roles = {w.role for w in await self.live_workers()}
         missing = [r for r in REQUIRED_ROLES if r not in roles]
-        if missing:
+        if missing and "colocated" not in roles:
             return f"no live {' or '.join(missing)} worker for model {self._model!r}"
         self._live_until = time.monotonic() + self._cache_ttl_s
         return None

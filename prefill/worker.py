@@ -24,30 +24,20 @@ A task's life on this worker, as states:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import redis
 
 from core.config import WorkerConfig
 from core.kv_cache_manager import blocks_needed
-from core.protocol import Handoff, PrefillTask, ReserveRequest, TokenDelta, WorkerInfo, encode
-from core.redis_client import (
-    dead_letter,
-    delivery_counts,
-    ensure_group,
-    is_aborted,
-    publish_deltas,
-    read_tasks,
-    reclaim_tasks,
-)
-from core.redis_keys import PREFILL_GROUP, dead_letter_stream, prefill_stream
+from core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
 from core.registry import list_workers, pick_decode_worker
+from core.replies import new_deltas, publish_safely, token_delta
 from core.sequence import Sequence
+from core.task_intake import TaskIntake
 from core.worker_base import WorkerBase
 from engine.engine import Engine, EngineConfig
 from kvtransfer import TransferError, TransferState, make_sender, ship
@@ -56,6 +46,7 @@ from kvtransfer.pack import layout_of
 log = logging.getLogger(__name__)
 
 RESERVE_ATTEMPTS = 3
+INTAKE_BATCH = 16  # tasks read from Redis at once
 
 
 @dataclass
@@ -75,10 +66,9 @@ class PrefillWorker(WorkerBase):
         self.kv = self.engine.kv
         self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name,
                                 self.kv.block_size)
-        self.stream = prefill_stream(self.engine.name)
+        self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
         self.sender = make_sender(config.kv_transport, self.worker_id)
         self.inflight: dict[str, InFlight] = {}
-        self._last_reclaim = 0.0
         self._decoders: list[WorkerInfo] = []
         self._decoders_at = 0.0
         self.admitted = 0
@@ -95,24 +85,14 @@ class PrefillWorker(WorkerBase):
 
     # -- main loop ---------------------------------------------------------------------
     def run(self) -> None:
-        ensure_group(self.redis, self.stream)
+        self.intake.ensure_group()
         self.start_background(self.snapshot)
         log.info("prefill worker %s ready", self.worker_id)
         try:
             while not self.stopping:
                 if self.draining and not self.inflight:
                     break
-                try:
-                    if not self.draining:
-                        self._intake()
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning("redis unavailable: %s", exc)
-                    time.sleep(0.2)
-                    self._recreate_group()
-                except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    self._recreate_group()  # Redis restarted without its data
+                self._intake()
                 self._apply_aborts()
                 self._expire_deadlines()
                 if self.engine.scheduler.has_work:
@@ -121,107 +101,34 @@ class PrefillWorker(WorkerBase):
             self.sender.close()
             self.shutdown()
 
-    def _recreate_group(self) -> None:
-        with contextlib.suppress(redis.RedisError):
-            ensure_group(self.redis, self.stream)
-
     def _intake(self) -> None:
         budget = self.engine.scheduler.config.max_num_batched_tokens
         queued = sum(f.seq.num_uncomputed_tokens for f in self.inflight.values())
-        if queued >= budget:
-            return
+        room = 0 if self.draining or queued >= budget else INTAKE_BATCH
         # Busy: just look. Idle: wait briefly for work (no BLOCK means return at once).
         block_ms = None if self.engine.scheduler.has_work else 50
-        entries = read_tasks(self.redis, self.stream, self.worker_id, 16, block_ms)
-        now = time.monotonic()
-        if now - self._last_reclaim > self.config.reclaim_idle_s / 2:
-            self._last_reclaim = now
-            self._touch_inflight()
-            entries += self._reclaim()
-        for entry_id, task in entries:
+        held = {rid: f.entry_id for rid, f in self.inflight.items()}
+        for entry_id, task in self.intake.poll(room, block_ms, held):
             self._take(entry_id, task)
 
-    def _reclaim(self) -> list[tuple[bytes, PrefillTask | None]]:
-        """Take over tasks of dead workers; a task delivered too often goes to the
-        dead-letter stream and its client gets an error instead of another retry."""
-        claimed = reclaim_tasks(self.redis, self.stream, self.worker_id,
-                                int(self.config.reclaim_idle_s * 1000), 16)
-        mine = {f.entry_id for f in self.inflight.values()}
-        claimed = [(e, t) for e, t in claimed if e not in mine]
-        if not claimed:
-            return []
-        counts = delivery_counts(self.redis, self.stream, [e for e, _ in claimed])
-        keep = []
-        for entry_id, task in claimed:
-            if counts.get(entry_id, 0) <= self.config.max_deliveries or task is None:
-                keep.append((entry_id, task))
-                continue
-            reason = f"task failed {counts[entry_id] - 1} deliveries"
-            log.error("dead-lettering %s: %s", task.request_id, reason)
-            dead_letter(self.redis, self.stream, dead_letter_stream(self.engine.name),
-                        entry_id, encode(task), reason)
-            self._fail(task, "internal", f"request could not be processed ({reason})")
-        return keep
-
-    def _touch_inflight(self) -> None:
-        """Reset our in-flight entries' idle time so nobody reclaims live work."""
-        ids = [f.entry_id for f in self.inflight.values()]
-        if ids:
-            self.redis.xclaim(self.stream, PREFILL_GROUP, self.worker_id, 0, ids, justid=True)
-
-    def _ack(self, entry_id: bytes) -> None:
-        """Acknowledge and delete: a handled task has no reason to stay in the stream."""
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(self.stream, PREFILL_GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
-            pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("XACK failed (the task may be redelivered): %s", exc)
-
-    def _fail(self, task: PrefillTask, code: str, message: str) -> None:
-        self._publish({task.reply_stream: [TokenDelta(
-            request_id=task.request_id, finish_reason="abort", error=message,
-            error_code=code)]})
-
-    def _publish(self, deltas: dict[str, list[TokenDelta]]) -> None:
-        """Publish, surviving a Redis outage: the gateway then sees a gap or its deadline
-        and ends the request explicitly; the worker itself must keep running."""
-        try:
-            publish_deltas(self.redis, deltas)
-        except redis.RedisError as exc:
-            log.error("could not publish to the gateway: %s", exc)
-
-    def _take(self, entry_id: bytes, task: PrefillTask | None) -> None:
-        if task is None:
-            self._ack(entry_id)
-            return
+    def _take(self, entry_id: bytes, task: PrefillTask) -> None:
         rid = task.request_id
-        current = self.inflight.get(rid)
-        if current is not None:
-            if current.entry_id != entry_id:
-                self._ack(entry_id)  # a duplicate of work in progress
-            return
-        if self.was_aborted(rid) or is_aborted(self.redis, rid):
-            self._ack(entry_id)
-            return
-        if task.deadline and time.time() > task.deadline:
-            self._fail(task, "deadline", "request deadline exceeded before prefill")
-            self._ack(entry_id)
+        if self.was_aborted(rid):
+            self.intake.ack(entry_id)
             return
         try:
             seq = Sequence(rid, list(task.prompt_token_ids), task.sampling,
                            output_token_ids=list(task.output_token_ids))
             self.engine.add(seq)
         except ValueError as exc:
-            self._fail(task, "invalid_argument", str(exc))
-            self._ack(entry_id)
+            self.intake.fail(task, "invalid_argument", str(exc))
+            self.intake.ack(entry_id)
             return
         placed = self._reserve(seq)
         if placed is None:
             self.engine.scheduler.abort(rid)
-            self._fail(task, "unavailable", "no decode worker could take the request")
-            self._ack(entry_id)
+            self.intake.fail(task, "unavailable", "no decode worker could take the request")
+            self.intake.ack(entry_id)
             return
         decode_id, address, blocks = placed
         self.inflight[rid] = InFlight(entry_id, task, seq, decode_id, address, blocks)
@@ -271,7 +178,7 @@ class PrefillWorker(WorkerBase):
         for rid, flight in list(self.inflight.items()):
             if flight.task.deadline and now > flight.task.deadline:
                 self._drop(rid)
-                self._fail(flight.task, "deadline", "request deadline exceeded during prefill")
+                self.intake.fail(flight.task, "deadline", "request deadline exceeded during prefill")
 
     def _drop(self, rid: str) -> None:
         """Forget an in-flight request: free local blocks, release its reservation."""
@@ -279,7 +186,7 @@ class PrefillWorker(WorkerBase):
         self.engine.scheduler.abort(rid)
         self.kv.free(rid)
         self.sender.release(flight.decode_address, rid)
-        self._ack(flight.entry_id)
+        self.intake.ack(flight.entry_id)
 
     def _apply_aborts(self) -> None:
         for rid in self.drain_aborts():
@@ -291,19 +198,15 @@ class PrefillWorker(WorkerBase):
         _, got = self.engine.step()
         if not got:
             return
-        deltas: dict[str, list[TokenDelta]] = defaultdict(list)
+        deltas = new_deltas()
         continuing = []
         for seq in got:
             flight = self.inflight[seq.request_id]
-            deltas[flight.task.reply_stream].append(TokenDelta(
-                request_id=seq.request_id, token_ids=[seq.output_token_ids[-1]],
-                offset=len(seq.output_token_ids) - 1,
-                finish_reason=seq.finish_reason.value if seq.is_finished else None,
-                logprobs=seq.output_logprobs[-1:] or None, worker_id=flight.decode_id))
+            deltas[flight.task.reply_stream].append(token_delta(seq, flight.decode_id))
             if not seq.is_finished:
                 continuing.append(seq)
                 self.engine.scheduler.detach(seq)  # decode generates the rest
-        self._publish(deltas)  # first tokens out before any KV moves
+        publish_safely(self.redis, deltas)  # first tokens out before any KV moves
         for seq in got:
             flight = self.inflight.pop(seq.request_id)
             if seq in continuing:
@@ -311,7 +214,7 @@ class PrefillWorker(WorkerBase):
             else:
                 self.sender.release(flight.decode_address, seq.request_id)
             self.kv.free(seq.request_id)
-            self._ack(flight.entry_id)
+            self.intake.ack(flight.entry_id)
 
     def _hand_off(self, flight: InFlight) -> None:
         """Ship KV and hand off; if the reservation was lost (lease expired, decode
@@ -334,7 +237,7 @@ class PrefillWorker(WorkerBase):
                 return
             log.warning("handoff of %s to %s failed: %s", rid, flight.decode_id, reason)
             self.sender.release(flight.decode_address, rid)
-        self._fail(flight.task, "unavailable", f"KV handoff to decode failed: {reason}")
+        self.intake.fail(flight.task, "unavailable", f"KV handoff to decode failed: {reason}")
 
     def _ship_and_hand_off(self, flight: InFlight, computed: int, n: int) -> str:
         """Empty string on success, else why it failed."""

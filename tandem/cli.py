@@ -1,4 +1,4 @@
-"""`tandem` command line: serve | gateway | prefill | decode | generate.
+"""`tandem` command line: serve | gateway | prefill | decode | worker | generate | bench.
 
 Each subcommand's flags map onto the typed configs of the role it starts; heavy imports
 happen inside the handlers so `tandem --help` and the gateway never load torch.

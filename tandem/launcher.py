@@ -1,9 +1,10 @@
 """`tandem serve`: a whole local service from one command.
 
-Starts a private redis-server (unless --redis-url), then prefill workers, decode workers
-and the gateway, each as its own process running the same `tandem ROLE ...` command
-compose uses. Waits until every worker is in the registry and the gateway answers,
-prints the endpoints, and on Ctrl-C / SIGTERM stops everything it started.
+Starts a private redis-server (unless --redis-url), then prefill, decode and colocated
+workers and the gateway, each as its own process running the same `tandem COMMAND ...`
+command compose uses; a worker given a GPU list runs with its own CUDA_VISIBLE_DEVICES.
+Waits until every worker is in the registry and the gateway answers, prints the
+endpoints, and on Ctrl-C / SIGTERM stops everything it started.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import time
 
 from tandem.local_redis import LocalRedis
+from tandem.roles import WORKER_COMMANDS
 
 PR_SET_PDEATHSIG = 1
 
@@ -33,6 +35,35 @@ def _die_with_parent() -> None:
 def tandem_command() -> list[str]:
     exe = shutil.which("tandem", path=os.path.dirname(sys.executable)) or shutil.which("tandem")
     return [exe] if exe else [sys.executable, "-m", "tandem.cli"]
+
+
+def resolve_worker_counts(args: argparse.Namespace) -> None:
+    """Fill in --prefill-workers / --decode-workers left unset (0 beside colocated
+    workers, else 1) and refuse a set of workers that cannot serve a request."""
+    if args.colocated_workers < 0:
+        raise ValueError("--colocated-workers must be >= 0")
+    default = 0 if args.colocated_workers > 0 else 1
+    for role in ("prefill", "decode"):
+        name = f"{role}_workers"
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{role}-workers must be >= 0")
+    if (args.prefill_workers > 0) != (args.decode_workers > 0):
+        # Prefill workers would take tasks and fail them, with nobody to hand them to.
+        raise ValueError("prefill and decode workers come together: give both, or neither "
+                         "(with --colocated-workers)")
+    if not args.prefill_workers and not args.colocated_workers:
+        raise ValueError("no workers: give --prefill-workers and --decode-workers, or "
+                         "--colocated-workers")
+
+
+def worker_env(gpus: list[int] | None, index: int) -> dict[str, str] | None:
+    """The environment of worker `index` of a role: inherited, with only
+    CUDA_VISIBLE_DEVICES set when the role has a GPU list (None: inherit as is)."""
+    if not gpus:
+        return None
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpus[index % len(gpus)])}
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
@@ -49,7 +80,7 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     if not threads and args.device != "cuda":
         # Workers sharing the CPU each get a slice: oversubscribed OpenMP threads spin
         # against each other and slow every step down many times over.
-        workers = args.prefill_workers + args.decode_workers
+        workers = args.prefill_workers + args.decode_workers + args.colocated_workers
         threads = max(1, (os.cpu_count() or 1) // workers)
     flags += ["--threads", str(threads)]
     for name in ("device", "dtype", "seed"):
@@ -71,11 +102,13 @@ class Service:
             self.redis_url = self.redis.url
         base = tandem_command()
         log_level = ["--log-level", self.args.log_level]
-        common = ["--redis-url", self.redis_url, "--kv-transport", self.args.kv_transport]
-        for role, count in (("prefill", self.args.prefill_workers),
-                            ("decode", self.args.decode_workers)):
-            for _ in range(count):
-                self._spawn(role, [*base, *log_level, role, *engine_flags(self.args), *common])
+        transfer = ["--kv-transport", self.args.kv_transport]
+        for command, role in WORKER_COMMANDS.items():
+            flags = [*engine_flags(self.args), "--redis-url", self.redis_url,
+                     *(transfer if role != "colocated" else [])]
+            gpus = getattr(self.args, f"{role}_gpus")
+            for i in range(getattr(self.args, f"{role}_workers")):
+                self._spawn(role, [*base, *log_level, command, *flags], worker_env(gpus, i))
         self._spawn("gateway", [*base, *log_level, "gateway", "--model", self.args.model,
                                 "--redis-url", self.redis_url, "--grpc-host", self.args.host,
                                 "--grpc-port", str(self.args.grpc_port),
@@ -84,8 +117,9 @@ class Service:
                                 *(["--api-key", self.args.api_key] if self.args.api_key else []),
                                 *(["--migrate"] if self.args.migrate else [])])
 
-    def _spawn(self, role: str, cmd: list[str]) -> None:
-        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    def _spawn(self, role: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent,
+                                env=env)
         self.procs.append((role, proc))
 
     def dead_child(self) -> str | None:
@@ -107,10 +141,9 @@ class Service:
                 raise KeyboardInterrupt
             if (why := self.dead_child()) is not None:
                 raise RuntimeError(why)
-            workers = list_workers(client, model=name)
-            prefill = sum(w.role == "prefill" for w in workers)
-            decode = sum(w.role == "decode" for w in workers)
-            if (prefill >= self.args.prefill_workers and decode >= self.args.decode_workers
+            roles = [w.role for w in list_workers(client, model=name)]
+            if (all(roles.count(role) >= getattr(self.args, f"{role}_workers")
+                    for role in WORKER_COMMANDS.values())
                     and _port_open(self.args.host, self.args.grpc_port)
                     and _port_open(self.args.host, self.args.http_port)):
                 return
@@ -143,6 +176,7 @@ def _port_open(host: str, port: int) -> bool:
 def serve(args: argparse.Namespace) -> int:
     from engine.model_registry import model_name, resolve_model
 
+    resolve_worker_counts(args)
     for port in (args.grpc_port, args.http_port):
         if _port_open(args.host, port):
             raise OSError(f"port {port} on {args.host} is already in use")
@@ -162,7 +196,7 @@ def serve(args: argparse.Namespace) -> int:
         http = f"{args.host}:{args.http_port}"
         print(f"tandem ready: model={args.model} grpc={grpc} http={http} "
               f"redis={service.redis_url} prefill={args.prefill_workers} "
-              f"decode={args.decode_workers}", flush=True)
+              f"decode={args.decode_workers} colocated={args.colocated_workers}", flush=True)
         print(f"  try: .venv/bin/python -m gateway.client --target {grpc} 'Hello!'", flush=True)
         print(f"  or:  curl -s http://{http}/v1/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{model_name(args.model)}\", \"prompt\": \"Hello!\", "

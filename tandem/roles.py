@@ -1,7 +1,8 @@
-"""Subcommands that start one service role each: serve, gateway, prefill, decode.
+"""Subcommands that start one service role each: serve, gateway, prefill, decode, and
+worker (colocated: prefill and decode in one process, no KV transfer).
 
-`tandem serve` runs the other three as child processes with exactly these command
-lines, which are also what compose runs.
+`tandem serve` runs the others as child processes with exactly these command lines,
+which are also what compose runs.
 """
 
 from __future__ import annotations
@@ -14,9 +15,19 @@ from core.config import KV_TRANSPORTS
 FMT = argparse.ArgumentDefaultsHelpFormatter
 
 
+# CLI command -> worker role
+WORKER_COMMANDS = {"prefill": "prefill", "decode": "decode", "worker": "colocated"}
+
+
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", required=True, help="Redis shared with the gateway")
     p.add_argument("--worker-id", default="", help="default: ROLE-HOSTNAME-PID")
+    p.add_argument("--reclaim-idle", type=float, default=5.0, dest="reclaim_idle_s",
+                   help="seconds before the tasks of a dead prefill or colocated worker "
+                   "are taken over")
+
+
+def _add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-transport", default="zmq", choices=[t for t in KV_TRANSPORTS if t != "fake"],
                    help="how KV blocks move between workers")
     p.add_argument("--bind-host", default="127.0.0.1",
@@ -27,18 +38,30 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a decode worker keeps reserved blocks waiting for their KV")
     p.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s",
                    help="seconds a prefill worker waits for each reserve/transfer/handoff")
-    p.add_argument("--reclaim-idle", type=float, default=5.0, dest="reclaim_idle_s",
-                   help="seconds before a dead prefill worker's tasks are taken over")
+
+
+def gpu_list(text: str) -> list[int]:
+    """`--ROLE-gpus` values: "0,2,3" -> [0, 2, 3]."""
+    try:
+        gpus = [int(part) for part in text.split(",")]
+    except ValueError:
+        gpus = []
+    if not gpus or min(gpus) < 0:
+        raise argparse.ArgumentTypeError(f"expected a comma list of GPU indices, got {text!r}")
+    return gpus
 
 
 def worker_config_from_args(args: argparse.Namespace, role: str):
     from core.config import WorkerConfig
 
-    return WorkerConfig(
-        redis_url=args.redis_url, role=role, worker_id=args.worker_id,
-        kv_transport=args.kv_transport, bind_host=args.bind_host,
-        advertise_host=args.advertise_host, reservation_lease_s=args.reservation_lease_s,
-        transfer_timeout_s=args.transfer_timeout_s, reclaim_idle_s=args.reclaim_idle_s)
+    transfer = {}
+    if role != "colocated":  # a colocated worker moves no KV
+        transfer = dict(kv_transport=args.kv_transport, bind_host=args.bind_host,
+                        advertise_host=args.advertise_host,
+                        reservation_lease_s=args.reservation_lease_s,
+                        transfer_timeout_s=args.transfer_timeout_s)
+    return WorkerConfig(redis_url=args.redis_url, role=role, worker_id=args.worker_id,
+                        reclaim_idle_s=args.reclaim_idle_s, **transfer)
 
 
 def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
@@ -47,8 +70,10 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
 
         if role == "prefill":
             from prefill.worker import PrefillWorker as Worker
-        else:
+        elif role == "decode":
             from decode.worker import DecodeWorker as Worker
+        else:
+            from decode.colocated import ColocatedWorker as Worker
         worker = Worker(worker_config_from_args(args, role), engine_config_from_args(args))
         worker.install_signal_handlers()
         worker.run()
@@ -70,11 +95,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+WORKER_HELP = {
+    "prefill": "run one prefill worker",
+    "decode": "run one decode worker",
+    "worker": "run one colocated worker: takes tasks like a prefill worker and generates "
+              "them itself (chunked prefill mixed into its decode steps, no KV transfer)",
+}
+
+
 def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    for role in ("prefill", "decode"):
-        p = sub.add_parser(role, help=f"run one {role} worker", formatter_class=FMT)
+    for command, role in WORKER_COMMANDS.items():
+        p = sub.add_parser(command, help=WORKER_HELP[command], description=WORKER_HELP[command],
+                           formatter_class=FMT)
         add_engine_args(p)
         _add_worker_args(p)
+        if role != "colocated":
+            _add_kv_transfer_args(p)
         p.set_defaults(func=_cmd_worker(role))
 
     from gateway.main import add_arguments as add_gateway_args
@@ -84,8 +120,9 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     add_gateway_args(g)
     g.set_defaults(func=_cmd_gateway)
 
-    s = sub.add_parser("serve", help="run a complete local service: redis, prefill, decode "
-                       "and gateway processes", formatter_class=FMT)
+    s = sub.add_parser("serve", help="run a complete local service: redis, workers (prefill "
+                       "and decode, or colocated, or both) and gateway processes",
+                       formatter_class=FMT)
     add_engine_args(s)
     s.add_argument("--grpc-port", type=int, default=50051, help="port of the gRPC API")
     s.add_argument("--http-port", type=int, default=8000,
@@ -93,14 +130,24 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     s.add_argument("--host", default="127.0.0.1", help="interface for the gateway's ports")
     s.add_argument("--redis-url", default=None,
                    help="use this Redis instead of starting a private redis-server")
-    s.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes")
-    s.add_argument("--decode-workers", type=int, default=1, help="decode worker processes")
+    s.add_argument("--prefill-workers", type=int, default=None,
+                   help="prefill worker processes; None: 1, or 0 beside colocated workers")
+    s.add_argument("--decode-workers", type=int, default=None,
+                   help="decode worker processes; None: 1, or 0 beside colocated workers")
+    s.add_argument("--colocated-workers", type=int, default=0,
+                   help="colocated worker processes (`tandem worker`: prefill and decode in "
+                   "one process); mixing them with prefill and decode workers is allowed")
+    for role in ("prefill", "decode", "colocated"):
+        s.add_argument(f"--{role}-gpus", type=gpu_list, default=None, metavar="LIST",
+                       help=f"comma list of GPU indices: {role} worker i runs with "
+                       "CUDA_VISIBLE_DEVICES=LIST[i %% len(LIST)]; None: inherited")
     s.add_argument("--kv-transport", default="zmq", choices=[t for t in KV_TRANSPORTS if t != "fake"],
                    help="how KV blocks move between workers")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on gRPC and HTTP (not health)")
     s.add_argument("--migrate", action="store_true",
-                   help="continue a request on another decode worker when its worker dies")
+                   help="continue a request on another worker when its decode or colocated "
+                   "worker dies")
     s.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds to wait for every process to be ready")
     s.set_defaults(func=_cmd_serve)

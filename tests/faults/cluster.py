@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -130,3 +131,29 @@ def collect(stub, req, timeout: float = 120.0) -> list[int]:
     for msg in stub.Generate(req, timeout=timeout):
         tokens += list(msg.token_ids)
     return tokens
+
+
+def stream_in_background(cluster: Cluster, req, first: int) -> tuple[dict, threading.Event]:
+    """Run a stream on a thread; return (result dict, event set after `first` tokens).
+
+    The dict gets "tokens", and on failure "error" (the grpc.RpcError) and "ended_at"
+    (time.monotonic()); "thread" is the thread, to join.
+    """
+    result: dict = {"tokens": []}
+    started = threading.Event()
+
+    def run() -> None:
+        try:
+            for msg in cluster.stub().Generate(req, timeout=120):
+                result["tokens"] += list(msg.token_ids)
+                if len(result["tokens"]) >= first:
+                    started.set()
+        except grpc.RpcError as err:
+            result["error"] = err
+            result["ended_at"] = time.monotonic()
+        started.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    result["thread"] = thread
+    return result, started

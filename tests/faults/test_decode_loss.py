@@ -3,12 +3,11 @@ with --migrate, continue on another decode worker with the undisturbed greedy ou
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
 
-from tests.faults.cluster import Cluster, collect, request
+from tests.faults.cluster import Cluster, collect, request, stream_in_background
 
 
 def _start(migrate: bool) -> Cluster:
@@ -20,28 +19,6 @@ def _start(migrate: bool) -> Cluster:
     return cluster
 
 
-def _stream_in_background(cluster: Cluster, req, first: int):
-    """Run a stream on a thread; return (result dict, event set after `first` tokens)."""
-    result: dict = {"tokens": []}
-    started = threading.Event()
-
-    def run() -> None:
-        try:
-            for msg in cluster.stub().Generate(req, timeout=120):
-                result["tokens"] += list(msg.token_ids)
-                if len(result["tokens"]) >= first:
-                    started.set()
-        except grpc.RpcError as err:
-            result["error"] = err
-            result["ended_at"] = time.monotonic()
-        started.set()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    result["thread"] = thread
-    return result, started
-
-
 def _busy_decoder(cluster: Cluster) -> str:
     cluster.wait_for(lambda: any(w.running for w in cluster.workers("decode")), "a busy decoder")
     return next(w.worker_id for w in cluster.workers("decode") if w.running)
@@ -50,14 +27,14 @@ def _busy_decoder(cluster: Cluster) -> str:
 def test_killed_decoder_fails_its_streams_fast_and_spares_the_others():
     cluster = _start(migrate=False)
     try:
-        doomed, started = _stream_in_background(cluster, request("The history of Rome", 300), 3)
+        doomed, started = stream_in_background(cluster, request("The history of Rome", 300), 3)
         assert started.wait(60)
         owner = _busy_decoder(cluster)
         other = "decode-b" if owner == "decode-a" else "decode-a"
         # The registry refreshes every second: wait until it shows the owner busier, so
         # the next request goes to the other decoder.
         cluster.wait_for(lambda: cluster.worker(owner).used_blocks > 0, "owner's blocks")
-        spared, spared_started = _stream_in_background(cluster, request("A short poem", 40), 1)
+        spared, spared_started = stream_in_background(cluster, request("A short poem", 40), 1)
         assert spared_started.wait(60)
         cluster.wait_for(lambda: cluster.worker(other).running == 1, "the other decoder busy")
         killed_at = time.monotonic()
@@ -78,7 +55,7 @@ def test_migrate_continues_on_another_decoder_with_identical_output():
     try:
         req = request("Write about the mountains and the sea.", 48)
         undisturbed = collect(cluster.stub(), req)
-        moved, started = _stream_in_background(cluster, req, 6)
+        moved, started = stream_in_background(cluster, req, 6)
         assert started.wait(60)
         cluster.kill(_busy_decoder(cluster))
         moved["thread"].join(60)

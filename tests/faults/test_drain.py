@@ -1,4 +1,5 @@
-"""SIGTERM drains a worker: work in hand finishes, new work goes elsewhere, then exit."""
+"""SIGTERM drains a worker (decode or colocated): work in hand finishes, new work goes
+elsewhere, then exit; a second signal exits at once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 
 import grpc
 
-from tests.faults.cluster import Cluster, collect, request
+from tests.faults.cluster import Cluster, collect, request, stream_in_background
 
 
 def test_sigterm_drains_decode_then_exits_and_second_signal_is_immediate():
@@ -56,5 +57,34 @@ def test_sigterm_drains_decode_then_exits_and_second_signal_is_immediate():
         cluster.wait_for(lambda: cluster.worker("decode-1").draining, "decode-1 draining")
         cluster.signal("decode-1", signal.SIGTERM)  # apart: pending signals coalesce
         assert cluster.procs["decode-1"].wait(10) == 0
+    finally:
+        cluster.close()
+
+
+def test_sigterm_drains_a_colocated_worker_and_a_second_signal_is_immediate():
+    cluster = Cluster()
+    try:
+        cluster.start_worker("colo-a", "worker")
+        cluster.start_gateway()
+        essay, started = stream_in_background(
+            cluster, request("Write a long essay about the sea.", 150), 3)
+        assert started.wait(60)
+        cluster.signal("colo-a", signal.SIGTERM)
+        cluster.wait_for(lambda: (w := cluster.worker("colo-a")) is not None and w.draining,
+                         "colo-a to report draining", timeout=10)
+        essay["thread"].join(120)
+        assert "error" not in essay and len(essay["tokens"]) == 150, "cut short by the drain"
+        assert cluster.procs["colo-a"].wait(30) == 0
+        assert cluster.worker("colo-a") is None
+
+        cluster.start_worker("colo-b", "worker")
+        doomed, started = stream_in_background(cluster, request("Another essay", 400), 1)
+        assert started.wait(60)
+        cluster.signal("colo-b", signal.SIGTERM)
+        cluster.wait_for(lambda: cluster.worker("colo-b").draining, "colo-b draining")
+        cluster.signal("colo-b", signal.SIGTERM)  # apart: pending signals coalesce
+        assert cluster.procs["colo-b"].wait(10) == 0
+        doomed["thread"].join(30)
+        assert doomed["error"].code() == grpc.StatusCode.UNAVAILABLE
     finally:
         cluster.close()

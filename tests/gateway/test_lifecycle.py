@@ -54,6 +54,20 @@ def test_workers_that_cannot_serve_do_not_count(
         )
 
 
+def test_a_live_colocated_worker_alone_can_serve(
+    gateway: Gateway, redis_client: redis.Redis, loop_thread: LoopThread
+) -> None:
+    registry = gateway.app.executor.registry
+    register(redis_client, "c-draining", "colocated", draining=True)
+    register(redis_client, "p1", "prefill")
+    try:
+        assert_unavailable(gateway, "no live decode worker")
+        register(redis_client, "c1", "colocated")
+        assert loop_thread.run(registry.unavailable_reason()) is None
+    finally:
+        redis_client.delete(*(redis_keys.worker_key(w) for w in ("c-draining", "p1", "c1")))
+
+
 def test_client_cancel_publishes_abort(
     gateway: Gateway, fake_worker: FakeWorker, redis_client: redis.Redis
 ) -> None:

@@ -4,18 +4,31 @@ worker processes, gateway), reached over real gRPC."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 import pytest
 
+from core.redis_client import connect
+from core.registry import list_workers
+from core.sampling_params import SamplingParams
 from gateway.proto import tandem_pb2, tandem_pb2_grpc
 from tandem.local_redis import free_port
+
+PROMPTS = [
+    "The history of the Roman Empire",
+    "def add(a, b):",
+    "Les fleurs du printemps",
+    "量子コンピュータとは",
+    "List three fruits:",
+]
 
 
 @dataclass
@@ -70,6 +83,13 @@ def stop_service(svc: RunningService, sig: int = signal.SIGINT) -> int:
 
 
 @pytest.fixture(scope="module")
+def engine():
+    from engine.llm import LLM
+
+    return LLM("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="module")
 def service():
     svc = start_service("--decode-workers", "2")
     yield svc
@@ -89,3 +109,52 @@ def generate(stub, *, prompt: str = "", ids: list[int] | None = None, max_tokens
         tokens += list(m.token_ids)
         text += m.text
     return tokens, text, messages
+
+
+def solo(engine, prompt: str | list[int], max_tokens: int):
+    """The in-process engine's greedy answer."""
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return engine.generate([prompt], sp)[0]
+
+
+def check_concurrent_streams(svc: RunningService, engine, n: int) -> None:
+    """`n` concurrent greedy streams of mixed prompts and lengths equal the engine's."""
+    rng = random.Random(3)
+    jobs = [(rng.choice(PROMPTS) + " " * rng.randrange(3) + str(i), rng.randrange(4, 33))
+            for i in range(n)]
+    stub = svc.stub()
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(lambda j: generate(stub, prompt=j[0], max_tokens=j[1],
+                                                   temperature=0.0, ignore_eos=True)[0], jobs))
+    want = engine.generate([p for p, _ in jobs],
+                           [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+                            for _, m in jobs])
+    assert results == [w.token_ids for w in want]
+
+
+def check_cancel_frees_every_block(svc: RunningService) -> None:
+    """A stream cancelled mid-generation leaves no block or sequence on any worker."""
+    req = tandem_pb2.GenerateRequest(prompt="Tell me a very long story about dragons.",
+                                     sampling=tandem_pb2.SamplingParams(
+                                         max_tokens=400, temperature=0.0, ignore_eos=True))
+    call = svc.stub().Generate(req, timeout=120)
+    received = 0
+    for msg in call:
+        received += len(msg.token_ids)
+        if received >= 5:
+            call.cancel()
+            break
+    cancelled_at = time.time()
+    redis = connect(svc.redis_url)
+
+    def clean(workers) -> bool:
+        # Only entries refreshed after the cancel count: older ones may predate the request.
+        return bool(workers) and all(w.heartbeat > cancelled_at and w.used_blocks == 0
+                                     and w.running == 0 and w.waiting == 0 for w in workers)
+
+    deadline = time.monotonic() + 30  # generous: CI machines may be loaded
+    while time.monotonic() < deadline and not clean(list_workers(redis)):
+        time.sleep(0.2)
+    assert received >= 5
+    workers = list_workers(redis)
+    assert clean(workers), workers

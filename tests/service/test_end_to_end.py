@@ -2,43 +2,25 @@
 
 from __future__ import annotations
 
-import random
-import time
-from concurrent.futures import ThreadPoolExecutor
-
 import grpc
 import pytest
 
 from core.redis_client import connect
 from core.registry import list_workers
-from core.sampling_params import SamplingParams
-from engine.llm import LLM
 from gateway.proto import tandem_pb2
-from tests.service.conftest import generate
-
-PROMPTS = [
-    "The history of the Roman Empire",
-    "def add(a, b):",
-    "Les fleurs du printemps",
-    "量子コンピュータとは",
-    "List three fruits:",
-]
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return LLM("smollm2", device="cpu")
-
-
-def _solo(engine, prompt, max_tokens):
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return engine.generate([prompt], sp)[0]
+from tests.service.conftest import (
+    PROMPTS,
+    check_cancel_frees_every_block,
+    check_concurrent_streams,
+    generate,
+    solo,
+)
 
 
 def test_grpc_greedy_equals_in_process_engine(service, engine):
     stub = service.stub()
     for prompt in PROMPTS[:3]:
-        want = _solo(engine, prompt, 24)
+        want = solo(engine, prompt, 24)
         tokens, text, messages = generate(stub, prompt=prompt, max_tokens=24, temperature=0.0,
                                           ignore_eos=True)
         assert tokens == want.token_ids
@@ -50,47 +32,18 @@ def test_grpc_greedy_equals_in_process_engine(service, engine):
         assert last.usage.completion_tokens == 24
     ids = engine.encode(PROMPTS[3])
     tokens, _, _ = generate(stub, ids=ids, max_tokens=12, temperature=0.0, ignore_eos=True)
-    assert tokens == _solo(engine, ids, 12).token_ids
+    assert tokens == solo(engine, ids, 12).token_ids
 
 
 def test_concurrent_streams_equal_solo_and_use_both_decoders(service, engine):
-    rng = random.Random(3)
-    jobs = [(rng.choice(PROMPTS) + " " * rng.randrange(3) + str(i), rng.randrange(4, 33))
-            for i in range(32)]
-    stub = service.stub()
-    with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(lambda j: generate(stub, prompt=j[0], max_tokens=j[1],
-                                                   temperature=0.0, ignore_eos=True)[0], jobs))
-    solo = engine.generate([p for p, _ in jobs],
-                           [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-                            for _, n in jobs])
-    assert results == [s.token_ids for s in solo]
+    check_concurrent_streams(service, engine, 32)
     decoders = list_workers(connect(service.redis_url), role="decode")
     assert len(decoders) == 2
     assert all(w.admitted > 0 for w in decoders), [(w.worker_id, w.admitted) for w in decoders]
 
 
 def test_cancel_frees_decode_blocks(service):
-    stub = service.stub()
-    req = tandem_pb2.GenerateRequest(prompt="Tell me a very long story about dragons.",
-                                     sampling=tandem_pb2.SamplingParams(
-                                         max_tokens=400, temperature=0.0, ignore_eos=True))
-    call = stub.Generate(req, timeout=120)
-    received = 0
-    for msg in call:
-        received += len(msg.token_ids)
-        if received >= 5:
-            call.cancel()
-            break
-    redis = connect(service.redis_url)
-    deadline = time.monotonic() + 30  # generous: CI machines may be loaded
-    while time.monotonic() < deadline:
-        workers = list_workers(redis, role="decode")
-        if workers and all(w.used_blocks == 0 and w.running == 0 for w in workers):
-            break
-        time.sleep(0.2)
-    workers = list_workers(redis)
-    assert all(w.used_blocks == 0 and w.running == 0 for w in workers), workers
+    check_cancel_frees_every_block(service)
 
 
 def test_bad_request_is_invalid_argument(service):

@@ -1,4 +1,4 @@
-"""`tandem serve` must leave nothing behind when stopped."""
+"""`tandem serve`: worker counts and GPUs as asked, and nothing left behind when stopped."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import time
 import psutil
 import pytest
 
+from tandem import launcher
+from tandem.cli import build_parser
+from tandem.launcher import resolve_worker_counts
 from tests.service.conftest import generate, start_service, stop_service
 
 
@@ -28,3 +31,56 @@ def test_stop_signal_leaves_no_process_behind(sig):
         time.sleep(0.1)
     alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert alive == []
+
+
+def _serve_args(*argv: str):
+    return build_parser().parse_args(["--log-level", "INFO", "serve", *argv])
+
+
+@pytest.mark.parametrize(("argv", "counts"), [
+    ([], (1, 1, 0)),
+    (["--colocated-workers", "2"], (0, 0, 2)),
+    (["--colocated-workers", "1", "--prefill-workers", "1", "--decode-workers", "2"], (1, 2, 1)),
+])  # fmt: skip
+def test_prefill_and_decode_default_to_none_beside_colocated_workers(argv, counts):
+    args = _serve_args(*argv)
+    resolve_worker_counts(args)
+    assert (args.prefill_workers, args.decode_workers, args.colocated_workers) == counts
+
+
+@pytest.mark.parametrize("argv", [
+    ["--prefill-workers", "0", "--decode-workers", "0"],
+    ["--prefill-workers", "0"],  # decode workers nobody hands requests to
+    ["--colocated-workers", "1", "--prefill-workers", "1"],
+    ["--colocated-workers", "-1"],
+])  # fmt: skip
+def test_worker_sets_that_cannot_serve_are_refused(argv):
+    with pytest.raises(ValueError):
+        resolve_worker_counts(_serve_args(*argv))
+
+
+def test_gpu_lists_pin_each_worker_and_keep_the_rest_of_the_environment(monkeypatch):
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    spawned: list[tuple[list[str], dict | None]] = []
+
+    def popen(cmd, **kw) -> None:  # Service.start only keeps what Popen returns
+        spawned.append((cmd, kw.get("env")))
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", popen)
+    args = _serve_args("--redis-url", "redis://127.0.0.1:1/0", "--prefill-workers", "1",
+                       "--decode-workers", "3", "--decode-gpus", "1,2",
+                       "--colocated-workers", "2", "--colocated-gpus", "3")
+    resolve_worker_counts(args)
+    launcher.Service(args).start()
+    roles = [next(r for r in ("prefill", "decode", "worker", "gateway") if r in cmd)
+             for cmd, _ in spawned]
+    assert roles == ["prefill", "decode", "decode", "decode", "worker", "worker", "gateway"]
+    gpus = [env["CUDA_VISIBLE_DEVICES"] if env else None for _, env in spawned]
+    # Unset lists inherit the environment as it is (here CUDA_VISIBLE_DEVICES=7).
+    assert gpus == [None, "1", "2", "1", "3", "3", None]
+    assert all(env["NCCL_NVLS_ENABLE"] == "0" for _, env in spawned if env)
+    colocated = spawned[4][0]
+    assert "--kv-transport" not in colocated and "--gpu-memory-utilization" in colocated
+    with pytest.raises(SystemExit):
+        _serve_args("--colocated-gpus", "0,x")

@@ -30,11 +30,6 @@ def svc():
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return LLM("smollm2", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def client(svc):
     with openai.OpenAI(base_url=svc.http_url + "/v1", api_key="none", max_retries=0,
                        timeout=120) as c:  # fmt: skip

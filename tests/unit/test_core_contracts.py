@@ -21,7 +21,8 @@ from core.sampling_params import SamplingParams
 def test_core_imports_no_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import core.config, core.protocol, core.scheduler, core.block_pool, "
-            "core.kv_cache_manager, core.sequence, core.redis_keys, core.tokenizer\n"
+            "core.kv_cache_manager, core.sequence, core.redis_keys, core.tokenizer, "
+            "core.replies, core.task_intake\n"
             "print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -120,3 +120,33 @@ def test_too_long_request_rejected_up_front():
     (s,) = create_requests(1, prompt_len=8, max_tokens=50)
     with pytest.raises(ValueError):
         sched.add(s)
+
+
+def test_room_counts_free_slots_and_blocks_beyond_what_is_in_hand():
+    # 16 blocks of 4 tokens, 4 sequences at most.
+    sched = create_scheduler(num_blocks=16, block_size=4, max_num_seqs=4,
+                             max_num_batched_tokens=64)
+    assert sched.room() == 4  # slots bound it
+    a, b = create_requests(2, prompt_len=19, max_tokens=8)
+    sched.add(a)
+    # a's 19 prompt tokens and one more need 5 blocks: 11 free beyond them, 3 slots.
+    assert sched.room() == 3
+    sched.add(b)
+    assert sched.room() == 2
+    run_step(sched)  # both prefilled into 5 blocks each; one more token each needs a 6th
+    assert sched.kv.num_free_blocks == 6 and sched.room() == 2
+    (c,) = create_requests(1, prompt_len=23, max_tokens=4, prefix="c")
+    sched.add(c)  # c needs 6 blocks: with a's and b's next ones, 8 of the 6 free
+    assert sched.room() == 0
+
+
+def test_room_is_none_while_a_steps_budget_of_prompts_waits():
+    sched = create_scheduler(max_num_batched_tokens=16, max_num_seqs=8)
+    (a,) = create_requests(1, prompt_len=15)
+    sched.add(a)
+    assert sched.room() > 0
+    (b,) = create_requests(1, prompt_len=1, prefix="b")
+    sched.add(b)
+    assert sched.room() == 0
+    run_step(sched)  # both admitted: nothing waits any more
+    assert sched.room() == 6

@@ -1,0 +1,163 @@
+"""A worker's side of the model's prefill stream (consumer group "prefill").
+
+Prefill and colocated workers take tasks the same way, under the same at-least-once
+rules:
+
+- new tasks come with XREADGROUP; tasks that a dead worker took and never acknowledged
+  are taken over with XAUTOCLAIM once idle for `reclaim_idle_s` (a live worker resets
+  its own entries' idle time while it holds them, so nobody takes live work);
+- a task delivered more than `max_deliveries` times goes to the dead-letter stream and
+  its client gets an error instead of another retry;
+- a malformed task, a duplicate of a request the worker holds, or an aborted one (the
+  abort marker key) is acknowledged and dropped; an expired one also gets a deadline
+  error;
+- a handled task is acknowledged and deleted (XACK + XDEL): nothing stays in the stream.
+
+A lost Redis is survived here: poll() logs it, backs off, recreates the stream and the
+group (a restarted Redis lost them) and returns nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+
+import redis
+
+from core.config import WorkerConfig
+from core.protocol import PrefillTask, encode
+from core.redis_client import (
+    dead_letter,
+    delivery_counts,
+    ensure_group,
+    is_aborted,
+    read_tasks,
+    reclaim_tasks,
+)
+from core.redis_keys import PREFILL_GROUP, dead_letter_stream, prefill_stream
+from core.replies import error_delta, publish_safely
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, PrefillTask]
+
+
+class TaskIntake:
+    def __init__(self, client: redis.Redis, model: str, consumer: str,
+                 config: WorkerConfig) -> None:
+        self.client = client
+        self.stream = prefill_stream(model)
+        self.dead_stream = dead_letter_stream(model)
+        self.consumer = consumer
+        self.config = config
+        self._last_reclaim = 0.0
+
+    def ensure_group(self) -> None:
+        ensure_group(self.client, self.stream)
+
+    def poll(self, count: int, block_ms: int | None,
+             held: Mapping[str, bytes | None]) -> list[Entry]:
+        """Up to `count` tasks to run, screened (see the module docstring).
+
+        `held` maps every request the worker has to the stream entry it came with, or
+        to None once that entry is acknowledged. Every reclaim_idle/2 the held entries
+        are kept alive and, when there is room, dead workers' tasks are reclaimed before
+        new ones are read (they have waited longest). With count 0 it only keeps alive.
+        block_ms: how long to wait for a new task (None: not at all).
+        """
+        try:
+            return self._poll(count, block_ms, held)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("redis unavailable: %s", exc)
+            time.sleep(0.2)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("the prefill stream's group is gone (Redis restarted?)")
+        with contextlib.suppress(redis.RedisError):
+            self.ensure_group()
+        return []
+
+    def _poll(self, count: int, block_ms: int | None,
+              held: Mapping[str, bytes | None]) -> list[Entry]:
+        entries: list[tuple[bytes, PrefillTask | None]] = []
+        now = time.monotonic()
+        if now - self._last_reclaim > self.config.reclaim_idle_s / 2:
+            self._last_reclaim = now
+            self._touch([e for e in held.values() if e is not None])
+            if count > 0:
+                entries += self._reclaim(count, held)
+        if count > len(entries):
+            entries += read_tasks(self.client, self.stream, self.consumer,
+                                  count - len(entries), None if entries else block_ms)
+        taken: list[Entry] = []
+        seen: set[str] = set()
+        for entry_id, task in entries:
+            if task is None or task.request_id in seen:  # malformed, or twice in one batch
+                self.ack(entry_id)
+            elif self._screen(entry_id, task, held):
+                seen.add(task.request_id)
+                taken.append((entry_id, task))
+        return taken
+
+    def _screen(self, entry_id: bytes, task: PrefillTask,
+                held: Mapping[str, bytes | None]) -> bool:
+        """True when the task is to be run; otherwise it has been dealt with here."""
+        rid = task.request_id
+        if rid in held:
+            if held[rid] != entry_id:
+                self.ack(entry_id)  # a duplicate of a request in hand
+            return False
+        if is_aborted(self.client, rid):
+            self.ack(entry_id)
+            return False
+        if task.deadline and time.time() > task.deadline:
+            self.fail(task, "deadline", "request deadline exceeded before prefill")
+            self.ack(entry_id)
+            return False
+        return True
+
+    def _reclaim(self, count: int,
+                 held: Mapping[str, bytes | None]) -> list[tuple[bytes, PrefillTask | None]]:
+        """Take over tasks of dead workers; one delivered too often is dead-lettered."""
+        claimed = reclaim_tasks(self.client, self.stream, self.consumer,
+                                int(self.config.reclaim_idle_s * 1000), count)
+        mine = set(held.values())
+        claimed = [(e, t) for e, t in claimed if e not in mine]
+        if not claimed:
+            return []
+        counts = delivery_counts(self.client, self.stream, [e for e, _ in claimed])
+        keep = []
+        for entry_id, task in claimed:
+            if counts.get(entry_id, 0) <= self.config.max_deliveries or task is None:
+                keep.append((entry_id, task))
+                continue
+            reason = f"task failed {counts[entry_id] - 1} deliveries"
+            log.error("dead-lettering %s: %s", task.request_id, reason)
+            dead_letter(self.client, self.stream, self.dead_stream, entry_id, encode(task),
+                        reason)
+            self.fail(task, "internal", f"request could not be processed ({reason})")
+        return keep
+
+    def _touch(self, entry_ids: list[bytes]) -> None:
+        """Reset the idle time of entries in hand so nobody reclaims live work."""
+        if entry_ids:
+            self.client.xclaim(self.stream, PREFILL_GROUP, self.consumer, 0, entry_ids,
+                               justid=True)
+
+    def ack(self, *entry_ids: bytes) -> None:
+        """Acknowledge and delete: a handled task has no reason to stay in the stream."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xack(self.stream, PREFILL_GROUP, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("XACK failed (the task may be redelivered): %s", exc)
+
+    def fail(self, task: PrefillTask, code: str, message: str) -> None:
+        """End the client's stream with an error."""
+        publish_safely(self.client, {task.reply_stream: [error_delta(task.request_id, code,
+                                                                     message)]})

@@ -1,0 +1,141 @@
+"""The prefill stream's intake rules, shared by prefill and colocated workers, against a
+real redis-server (no model, no torch)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from core.config import WorkerConfig
+from core.protocol import PrefillTask, TokenBatch, WorkerInfo, decode
+from core.redis_client import add_task
+from core.redis_keys import MESSAGE_FIELD, PREFILL_GROUP, abort_marker, dead_letter_stream
+from core.registry import pick_decode_worker
+from core.sampling_params import SamplingParams
+from core.task_intake import TaskIntake
+from tandem.local_redis import LocalRedis
+
+REPLY = "tandem:reply:unit"
+_models = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[redis.Redis]:
+    with LocalRedis() as server:
+        c = redis.Redis.from_url(server.url, socket_timeout=5)
+        yield c
+        c.close()
+
+
+def _intake(client: redis.Redis, consumer: str, model: str, **config) -> TaskIntake:
+    cfg = WorkerConfig(redis_url="redis://unused", role="colocated", **config)
+    intake = TaskIntake(client, model, consumer, cfg)
+    intake.ensure_group()
+    return intake
+
+
+@pytest.fixture
+def model() -> str:
+    return f"m{next(_models)}"  # a fresh stream per test
+
+
+def _task(rid: str, deadline_in: float = 60.0) -> PrefillTask:
+    return PrefillTask(request_id=rid, prompt_token_ids=[1, 2, 3], sampling=SamplingParams(),
+                       reply_stream=REPLY, deadline=time.time() + deadline_in)
+
+
+def _replies(client: redis.Redis) -> list:
+    return [d for _, f in client.xrange(REPLY)
+            for d in decode(f[MESSAGE_FIELD], TokenBatch).deltas]
+
+
+def test_takes_at_most_count_and_leaves_the_rest_for_peers(client, model):
+    intake = _intake(client, "w1", model)
+    for i in range(5):
+        add_task(client, intake.stream, _task(f"r{i}"))
+    got = intake.poll(2, None, {})
+    assert [t.request_id for _, t in got] == ["r0", "r1"]
+    assert intake.poll(0, None, {}) == []  # no room: nothing read
+    peer = _intake(client, "w2", model)
+    assert [t.request_id for _, t in peer.poll(16, None, {})] == ["r2", "r3", "r4"]
+
+
+def test_bad_duplicate_aborted_and_expired_tasks_are_settled_not_run(client, model):
+    client.delete(REPLY)
+    intake = _intake(client, "w1", model)
+    held_entry = add_task(client, intake.stream, _task("held"))
+    client.xadd(intake.stream, {MESSAGE_FIELD: b"\x00not msgpack"})
+    duplicate = add_task(client, intake.stream, _task("held"))
+    add_task(client, intake.stream, _task("twice"))
+    add_task(client, intake.stream, _task("twice"))
+    client.set(abort_marker("gone"), b"1", ex=60)
+    add_task(client, intake.stream, _task("gone"))
+    add_task(client, intake.stream, _task("late", deadline_in=-1))
+    add_task(client, intake.stream, _task("ok"))
+    client.xreadgroup(PREFILL_GROUP, "w1", {intake.stream: ">"}, count=1)  # "held" is ours
+    got = intake.poll(16, None, {"held": held_entry})
+    assert [t.request_id for _, t in got] == ["twice", "ok"]
+    # Everything settled is acknowledged and deleted; what runs stays pending.
+    left = {e for e, _ in client.xrange(intake.stream)}
+    assert duplicate not in left
+    assert left == {held_entry, *(e for e, _ in got)}
+    assert client.xpending(intake.stream, PREFILL_GROUP)["pending"] == 3
+    [error] = _replies(client)
+    assert (error.request_id, error.error_code) == ("late", "deadline")
+
+
+def test_dead_workers_tasks_are_reclaimed_and_held_ones_kept_alive(client, model):
+    intake = _intake(client, "w1", model, reclaim_idle_s=0.3)
+    mine = add_task(client, intake.stream, _task("mine"))
+    assert [e for e, _ in intake.poll(1, None, {})] == [mine]
+    add_task(client, intake.stream, _task("orphan"))
+    client.xreadgroup(PREFILL_GROUP, "dead", {intake.stream: ">"}, count=1)
+    peer = _intake(client, "w2", model, reclaim_idle_s=0.3)
+    deadline = time.monotonic() + 5
+    reclaimed: list = []
+    while not reclaimed and time.monotonic() < deadline:
+        intake.poll(0, None, {"mine": mine})  # w1 is busy, but keeps its task alive
+        reclaimed = peer.poll(4, None, {})
+        time.sleep(0.05)
+    assert [t.request_id for _, t in reclaimed] == ["orphan"]
+    owners = {row["message_id"]: row["consumer"]
+              for row in client.xpending_range(intake.stream, PREFILL_GROUP, "-", "+", 10)}
+    assert owners[mine] == b"w1"
+
+
+def test_a_task_delivered_too_often_is_dead_lettered_with_an_error(client, model):
+    client.delete(REPLY)
+    intake = _intake(client, "w1", model, reclaim_idle_s=0.2, max_deliveries=2)
+    entry = add_task(client, intake.stream, _task("poison"))
+    client.xreadgroup(PREFILL_GROUP, "ghost-1", {intake.stream: ">"}, count=1)
+    client.xautoclaim(intake.stream, PREFILL_GROUP, "ghost-2", min_idle_time=0, start_id="0-0")
+    time.sleep(0.25)
+    assert intake.poll(4, None, {}) == []
+    [(_, dead)] = client.xrange(dead_letter_stream(model))
+    assert decode(dead[MESSAGE_FIELD], PrefillTask).request_id == "poison"
+    assert dead[b"entry"] == entry
+    assert client.xlen(intake.stream) == 0
+    [error] = _replies(client)
+    assert (error.request_id, error.error_code) == ("poison", "internal")
+
+
+def test_a_lost_group_is_recreated(client, model):
+    intake = _intake(client, "w1", model)
+    client.delete(intake.stream)  # what a Redis restarted without its data looks like
+    assert intake.poll(4, None, {}) == []
+    assert [g["name"] for g in client.xinfo_groups(intake.stream)] == [PREFILL_GROUP.encode()]
+    add_task(client, intake.stream, _task("after"))
+    assert [t.request_id for _, t in intake.poll(4, None, {})] == ["after"]
+
+
+def test_prefill_never_picks_a_colocated_worker():
+    def info(wid: str, role: str, free: int) -> WorkerInfo:
+        return WorkerInfo(worker_id=wid, role=role, model="m", pid=1, free_blocks=free)
+
+    workers = [info("c", "colocated", 1000), info("p", "prefill", 900), info("d", "decode", 10)]
+    assert pick_decode_worker(workers, set()).worker_id == "d"
+    assert pick_decode_worker(workers, {"d"}) is None
