@@ -219,18 +219,29 @@ def test_rates_and_prompt_counts():
 
 
 def test_ratios_of_served_to_offline_and_of_1p1d_to_two_colocated():
-    def row(goodput, total):
-        return {"goodput": goodput, "total_token_throughput": total}
+    def row(goodput, total, req_s, ttft_p99, tpot_p99, failed=0):
+        return {"goodput": goodput, "total_token_throughput": total, "request_throughput": req_s,
+                "completed": 10, "failed": failed, "ttft_ms": {"p99": ttft_p99},
+                "tpot_ms": {"p99": tpot_p99}}
 
+    slos = {"ttft": 2000.0, "tpot": 40.0}
     metrics = {"offline": {"total_token_throughput": 1000.0}, "modes": {
-        "1p1d": {"rates": {"4": row(3.0, 500.0), "inf": row(2.0, 800.0)}},
-        "colocated": {"rates": {"4": row(2.0, 400.0), "inf": row(4.0, 900.0)}}}}
-    _add_ratios(metrics, ["1p1d", "colocated"], gpus=2)
+        "1p1d": {"rates": {"4": row(3.0, 500.0, 3.9, 900, 20), "8": row(3.5, 700.0, 7.6, 1500, 39),
+                           "inf": row(2.0, 800.0, 9.0, 9000, 30)}},
+        "colocated": {"rates": {"4": row(2.0, 400.0, 4.0, 300, 30),
+                                "8": row(3.0, 600.0, 7.9, 500, 45),
+                                "inf": row(4.0, 900.0, 9.5, 8000, 60, failed=1)}}}}
+    _add_ratios(metrics, ["1p1d", "colocated"], gpus=2, slos=slos)
     assert metrics["served_vs_offline_mode"] == "1p1d"
     assert metrics["served_vs_offline_throughput_ratio"] == 0.8
     assert metrics["modes"]["colocated"]["served_vs_offline_throughput_ratio"] == 0.9
-    assert metrics["goodput_ratio_1p1d_vs_2_colocated"] == 0.75
-    assert metrics["goodput_ratio_1p1d_vs_2_colocated_by_rate"] == {"4": 1.5, "inf": 0.5}
+    # p99 definition: 1p1d holds both SLOs up to 7.6 req/s; colocated only at 4.0 (at 8
+    # its TPOT p99 is over 40 ms, at inf a request failed).
+    assert metrics["p99_slo_goodput"] == {"1p1d": 7.6, "colocated": 4.0}
+    assert metrics["goodput_ratio_1p1d_vs_2_colocated"] == 1.9
+    assert metrics["request_goodput_ratio_1p1d_vs_2_colocated"] == 0.875
+    assert metrics["goodput_ratio_1p1d_vs_2_colocated_by_rate"] == {
+        "4": 1.5, "8": 1.167, "inf": 0.5}
     one_gpu = {"modes": {"1p1d": {"rates": {}}, "colocated": {"rates": {}}}}
-    _add_ratios(one_gpu, ["1p1d", "colocated"], gpus=1)
+    _add_ratios(one_gpu, ["1p1d", "colocated"], gpus=1, slos=slos)
     assert "goodput_ratio_1p1d_vs_2_colocated" not in one_gpu

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU runs behind the committed results of the transfer/serving work, in parts that
+# each fit a 10-minute slot on a 2 x H100 machine. Run from the repo root:
+#   bash bench/gpu_suite.sh check|transfer|colocated|pd1|pd2-prefill|pd2-balanced
+# Every benchmark writes its JSON to bench/results/ (card, commit, date, command).
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY=${PYTHON:-python3}
+MODEL=(--model llama-3.1-8b --load-format dummy)
+# Prefill-heavy and balanced workloads of the two-GPU comparison; the SLOs of issue 8.
+SLO=(--goodput ttft:2000 tpot:40)
+
+case "${1:-}" in
+  check)  # the transports' GPU tests (cuda_ipc on one GPU and across two; nccl on two)
+    $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 240 \
+      tests/gpu/test_cuda_ipc_gpu.py tests/kvtransfer/test_nccl_backend.py
+    ;;
+  transfer)  # GB/s per backend beside its ceiling
+    $PY -m bench transfer --backends zmq,cuda_ipc --requests 1,16 \
+      --sender-device cuda:0 --receiver-device cuda:0
+    $PY -m bench transfer --backends nccl --requests 1,16 \
+      --sender-device cuda:0 --receiver-device cuda:1
+    ;;
+  colocated)  # the whole service vs the in-process engine, 1000 x 256/256 at rate inf
+    $PY -m bench serve "${MODEL[@]}" --max-num-seqs 512 --modes colocated --gpus 1 \
+      --rates inf --num-prompts 1000 --input-len 256 --output-len 256 \
+      --offline-baseline --client-processes 4
+    ;;
+  pd1)  # one GPU shared by 1 prefill + 1 decode (cuda_ipc) vs one colocated worker
+    $PY -m bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 1 --kv-transport cuda_ipc \
+      --rates 1,4,16,inf --duration 15 --min-prompts 16 --num-prompts 200 \
+      --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
+    ;;
+  pd2-prefill)  # two GPUs: 1 prefill + 1 decode (nccl) vs two colocated workers
+    $PY -m bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 2 --kv-transport nccl \
+      --rates 4,8,12,16,24 --duration 15 --min-prompts 30 --num-prompts 300 \
+      --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
+    ;;
+  pd2-balanced)
+    $PY -m bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 2 --kv-transport nccl \
+      --rates 4,16,32 --duration 15 --min-prompts 30 --num-prompts 300 \
+      --input-len 512 --output-len 512 "${SLO[@]}" --client-processes 4
+    ;;
+  *)
+    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-balanced" >&2
+    exit 2
+    ;;
+esac
