@@ -87,7 +87,8 @@ class ReserveReply(msgspec.Struct, tag=True, kw_only=True):
 
 
 class KVTransfer(msgspec.Struct, tag=True, kw_only=True):
-    """Header of a KV transfer; followed by one raw frame of packed blocks."""
+    """Header of a KV transfer; followed by one raw frame of packed blocks (over the
+    nccl transport the bytes follow over the pair's process group instead)."""
 
     request_id: str
     block_ids: list[int]  # destination blocks on the receiver, in order
@@ -150,6 +151,27 @@ class ExportReply(msgspec.Struct, tag=True, kw_only=True):
     reason: str = ""
 
 
+class KVGroupInvite(msgspec.Struct, tag=True, kw_only=True):
+    """nccl transport: join a two-rank torch.distributed group as rank 1.
+
+    The sender (rank 0) hosts the group's rendezvous store; the receiver answers with
+    KVGroupReply at once and joins on its own thread.
+    """
+
+    group_id: str  # fresh per group; prefixes the store's keys and keys the reply
+    store_host: str  # a numeric address: the sender's interface that faces the receiver
+    store_port: int
+    backend: str  # "nccl" (CUDA caches) or "gloo" (CPU caches); both sides must agree
+    timeout_s: float  # bound on the rendezvous and on each receive
+    gpu_uuid: str = ""  # the sender's GPU: NCCL cannot pair a GPU with itself
+
+
+class KVGroupReply(msgspec.Struct, tag=True, kw_only=True):
+    group_id: str
+    ok: bool
+    reason: str = ""
+
+
 ControlMessage = Union[
     ReserveRequest,
     ReserveReply,
@@ -159,6 +181,8 @@ ControlMessage = Union[
     Release,
     ExportRequest,
     ExportReply,
+    KVGroupInvite,
+    KVGroupReply,
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 import queue
 import time
 from collections import Counter
@@ -23,6 +24,8 @@ from core.protocol import (
     ExportReply,
     ExportRequest,
     Handoff,
+    KVGroupInvite,
+    KVGroupReply,
     KVTransfer,
     Release,
     ReserveReply,
@@ -32,7 +35,13 @@ from core.protocol import (
     encode,
 )
 from kvtransfer.base import Inbound, KVSender, TransferError
-from kvtransfer.pack import BufferLike, dtype_name, tensor_from_frame, tensor_to_frame
+from kvtransfer.pack import (
+    BufferLike,
+    dtype_from_name,
+    dtype_name,
+    tensor_from_frame,
+    tensor_to_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +52,10 @@ MAX_KV_PAYLOAD_BYTES = 16 << 30
 # What every receiver accepts; a backend with more to answer (cuda_ipc: ExportRequest)
 # passes its own tuple to parse_inbound.
 RECEIVABLE: tuple[type, ...] = (ReserveRequest, KVTransfer, Handoff, Release)
-_REPLIES = (ReserveReply, TransferAck, ExportReply)
+_REPLIES = (ReserveReply, TransferAck, KVGroupReply, ExportReply)
 _PACKED_RANK = 6  # [layers, 2, n, block_size, kv_heads, head_dim]
 
-Reply = Union[ReserveReply, TransferAck, ExportReply]
+Reply = Union[ReserveReply, TransferAck, KVGroupReply, ExportReply]
 ReplyKey = tuple[type, str]
 
 
@@ -83,55 +92,94 @@ def parse_inbound(
 
     Messages outside `accepts` are rejected, with a refusal when the sender awaits one.
     """
+    msg = parse_header(frames, max_header_bytes)
+    return inbound_from(peer, msg, frames, max_payload_bytes, accepts)
+
+
+def parse_header(
+    frames: Sequence[BufferLike], max_header_bytes: int = MAX_CONTROL_FRAME_BYTES
+) -> ControlMessage:
+    """The control message in `frames[0]`; RejectedFrame if there is none or it is malformed.
+
+    Split from inbound_from so a backend can take some messages itself (nccl: group
+    invites, KV headers whose bytes come another way) and pass the rest on.
+    """
     if not frames:
         raise RejectedFrame("empty message")
     header = memoryview(frames[0]).cast("B")
     try:
-        msg = decode(header, ControlMessage, max_bytes=max_header_bytes)
+        return decode(header, ControlMessage, max_bytes=max_header_bytes)
     except ValueError as exc:
         raise RejectedFrame(str(exc)) from None
+
+
+def inbound_from(
+    peer: bytes,
+    msg: ControlMessage,
+    frames: Sequence[BufferLike],
+    max_payload_bytes: int = MAX_KV_PAYLOAD_BYTES,
+    accepts: tuple[type, ...] = RECEIVABLE,
+) -> Inbound:
+    """The Inbound for `msg` (parsed from `frames[0]`) with its payload frame, if any."""
     if not isinstance(msg, accepts):
-        raise RejectedFrame(f"this receiver does not accept {type(msg).__name__}", _refusal(msg))
+        name = type(msg).__name__
+        raise RejectedFrame(
+            f"a receiver does not accept {name}", refusal(msg, f"receiver does not accept {name}")
+        )
     extra = len(frames) - 1
     if not isinstance(msg, KVTransfer) or msg.in_place:
         if extra:
             raise RejectedFrame(
-                f"{type(msg).__name__} carries {extra} unexpected frame(s)", _refusal(msg)
+                f"{type(msg).__name__} carries {extra} unexpected frame(s)", refusal(msg)
             )
         return Inbound(peer=peer, msg=msg)
     if extra != 1:
         raise RejectedFrame(
-            f"KVTransfer needs exactly one payload frame, got {extra}", _refusal(msg)
+            f"KVTransfer needs exactly one payload frame, got {extra}", refusal(msg)
         )
     payload = memoryview(frames[1]).cast("B")
     try:
         tensor = _payload_tensor(msg, payload, max_payload_bytes)
     except ValueError as exc:
-        raise RejectedFrame(str(exc), _refusal(msg)) from None
+        raise RejectedFrame(str(exc), refusal(msg)) from None
     return Inbound(peer=peer, msg=msg, payload=tensor)
 
 
-def _payload_tensor(header: KVTransfer, payload: memoryview, max_bytes: int) -> torch.Tensor:
-    if payload.nbytes > max_bytes:
-        raise ValueError(f"KV payload of {payload.nbytes} bytes exceeds the {max_bytes}-byte cap")
+def kv_payload_nbytes(header: KVTransfer, max_bytes: int = MAX_KV_PAYLOAD_BYTES) -> int:
+    """How many bytes the payload of `header` holds; ValueError if its shape or dtype is
+    bad or the payload would exceed `max_bytes`. Checked before any buffer is allocated."""
     shape = header.shape
     if len(shape) != _PACKED_RANK or shape[1] != 2 or shape[2] != len(header.block_ids):
         raise ValueError(
             f"KV shape {shape} is not [layers, 2, {len(header.block_ids)}, "
             "block_size, kv_heads, head_dim]"
         )
-    return tensor_from_frame(payload, header.dtype, shape)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"invalid tensor shape {shape}")
+    nbytes = math.prod(shape) * dtype_from_name(header.dtype).itemsize
+    if nbytes > max_bytes:
+        raise ValueError(f"KV payload of {nbytes} bytes exceeds the {max_bytes}-byte cap")
+    return nbytes
 
 
-def _refusal(msg: ControlMessage) -> ControlMessage | None:
+def _payload_tensor(header: KVTransfer, payload: memoryview, max_bytes: int) -> torch.Tensor:
+    if payload.nbytes > max_bytes:
+        raise ValueError(f"KV payload of {payload.nbytes} bytes exceeds the {max_bytes}-byte cap")
+    kv_payload_nbytes(header, max_bytes)
+    return tensor_from_frame(payload, header.dtype, header.shape)
+
+
+def refusal(msg: ControlMessage, reason: str = "") -> ControlMessage | None:
     """The negative reply that lets a sender fail fast instead of waiting out its timeout."""
-    reason = f"receiver rejected malformed {type(msg).__name__}"
+    reason = reason or f"receiver rejected malformed {type(msg).__name__}"
     if isinstance(msg, ReserveRequest):
         return ReserveReply(request_id=msg.request_id, ok=False, reason=reason)
     if isinstance(msg, KVTransfer):
         return TransferAck(request_id=msg.request_id, ok=False, reason=reason)
     if isinstance(msg, Handoff):
         return TransferAck(request_id=msg.task.request_id, ok=False, reason=reason)
+    if isinstance(msg, KVGroupInvite):
+        return KVGroupReply(group_id=msg.group_id, ok=False, reason=reason)
     if isinstance(msg, ExportRequest):
         return ExportReply(request_id=msg.request_id, ok=False,
                            reason="this receiver exports no KV cache (not a cuda_ipc receiver)")
@@ -139,7 +187,7 @@ def _refusal(msg: ControlMessage) -> ControlMessage | None:
 
 
 def parse_reply(data: BufferLike, max_bytes: int = MAX_CONTROL_FRAME_BYTES) -> Reply:
-    """Decode a receiver's reply; ValueError for anything but the reply types."""
+    """Decode a receiver's reply; ValueError for anything but a reply type."""
     msg = decode(memoryview(data).cast("B"), ControlMessage, max_bytes=max_bytes)
     if not isinstance(msg, _REPLIES):
         raise ValueError(f"a sender does not accept {type(msg).__name__}")
@@ -147,6 +195,8 @@ def parse_reply(data: BufferLike, max_bytes: int = MAX_CONTROL_FRAME_BYTES) -> R
 
 
 def reply_key(msg: Reply) -> ReplyKey:
+    if isinstance(msg, KVGroupReply):
+        return (KVGroupReply, msg.group_id)
     return (type(msg), msg.request_id)
 
 
@@ -224,12 +274,10 @@ def await_reply(
             raise TransferError(f"malformed reply from {address}: {exc}") from exc
         if abandoned.is_stale(reply):
             log.debug("dropped a late %s from %s", type(reply).__name__, address)
-        elif reply_key(reply) == want:
+        elif (key := reply_key(reply)) == want:
             return reply
         else:
-            log.warning(
-                "unexpected %s for %s from %s", type(reply).__name__, reply.request_id, address
-            )
+            log.warning("unexpected %s for %s from %s", key[0].__name__, key[1], address)
 
 
 class FramedKVSender(KVSender):

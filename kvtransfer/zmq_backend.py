@@ -13,6 +13,8 @@ import logging
 import queue
 import re
 import threading
+import time
+from collections.abc import Callable, Sequence
 
 import zmq
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 _TCP_ADDRESS = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^:/]+)(?::(?P<port>\d+|\*))?$")
 _RECV_BATCH = 64  # messages taken per wake-up, so replies are flushed between batches
 _JOIN_TIMEOUT_S = 5.0
+_CHECK_EVERY_S = 0.01  # how often a request waiting for its reply runs its abort_if check
 
 
 def _bind(sock: zmq.Socket, address: str) -> str:
@@ -193,20 +196,23 @@ class ZmqKVReceiver(KVReceiver):
     def _handle(self, frames: list[zmq.Frame]) -> None:
         peer = frames[0].bytes
         try:
-            inbound = parse_inbound(
-                peer,
-                [frame.buffer for frame in frames[1:]],
-                self._max_header_bytes,
-                self._max_payload_bytes,
-                self.accepts,
-            )
+            inbound = self._accept(peer, [frame.buffer for frame in frames[1:]])
         except RejectedFrame as exc:
             self.rejected += 1
             log.warning("KV receiver rejected a message from %r: %s", peer, exc)
             if exc.refusal is not None:
                 self._outbox.put((peer, encode(exc.refusal)))
             return
-        self._route(inbound)
+        if inbound is not None:
+            self._route(inbound)
+
+    def _accept(self, peer: bytes, frames: Sequence[memoryview]) -> Inbound | None:
+        """What the worker gets for `frames`, or None when the backend handled them itself.
+
+        Runs on the I/O thread; RejectedFrame drops the message and sends its refusal.
+        """
+        return parse_inbound(peer, frames, self._max_header_bytes, self._max_payload_bytes,
+                             self.accepts)
 
     def _route(self, inbound: Inbound) -> None:
         """Hand a valid message to the worker. On the I/O thread: a subclass may answer
@@ -273,7 +279,17 @@ class ZmqKVSender(FramedKVSender):
             peer.socket = sock
         return peer.socket
 
-    def _request(self, address: str, frames: list, want: ReplyKey, timeout_s: float) -> Reply:
+    def _request(
+        self,
+        address: str,
+        frames: list,
+        want: ReplyKey,
+        timeout_s: float,
+        abort_if: Callable[[], None] | None = None,
+    ) -> Reply:
+        """See FramedKVSender._request. `abort_if`, when given, runs every few ms while
+        the reply is awaited and raises TransferError to stop waiting (the nccl backend
+        gives up as soon as the bytes it sends beside the header fail)."""
         peer = self._peer(address)
         with peer.lock:
             sock = self._socket(peer, address)
@@ -283,9 +299,19 @@ class ZmqKVSender(FramedKVSender):
                 raise TransferError(f"cannot send to {address}: {exc}") from exc
 
             def receive(wait_s: float) -> list[bytes] | None:
-                if not sock.poll(max(1, round(wait_s * 1000)), zmq.POLLIN):
-                    return None
-                return sock.recv_multipart(zmq.NOBLOCK)
+                deadline = time.monotonic() + wait_s
+                while True:
+                    remaining = max(0.0, deadline - time.monotonic())
+                    slice_s = remaining if abort_if is None else min(remaining, _CHECK_EVERY_S)
+                    if sock.poll(max(1, round(slice_s * 1000)), zmq.POLLIN):
+                        return sock.recv_multipart(zmq.NOBLOCK)
+                    if abort_if is None or remaining <= slice_s:
+                        return None
+                    try:
+                        abort_if()
+                    except TransferError:
+                        peer.abandoned.abandon(want)  # its reply may still turn up later
+                        raise
 
             try:
                 return await_reply(receive, peer.abandoned, want, address, timeout_s)

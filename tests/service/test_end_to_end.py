@@ -14,6 +14,8 @@ from tests.service.conftest import (
     check_concurrent_streams,
     generate,
     solo,
+    start_service,
+    stop_service,
 )
 
 
@@ -33,6 +35,29 @@ def test_grpc_greedy_equals_in_process_engine(service, engine):
     ids = engine.encode(PROMPTS[3])
     tokens, _, _ = generate(stub, ids=ids, max_tokens=12, temperature=0.0, ignore_eos=True)
     assert tokens == solo(engine, ids, 12).token_ids
+
+
+@pytest.fixture
+def nccl_service():
+    svc = start_service("--kv-transport", "nccl")
+    yield svc
+    if svc.proc.poll() is None:
+        stop_service(svc)
+
+
+def test_nccl_transport_greedy_equals_in_process_engine(nccl_service, engine):
+    # On CPU the nccl transport moves KV over gloo: same groups, same control flow.
+    stub = nccl_service.stub()
+    for prompt in PROMPTS[:2]:
+        tokens, text, _ = generate(
+            stub, prompt=prompt, max_tokens=12, temperature=0.0, ignore_eos=True
+        )
+        want = solo(engine, prompt, 12)
+        assert (tokens, text) == (want.token_ids, want.text)
+    ids = engine.encode(PROMPTS[4])[:1]  # a single prompt token: one partly filled block
+    tokens, _, _ = generate(stub, ids=ids, max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert tokens == solo(engine, ids, 8).token_ids
+    assert any("up (gloo)" in line for line in nccl_service.log), "KV went over a group"
 
 
 def test_concurrent_streams_equal_solo_and_use_both_decoders(service, engine):
