@@ -28,17 +28,17 @@ case "${1:-}" in
     ;;
   pd1)  # one GPU shared by 1 prefill + 1 decode (cuda_ipc) vs one colocated worker
     $PY -m bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 1 --kv-transport cuda_ipc \
-      --rates 1,4,16,inf --duration 15 --min-prompts 16 --num-prompts 200 \
+      --rates 1,4,16,inf --duration 12 --min-prompts 12 --num-prompts 150 \
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
   pd2-prefill)  # two GPUs: 1 prefill + 1 decode (nccl) vs two colocated workers
     $PY -m bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 2 --kv-transport nccl \
-      --rates 4,8,12,16,24 --duration 15 --min-prompts 30 --num-prompts 300 \
+      --rates 4,8,16,24 --duration 12 --min-prompts 30 --num-prompts 300 \
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
   pd2-balanced)
     $PY -m bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 2 --kv-transport nccl \
-      --rates 4,16,32 --duration 15 --min-prompts 30 --num-prompts 300 \
+      --rates 8,32 --duration 12 --min-prompts 30 --num-prompts 300 \
       --input-len 512 --output-len 512 "${SLO[@]}" --client-processes 4
     ;;
   *)
