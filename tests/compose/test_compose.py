@@ -167,3 +167,39 @@ def test_dockerfile(services: dict) -> None:
         assert any(s.rstrip("/") == package for c in copies for s in c.split()), package
     for name in ("prefill", "decode"):
         assert services[name]["build"] == build  # one image for every role
+
+
+def _override(name: str) -> dict:
+    return yaml.safe_load((COMPOSE / name).read_text())["services"]
+
+
+def _device_ids(service: dict) -> list[str]:
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    assert len(devices) == 1 and devices[0]["driver"] == "nvidia"
+    return devices[0]["device_ids"]
+
+
+def test_two_gpus_as_one_prefill_and_one_decode_over_nccl() -> None:
+    over = _override("two-gpus-1p1d.yml")
+    assert set(over) == {"prefill", "decode"}
+    assert _device_ids(over["prefill"]) == ["0"] and _device_ids(over["decode"]) == ["1"]
+    for role in ("prefill", "decode"):
+        args = parsed(over[role])
+        assert args.command == role and args.kv_transport == "nccl"
+        assert args.bind_host == "0.0.0.0" and args.advertise_host == CONTAINER_IP
+        assert urlsplit(args.redis_url).hostname == "redis" and args.device == "cuda"
+        assert over[role]["deploy"]["replicas"] == 1  # one per GPU: not scalable
+
+
+def test_two_gpus_as_two_colocated_workers() -> None:
+    over = _override("two-gpus-colocated.yml")
+    assert over["prefill"]["deploy"]["replicas"] == 0
+    assert over["decode"]["deploy"]["replicas"] == 0
+    workers = {name: s for name, s in over.items() if name.startswith("worker")}
+    assert sorted(_device_ids(s)[0] for s in workers.values()) == ["0", "1"]
+    for service in workers.values():
+        args = parsed(service)
+        assert args.command == "worker" and args.device == "cuda"
+        assert urlsplit(args.redis_url).hostname == "redis"
+        assert "ports" not in service
+        assert service["volumes"] == [f"model-cache:{MODEL_CACHE}"]
