@@ -292,11 +292,14 @@ class ModelRunner:
         grew = False
         for chunk in out.chunks:
             rid, pos = chunk.seq.request_id, chunk.start + 1
+            if not kv.owns(rid):
+                return None  # aborted while the step ran: its blocks are gone already
             table = kv.block_table(rid)
             if pos // bs >= len(table):
                 if not kv.allocate_slots(rid, pos + 1):
                     return None  # out of blocks: the scheduler decides who is preempted
                 grew = True
+                table = kv.block_table(rid)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             planned.append((rid, pos))

@@ -40,3 +40,26 @@ def test_staggered_batch_with_preemption_equals_solo_runs(tiny_checkpoints):
     assert small.engine.num_planned_steps > 0
     assert small.engine.kv.num_used_blocks == 0
     assert small.engine.kv.num_free_blocks == 40
+
+
+def test_step_built_ahead_skips_a_sequence_aborted_while_the_step_ran(tiny_checkpoints):
+    """A decode worker's control thread may abort a running sequence between a step's
+    launch and the building of the next step's inputs: nothing may be allocated for it."""
+    from core.sequence import Sequence
+
+    path, _ = tiny_checkpoints["qwen2"]
+    engine = _llm(path, num_blocks=64).engine
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for rid, n in (("a", 4), ("b", 7)):  # "a" enters a new 4-token block next step
+        engine.add(Sequence(rid, list(range(10, 10 + n)), sp))
+    engine.step()  # both prompts in one prefill step
+    out = engine.scheduler.schedule()
+    inputs = engine.runner.prepare(out, engine.kv)
+    pending = engine.runner.launch(out, inputs)
+    engine.scheduler.abort("a")
+    assert engine.runner.prepare_next(out, inputs, pending, engine.kv) is None
+    assert not engine.kv.owns("a")
+    engine.scheduler.update(out, *pending.result())
+    while engine.scheduler.has_work:
+        engine.step()
+    assert engine.kv.num_used_blocks == 0
