@@ -56,6 +56,19 @@ def resolve_worker_counts(args: argparse.Namespace) -> None:
     if not args.prefill_workers and not args.colocated_workers:
         raise ValueError("no workers: give --prefill-workers and --decode-workers, or "
                          "--colocated-workers")
+    _check_nccl_gpus(args)
+
+
+def _check_nccl_gpus(args: argparse.Namespace) -> None:
+    """NCCL cannot pair a GPU with itself: refuse at once what would fail every transfer."""
+    if (getattr(args, "kv_transport", "zmq") != "nccl" or not args.prefill_workers
+            or not str(getattr(args, "device", None) or "").startswith("cuda")):
+        return
+    prefill, decode = set(args.prefill_gpus or []), set(args.decode_gpus or [])
+    if not prefill or not decode or prefill & decode:
+        raise ValueError("--kv-transport nccl needs prefill and decode workers on different "
+                         "GPUs: give --prefill-gpus and --decode-gpus (e.g. 0 and 1), or use "
+                         "cuda_ipc on one GPU")
 
 
 def worker_env(gpus: list[int] | None, index: int) -> dict[str, str] | None:

@@ -53,9 +53,18 @@ def test_prefill_and_decode_default_to_none_beside_colocated_workers(argv, count
     ["--prefill-workers", "0"],  # decode workers nobody hands requests to
     ["--colocated-workers", "1", "--prefill-workers", "1"],
     ["--colocated-workers", "-1"],
+    ["--device", "cuda", "--kv-transport", "nccl"],  # both roles on the inherited GPU
+    ["--device", "cuda", "--kv-transport", "nccl", "--prefill-gpus", "0", "--decode-gpus", "0,1"],
 ])  # fmt: skip
 def test_worker_sets_that_cannot_serve_are_refused(argv):
     with pytest.raises(ValueError):
+        resolve_worker_counts(_serve_args(*argv))
+
+
+def test_nccl_on_cpu_or_on_separate_gpus_is_accepted():
+    for argv in (["--kv-transport", "nccl"],  # CPU: gloo
+                 ["--device", "cuda", "--kv-transport", "nccl", "--prefill-gpus", "0",
+                  "--decode-gpus", "1"]):
         resolve_worker_counts(_serve_args(*argv))
 
 
