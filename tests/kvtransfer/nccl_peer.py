@@ -20,7 +20,8 @@ import time
 
 from core.protocol import ReserveRequest
 from kvtransfer import TransferState, layout_of, ship
-from kvtransfer.nccl_backend import NcclKVReceiver, NcclKVSender, _Group
+from kvtransfer.nccl_backend import NcclKVReceiver, NcclKVSender
+from kvtransfer.nccl_group import PairGroup
 from kvtransfer.pack import dtype_from_name
 from tests.kvtransfer.conftest import BLOCK_SIZE, make_caches
 from tests.kvtransfer.decode_stub import DecodeStub
@@ -35,18 +36,18 @@ def report(**fields: object) -> None:
 
 
 def die_in(method: str, at: int) -> None:
-    """SIGKILL this process when _Group.`method` runs for the `at`-th transfer."""
-    original = getattr(_Group, method)
+    """SIGKILL this process when PairGroup.`method` runs for the `at`-th transfer."""
+    original = getattr(PairGroup, method)
     calls = {"n": 0}
 
-    def dying(self: _Group, *args: object) -> object:
+    def dying(self: PairGroup, *args: object) -> object:
         if calls["n"] == at:
             time.sleep(0.5)  # the header is out and the peer is waiting for the bytes
             os.kill(os.getpid(), signal.SIGKILL)
         calls["n"] += 1
         return original(self, *args)
 
-    setattr(_Group, method, dying)
+    setattr(PairGroup, method, dying)
 
 
 def send(identity: str, spec: dict) -> None:
