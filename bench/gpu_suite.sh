@@ -12,7 +12,7 @@ SLO=(--goodput ttft:2000 tpot:40)
 
 case "${1:-}" in
   check)  # the transports' GPU tests (cuda_ipc on one GPU and across two; nccl on two)
-    $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 240 \
+    $PY -m pytest -q -m "gpu or gpu2" -p no:cacheprovider --timeout 240 \
       tests/gpu/test_cuda_ipc_gpu.py tests/kvtransfer/test_nccl_backend.py
     ;;
   transfer)  # GB/s per backend beside its ceiling

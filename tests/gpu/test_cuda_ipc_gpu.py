@@ -114,15 +114,13 @@ def _send(
     "receiver_device",
     [
         "cuda:0",
-        pytest.param(
-            "cuda:1",
-            marks=pytest.mark.skipif(
-                torch.cuda.device_count() < 2, reason="cross-GPU needs a second GPU"
-            ),
-        ),
+        pytest.param("cuda:1", marks=pytest.mark.gpu2),  # fails below with one GPU
     ],
 )
 def test_blocks_written_across_processes_are_bit_exact(tmp_path: Path, seed, receiver_device):
+    if torch.cuda.device_count() <= torch.device(receiver_device).index:
+        pytest.fail(f"{receiver_device} needs {torch.device(receiver_device).index + 1} GPUs, "
+                    f"found {torch.cuda.device_count()}")
     address = f"ipc://{tmp_path}/decode.sock"
     src = _source(seed).to("cuda:0")
     sender = CudaIpcKVSender("prefill-0")

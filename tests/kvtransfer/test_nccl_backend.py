@@ -32,7 +32,7 @@ SHORT_TIMEOUT_S = 3.0
 @pytest.fixture(
     params=[
         pytest.param(("cpu", "cpu"), id="gloo"),
-        pytest.param(("cuda:1", "cuda:0"), id="nccl", marks=pytest.mark.gpu),
+        pytest.param(("cuda:1", "cuda:0"), id="nccl", marks=pytest.mark.gpu2),
     ]
 )
 def devices(request: pytest.FixtureRequest) -> tuple[str, str]:
