@@ -72,6 +72,28 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return t
 
 
+def _slot(table: list[int], position: int, block_size: int) -> int:
+    """The KV cache slot of `position` in a sequence whose blocks are `table`."""
+    return table[position // block_size] * block_size + position % block_size
+
+
+def _slot_range(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The slots of positions [start, end): one range per block, not one sum per token."""
+    slots: list[int] = []
+    for block in range(start // block_size, (end - 1) // block_size + 1):
+        base = table[block] * block_size
+        lo = max(start, block * block_size) - block * block_size
+        hi = min(end, (block + 1) * block_size) - block * block_size
+        slots.extend(range(base + lo, base + hi))
+    return slots
+
+
+def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    """[seqs, longest table] int32 on `device`, short tables padded with block 0."""
+    width = max(len(t) for t in tables)
+    return _to_device([t + [0] * (width - len(t)) for t in tables], torch.int32, device)
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -211,18 +233,16 @@ class ModelRunner:
             if n == 1:  # decode: no need to materialize the whole token list
                 tokens.append(seq.token_at(start))
                 positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
+                slots.append(_slot(table, start, bs))
             else:
                 tokens.extend(seq.all_token_ids[start : start + n])
                 positions.extend(range(start, start + n))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+                slots.extend(_slot_range(table, start, start + n, bs))
             query_lens.append(n)
             context_lens.append(start + n)
             tables.append(table)
             if chunk.samples:
                 sample_idx.append(len(tokens) - 1)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
         qsl = [0]
         for n in query_lens:
             qsl.append(qsl[-1] + n)
@@ -232,7 +252,7 @@ class ModelRunner:
         ids, pos, slot_mapping, ctx, starts = flat.split([t, t, t, s, s + 1])
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
-            block_tables=_to_device(padded, torch.int32, self.device),
+            block_tables=_padded_tables(tables, self.device),
             context_lens=ctx.to(torch.int32),
             query_start_loc=starts.to(torch.int32),
             query_lens_host=query_lens,
@@ -301,18 +321,14 @@ class ModelRunner:
                 grew = True
                 table = kv.block_table(rid)
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            slots.append(_slot(table, pos, bs))
             planned.append((rid, pos))
             tables.append(table)
         n = len(positions)
         context_lens = [p + 1 for p in positions]
         flat = _to_device(positions + slots + context_lens, torch.long, self.device)
         pos_t, slot_t, ctx_t = flat.split([n, n, n])
-        block_tables = meta.block_tables
-        if grew:
-            width = max(len(t) for t in tables)
-            block_tables = _to_device([t + [0] * (width - len(t)) for t in tables],
-                                      torch.int32, self.device)
+        block_tables = _padded_tables(tables, self.device) if grew else meta.block_tables
         next_meta = AttentionMetadata(
             slot_mapping=slot_t, block_tables=block_tables,
             context_lens=ctx_t.to(torch.int32), query_start_loc=meta.query_start_loc,

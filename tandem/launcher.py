@@ -61,8 +61,8 @@ def resolve_worker_counts(args: argparse.Namespace) -> None:
 
 def _check_nccl_gpus(args: argparse.Namespace) -> None:
     """NCCL cannot pair a GPU with itself: refuse at once what would fail every transfer."""
-    if (getattr(args, "kv_transport", "zmq") != "nccl" or not args.prefill_workers
-            or not str(getattr(args, "device", None) or "").startswith("cuda")):
+    if (args.kv_transport != "nccl" or not args.prefill_workers
+            or not (args.device or "").startswith("cuda")):
         return
     prefill, decode = set(args.prefill_gpus or []), set(args.decode_gpus or [])
     if not prefill or not decode or prefill & decode:
