@@ -43,6 +43,10 @@ def greedy(n: int) -> SamplingParams:
 def test_banner_names_the_http_endpoint(svc) -> None:
     banner = next(line for line in svc.log if line.startswith("tandem ready:"))
     assert f"http={svc.http}" in banner
+    # The banner's next lines may still be on their way through the log reader.
+    deadline = time.monotonic() + 10
+    while not any("curl" in line for line in svc.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
     curl = next(line for line in svc.log if "curl" in line)
     assert f"http://{svc.http}/v1/completions" in curl and '"model": "smollm2"' in curl
 
