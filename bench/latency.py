@@ -61,7 +61,7 @@ def run_batch(engine: Engine, batch: int, input_len: int, output_len: int,
     _sync(engine)
     prefill_s = 0.0
     decode_steps: list[float] = []
-    while engine.scheduler.has_work:
+    while engine.has_work:
         t0 = time.perf_counter()
         out, _ = engine.step()
         elapsed = time.perf_counter() - t0  # step() ends on the host copy of the tokens
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, engine: Engine) -> dict:
         engine.add(Sequence(uuid.uuid4().hex, [rng.randrange(100) for _ in range(16)], sp))
     engine.step()  # prefill
     breakdown = host_breakdown_ms(engine)
-    while engine.scheduler.has_work:
+    while engine.has_work:
         engine.step()
     metrics = {
         "output_tokens_per_s": round(decode_tps, 2),

@@ -118,7 +118,7 @@ class ColocatedWorker(WorkerBase):
                 self._receive()
                 self._expire_deadlines()
                 self._share_state()
-                if self.engine.scheduler.has_work:
+                if self.engine.has_work:
                     self._step()
                 elif self._drained():
                     break

@@ -113,7 +113,7 @@ class DecodeWorker(WorkerBase):
                 with self.lock:
                     self._apply_aborts()
                     self._expire_reservations()
-                    busy = self.engine.scheduler.has_work
+                    busy = self.engine.has_work
                     if self.draining and not busy and not self.reservations:
                         break
                 if busy:

@@ -10,12 +10,18 @@ import torch
 
 from core.config import CacheConfig, SchedulerConfig
 from core.kv_cache_manager import KVCacheManager
-from core.scheduler import Scheduler, SchedulerOutput
+from core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from core.sequence import Sequence
 from core.tokenizer import Tokenizer
 from engine.model_config import ModelConfig
 from engine.model_registry import model_name, resolve_model
-from engine.model_runner import ModelRunner, StepInputs, default_device, resolve_dtype
+from engine.model_runner import (
+    ModelRunner,
+    PendingStep,
+    StepInputs,
+    default_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,10 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no CUDA graphs
     # Build step N+1's inputs on the host while the device runs step N (steady decode).
     overlap_scheduling: bool = True
+    # ...and queue step N+1 on the device before waiting for step N's tokens, so the
+    # device never idles between decode steps. None: on CUDA only (on CPU the forward
+    # runs inside the launch, so launching ahead would only delay step N's tokens).
+    launch_ahead: bool | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -90,7 +100,12 @@ class Engine:
         self.eos_token_ids = eos
         self.scheduler = Scheduler(sched_cfg, self.kv, eos, requeue_preempted)
         self._planned: StepInputs | None = None  # inputs prepare_next built ahead
+        self._ahead: tuple[SchedulerOutput, PendingStep] | None = None  # launched ahead
+        launch_ahead = config.launch_ahead
+        self._launch_ahead = (cuda if launch_ahead is None else launch_ahead) \
+            and config.overlap_scheduling
         self.num_planned_steps = 0  # steps that ran on inputs built during the last one
+        self.num_launched_ahead = 0  # ...of which queued before the last one's tokens
         log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens", self.name, device,
                  dtype, num_blocks, block_size)
 
@@ -105,6 +120,11 @@ class Engine:
             raise ValueError("prompt token ids must be in the vocabulary")
         self.scheduler.add(seq)
 
+    @property
+    def has_work(self) -> bool:
+        """Sequences to run, or a step launched ahead whose results are not taken yet."""
+        return self.scheduler.has_work or self._ahead is not None
+
     def step(self, lock: AbstractContextManager | None = None
              ) -> tuple[SchedulerOutput, list[Sequence]]:
         """Schedule and run one step; return the schedule and sequences with a new token.
@@ -112,26 +132,85 @@ class Engine:
         With `lock`, scheduler state is touched only while holding it and the forward
         pass runs without it, so a control thread can reserve blocks or admit requests
         while the device works. With overlap_scheduling, the next step's inputs are
-        built while the device runs this one, and used if the next schedule matches.
+        built while the device runs this one, and used if the next schedule matches;
+        with launch_ahead, that next step is already queued on the device when it is
+        safe to assume it (see _may_launch_ahead), and the next call returns its
+        results without scheduling.
         """
         lock = lock or nullcontext()
         with lock:
-            out = self.scheduler.schedule()
-            planned, self._planned = self._planned, None
-            if not out:
-                return out, []
-            if planned is not None and _matches(planned, out):
-                inputs = planned
-                self.num_planned_steps += 1
-            else:
-                inputs = self.runner.prepare(out, self.kv)
-        pending = self.runner.launch(out, inputs)
+            ahead, self._ahead = self._ahead, None
+            if ahead is None:
+                out = self.scheduler.schedule()
+                planned, self._planned = self._planned, None
+                if not out:
+                    return out, []
+                if planned is not None and _matches(planned, out):
+                    inputs = planned
+                    self.num_planned_steps += 1
+                else:
+                    inputs = self.runner.prepare(out, self.kv)
+                number = self.kv.step_launched()
+        if ahead is None:
+            pending = self._launch(inputs, number, lock)
+        else:
+            out, pending = ahead
         if self.config.overlap_scheduling:
             with lock:
-                self._planned = self.runner.prepare_next(out, inputs, pending, self.kv)
-        sampled, logprobs = pending.result()
+                nxt = self.runner.prepare_next(out, pending.inputs, pending, self.kv)
+                go_ahead = nxt is not None and self._may_launch_ahead(out)
+                if go_ahead:
+                    number = self.kv.step_launched()
+                else:
+                    self._planned = nxt
+            if go_ahead:
+                self._ahead = (_next_decodes(out), self._launch(nxt, number, lock))
+                self.num_planned_steps += 1
+                self.num_launched_ahead += 1
+        try:
+            sampled, logprobs = pending.result()
+        finally:
+            with lock:
+                self.kv.step_done(pending.step)
         with lock:
             return out, self.scheduler.update(out, sampled, logprobs)
+
+    def _launch(self, inputs: StepInputs, number: int, lock: AbstractContextManager
+                ) -> PendingStep:
+        """Queue a step on the device, outside the lock; `number` is the KV cache
+        manager's for it, so frees of its sequences' blocks wait until it is done."""
+        try:
+            pending = self.runner.launch(inputs)
+        except BaseException:
+            with lock:
+                self.kv.step_done(number)
+            raise
+        pending.step, pending.inputs = number, inputs
+        return pending
+
+    def _may_launch_ahead(self, out: SchedulerOutput) -> bool:
+        """Whether the step after `out` is surely `out`'s decodes one position on: no
+        sequence waits or runs outside `out` (it would be scheduled next), none reaches
+        max_tokens this step, and no row's sampling reads the token history (penalties
+        and seeded draws need this step's token on the host). A sequence that stops on
+        EOS or a stop string instead just has its extra token dropped by update()."""
+        if not self._launch_ahead or self.scheduler.waiting:
+            return False
+        if len(self.scheduler.running) != len(out.chunks):
+            return False
+        for chunk in out.chunks:
+            seq, sp = chunk.seq, chunk.seq.sampling
+            if len(seq.output_token_ids) + 1 >= sp.max_tokens:
+                return False
+            if (sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty
+                    or (sp.seed is not None and not sp.greedy)):
+                return False
+        return True
+
+
+def _next_decodes(out: SchedulerOutput) -> SchedulerOutput:
+    """`out`'s decodes, each one position further: what a launched-ahead step runs."""
+    return SchedulerOutput([ScheduledChunk(c.seq, c.start + 1, 1) for c in out.chunks])
 
 
 def _matches(planned: StepInputs, out: SchedulerOutput) -> bool:

@@ -61,7 +61,7 @@ class LLM:
         pending = sorted(range(n), key=lambda i: arrivals[i])
         step = 0
         bar = tqdm(total=n, desc="requests", unit="req", disable=None if progress else True)
-        while pending or self.engine.scheduler.has_work:
+        while pending or self.engine.has_work:
             while pending and arrivals[pending[0]] <= step:
                 self.engine.add(seqs[pending.pop(0)])
             _, got = self.engine.step()

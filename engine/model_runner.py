@@ -11,6 +11,7 @@ import torch
 
 from core.kv_cache_manager import KVCacheManager
 from core.scheduler import SchedulerOutput
+from core.sequence import Sequence
 from engine.attention import AttentionMetadata
 from engine.cuda_graphs import DecodeGraphs
 from engine.model_config import ModelConfig
@@ -28,6 +29,7 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     sample_indices: list[int]  # rows of the flat batch whose logits are sampled
+    samplers: list[Sequence]  # the sequences of those rows, in order
     # Set on inputs built ahead by prepare_next: the step they were built for, by
     # request id and first position, so the engine can check the schedule matches.
     planned: list[tuple[str, int]] | None = None
@@ -43,6 +45,8 @@ class PendingStep:
         self._raw_logprobs = raw_logprobs
         self._host: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
+        self.step = 0  # the KV cache manager's number for it (set by the engine)
+        self.inputs: StepInputs | None = None  # what it ran, for building the next step
         if tokens is not None and tokens.device.type == "cuda":
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
@@ -260,19 +264,20 @@ class ModelRunner:
             block_tables_host=tables,
             max_query_len=max(query_lens),
         )
-        return StepInputs(ids, pos, meta, sample_idx)
+        samplers = [c.seq for c in out.chunks if c.samples]
+        return StepInputs(ids, pos, meta, sample_idx, samplers)
 
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput, inputs: StepInputs
     ) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
         """Run one step; return sampled tokens (and logprobs) for chunks that sample."""
-        return self.launch(out, inputs).result()
+        return self.launch(inputs).result()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, inputs: StepInputs) -> PendingStep:
+    def launch(self, inputs: StepInputs) -> PendingStep:
         """Queue one step's forward pass and sampling on the device; return at once."""
-        samplers = [c.seq for c in out.chunks if c.samples]
+        samplers = inputs.samplers
         meta = inputs.meta
         graphs = self.graphs
         if (graphs is not None and meta.max_query_len == 1
@@ -334,4 +339,5 @@ class ModelRunner:
             context_lens=ctx_t.to(torch.int32), query_start_loc=meta.query_start_loc,
             query_lens_host=meta.query_lens_host, context_lens_host=context_lens,
             block_tables_host=tables, max_query_len=1)
-        return StepInputs(pending.tokens, pos_t, next_meta, inputs.sample_indices, planned)
+        return StepInputs(pending.tokens, pos_t, next_meta, inputs.sample_indices,
+                          [c.seq for c in out.chunks], planned)

@@ -95,7 +95,7 @@ class PrefillWorker(WorkerBase):
                 self._intake()
                 self._apply_aborts()
                 self._expire_deadlines()
-                if self.engine.scheduler.has_work:
+                if self.engine.has_work:
                     self._step()
         finally:
             self.sender.close()
@@ -106,7 +106,7 @@ class PrefillWorker(WorkerBase):
         queued = sum(f.seq.num_uncomputed_tokens for f in self.inflight.values())
         room = 0 if self.draining or queued >= budget else INTAKE_BATCH
         # Busy: just look. Idle: wait briefly for work (no BLOCK means return at once).
-        block_ms = None if self.engine.scheduler.has_work else 50
+        block_ms = None if self.engine.has_work else 50
         held = {rid: f.entry_id for rid, f in self.inflight.items()}
         for entry_id, task in self.intake.poll(room, block_ms, held):
             self._take(entry_id, task)

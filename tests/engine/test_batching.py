@@ -55,7 +55,7 @@ def test_step_built_ahead_skips_a_sequence_aborted_while_the_step_ran(tiny_check
     engine.step()  # both prompts in one prefill step
     out = engine.scheduler.schedule()
     inputs = engine.runner.prepare(out, engine.kv)
-    pending = engine.runner.launch(out, inputs)
+    pending = engine.runner.launch(inputs)
     engine.scheduler.abort("a")
     assert engine.runner.prepare_next(out, inputs, pending, engine.kv) is None
     assert not engine.kv.owns("a")

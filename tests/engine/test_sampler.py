@@ -83,3 +83,22 @@ def test_greedy_penalties_and_logprobs():
     assert sample(logits.clone(), [SampleRequest(rep, [1], [])])[0] == [2]
     freq = SamplingParams(temperature=0.0, frequency_penalty=1.5)
     assert sample(logits.clone(), _rows([freq], [[1]]))[0] == [2]
+
+
+@pytest.mark.parametrize("vocab", [128256, 151936, 49152, 1000])
+def test_argmax_ids_in_chunks_is_argmax_ties_included(vocab, monkeypatch):
+    """The chunked argmax (GPU only) run on CPU by standing in the device check."""
+    from engine import sampler
+
+    class FakeCuda:
+        type = "cuda"
+
+    logits = torch.randn(5, vocab)
+    logits[1, :] = 0.0  # every entry ties: index 0
+    logits[2, 7] = logits[2, vocab - 3] = 100.0  # a tie across chunks: the first
+    logits[3, vocab - 1] = 100.0  # the very last id
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "device", property(lambda self: FakeCuda()))
+        got = sampler.argmax_ids(logits)
+    assert got.tolist() == logits.argmax(-1).tolist()
+    assert got[1] == 0 and got[2] == 7 and got[3] == vocab - 1

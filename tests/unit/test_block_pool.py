@@ -64,3 +64,22 @@ def test_kv_manager_grows_per_request_and_frees():
                                                        (17, 16, 2)])
 def test_blocks_needed(tokens, size, want):
     assert blocks_needed(tokens, size) == want
+
+
+def test_frees_during_a_launched_step_are_parked_until_it_is_done():
+    from core.kv_cache_manager import KVCacheManager
+
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    assert kv.allocate_slots("a", 8) and kv.allocate_slots("b", 4)
+    first = kv.step_launched()
+    kv.free("a")  # freed while `first` may still write a's blocks
+    assert kv.num_free_blocks == 5 and kv.num_parked_blocks == 2
+    second = kv.step_launched()
+    kv.free("b")
+    kv.step_done(first)
+    assert kv.num_free_blocks == 7 and kv.num_parked_blocks == 1
+    kv.step_done(second)
+    assert kv.num_free_blocks == 8 and kv.num_parked_blocks == 0
+    assert kv.allocate_slots("c", 4)
+    kv.free("c")  # no step on the device: straight back to the pool
+    assert kv.num_free_blocks == 8
