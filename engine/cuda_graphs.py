@@ -5,6 +5,11 @@ their launch overhead alone is a large share of the step. Each bucket's forward 
 logits included, is captured once into static buffers; a step copies its inputs into
 the buffers of the smallest bucket that fits and replays. Padding rows write to slot -1
 (skipped by the KV store kernel) and attend to an empty context.
+
+Small buckets get a second graph for short contexts. The attention's split count is
+fixed at capture, and the one chosen for the longest context wastes time on short ones:
+on an H100 at batch 1, a 384-token context takes 6.1 us per layer in 32 splits and
+5.4 us in 8 one-tile splits (tests/kernels and bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ import torch
 from engine.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
+
+SHORT_CONTEXT = 512  # contexts up to this replay the short-context graph...
+SHORT_BATCH = 8  # ...in buckets up to this; larger batches fill the SMs on their own
+_SHORT_SPLIT_TOKENS = 64  # one tile of the decode kernel
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -38,32 +47,44 @@ class DecodeGraphs:
                                         device=device)
         self.context_lens = torch.zeros(top, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        # Keyed by (bucket, short context).
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, bool], torch.Tensor] = {}
 
     @property
     def max_batch(self) -> int:
         return self.buckets[-1]
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        from kernels.decode_attention import decode_num_splits, heads_per_program
+    def _meta(self, bs: int, short: bool) -> AttentionMetadata:
+        from kernels.decode_attention import (
+            MIN_TOKENS_PER_SPLIT,
+            decode_num_splits,
+            heads_per_program,
+        )
 
         cfg = self.model.config
         group = cfg.num_heads // cfg.num_kv_heads
         head_blocks = cfg.num_heads // heads_per_program(group)
         max_context = self.block_tables.shape[1] * self.block_size
+        min_tokens = MIN_TOKENS_PER_SPLIT
+        if short:
+            max_context, min_tokens = min(max_context, SHORT_CONTEXT), _SHORT_SPLIT_TOKENS
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
             context_lens=self.context_lens[:bs], query_start_loc=self.query_start_loc[:bs + 1],
             query_lens_host=[], context_lens_host=[], block_tables_host=[], max_query_len=1,
             decode_splits=decode_num_splits(bs, head_blocks, max_context,
-                                            self.input_ids.device))
+                                            self.input_ids.device, min_tokens))
 
     @torch.inference_mode()
     def capture(self) -> None:
         pool = None
-        for bs in reversed(self.buckets):  # largest first: later graphs reuse its pool
-            meta = self._meta(bs)
+        # Largest bucket first: the later graphs reuse its memory pool.
+        keys = [(bs, short) for bs in reversed(self.buckets) for short in (False, True)
+                if not short or bs <= SHORT_BATCH]
+        for key in keys:
+            bs = key[0]
+            meta = self._meta(*key)
             run = lambda bs=bs, meta=meta: self.model.compute_logits(  # noqa: E731
                 self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, meta))
             torch.cuda.synchronize()
@@ -72,9 +93,9 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = run()
+                self.logits[key] = run()
             pool = graph.pool()
-            self.graphs[bs] = graph
+            self.graphs[key] = graph
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (batch %d..%d)", len(self.graphs),
                  self.buckets[0], self.buckets[-1])
@@ -100,5 +121,6 @@ class DecodeGraphs:
         if bs > n:  # padding rows: no KV write, empty context
             self.slot_mapping[n:bs].fill_(-1)
             self.context_lens[n:bs].zero_()
-        self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        key = (bs, bs <= SHORT_BATCH and max(meta.context_lens_host) <= SHORT_CONTEXT)
+        self.graphs[key].replay()
+        return self.logits[key][:n]

@@ -137,12 +137,18 @@ def decode_block_n(head_dim: int, itemsize: int) -> int:
     return block_n // 2 if itemsize >= 4 else block_n
 
 
-def decode_num_splits(batch: int, head_blocks: int, max_context: int, device: torch.device) -> int:
+def decode_num_splits(
+    batch: int,
+    head_blocks: int,
+    max_context: int,
+    device: torch.device,
+    min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT,
+) -> int:
     """Splits so that (batch x head blocks x splits) covers ~2 waves of the GPU's SMs,
-    without slicing contexts thinner than MIN_TOKENS_PER_SPLIT. Depends only on shapes
+    without slicing contexts thinner than `min_tokens_per_split`. Depends only on shapes
     (never on device values), so it is stable under CUDA-graph capture."""
     wanted = math.ceil(2 * num_sms(device) / max(1, batch * head_blocks))
-    useful = math.ceil(max_context / MIN_TOKENS_PER_SPLIT)
+    useful = math.ceil(max_context / min_tokens_per_split)
     return max(1, min(wanted, useful, MAX_SPLITS))
 
 

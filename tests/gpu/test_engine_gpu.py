@@ -59,3 +59,35 @@ def test_bfloat16_dummy_llama_shape_runs_batched():
                                                 ignore_eos=True))
     assert all(len(o.token_ids) == 20 for o in outs)
     assert llm.engine.kv.num_used_blocks == 0
+
+
+def test_contexts_crossing_the_short_graph_limit_equal_eager(checkpoint):
+    """Small batches replay a short-context graph up to SHORT_CONTEXT tokens and the
+    long one past it; a sequence crossing the limit mid-answer must not notice."""
+    from engine.cuda_graphs import SHORT_CONTEXT
+
+    path, _ = checkpoint
+    prompts = [[(5 * i + j) % 2000 + 2 for j in range(SHORT_CONTEXT - 10 + i)] for i in range(3)]
+    kw = dict(scheduler=SchedulerConfig(max_num_seqs=16, max_model_len=2048))
+    graphs = LLM(config=EngineConfig(model=str(path), device="cuda", dtype="float32",
+                                     cache=CacheConfig(num_blocks=512), **kw))
+    eager = LLM(config=EngineConfig(model=str(path), device="cuda", dtype="float32",
+                                    cache=CacheConfig(num_blocks=512), enforce_eager=True,
+                                    **kw))
+    assert ({short for _, short in graphs.engine.runner.graphs.graphs} == {False, True})
+    want = [o.token_ids for o in eager.generate(prompts, GREEDY)]
+    assert [o.token_ids for o in graphs.generate(prompts, GREEDY)] == want
+
+
+def test_launch_ahead_equals_waiting_for_each_step(checkpoint):
+    path, _ = checkpoint
+    ahead = _llm(path)
+    stop = SamplingParams(max_tokens=24, temperature=0.0,
+                          stop_token_ids=[ahead.generate(PROMPTS[:1], GREEDY)[0].token_ids[9]])
+    params = [GREEDY, stop, GREEDY, stop, GREEDY]
+    a = [(o.token_ids, o.finish_reason) for o in ahead.generate(PROMPTS, params)]
+    assert ahead.engine.num_launched_ahead > 0
+    plain = _llm(path, launch_ahead=False)
+    assert a == [(o.token_ids, o.finish_reason) for o in plain.generate(PROMPTS, params)]
+    assert plain.engine.num_launched_ahead == 0
+    assert ahead.engine.kv.num_used_blocks == 0

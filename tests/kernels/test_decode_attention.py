@@ -79,6 +79,9 @@ def test_split_heuristic_fills_an_h100():
     assert decode_num_splits(1, 8, 1024, cpu) == 4
     assert decode_num_splits(4, 1, 1 << 20, cpu) == 64  # MAX_SPLITS
     assert decode_num_splits(1, 1, 10, cpu) == 1
+    # The short-context graphs slice into single tiles (64 tokens).
+    assert decode_num_splits(1, 8, 512, cpu, min_tokens_per_split=64) == 8
+    assert decode_num_splits(8, 8, 512, cpu, min_tokens_per_split=64) == 5
     assert [heads_per_program(g) for g in (1, 4, 5, 8, 16, 32, 24, 7)] == [
         1,
         4,
