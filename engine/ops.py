@@ -69,9 +69,9 @@ class TritonOps(TorchOps):
     def __init__(self) -> None:
         from kernels import (
             fused_add_rms_norm,
-            paged_decode_attention,
             paged_prefill_attention,
             rms_norm,
+            rotary_decode_attention,
             rotary_store_kv,
             silu_and_mul,
         )
@@ -79,7 +79,7 @@ class TritonOps(TorchOps):
         self._rms_norm, self._add_rms_norm = rms_norm, fused_add_rms_norm
         self._silu_and_mul = silu_and_mul
         self._rotary_store_kv = rotary_store_kv
-        self._decode, self._prefill = paged_decode_attention, paged_prefill_attention
+        self._rotary_decode, self._prefill = rotary_decode_attention, paged_prefill_attention
 
     def rms_norm(self, x, weight, eps):  # type: ignore[override]
         return self._rms_norm(x, weight, eps)
@@ -95,12 +95,13 @@ class TritonOps(TorchOps):
         return positions, cos_sin_cache
 
     def rotary_attention(self, q, k, v, rope, cache, meta, scale):
-        # One kernel rotates q and k and writes k and v into the cache.
         positions, cos_sin_cache = rope
+        if meta.max_query_len == 1:  # decode: rotary, store and attention in one kernel
+            return self._rotary_decode(q, k, v, positions, cos_sin_cache, cache,
+                                       meta.block_tables, meta.context_lens, meta.slot_mapping,
+                                       scale, num_splits=meta.decode_splits)
+        # One kernel rotates q and k and writes k and v into the cache.
         q = self._rotary_store_kv(q, k, v, positions, cos_sin_cache, cache, meta.slot_mapping)
-        if meta.max_query_len == 1:
-            return self._decode(q, cache, meta.block_tables, meta.context_lens, scale,
-                                num_splits=meta.decode_splits)
         return self._prefill(q, cache, meta.block_tables, meta.query_start_loc,
                              meta.context_lens, scale, meta.max_query_len)
 

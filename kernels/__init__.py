@@ -13,6 +13,7 @@ from kernels.rmsnorm import (
     rms_norm_ref,
 )
 from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
+from kernels.rotary_decode_attention import rotary_decode_attention, rotary_decode_attention_ref
 from kernels.rotary_store_kv import rotary_store_kv, rotary_store_kv_ref
 from kernels.silu_mul import silu_and_mul, silu_and_mul_ref
 
@@ -32,6 +33,8 @@ __all__ = [
     "paged_prefill_attention_ref",
     "rms_norm",
     "rms_norm_ref",
+    "rotary_decode_attention",
+    "rotary_decode_attention_ref",
     "rotary_store_kv",
     "rotary_store_kv_ref",
     "silu_and_mul",

@@ -61,20 +61,23 @@ def test_bfloat16_dummy_llama_shape_runs_batched():
     assert llm.engine.kv.num_used_blocks == 0
 
 
-def test_contexts_crossing_the_short_graph_limit_equal_eager(checkpoint):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_contexts_crossing_the_short_graph_limit_equal_eager(family, tmp_path):
     """Small batches replay a short-context graph up to SHORT_CONTEXT tokens and the
     long one past it; a sequence crossing the limit mid-answer must not notice."""
     from engine.cuda_graphs import SHORT_CONTEXT
 
-    path, _ = checkpoint
+    make_tiny_checkpoint(tmp_path, family, **SHAPE, max_position_embeddings=2048)
     prompts = [[(5 * i + j) % 2000 + 2 for j in range(SHORT_CONTEXT - 10 + i)] for i in range(3)]
-    kw = dict(scheduler=SchedulerConfig(max_num_seqs=16, max_model_len=2048))
-    graphs = LLM(config=EngineConfig(model=str(path), device="cuda", dtype="float32",
-                                     cache=CacheConfig(num_blocks=512), **kw))
-    eager = LLM(config=EngineConfig(model=str(path), device="cuda", dtype="float32",
-                                    cache=CacheConfig(num_blocks=512), enforce_eager=True,
-                                    **kw))
-    assert ({short for _, short in graphs.engine.runner.graphs.graphs} == {False, True})
+
+    def llm(**kw) -> LLM:
+        return LLM(config=EngineConfig(
+            model=str(tmp_path), device="cuda", dtype="float32",
+            cache=CacheConfig(num_blocks=512),
+            scheduler=SchedulerConfig(max_num_seqs=16, max_model_len=2048), **kw))
+
+    graphs, eager = llm(), llm(enforce_eager=True)
+    assert {short for _, short in graphs.engine.runner.graphs.graphs} == {False, True}
     want = [o.token_ids for o in eager.generate(prompts, GREEDY)]
     assert [o.token_ids for o in graphs.generate(prompts, GREEDY)] == want
 

@@ -1,0 +1,216 @@
+"""Decode attention with the rotary embedding and the KV store folded in: one launch per
+layer (plus the split-KV reduce) instead of a rotary/store kernel and then attention.
+
+At batch 1 a decode layer's non-matmul kernels are latency-bound, each a few
+microseconds plus a launch gap; the rotary/store kernel was one of six per layer.
+Here every program (sequence, head block, split) rotates its own q heads (rotation is
+per head, so no program needs another's), and the split holding the newest position
+(context_len - 1, the token being decoded) also rotates that token's k, adds the token
+to its softmax straight from registers, and stores k and v in the cache for later
+steps. The cache tiles it reads stop before that slot, so no program reads a slot that
+this launch writes. Numerics follow rotary_store_kv + paged_decode_attention: rotated q
+and k rounded to their dtype, then to the cache's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._utils import check_out, check_paged_attention_args, dot, dot_config, next_pow2
+from kernels.decode_attention import (
+    _LOG2E,
+    _decode_reduce_kernel,
+    decode_block_n,
+    decode_num_splits,
+    heads_per_program,
+    paged_decode_attention_ref,
+)
+from kernels.rotary_store_kv import rotary_store_kv_ref
+
+
+# fmt: off
+@triton.jit
+def _rotary_decode_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, table_ptr, cache_ptr, block_tables_ptr,
+    context_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    scale_log2,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_table,
+    stride_c01, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob, stride_oh,
+    num_heads, num_splits,
+    GROUP: tl.constexpr, HEADS_PER_PROG: tl.constexpr, BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIRECT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # fmt: on
+    seq = tl.program_id(0).to(tl.int64)
+    head0 = tl.program_id(1) * HEADS_PER_PROG
+    split = tl.program_id(2)
+    kv_head = head0 // GROUP
+    ctx = tl.load(context_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, ctx)
+    newest = ctx - 1  # the token being decoded: from registers, not from the cache
+    HALF: tl.constexpr = HEAD_DIM // 2
+    cdt = cache_ptr.dtype.element_ty
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HEAD_DIM)
+    g_mask = g < HEADS_PER_PROG
+    # x * cos + rotate_half(x) * sin, per dim: the partner of dim i is dim i +- HALF.
+    partner = (d + HALF) % HEAD_DIM
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    pos_table = table_ptr + tl.load(pos_ptr + seq).to(tl.int64) * stride_table
+    cos = tl.load(pos_table + d % HALF)
+    sin = tl.load(pos_table + HALF + d % HALF) * sign
+    q_rows = q_ptr + seq * stride_qb + (head0 + g)[:, None] * stride_qh
+    q_x = tl.load(q_rows + d[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
+    q_p = tl.load(q_rows + partner[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
+    q = (q_x * cos[None, :] + q_p * sin[None, :]).to(q_ptr.dtype.element_ty).to(cdt)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    kv_base = cache_ptr + kv_head.to(tl.int64) * stride_ch
+    cached_end = tl.minimum(end, newest)
+    for n0 in range(start, cached_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < cached_end
+        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        k_ptrs = kv_base + (block * stride_cb + (n % BLOCK_SIZE) * stride_cs)[:, None] + d[None, :]
+        k = tl.load(k_ptrs, mask=n_mask[:, None], other=0.0)
+        qk = dot(q, tl.trans(k), PREC, UPCAST) * scale_log2
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(k_ptrs + stride_c01, mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PREC, UPCAST)
+        m_i = m_new
+
+    if (newest >= start) & (newest < end):
+        k_row = k_ptr + seq * stride_kb + kv_head * stride_kh
+        k_new = tl.load(k_row + d).to(tl.float32) * cos + tl.load(k_row + partner).to(
+            tl.float32) * sin
+        k_new = k_new.to(k_ptr.dtype.element_ty).to(cdt)
+        v_new = tl.load(v_ptr + seq * stride_vb + kv_head * stride_vh + d).to(cdt)
+        qk_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
+        m_new = tl.maximum(m_i, qk_new)
+        alpha = tl.exp2(m_i - m_new)
+        p_new = tl.exp2(qk_new - m_new)
+        l_i = l_i * alpha + p_new
+        acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+        m_i = m_new
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        if (slot >= 0) & (head0 % GROUP == 0):  # one program per kv head stores it
+            dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+                   + kv_head.to(tl.int64) * stride_ch + d)
+            tl.store(dst, k_new)
+            tl.store(dst + stride_c01, v_new)
+
+    heads = head0 + g
+    if DIRECT:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        row = (seq * num_heads + heads) * num_splits + split
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+        tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+
+
+def rotary_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode token per sequence: q [B, H, D], k and v [B, KVH, D] not yet rotated
+    or stored (strided views of a QKV output are fine). Rotates q and k by `positions`,
+    writes k and v into `cache` [2, blocks, block_size, KVH, D] at `slot_mapping` (< 0:
+    not written), attends over the context_lens[b] tokens whose last is this one, and
+    returns out [B, H, D]. q, k and v are only read."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = check_paged_attention_args(q, cache, block_tables)
+    kv_shape = (batch, num_kv_heads, head_dim)
+    if tuple(k.shape) != kv_shape or tuple(v.shape) != kv_shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be {kv_shape}")
+    if positions.shape != (batch,) or slot_mapping.shape != (batch,):
+        raise ValueError("positions and slot_mapping need one entry per sequence")
+    if cos_sin_cache.shape[1] != head_dim or cos_sin_cache.dtype != torch.float32:
+        raise ValueError("cos_sin_cache must be float32 [max_pos, head_dim]")
+    if any(t.stride(-1) != 1 for t in (q, k, v, cos_sin_cache)):
+        raise ValueError("q, k, v and cos_sin_cache need a contiguous last dim")
+    out = check_out(out, q)
+    if batch == 0:
+        return out
+    group = num_heads // num_kv_heads
+    hpp = heads_per_program(group)
+    head_blocks = num_heads // hpp
+    if num_splits is None:
+        num_splits = decode_num_splits(
+            batch, head_blocks, block_tables.shape[1] * block_size, q.device
+        )
+    direct = num_splits == 1
+    prec, upcast = dot_config(cache.dtype)
+    if direct:
+        part_acc = part_ml = out  # unused placeholders
+    else:
+        part_acc = torch.empty(
+            (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+        )
+        part_ml = torch.empty(
+            (batch, num_heads, num_splits, 2), dtype=torch.float32, device=q.device
+        )
+    # fmt: off
+    _rotary_decode_kernel[(batch, head_blocks, num_splits)](
+        q, k, v, positions, slot_mapping, cos_sin_cache, cache, block_tables, context_lens,
+        out, part_acc, part_ml,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_sin_cache.stride(0),
+        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        num_heads, num_splits,
+        GROUP=group, HEADS_PER_PROG=hpp, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_N=decode_block_n(head_dim, cache.element_size()), DIRECT=direct, PREC=prec,
+        UPCAST=upcast, num_warps=4, num_stages=2,
+    )
+    if not direct:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads, num_splits,
+            HEAD_DIM=head_dim, BLOCK_S=next_pow2(num_splits), num_warps=4,
+        )
+    # fmt: on
+    return out
+
+
+def rotary_decode_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Pure torch: rotate and store (rotary_store_kv_ref), then attend."""
+    q_rot = rotary_store_kv_ref(q, k, v, positions, cos_sin_cache, cache, slot_mapping)
+    return paged_decode_attention_ref(q_rot, cache, block_tables, context_lens, scale)
