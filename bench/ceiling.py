@@ -30,18 +30,24 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 @torch.inference_mode()
-def linear_layers_step_s(model: torch.nn.Module, batch: int, iters: int = 50) -> float:
+def linear_layers_step_s(model: torch.nn.Module, batch: int, iters: int = 50,
+                         engine_ops: bool = False) -> float:
     """Seconds per replay of every matmul of one decode step (no attention, norms or
     activations) over the model's own weights, captured in one CUDA graph: what a
-    perfect engine still has to pay."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    dtype, dev = weights[0].dtype, weights[0].device
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=dtype, device=dev)
-              for w in weights}
+    perfect engine still has to pay. The matmuls are cuBLAS's (torch's F.linear), or
+    with `engine_ops` the engine's own (its GEMV kernel at batch 1)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    dtype, dev = layers[0].weight.dtype, layers[0].weight.device
+    inputs = {m.in_features: torch.randn(batch, m.in_features, dtype=dtype, device=dev)
+              for m in layers}
 
     def step() -> None:
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        for m in layers:
+            x = inputs[m.in_features]
+            if engine_ops:
+                m(x)
+            else:
+                torch.nn.functional.linear(x, m.weight)
 
     for _ in range(3):
         step()

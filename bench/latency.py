@@ -110,15 +110,21 @@ def run(args: argparse.Namespace, engine: Engine) -> dict:
 
         bw = copy_bandwidth_bytes_per_s(nbytes=256 << 20)  # fits beside the KV cache
         wbytes = weight_bytes(engine.model_config, engine.runner.dtype)
-        linear_s = linear_layers_step_s(engine.runner.model, args.batch_size)
+        cublas_s = linear_layers_step_s(engine.runner.model, args.batch_size)
+        ours_s = linear_layers_step_s(engine.runner.model, args.batch_size, engine_ops=True)
+        linear_s = min(cublas_s, ours_s)
         metrics.update({
             "copy_bandwidth_tb_s": round(bw / 1e12, 3),
             "weight_bytes_over_bandwidth_ms": round(wbytes / bw * 1e3, 3),
-            "linear_layers_graph_ms": round(linear_s * 1e3, 3),
+            # The ceiling: the linear layers alone as cuBLAS runs them...
+            "linear_layers_graph_ms": round(cublas_s * 1e3, 3),
+            # ...and as the engine runs them (its GEMV at batch 1); the faster counts.
+            "linear_layers_engine_graph_ms": round(ours_s * 1e3, 3),
             "ceiling_tokens_per_s": round(args.batch_size / linear_s, 2),
         })
         print(f"decode step {step_s * 1e3:.2f} ms; ceiling: weights/bandwidth "
-              f"{wbytes / bw * 1e3:.2f} ms, linear layers alone {linear_s * 1e3:.2f} ms")
+              f"{wbytes / bw * 1e3:.2f} ms, linear layers alone {cublas_s * 1e3:.2f} ms "
+              f"(cuBLAS), {ours_s * 1e3:.2f} ms (engine)")
     params = {"num_requests": args.batch_size, "batch_size": args.batch_size,
               "input_len": args.input_len, "output_len": args.output_len,
               "e2e_batch_size": args.e2e_batch_size, "e2e_input_len": args.e2e_input_len,

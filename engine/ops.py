@@ -30,6 +30,10 @@ class TorchOps:
         return self.rms_norm(residual, weight, eps), residual
 
     @staticmethod
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
     def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -69,6 +73,7 @@ class TritonOps(TorchOps):
     def __init__(self) -> None:
         from kernels import (
             fused_add_rms_norm,
+            gemv,
             paged_prefill_attention,
             rms_norm,
             rotary_decode_attention,
@@ -78,6 +83,7 @@ class TritonOps(TorchOps):
 
         self._rms_norm, self._add_rms_norm = rms_norm, fused_add_rms_norm
         self._silu_and_mul = silu_and_mul
+        self._gemv = gemv
         self._rotary_store_kv = rotary_store_kv
         self._rotary_decode, self._prefill = rotary_decode_attention, paged_prefill_attention
 
@@ -89,6 +95,13 @@ class TritonOps(TorchOps):
 
     def silu_and_mul(self, x):  # type: ignore[override]
         return self._silu_and_mul(x)
+
+    def linear(self, x, weight, bias):  # type: ignore[override]
+        # One token (batch-1 decode): a weight stream, faster as a GEMV than as cuBLAS's
+        # GEMM tiles (kernels/gemv.py). The interpreter would crawl through it on CPU.
+        if x.shape[0] == 1 and x.is_cuda and x.stride(-1) == 1:
+            return self._gemv(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def rope_tables(positions, inv_freq, cos_sin_cache, dtype):  # type: ignore[override]

@@ -3,6 +3,7 @@ pure-torch reference beside it. All run on CPU under TRITON_INTERPRET=1 (tests).
 
 from kernels.block_copy import pack_blocks, pack_blocks_ref, unpack_blocks, unpack_blocks_ref
 from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+from kernels.gemv import gemv, gemv_ref
 from kernels.kv_block_transfer import kv_block_transfer, kv_block_transfer_ref
 from kernels.kv_store import store_kv, store_kv_ref
 from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
@@ -23,6 +24,8 @@ __all__ = [
     "build_cos_sin_cache",
     "fused_add_rms_norm",
     "fused_add_rms_norm_ref",
+    "gemv",
+    "gemv_ref",
     "kv_block_transfer",
     "kv_block_transfer_ref",
     "pack_blocks",
