@@ -12,6 +12,9 @@ request from its own source blocks into its own reserved blocks); a round's figu
 N * request bytes over the wall time from the release of the threads to the last ack.
 Untimed warm-up rounds come first (connections, mappings, kernel compilation); the
 median of the next --iters rounds is reported. Cases over --max-gib (per side) are skipped.
+For cuda_ipc a row also counts the copy kernel launches per round and the host time
+spent launching them (the sender's copy_stats): concurrent requests into one receiver
+share launches, so N requests in fewer than N launches shows it happened.
 
 Ceilings, measured in the same run: the device copy bandwidth for cuda_ipc (torch copy
 on the sender's GPU, or a peer copy to the receiver's GPU when they differ), the host
@@ -37,6 +40,7 @@ from bench.results import write_result
 from bench.transfer_peers import CacheShape, Receiver, nccl_p2p_bytes_per_s
 from core.protocol import ReserveRequest
 from kvtransfer import TransferState, layout_of, make_sender, ship
+from kvtransfer.cuda_ipc_copy import CopyCounts, CopyStats
 
 MODEL = "llama-3.1-8b"
 CEILING_OF = {"zmq": "host_memcpy", "cuda_ipc": "device_copy", "nccl": "nccl_p2p"}
@@ -159,6 +163,7 @@ def run_backend(
             # compilation happen once, not in N threads at once), then a full round.
             run_round(sender, receiver.address, Case(backend, case.tokens, 1), views, args.timeout)
             run_round(sender, receiver.address, case, views, args.timeout)
+            before = _copy_counts(sender)
             rounds = [
                 run_round(sender, receiver.address, case, views, args.timeout)
                 for _ in range(args.iters)
@@ -173,13 +178,35 @@ def run_backend(
                     "seconds_median": statistics.median(rounds),
                     "gb_per_s": round(statistics.median(gbps), 3),
                     "rounds_gb_per_s": [round(g, 3) for g in gbps],
+                    **_launches_per_round(before, _copy_counts(sender), args.iters),
                 }
             )
-            print(f"{case.key}: {rows[-1]['gb_per_s']:.2f} GB/s")
+            launches = rows[-1].get("launches_per_round")
+            shared = "" if launches is None else f" ({launches:g} launches per round)"
+            print(f"{case.key}: {rows[-1]['gb_per_s']:.2f} GB/s{shared}")
     finally:
         sender.close()
         receiver.stop()
     return rows
+
+
+def _copy_counts(sender: object) -> CopyCounts | None:
+    """The cuda_ipc sender's kernel launch totals (other backends launch no copy)."""
+    stats = getattr(sender, "copy_stats", None)
+    return stats.snapshot() if isinstance(stats, CopyStats) else None
+
+
+def _launches_per_round(
+    before: CopyCounts | None, after: CopyCounts | None, rounds: int
+) -> dict[str, float]:
+    """How concurrent transfers coalesced: copy launches per round (1 is one launch for
+    all N requests, N is none shared), and the launching leaders' host time per round."""
+    if before is None or after is None:
+        return {}
+    return {
+        "launches_per_round": (after.launches - before.launches) / rounds,
+        "launch_host_ms_per_round": round((after.host_s - before.host_s) * 1e3 / rounds, 4),
+    }
 
 
 def host_memcpy_bytes_per_s(nbytes: int, iters: int = 5) -> float:
@@ -315,6 +342,8 @@ def run(args: argparse.Namespace) -> dict:
     if (ipc := _at_2048(rows, "cuda_ipc")) is not None:
         metrics["cuda_ipc_fraction_of_copy_bw"] = ipc["fraction_of_ceiling"]
         metrics["cuda_ipc_fraction_case"] = f"2048 tokens x {ipc['requests']} requests"
+        metrics["cuda_ipc_launches_per_round"] = ipc["launches_per_round"]
+        metrics["cuda_ipc_launch_host_ms_per_round"] = ipc["launch_host_ms_per_round"]
     if "cuda_ipc" in backends:
         kernel = kernel_bytes_per_s(source, min(128, source.shape[2]))
         metrics["cuda_ipc_kernel_gb_per_s"] = round(kernel / 1e9, 3)

@@ -11,9 +11,12 @@ How it works
 - Prefill (CudaIpcKVSender): reserve() remembers the export each reservation's block
   ids belong to. send_blocks() maps that export on first use (cached per receiver
   address, replaced when the receiver's incarnation changes), checks its layout against
-  the local cache, copies every layer's blocks with one kernel launch on the current
-  stream (the one the prefill forward wrote the KV on), waits for the copy to finish,
-  then sends the in_place header and awaits the ack. The wait comes first so decode
+  the local cache and the block ids against both caches, and hands the copy to the
+  mapping's BlockCopier (cuda_ipc_copy): transfers running at once into one cache share
+  a kernel launch over every layer's blocks, ordered after the callers' streams (where
+  the prefill forward wrote the KV). send_blocks returns once the launch carrying its
+  blocks has finished, after posting the in_place header one way; a refusal surfaces at
+  the Handoff that follows it on the same connection. The wait comes first so decode
   never reads half-written blocks.
 
 Why the export id: block ids mean something only in the cache that granted them. A
@@ -45,7 +48,6 @@ from dataclasses import dataclass
 from typing import cast
 
 import msgspec
-import numpy as np
 import torch
 
 from core.protocol import (
@@ -62,7 +64,8 @@ from core.protocol import (
     encode,
 )
 from kvtransfer.base import Inbound, TransferError
-from kvtransfer.pack import _check_block_ids, dtype_from_name, dtype_name
+from kvtransfer.cuda_ipc_copy import BlockCopier, CopyStats
+from kvtransfer.pack import check_block_ids, dtype_from_name, dtype_name
 from kvtransfer.wire import MAX_KV_PAYLOAD_BYTES, RECEIVABLE
 from kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
 
@@ -206,28 +209,6 @@ def export_mismatch(export: CudaIpcExport, local: torch.Tensor) -> str | None:
     return None
 
 
-def _copy_blocks(
-    src: torch.Tensor, dst: torch.Tensor, src_ids: Sequence[int], dst_ids: Sequence[int]
-) -> None:
-    """One launch for every layer, then wait for it: the ack must follow the bytes."""
-    from kernels.kv_block_transfer import kv_block_transfer  # triton: only where used
-
-    ids = torch.from_numpy(np.array([src_ids, dst_ids], dtype=np.int32))
-    if src.device.type != "cuda":
-        kv_block_transfer(src, dst, ids)  # tests map a CPU "export" under the interpreter
-        return
-    with torch.cuda.device(src.device):
-        # Pinned, so the ids' copy is asynchronous too; torch keeps the pinned block
-        # until that copy has run.
-        ids = ids.pin_memory().to(src.device, non_blocking=True)
-        kv_block_transfer(src, dst, ids)
-        done = torch.cuda.Event()
-        done.record()
-    # Not bounded by the transfer timeout: returning while the copy still runs would let
-    # the receiver reuse blocks under it. The copy's duration does not depend on the peer.
-    done.synchronize()
-
-
 class CudaIpcKVReceiver(ZmqKVReceiver):
     in_place = True
     accepts = (*RECEIVABLE, ExportRequest)
@@ -295,6 +276,7 @@ class CudaIpcKVReceiver(ZmqKVReceiver):
 class _Mapping:
     export_id: str
     cache: torch.Tensor  # the receiver's stacked cache, mapped on the sender's device
+    copier: BlockCopier  # every copy into `cache`: concurrent ones share launches
 
 
 class CudaIpcKVSender(ZmqKVSender):
@@ -308,6 +290,7 @@ class CudaIpcKVSender(ZmqKVSender):
         # The last caches seen and their stacked tensor: the worker passes the same
         # views every time, and checking 32 of them costs more than the ack round trip.
         self._source: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
+        self.copy_stats = CopyStats()
 
     def reserve(self, address: str, req: ReserveRequest, timeout_s: float) -> ReserveReply:
         reply = super().reserve(address, req, timeout_s)
@@ -357,7 +340,7 @@ class CudaIpcKVSender(ZmqKVSender):
         if len(src_block_ids) != len(dst_block_ids):
             raise ValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)}")
         src = self._stacked(kv_caches)
-        _check_block_ids(src_block_ids, src.shape[2])
+        src_ids = check_block_ids(src_block_ids, src.shape[2])
         with self._state_lock:
             export_id = self._reserved.pop((address, request_id), None)
         if export_id is None:
@@ -366,13 +349,13 @@ class CudaIpcKVSender(ZmqKVSender):
             raise TransferError(
                 f"the receiver at {address} exports no KV cache (not a cuda_ipc receiver)"
             )
-        dst = self._mapped(address, export_id, src, deadline)
+        mapping = self._mapped(address, export_id, src, deadline)
         try:
-            _check_block_ids(dst_block_ids, dst.shape[2])
+            dst_ids = check_block_ids(dst_block_ids, mapping.cache.shape[2])
         except ValueError as exc:
             raise TransferError(f"reserved blocks from {address} are invalid: {exc}") from None
-        if src_block_ids:
-            _copy_blocks(src, dst, src_block_ids, dst_block_ids)
+        if src_ids.size:
+            mapping.copier.copy(src, src_ids, dst_ids)
         header = KVTransfer(
             request_id=request_id,
             block_ids=list(dst_block_ids),
@@ -381,7 +364,7 @@ class CudaIpcKVSender(ZmqKVSender):
             in_place=True,
             export_id=export_id,
         )
-        # The bytes are in the receiver's memory once _copy_blocks returns, so the header
+        # The bytes are in the receiver's memory once copy() returns, so the header
         # goes one way: no round trip per transfer. It travels on the same connection as
         # the Handoff that follows, so it arrives first; if the receiver refuses it, the
         # Handoff is refused too ("KV not received"), and that is where it surfaces. The
@@ -408,11 +391,10 @@ class CudaIpcKVSender(ZmqKVSender):
         self._source = (tuple(kv_caches), src)
         return src
 
-    def _mapped(
-        self, address: str, export_id: str, src: torch.Tensor, deadline: float
-    ) -> torch.Tensor:
-        """The receiver's cache as exported under `export_id`, mapped on src's device.
-        One export request per address at a time; concurrent callers reuse its result."""
+    def _mapped(self, address: str, export_id: str, src: torch.Tensor, deadline: float) -> _Mapping:
+        """The receiver's cache as exported under `export_id`, mapped on src's device,
+        with its copier. One export request per address at a time; concurrent callers
+        reuse its result."""
         with self._state_lock:
             lock = self._map_locks.setdefault(address, threading.Lock())
         if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
@@ -424,7 +406,7 @@ class CudaIpcKVSender(ZmqKVSender):
 
     def _map_locked(
         self, address: str, export_id: str, src: torch.Tensor, deadline: float
-    ) -> torch.Tensor:
+    ) -> _Mapping:
         with self._state_lock:
             mapping = self._mappings.get(address)
         if (
@@ -432,7 +414,7 @@ class CudaIpcKVSender(ZmqKVSender):
             and mapping.export_id == export_id
             and mapping.cache.device == src.device
         ):
-            return mapping.cache
+            return mapping
         export = self._fetch_export(address, deadline)
         if export.export_id != export_id:
             raise TransferError(
@@ -444,10 +426,11 @@ class CudaIpcKVSender(ZmqKVSender):
         if why is not None:
             raise TransferError(f"cannot write the KV cache of {address}: {why}")
         cache = open_export(export, src.device)
+        mapping = _Mapping(export_id, cache, BlockCopier(cache, self.copy_stats))
         with self._state_lock:
-            self._mappings[address] = _Mapping(export_id, cache)
+            self._mappings[address] = mapping
         log.info("mapped the KV cache of %s (export %s) on %s", address, export_id, src.device)
-        return cache
+        return mapping
 
     def _fetch_export(self, address: str, deadline: float) -> CudaIpcExport:
         token = uuid.uuid4().hex

@@ -107,7 +107,7 @@ def pack_blocks(
         raise ValueError("no KV cache layers")
     first = kv_caches[0]
     _check_cache_shape(first)
-    _check_block_ids(block_ids, first.shape[1])
+    check_block_ids(block_ids, first.shape[1])
     shape = packed_shape(kv_caches, len(block_ids))
     if out is None:
         out = torch.empty(shape, dtype=first.dtype, device=first.device)
@@ -139,7 +139,7 @@ def unpack_blocks(
         raise ValueError("no KV cache layers")
     first = kv_caches[0]
     _check_cache_shape(first)
-    _check_block_ids(block_ids, first.shape[1])
+    check_block_ids(block_ids, first.shape[1])
     shape = packed_shape(kv_caches, len(block_ids))
     if tuple(packed.shape) != shape:
         raise ValueError(f"packed KV is {tuple(packed.shape)}, caches need {shape}")
@@ -203,15 +203,38 @@ def _check_cache_shape(cache: torch.Tensor) -> None:
         )
 
 
-def _check_block_ids(block_ids: Sequence[int], num_blocks: int) -> None:
-    # Checked on the host: an out-of-range index on a GPU is a device-side assert that
-    # poisons the whole CUDA context, and duplicate destinations make index_copy_ racy.
+def check_block_ids(block_ids: Sequence[int], num_blocks: int) -> np.ndarray:
+    """`block_ids` as an int64 array; ValueError unless they are distinct integers in
+    [0, num_blocks).
+
+    Checked on the host: an out-of-range index on a GPU is a device-side assert that
+    poisons the whole CUDA context (or, in the cuda_ipc copy kernel, a write past the
+    peer's cache), and duplicate destinations make the copy racy.
+    """
+    ids = np.asarray(block_ids)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iub"):
+        # Rare (floats, objects, nesting, ints past 64 bits): checked one by one, so the
+        # error names the first offender.
+        ids = np.array(_each_as_int(block_ids, num_blocks), dtype=np.int64)
+    if ids.size == 0:
+        return np.empty(0, dtype=np.int64)
+    outside = (ids < 0) | (ids >= num_blocks)
+    if outside.any():
+        raise ValueError(f"block id {ids[outside][0]} out of range [0, {num_blocks})")
+    ordered = np.sort(ids)
+    if (ordered[1:] == ordered[:-1]).any():
+        raise ValueError("block ids repeat")
+    return ids.astype(np.int64, copy=False)
+
+
+def _each_as_int(block_ids: Sequence[int], num_blocks: int) -> list[int]:
+    ints = []
     for block_id in block_ids:
         try:
-            operator.index(block_id)
+            value = operator.index(block_id)
         except TypeError:
             raise ValueError(f"block id {block_id!r} is not an integer") from None
-        if not 0 <= block_id < num_blocks:
-            raise ValueError(f"block id {block_id} out of range [0, {num_blocks})")
-    if len(set(block_ids)) != len(block_ids):
-        raise ValueError("block ids repeat")
+        if not 0 <= value < num_blocks:
+            raise ValueError(f"block id {value} out of range [0, {num_blocks})")
+        ints.append(value)
+    return ints

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import transfer
+from kvtransfer import ZmqKVSender
+from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -52,3 +56,18 @@ def test_zmq_transfer_bench_writes_a_complete_result(tmp_path: Path):
         assert case["ceiling"] == "host_memcpy" and case["fraction_of_ceiling"] > 0
         assert case["bytes"] == case["tokens"] * case["requests"] * 128 * 1024
     assert record["params"]["kv_shape"]["bytes_per_token"] == 128 * 1024
+
+
+def test_rows_count_copy_launches_of_the_cuda_ipc_sender_only():
+    ipc, plain = CudaIpcKVSender("bench-ipc"), ZmqKVSender("bench-zmq")
+    try:
+        before = transfer._copy_counts(ipc)
+        ipc.copy_stats.add(jobs=16, host_s=0.0002)
+        ipc.copy_stats.add(jobs=16, host_s=0.0004)
+        row = transfer._launches_per_round(before, transfer._copy_counts(ipc), rounds=2)
+        assert row == {"launches_per_round": 1.0, "launch_host_ms_per_round": 0.3}
+        zmq_counts = transfer._copy_counts(plain)
+        assert zmq_counts is None and transfer._launches_per_round(zmq_counts, None, 2) == {}
+    finally:
+        ipc.close()
+        plain.close()

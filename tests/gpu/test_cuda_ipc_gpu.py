@@ -1,13 +1,18 @@
 """The cuda_ipc transport on real GPUs (`pytest -m gpu`): a receiver process exports its
 cache, this process maps it and writes random blocks, the receiver checks them bit for
 bit; a receiver restarted on the same address is mapped afresh; and the whole service
-gives the same greedy tokens over cuda_ipc as over zmq."""
+gives the same greedy tokens over cuda_ipc as over zmq; 16 threads sending at once share
+kernel launches and still land every byte."""
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -21,6 +26,8 @@ from tests.kvtransfer.decode_stub import DecodeStub
 from tests.service.conftest import generate, start_service, stop_service
 
 pytestmark = pytest.mark.gpu
+# The module, not the function that kernels/__init__ exports under the same name.
+kernel = importlib.import_module("kernels.kv_block_transfer")
 
 # Llama-3.1-8B's block shape over fewer layers, so the host-side check stays quick.
 LAYERS, BLOCK, HEADS, DIM = 8, 16, 8, 128
@@ -97,17 +104,20 @@ class Receiver:
             self.proc.kill()
 
 
+def _reserve(sender: CudaIpcKVSender, address: str, rid: str, blocks: int) -> list[int]:
+    req = ReserveRequest(request_id=rid, num_tokens=blocks * BLOCK, layout=_layout(), lease_s=30)
+    reply = sender.reserve(address, req, 30.0)
+    assert reply.ok, reply.reason
+    return reply.block_ids
+
+
 def _send(
     sender: CudaIpcKVSender, address: str, rid: str, src: torch.Tensor, src_ids: list[int]
 ) -> list[int]:
-    req = ReserveRequest(
-        request_id=rid, num_tokens=len(src_ids) * BLOCK, layout=_layout(), lease_s=30
-    )
-    reply = sender.reserve(address, req, 30.0)
-    assert reply.ok, reply.reason
-    transfer = ship(sender, address, rid, list(src.unbind(0)), src_ids, reply.block_ids, 30.0)
+    dst_ids = _reserve(sender, address, rid, len(src_ids))
+    transfer = ship(sender, address, rid, list(src.unbind(0)), src_ids, dst_ids, 30.0)
     assert transfer.state is TransferState.DONE, transfer.reason
-    return reply.block_ids
+    return dst_ids
 
 
 @pytest.mark.parametrize(
@@ -119,8 +129,10 @@ def _send(
 )
 def test_blocks_written_across_processes_are_bit_exact(tmp_path: Path, seed, receiver_device):
     if torch.cuda.device_count() <= torch.device(receiver_device).index:
-        pytest.fail(f"{receiver_device} needs {torch.device(receiver_device).index + 1} GPUs, "
-                    f"found {torch.cuda.device_count()}")
+        pytest.fail(
+            f"{receiver_device} needs {torch.device(receiver_device).index + 1} GPUs, "
+            f"found {torch.cuda.device_count()}"
+        )
     address = f"ipc://{tmp_path}/decode.sock"
     src = _source(seed).to("cuda:0")
     sender = CudaIpcKVSender("prefill-0")
@@ -156,15 +168,92 @@ def test_receiver_restarted_on_the_same_address_is_mapped_afresh(tmp_path: Path,
         sender.close()
 
 
+THREADS, PER_THREAD = 16, 16  # 256 source blocks, each sent once
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["free-running", "first-launch-held"])
+def test_concurrent_transfers_from_their_own_streams_are_bit_exact(
+    tmp_path: Path, seed, monkeypatch: pytest.MonkeyPatch, held: bool
+):
+    """16 threads at once, one shared sender (the bench's round). Each thread writes its
+    source blocks on its own stream behind a ~20 ms GPU sleep and ships at once: bytes
+    land only if the copy waits for the caller's stream. Held: the first launch waits
+    until the other jobs are queued, so the second launch carries all of theirs."""
+    address = f"ipc://{tmp_path}/decode.sock"
+    truth = _source(seed).to("cuda:0")
+    src = torch.full_like(truth, float("nan"))
+    sender = CudaIpcKVSender("prefill-0")
+    receiver = Receiver(address, "cuda:0", seed)
+    try:
+        # Mapping and kernel compilation happen once, not in 16 threads at once.
+        src[:, :, :1] = truth[:, :, :1]
+        warm_dst = _send(sender, address, "warm", src, [0])
+        perm = torch.randperm(SRC_BLOCKS).tolist()
+        src_ids = [perm[i * PER_THREAD : (i + 1) * PER_THREAD] for i in range(THREADS)]
+        dst_ids = [_reserve(sender, address, f"r{i}", PER_THREAD) for i in range(THREADS)]
+        copier = sender._mappings[address].copier
+        if held:
+            real = kernel.kv_block_transfer
+            first: list[int] = []
+
+            def hold_first(s: torch.Tensor, d: torch.Tensor, ids: torch.Tensor) -> None:
+                if not first:
+                    first.append(ids.shape[1] // PER_THREAD)
+                    deadline = time.monotonic() + 30
+                    while len(copier._queue) + first[0] < THREADS:
+                        assert time.monotonic() < deadline, "the other jobs never queued"
+                        time.sleep(0.001)
+                real(s, d, ids)
+
+            monkeypatch.setattr(kernel, "kv_block_transfer", hold_first)
+        before = sender.copy_stats.snapshot()
+        start = threading.Barrier(THREADS)
+        views = list(src.unbind(0))  # the same views every time, as the worker passes
+
+        def one(i: int) -> TransferState:
+            stream = torch.cuda.Stream()
+            start.wait()
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(40_000_000)  # ~20 ms: long after the launch, if unordered
+                src[:, :, src_ids[i]] = truth[:, :, src_ids[i]]
+                t = ship(sender, address, f"r{i}", views, src_ids[i], dst_ids[i], 30.0)
+            return t.state
+
+        with ThreadPoolExecutor(THREADS) as pool:
+            states = list(pool.map(one, range(THREADS)))
+        assert states == [TransferState.DONE] * THREADS
+        launches = sender.copy_stats.snapshot().launches - before.launches
+        assert 1 <= launches <= THREADS
+        if held:
+            assert launches == 2
+        every_src = [0] + [b for ids in src_ids for b in ids]
+        every_dst = warm_dst + [b for ids in dst_ids for b in ids]
+        assert receiver.check(every_src, every_dst), f"seed={seed} launches={launches}"
+    finally:
+        receiver.stop()
+        sender.close()
+
+
 # Token-id prompts for a dummy-weight model: the GPU machine carries no checkpoint.
 PROMPTS = [[(17 * i + 3 * j) % 1000 + 10 for j in range(n)] for i, n in enumerate((40, 7, 130))]
 
 
 def _greedy_tokens(transport: str) -> list[list[int]]:
     svc = start_service(
-        "--model", "qwen3-0.6b", "--load-format", "dummy",
-        "--device", "cuda", "--kv-transport", transport,
-        "--num-blocks", "512", "--max-num-seqs", "8", "--max-model-len", "1024",
+        "--model",
+        "qwen3-0.6b",
+        "--load-format",
+        "dummy",
+        "--device",
+        "cuda",
+        "--kv-transport",
+        transport,
+        "--num-blocks",
+        "512",
+        "--max-num-seqs",
+        "8",
+        "--max-model-len",
+        "1024",
     )
     try:
         stub = svc.stub()

@@ -19,8 +19,11 @@ from kvtransfer import (
     KVSender,
     ZmqKVReceiver,
     ZmqKVSender,
+    cuda_ipc_backend,
 )
+from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
 from kvtransfer.wire import parse_reply
+from tests.kvtransfer.cuda_ipc_fakes import FakeIpc
 
 TRANSPORTS = ["zmq-tcp", "zmq-ipc", "fake"]
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -140,3 +143,24 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+@pytest.fixture
+def fake_ipc(monkeypatch: pytest.MonkeyPatch) -> FakeIpc:
+    """cuda_ipc's export and mapping stood in (see cuda_ipc_fakes)."""
+    fake = FakeIpc()
+    monkeypatch.setattr(cuda_ipc_backend, "share_cache", fake.share)
+    monkeypatch.setattr(cuda_ipc_backend, "open_export", fake.open)
+    return fake
+
+
+@pytest.fixture
+def ipc_address(tmp_path: Path) -> str:
+    return f"ipc://{tmp_path}/decode.sock"
+
+
+@pytest.fixture
+def ipc_sender() -> Iterator[CudaIpcKVSender]:
+    built = CudaIpcKVSender("prefill-0")
+    yield built
+    built.close()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +14,13 @@ import zmq
 
 from core.protocol import (
     ControlMessage,
-    CudaIpcExport,
     ExportReply,
     ExportRequest,
-    Handoff,
     KVTransfer,
-    PrefillTask,
     ReserveReply,
-    ReserveRequest,
     decode,
     encode,
 )
-from core.sampling_params import SamplingParams
 from kvtransfer import TransferError, TransferState, ZmqKVReceiver, layout_of, ship
 from kvtransfer import cuda_ipc_backend as ipc
 from kvtransfer.cuda_ipc_backend import (
@@ -36,121 +29,29 @@ from kvtransfer.cuda_ipc_backend import (
     export_mismatch,
     stacked_cache,
 )
-from kvtransfer.pack import dtype_name
 from kvtransfer.wire import RejectedFrame, parse_inbound, parse_reply
 from tests.kvtransfer.conftest import bits
+from tests.kvtransfer.cuda_ipc_fakes import (
+    BLOCK,
+    DIM,
+    DST_BLOCKS,
+    HEADS,
+    LAYERS,
+    SRC_BLOCKS,
+    Decode,
+    fake_export,
+    handoff,
+    kv_cache,
+    reserve,
+    untouched,
+)
 from tests.kvtransfer.decode_stub import DecodeStub
-
-LAYERS, BLOCK, HEADS, DIM = 3, 4, 2, 8
-SRC_BLOCKS, DST_BLOCKS = 10, 12
-
-
-def _cache(blocks: int, dtype: torch.dtype, fill: float | None = None, **shape) -> torch.Tensor:
-    dims = dict(layers=LAYERS, block=BLOCK, heads=HEADS, dim=DIM) | shape
-    size = (dims["layers"], 2, blocks, dims["block"], dims["heads"], dims["dim"])
-    if fill is None:
-        return torch.randn(size).to(dtype)
-    return torch.full(size, fill, dtype=dtype)
-
-
-def _export(cache: torch.Tensor, export_id: str = "e1", **override) -> CudaIpcExport:
-    fields = dict(
-        export_id=export_id,
-        device_uuid="cpu",
-        handle=export_id.encode(),
-        storage_bytes=cache.untyped_storage().nbytes(),
-        storage_offset_bytes=0,
-        ref_counter=b"",
-        ref_counter_offset=0,
-        dtype=dtype_name(cache.dtype),
-        shape=list(cache.shape),
-        stride=list(cache.stride()),
-        offset=cache.storage_offset(),
-    )
-    return CudaIpcExport(**(fields | override))
-
-
-class FakeIpc:
-    """Stands in for `_share_cuda_` / `_new_shared_cuda`: the "mapping" of an export is
-    the exported tensor itself, as the receiver and sender share this process."""
-
-    def __init__(self) -> None:
-        self.exported: dict[bytes, torch.Tensor] = {}
-        self.opened: list[str] = []
-
-    def share(self, cache: torch.Tensor, export_id: str) -> CudaIpcExport:
-        self.exported[export_id.encode()] = cache
-        return _export(cache, export_id)
-
-    def open(self, export: CudaIpcExport, device: torch.device) -> torch.Tensor:
-        self.opened.append(export.export_id)
-        return self.exported[export.handle]
-
-
-@pytest.fixture
-def fake_ipc(monkeypatch: pytest.MonkeyPatch) -> FakeIpc:
-    fake = FakeIpc()
-    monkeypatch.setattr(ipc, "share_cache", fake.share)
-    monkeypatch.setattr(ipc, "open_export", fake.open)
-    return fake
-
-
-class Decode:
-    """A cuda_ipc receiver with its own poisoned cache, answering like a decode worker."""
-
-    def __init__(self, address: str, dtype: torch.dtype, free: list[int] | None = None, **shape):
-        self.cache = _cache(DST_BLOCKS, dtype, float("nan"), **shape)
-        self.receiver = CudaIpcKVReceiver(address)
-        self.receiver.attach_kv_caches(list(self.cache.unbind(0)))
-        layout = layout_of(list(_cache(1, dtype).unbind(0)), "tiny", BLOCK)
-        free = list(range(DST_BLOCKS - 1, -1, -1)) if free is None else free
-        self.stub = DecodeStub(self.receiver, list(self.cache.unbind(0)), layout, free)
-        self.stub.__enter__()
-
-    def close(self) -> None:
-        self.stub.__exit__(None, None, None)
-        self.receiver.close()
-
-
-@pytest.fixture
-def ipc_address(tmp_path: Path) -> str:
-    return f"ipc://{tmp_path}/decode.sock"
-
-
-@pytest.fixture
-def sender() -> Iterator[CudaIpcKVSender]:
-    built = CudaIpcKVSender("prefill-0")
-    yield built
-    built.close()
-
-
-def _reserve(
-    sender: CudaIpcKVSender, address: str, rid: str, n: int, dtype: torch.dtype = torch.float32
-) -> ReserveReply:
-    layout = layout_of(list(_cache(1, dtype).unbind(0)), "tiny", BLOCK)
-    req = ReserveRequest(request_id=rid, num_tokens=n * BLOCK, layout=layout, lease_s=5)
-    reply = sender.reserve(address, req, 5.0)
-    assert reply.ok, reply.reason
-    return reply
-
-
-def _handoff(sender: CudaIpcKVSender, address: str, rid: str, timeout_s: float = 5.0):
-    task = PrefillTask(request_id=rid, prompt_token_ids=[1, 2, 3],
-                       sampling=SamplingParams(max_tokens=4), reply_stream="r",
-                       deadline=time.time() + 60)
-    return sender.handoff(address, Handoff(task=task, output_token_ids=[5],
-                                           num_computed_tokens=3), timeout_s)
-
-
-def _untouched(cache: torch.Tensor, written: list[int]) -> bool:
-    rest = [b for b in range(cache.shape[2]) if b not in written]
-    return bool(cache[:, :, rest].isnan().all())
 
 
 # -- messages ------------------------------------------------------------------------------
 def test_export_messages_round_trip_typed():
-    cache = _cache(2, torch.bfloat16)
-    reply = ExportReply(request_id="t", ok=True, export=_export(cache, handle=b"\x00\xff" * 40))
+    cache = kv_cache(2, torch.bfloat16)
+    reply = ExportReply(request_id="t", ok=True, export=fake_export(cache, handle=b"\x00\xff" * 40))
     assert decode(encode(reply), ControlMessage) == reply
     assert decode(encode(ExportRequest(request_id="t")), ControlMessage) == ExportRequest(
         request_id="t"
@@ -179,7 +80,7 @@ def test_only_a_cuda_ipc_receiver_accepts_export_requests():
 
 # -- the cache tensor and its layout -------------------------------------------------------
 def test_stacked_cache_recovers_the_engines_single_tensor():
-    base = _cache(SRC_BLOCKS, torch.float32)
+    base = kv_cache(SRC_BLOCKS, torch.float32)
     stacked = stacked_cache(list(base.unbind(0)))
     assert stacked.data_ptr() == base.data_ptr() and torch.equal(stacked, base)
     window = torch.zeros(5, 2, 3, 4, 2, 8)[1:4]  # views of a bigger tensor, offset by one layer
@@ -202,18 +103,18 @@ def test_stacked_cache_refuses_anything_else(views):
 
 
 def test_export_layout_may_differ_in_blocks_only():
-    local = _cache(SRC_BLOCKS, torch.bfloat16)
-    assert export_mismatch(_export(_cache(DST_BLOCKS, torch.bfloat16)), local) is None
+    local = kv_cache(SRC_BLOCKS, torch.bfloat16)
+    assert export_mismatch(fake_export(kv_cache(DST_BLOCKS, torch.bfloat16)), local) is None
     cases = {
-        "float32": _export(_cache(4, torch.float32)),
-        "layers": _export(_cache(4, torch.bfloat16, layers=2)),
-        "kv_heads": _export(_cache(4, torch.bfloat16, heads=1)),
-        "head_dim": _export(_cache(4, torch.bfloat16, dim=16)),
-        "block_size": _export(_cache(4, torch.bfloat16, block=8)),
-        "not contiguous": _export(_cache(4, torch.bfloat16), stride=[1, 1, 1, 1, 1, 1]),
-        "past its storage": _export(_cache(4, torch.bfloat16), offset=1),
-        "unsupported": _export(_cache(4, torch.bfloat16), dtype="object"),
-        "not \\[layers": _export(_cache(4, torch.bfloat16), shape=[3, 2, 4, 4, 16]),
+        "float32": fake_export(kv_cache(4, torch.float32)),
+        "layers": fake_export(kv_cache(4, torch.bfloat16, layers=2)),
+        "kv_heads": fake_export(kv_cache(4, torch.bfloat16, heads=1)),
+        "head_dim": fake_export(kv_cache(4, torch.bfloat16, dim=16)),
+        "block_size": fake_export(kv_cache(4, torch.bfloat16, block=8)),
+        "not contiguous": fake_export(kv_cache(4, torch.bfloat16), stride=[1, 1, 1, 1, 1, 1]),
+        "past its storage": fake_export(kv_cache(4, torch.bfloat16), offset=1),
+        "unsupported": fake_export(kv_cache(4, torch.bfloat16), dtype="object"),
+        "not \\[layers": fake_export(kv_cache(4, torch.bfloat16), shape=[3, 2, 4, 4, 16]),
     }
     for why, export in cases.items():
         reason = export_mismatch(export, local)
@@ -225,49 +126,51 @@ def test_receiver_without_cuda_says_to_use_zmq():
     receiver = CudaIpcKVReceiver()
     try:
         with pytest.raises(ValueError, match="zmq"):
-            receiver.attach_kv_caches(list(_cache(2, torch.float32).unbind(0)))
+            receiver.attach_kv_caches(list(kv_cache(2, torch.float32).unbind(0)))
     finally:
         receiver.close()
 
 
 def test_mapping_without_cuda_is_a_transfer_error():
     with pytest.raises(ipc.TransferError, match="zmq"):
-        ipc.open_export(_export(_cache(2, torch.float32)), torch.device("cpu"))
+        ipc.open_export(fake_export(kv_cache(2, torch.float32)), torch.device("cpu"))
 
 
 # -- the protocol, end to end --------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_blocks_land_bit_exact_and_the_mapping_is_reused(fake_ipc, sender, ipc_address, dtype):
+def test_blocks_land_bit_exact_and_the_mapping_is_reused(fake_ipc, ipc_sender, ipc_address, dtype):
     decode_ = Decode(ipc_address, dtype)
-    src = _cache(SRC_BLOCKS, dtype)
+    src = kv_cache(SRC_BLOCKS, dtype)
     try:
         written: list[int] = []
         for rid, src_ids in (("a", [7, 2, 9]), ("b", [0, 5])):
-            dst_ids = _reserve(sender, ipc_address, rid, len(src_ids), dtype).block_ids
+            dst_ids = reserve(ipc_sender, ipc_address, rid, len(src_ids), dtype).block_ids
             assert all(isinstance(b, int) for b in dst_ids)
-            t = ship(sender, ipc_address, rid, list(src.unbind(0)), src_ids, dst_ids, 5.0)
+            t = ship(ipc_sender, ipc_address, rid, list(src.unbind(0)), src_ids, dst_ids, 5.0)
             assert t.state is TransferState.DONE, t.reason
             assert torch.equal(bits(decode_.cache[:, :, dst_ids]), bits(src[:, :, src_ids]))
             # The header went one way; the handoff behind it finds the blocks filled.
-            assert _handoff(sender, ipc_address, rid).ok
+            assert handoff(ipc_sender, ipc_address, rid).ok
             written += dst_ids
-        assert _untouched(decode_.cache, written)
+        assert untouched(decode_.cache, written)
         assert decode_.stub.filled == {"a", "b"}
         assert fake_ipc.opened == [decode_.receiver.export_id]  # mapped once
     finally:
         decode_.close()
 
 
-def test_restarted_receiver_is_mapped_afresh(fake_ipc, sender, ipc_address):
-    src = _cache(SRC_BLOCKS, torch.float32)
+def test_restarted_receiver_is_mapped_afresh(fake_ipc, ipc_sender, ipc_address):
+    src = kv_cache(SRC_BLOCKS, torch.float32)
     first = Decode(ipc_address, torch.float32)
-    dst = _reserve(sender, ipc_address, "a", 2).block_ids
-    assert ship(sender, ipc_address, "a", list(src.unbind(0)), [1, 2], dst, 5).state.name == "DONE"
+    dst = reserve(ipc_sender, ipc_address, "a", 2).block_ids
+    assert (
+        ship(ipc_sender, ipc_address, "a", list(src.unbind(0)), [1, 2], dst, 5).state.name == "DONE"
+    )
     first.close()
     second = Decode(ipc_address, torch.float32)  # same address, new cache, new export
     try:
-        dst = _reserve(sender, ipc_address, "b", 2).block_ids
-        t = ship(sender, ipc_address, "b", list(src.unbind(0)), [3, 4], dst, 5.0)
+        dst = reserve(ipc_sender, ipc_address, "b", 2).block_ids
+        t = ship(ipc_sender, ipc_address, "b", list(src.unbind(0)), [3, 4], dst, 5.0)
         assert t.state is TransferState.DONE, t.reason
         assert torch.equal(second.cache[:, :, dst], src[:, :, [3, 4]])
         assert fake_ipc.opened == [first.receiver.export_id, second.receiver.export_id]
@@ -277,26 +180,26 @@ def test_restarted_receiver_is_mapped_afresh(fake_ipc, sender, ipc_address):
 
 @pytest.mark.parametrize("mapped_before", [False, True])
 def test_reservation_of_a_previous_incarnation_never_writes_the_new_cache(
-    fake_ipc, sender, ipc_address, mapped_before
+    fake_ipc, ipc_sender, ipc_address, mapped_before
 ):
-    src = _cache(SRC_BLOCKS, torch.float32)
+    src = kv_cache(SRC_BLOCKS, torch.float32)
     first = Decode(ipc_address, torch.float32)
     if mapped_before:
-        dst = _reserve(sender, ipc_address, "warm", 1).block_ids
-        ship(sender, ipc_address, "warm", list(src.unbind(0)), [0], dst, 5.0)
-    stale = _reserve(sender, ipc_address, "stale", 3).block_ids
+        dst = reserve(ipc_sender, ipc_address, "warm", 1).block_ids
+        ship(ipc_sender, ipc_address, "warm", list(src.unbind(0)), [0], dst, 5.0)
+    stale = reserve(ipc_sender, ipc_address, "stale", 3).block_ids
     first.close()
     second = Decode(ipc_address, torch.float32)
     try:
-        t = ship(sender, ipc_address, "stale", list(src.unbind(0)), [1, 2, 3], stale, 5.0)
+        t = ship(ipc_sender, ipc_address, "stale", list(src.unbind(0)), [1, 2, 3], stale, 5.0)
         if mapped_before:
             # Written into the old export only; the new receiver refuses the one-way
             # header, so the handoff behind it is refused.
             assert t.state is TransferState.DONE
-            assert not _handoff(sender, ipc_address, "stale").ok
+            assert not handoff(ipc_sender, ipc_address, "stale").ok
         else:
             assert t.state is TransferState.FAILED and "restarted" in t.reason  # no write
-        assert _untouched(second.cache, [])
+        assert untouched(second.cache, [])
         assert second.stub.filled == set()
     finally:
         second.close()
@@ -306,19 +209,19 @@ def test_receiver_gone_fails_within_the_timeout(fake_ipc, ipc_address):
     decode_ = Decode(ipc_address, torch.float32)
     fresh = CudaIpcKVSender("prefill-1")  # never mapped: the export request times out
     mapped = CudaIpcKVSender("prefill-2")  # mapped: the handoff after the header times out
-    src = list(_cache(SRC_BLOCKS, torch.float32).unbind(0))
+    src = list(kv_cache(SRC_BLOCKS, torch.float32).unbind(0))
     try:
-        dst = _reserve(mapped, ipc_address, "warm", 1).block_ids
+        dst = reserve(mapped, ipc_address, "warm", 1).block_ids
         assert ship(mapped, ipc_address, "warm", src, [0], dst, 5.0).state.name == "DONE"
-        fresh_dst = _reserve(fresh, ipc_address, "x", 1).block_ids
-        mapped_dst = _reserve(mapped, ipc_address, "y", 1).block_ids
+        fresh_dst = reserve(fresh, ipc_address, "x", 1).block_ids
+        mapped_dst = reserve(mapped, ipc_address, "y", 1).block_ids
         decode_.close()
         failed = ship(fresh, ipc_address, "x", src, [1], fresh_dst, 0.3)
         assert failed.state is TransferState.FAILED and "ExportReply" in failed.reason
         ship(mapped, ipc_address, "y", src, [1], mapped_dst, 0.3)  # one way: nothing to wait on
         t0 = time.monotonic()
         with pytest.raises(TransferError, match="TransferAck"):
-            _handoff(mapped, ipc_address, "y", timeout_s=0.3)
+            handoff(mapped, ipc_address, "y", timeout_s=0.3)
         assert time.monotonic() - t0 < 5
         assert mapped._mappings == {}  # dropped: the next transfer asks again
     finally:
@@ -326,18 +229,18 @@ def test_receiver_gone_fails_within_the_timeout(fake_ipc, ipc_address):
         mapped.close()
 
 
-def test_plain_zmq_receiver_is_refused_before_any_copy(sender, tmp_path):
+def test_plain_zmq_receiver_is_refused_before_any_copy(ipc_sender, tmp_path):
     receiver = ZmqKVReceiver(f"ipc://{tmp_path}/zmq.sock")
-    cache = _cache(DST_BLOCKS, torch.float32, float("nan"))
+    cache = kv_cache(DST_BLOCKS, torch.float32, float("nan"))
     layout = layout_of(list(cache.unbind(0)), "tiny", BLOCK)
     try:
         with DecodeStub(receiver, list(cache.unbind(0)), layout, list(range(DST_BLOCKS))):
-            dst = _reserve(sender, receiver.address, "r", 2).block_ids
-            src = list(_cache(SRC_BLOCKS, torch.float32).unbind(0))
-            t = ship(sender, receiver.address, "r", src, [0, 1], dst, 5.0)
+            dst = reserve(ipc_sender, receiver.address, "r", 2).block_ids
+            src = list(kv_cache(SRC_BLOCKS, torch.float32).unbind(0))
+            t = ship(ipc_sender, receiver.address, "r", src, [0, 1], dst, 5.0)
             assert t.state is TransferState.FAILED and "not a cuda_ipc receiver" in t.reason
             with pytest.raises(ipc.TransferError, match="not a cuda_ipc receiver"):
-                sender._fetch_export(receiver.address, time.monotonic() + 5.0)
+                ipc_sender._fetch_export(receiver.address, time.monotonic() + 5.0)
     finally:
         receiver.close()
 
@@ -351,14 +254,16 @@ def test_plain_zmq_receiver_is_refused_before_any_copy(sender, tmp_path):
     ],
     ids=["layout", "ids-past-the-cache", "repeated-ids"],
 )
-def test_bad_export_or_blocks_fail_without_writing(fake_ipc, sender, ipc_address, shape, free, why):
+def test_bad_export_or_blocks_fail_without_writing(
+    fake_ipc, ipc_sender, ipc_address, shape, free, why
+):
     decode_ = Decode(ipc_address, torch.float32, free=free, **shape)
     try:
-        dst = _reserve(sender, ipc_address, "r", 2).block_ids
-        src = list(_cache(SRC_BLOCKS, torch.float32).unbind(0))
-        t = ship(sender, ipc_address, "r", src, [0, 1], dst, 5.0)
+        dst = reserve(ipc_sender, ipc_address, "r", 2).block_ids
+        src = list(kv_cache(SRC_BLOCKS, torch.float32).unbind(0))
+        t = ship(ipc_sender, ipc_address, "r", src, [0, 1], dst, 5.0)
         assert t.state is TransferState.FAILED and why in t.reason
-        assert _untouched(decode_.cache, [])
+        assert untouched(decode_.cache, [])
     finally:
         decode_.close()
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from kvtransfer import (
     tensor_to_frame,
     unpack_blocks,
 )
+from kvtransfer.pack import check_block_ids
 from tests.kvtransfer.conftest import (
     BLOCK_SIZE,
     FLOAT_DTYPES,
@@ -78,12 +80,23 @@ def test_pack_into_a_reused_buffer_and_empty_block_list():
         ([-1], "out of range"),
         ([2, 2], "repeat"),
         ([1.5], "integer"),
+        ([3, "4"], "'4' is not an integer"),
+        ([[1]], "integer"),
+        ([1, 2**70], "out of range"),
+        ([7, 1, 7, 3], "repeat"),
     ],
 )
 def test_bad_block_ids_are_rejected_before_touching_memory(block_ids, message):
     caches = make_caches(torch.float32)
     with pytest.raises(ValueError, match=message):
         pack_blocks(caches, block_ids)
+
+
+def test_checked_block_ids_come_back_as_int64_in_order():
+    for ids in ([3, 0, 7], np.array([3, 0, 7], dtype=np.uint32), [np.int16(3), 0, 7]):
+        checked = check_block_ids(ids, NUM_BLOCKS)
+        assert checked.dtype == np.int64 and checked.tolist() == [3, 0, 7]
+    assert check_block_ids([], NUM_BLOCKS).tolist() == []
 
 
 def test_unpack_rejects_wrong_shape_or_dtype():
