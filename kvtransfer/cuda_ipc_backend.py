@@ -354,8 +354,6 @@ class CudaIpcKVSender(ZmqKVSender):
             dst_ids = check_block_ids(dst_block_ids, mapping.cache.shape[2])
         except ValueError as exc:
             raise TransferError(f"reserved blocks from {address} are invalid: {exc}") from None
-        if src_ids.size:
-            mapping.copier.copy(src, src_ids, dst_ids)
         header = KVTransfer(
             request_id=request_id,
             block_ids=list(dst_block_ids),
@@ -364,19 +362,26 @@ class CudaIpcKVSender(ZmqKVSender):
             in_place=True,
             export_id=export_id,
         )
-        # The bytes are in the receiver's memory once copy() returns, so the header
-        # goes one way: no round trip per transfer. It travels on the same connection as
-        # the Handoff that follows, so it arrives first; if the receiver refuses it, the
-        # Handoff is refused too ("KV not received"), and that is where it surfaces. The
-        # receiver's ack for the header is dropped when it arrives.
-        peer = self._peer(address)
-        with peer.lock:
-            peer.abandoned.abandon((TransferAck, request_id))
-        try:
-            self._post(address, [encode(header)])
-        except TransferError:
-            self._forget(address, export_id)  # the receiver may be gone: map afresh
-            raise
+
+        # Once the bytes are in the receiver's memory the header goes one way: no round
+        # trip per transfer. It travels on the same connection as the Handoff that
+        # follows, so it arrives first; if the receiver refuses it, the Handoff is refused
+        # too ("KV not received"), and that is where it surfaces. The receiver's ack for
+        # the header is dropped when it arrives.
+        def post_header() -> None:
+            peer = self._peer(address)
+            with peer.lock:
+                peer.abandoned.abandon((TransferAck, request_id))
+            try:
+                self._post(address, [encode(header)])
+            except TransferError:
+                self._forget(address, export_id)  # the receiver may be gone: map afresh
+                raise
+
+        if src_ids.size:
+            mapping.copier.copy(src, src_ids, dst_ids, then=post_header)
+        else:
+            post_header()
         return TransferAck(request_id=request_id, ok=True)
 
     def _stacked(self, kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvtransfer import Transfer, TransferState, ship
+from kvtransfer import Transfer, TransferError, TransferState, ship
 from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
 from kvtransfer.cuda_ipc_copy import BlockCopier, CopyStats
 from tests.kvtransfer.conftest import bits, wait_until
@@ -258,3 +258,36 @@ def test_jobs_that_cannot_share_a_launch_take_later_ones_in_order(launches):
     for block, values in want.items():
         assert torch.equal(dst[:, :, block], values), block
     assert untouched(dst, list(want))
+
+
+def test_the_leader_runs_its_batch_follow_ups_and_one_failing_fails_alone(launches):
+    """After the copy, each job's follow-up (the header post) runs on the leader's thread,
+    once the batch's bytes are in place; a follow-up that raises fails only its job."""
+    dst = kv_cache(8, torch.float32, float("nan"))
+    src = kv_cache(8, torch.float32)
+    copier = BlockCopier(dst, CopyStats())
+    n = 5
+    launches.hold = lambda _: len(copier._queue) == n - 1
+    ran: dict[int, int] = {}  # job -> thread that ran its follow-up
+    landed: dict[int, bool] = {}
+
+    def follow_up(i: int) -> None:
+        ran[i] = threading.get_ident()
+        landed[i] = torch.equal(dst[:, :, i], src[:, :, i])
+        if i == 3:
+            raise TransferError("receiver gone (test)")
+
+    def one(i: int) -> None:
+        copier.copy(src, np.array([i]), np.array([i]), then=lambda: follow_up(i))
+
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(one, 0)]
+        for k in range(1, n):
+            assert wait_until(lambda k=k: len(copier._queue) == k - 1 and launches.into)
+            futures.append(pool.submit(one, k))
+        errors = [f.exception() for f in futures]
+    assert [e is None for e in errors] == [True, True, True, False, True]
+    assert isinstance(errors[3], TransferError) and "receiver gone" in str(errors[3])
+    assert launches.into[dst.data_ptr()] == [[0], [1, 2, 3, 4]]
+    assert all(landed.values()) and len(landed) == n
+    assert len({ran[i] for i in (1, 2, 3, 4)}) == 1  # the second batch's leader, alone
