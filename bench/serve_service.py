@@ -33,9 +33,11 @@ class ServiceError(RuntimeError):
     """The service did not start, or died under load; the message has its last lines."""
 
 
-def engine_argv(args: argparse.Namespace,
-                add_engine_args: Callable[[argparse.ArgumentParser], None],
-                **overrides: object) -> list[str]:
+def engine_argv(
+    args: argparse.Namespace,
+    add_engine_args: Callable[[argparse.ArgumentParser], None],
+    **overrides: object,
+) -> list[str]:
     """The engine flags of `args` as a command line, read off the parser that defined
     them, so a new engine flag travels to the workers with no change here."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -108,7 +110,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rfind(")") + 2:].split()
+    return stat[stat.rfind(")") + 2 :].split()
 
 
 class LaunchedService:
@@ -119,9 +121,21 @@ class LaunchedService:
         self.host = "127.0.0.1"
         self.grpc_port, self.http_port = free_port(), free_port()
         self.log_path = log_path
-        self.cmd = [sys.executable, "-m", "tandem.cli", "--log-level", "WARNING", "serve",
-                    "--host", self.host, "--grpc-port", str(self.grpc_port),
-                    "--http-port", str(self.http_port), *argv]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "tandem.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--host",
+            self.host,
+            "--grpc-port",
+            str(self.grpc_port),
+            "--http-port",
+            str(self.http_port),
+            *argv,
+        ]
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -138,21 +152,30 @@ class LaunchedService:
         env = dict(os.environ)
         # The child runs the same code as this bench, whichever checkout that is.
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
         print(f"starting: {shlex.join(self.cmd)}\n  log: {self.log_path}", flush=True)
         t0 = time.monotonic()
         log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=env, cwd=REPO_ROOT, start_new_session=True, preexec_fn=_die_with_parent)
+            self.cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         threading.Thread(target=self._pump, args=(log,), daemon=True).start()
         deadline = t0 + ready_timeout_s
         while not self._ready.wait(0.5):
             if (why := self._exit_status()) is not None:
                 raise ServiceError(f"{why} before it was ready{self._last_lines()}")
             if time.monotonic() > deadline:
-                raise ServiceError(f"tandem serve not ready after {ready_timeout_s:.0f}s"
-                                   f"{self._last_lines()}")
+                raise ServiceError(
+                    f"tandem serve not ready after {ready_timeout_s:.0f}s{self._last_lines()}"
+                )
         self.startup_s = time.monotonic() - t0
         self._known.update(_descendants(self.proc.pid))
         print(f"ready in {self.startup_s:.1f}s", flush=True)

@@ -72,11 +72,18 @@ class WorkerConfig:
             raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(
-                f"unknown kv transport {self.kv_transport!r} (one of {', '.join(KV_TRANSPORTS)})")
+                f"unknown kv transport {self.kv_transport!r} (one of {', '.join(KV_TRANSPORTS)})"
+            )
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
-        for name in ("heartbeat_s", "registry_ttl_s", "drain_timeout_s",
-                     "reservation_lease_s", "transfer_timeout_s", "reclaim_idle_s"):
+        for name in (
+            "heartbeat_s",
+            "registry_ttl_s",
+            "drain_timeout_s",
+            "reservation_lease_s",
+            "transfer_timeout_s",
+            "reclaim_idle_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.registry_ttl_s < 2 * self.heartbeat_s:

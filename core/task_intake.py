@@ -45,8 +45,9 @@ Entry = tuple[bytes, PrefillTask]
 
 
 class TaskIntake:
-    def __init__(self, client: redis.Redis, model: str, consumer: str,
-                 config: WorkerConfig) -> None:
+    def __init__(
+        self, client: redis.Redis, model: str, consumer: str, config: WorkerConfig
+    ) -> None:
         self.client = client
         self.stream = prefill_stream(model)
         self.dead_stream = dead_letter_stream(model)
@@ -57,8 +58,9 @@ class TaskIntake:
     def ensure_group(self) -> None:
         ensure_group(self.client, self.stream)
 
-    def poll(self, count: int, block_ms: int | None,
-             held: Mapping[str, bytes | None]) -> list[Entry]:
+    def poll(
+        self, count: int, block_ms: int | None, held: Mapping[str, bytes | None]
+    ) -> list[Entry]:
         """Up to `count` tasks to run, screened (see the module docstring).
 
         `held` maps every request the worker has to the stream entry it came with, or
@@ -80,8 +82,9 @@ class TaskIntake:
             self.ensure_group()
         return []
 
-    def _poll(self, count: int, block_ms: int | None,
-              held: Mapping[str, bytes | None]) -> list[Entry]:
+    def _poll(
+        self, count: int, block_ms: int | None, held: Mapping[str, bytes | None]
+    ) -> list[Entry]:
         entries: list[tuple[bytes, PrefillTask | None]] = []
         now = time.monotonic()
         if now - self._last_reclaim > self.config.reclaim_idle_s / 2:
@@ -90,8 +93,13 @@ class TaskIntake:
             if count > 0:
                 entries += self._reclaim(count, held)
         if count > len(entries):
-            entries += read_tasks(self.client, self.stream, self.consumer,
-                                  count - len(entries), None if entries else block_ms)
+            entries += read_tasks(
+                self.client,
+                self.stream,
+                self.consumer,
+                count - len(entries),
+                None if entries else block_ms,
+            )
         taken: list[Entry] = []
         seen: set[str] = set()
         for entry_id, task in entries:
@@ -102,8 +110,7 @@ class TaskIntake:
                 taken.append((entry_id, task))
         return taken
 
-    def _screen(self, entry_id: bytes, task: PrefillTask,
-                held: Mapping[str, bytes | None]) -> bool:
+    def _screen(self, entry_id: bytes, task: PrefillTask, held: Mapping[str, bytes | None]) -> bool:
         """True when the task is to be run; otherwise it has been dealt with here."""
         rid = task.request_id
         if rid in held:
@@ -119,11 +126,13 @@ class TaskIntake:
             return False
         return True
 
-    def _reclaim(self, count: int,
-                 held: Mapping[str, bytes | None]) -> list[tuple[bytes, PrefillTask | None]]:
+    def _reclaim(
+        self, count: int, held: Mapping[str, bytes | None]
+    ) -> list[tuple[bytes, PrefillTask | None]]:
         """Take over tasks of dead workers; one delivered too often is dead-lettered."""
-        claimed = reclaim_tasks(self.client, self.stream, self.consumer,
-                                int(self.config.reclaim_idle_s * 1000), count)
+        claimed = reclaim_tasks(
+            self.client, self.stream, self.consumer, int(self.config.reclaim_idle_s * 1000), count
+        )
         mine = set(held.values())
         claimed = [(e, t) for e, t in claimed if e not in mine]
         if not claimed:
@@ -136,16 +145,14 @@ class TaskIntake:
                 continue
             reason = f"task failed {counts[entry_id] - 1} deliveries"
             log.error("dead-lettering %s: %s", task.request_id, reason)
-            dead_letter(self.client, self.stream, self.dead_stream, entry_id, encode(task),
-                        reason)
+            dead_letter(self.client, self.stream, self.dead_stream, entry_id, encode(task), reason)
             self.fail(task, "internal", f"request could not be processed ({reason})")
         return keep
 
     def _touch(self, entry_ids: list[bytes]) -> None:
         """Reset the idle time of entries in hand so nobody reclaims live work."""
         if entry_ids:
-            self.client.xclaim(self.stream, PREFILL_GROUP, self.consumer, 0, entry_ids,
-                               justid=True)
+            self.client.xclaim(self.stream, PREFILL_GROUP, self.consumer, 0, entry_ids, justid=True)
 
     def ack(self, *entry_ids: bytes) -> None:
         """Acknowledge and delete: a handled task has no reason to stay in the stream."""
@@ -159,5 +166,6 @@ class TaskIntake:
 
     def fail(self, task: PrefillTask, code: str, message: str) -> None:
         """End the client's stream with an error."""
-        publish_safely(self.client, {task.reply_stream: [error_delta(task.request_id, code,
-                                                                     message)]})
+        publish_safely(
+            self.client, {task.reply_stream: [error_delta(task.request_id, code, message)]}
+        )

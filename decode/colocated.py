@@ -95,12 +95,19 @@ class ColocatedWorker(WorkerBase):
     def snapshot(self) -> WorkerInfo:
         sched = self.engine.scheduler
         return WorkerInfo(
-            worker_id=self.worker_id, role="colocated", model=self.engine.name,
-            pid=os.getpid(), total_blocks=self.kv.pool.num_blocks,
-            free_blocks=self.kv.num_free_blocks, used_blocks=self.kv.num_used_blocks,
-            running=len(sched.running), waiting=len(sched.waiting),
-            preemptions=sched.num_preemptions, admitted=self.admitted,
-            draining=self.draining)
+            worker_id=self.worker_id,
+            role="colocated",
+            model=self.engine.name,
+            pid=os.getpid(),
+            total_blocks=self.kv.pool.num_blocks,
+            free_blocks=self.kv.num_free_blocks,
+            used_blocks=self.kv.num_used_blocks,
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            preemptions=sched.num_preemptions,
+            admitted=self.admitted,
+            draining=self.draining,
+        )
 
     # -- main loop ---------------------------------------------------------------------
     def run(self) -> None:
@@ -132,8 +139,12 @@ class ColocatedWorker(WorkerBase):
 
     def _drained(self) -> bool:
         # Once intake is closed every task it read is on `arrivals`, so empty is final.
-        return (self.draining and self.intake_closed.is_set() and self.arrivals.empty()
-                and not self.requests)
+        return (
+            self.draining
+            and self.intake_closed.is_set()
+            and self.arrivals.empty()
+            and not self.requests
+        )
 
     def _receive(self) -> None:
         while True:
@@ -155,8 +166,12 @@ class ColocatedWorker(WorkerBase):
             self.outbox.call(self.intake.ack, entry_id)
             return
         try:
-            seq = Sequence(rid, list(task.prompt_token_ids), task.sampling,
-                           output_token_ids=list(task.output_token_ids))
+            seq = Sequence(
+                rid,
+                list(task.prompt_token_ids),
+                task.sampling,
+                output_token_ids=list(task.output_token_ids),
+            )
             self.engine.add(seq)
         except ValueError as exc:
             self.outbox.call(self.intake.fail, task, "invalid_argument", str(exc))
@@ -181,11 +196,13 @@ class ColocatedWorker(WorkerBase):
     def _expire_deadlines(self) -> None:
         now = time.time()
         deltas = new_deltas()
-        for rid in [r for r, q in self.requests.items()
-                    if q.task.deadline and now > q.task.deadline]:
+        for rid in [
+            r for r, q in self.requests.items() if q.task.deadline and now > q.task.deadline
+        ]:
             task = self._drop(rid).task
             deltas[task.reply_stream].append(
-                error_delta(rid, "deadline", "request deadline exceeded"))
+                error_delta(rid, "deadline", "request deadline exceeded")
+            )
         self.outbox.publish(deltas)
 
     def _share_state(self) -> None:

@@ -72,8 +72,7 @@ class DecodeWorker(WorkerBase):
         super().__init__(config)
         self.engine = Engine(engine_config, requeue_preempted=False)
         self.kv = self.engine.kv
-        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name,
-                                self.kv.block_size)
+        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
         self.stream = prefill_stream(self.engine.name)
         host = config.bind_host
         self.receiver = make_receiver(config.kv_transport, f"tcp://{host}:0")
@@ -91,12 +90,20 @@ class DecodeWorker(WorkerBase):
         if self.config.advertise_host:
             address = address.replace(self.config.bind_host, self.config.advertise_host, 1)
         return WorkerInfo(
-            worker_id=self.worker_id, role="decode", model=self.engine.name, pid=os.getpid(),
-            control_address=address, layout=self.layout,
-            total_blocks=self.kv.pool.num_blocks, free_blocks=self.kv.num_free_blocks,
-            used_blocks=self.kv.num_used_blocks, running=len(self.engine.scheduler.running),
-            waiting=len(self.reservations), reservations=len(self.reservations),
-            preemptions=self.engine.scheduler.num_preemptions, admitted=self.admitted,
+            worker_id=self.worker_id,
+            role="decode",
+            model=self.engine.name,
+            pid=os.getpid(),
+            control_address=address,
+            layout=self.layout,
+            total_blocks=self.kv.pool.num_blocks,
+            free_blocks=self.kv.num_free_blocks,
+            used_blocks=self.kv.num_used_blocks,
+            running=len(self.engine.scheduler.running),
+            waiting=len(self.reservations),
+            reservations=len(self.reservations),
+            preemptions=self.engine.scheduler.num_preemptions,
+            admitted=self.admitted,
             draining=self.draining,
         )
 
@@ -199,9 +206,13 @@ class DecodeWorker(WorkerBase):
             if res is not None:
                 self.kv.free(rid)
             return TransferAck(request_id=rid, ok=False, reason="KV not received or aborted")
-        seq = Sequence(rid, list(task.prompt_token_ids), task.sampling,
-                       output_token_ids=list(msg.output_token_ids),
-                       num_computed_tokens=msg.num_computed_tokens)
+        seq = Sequence(
+            rid,
+            list(task.prompt_token_ids),
+            task.sampling,
+            output_token_ids=list(msg.output_token_ids),
+            num_computed_tokens=msg.num_computed_tokens,
+        )
         try:
             self.engine.scheduler.add_running(seq)
         except (ValueError, MemoryError) as exc:
@@ -237,7 +248,8 @@ class DecodeWorker(WorkerBase):
         with self.lock:
             for seq in got:
                 deltas[self.tasks[seq.request_id].reply_stream].append(
-                    token_delta(seq, self.worker_id))
+                    token_delta(seq, self.worker_id)
+                )
                 if seq.is_finished:
                     del self.tasks[seq.request_id]
             # Published first: a requeued request's next token must not overtake these.
@@ -252,15 +264,21 @@ class DecodeWorker(WorkerBase):
                 self.engine.scheduler.abort(rid)
                 del self.tasks[rid]
                 deltas[task.reply_stream].append(
-                    error_delta(rid, "deadline", "request deadline exceeded"))
+                    error_delta(rid, "deadline", "request deadline exceeded")
+                )
 
     def _send_back(self, seq: Sequence) -> None:
         """Preempted: the prefill pool recomputes prompt + generated tokens."""
         assert seq.status is SequenceStatus.FINISHED
         task = self.tasks.pop(seq.request_id)
-        again = PrefillTask(request_id=task.request_id, prompt_token_ids=task.prompt_token_ids,
-                            sampling=task.sampling, reply_stream=task.reply_stream,
-                            deadline=task.deadline, output_token_ids=list(seq.output_token_ids))
+        again = PrefillTask(
+            request_id=task.request_id,
+            prompt_token_ids=task.prompt_token_ids,
+            sampling=task.sampling,
+            reply_stream=task.reply_stream,
+            deadline=task.deadline,
+            output_token_ids=list(seq.output_token_ids),
+        )
         self.outbox.call(self._requeue, again)
 
     def _requeue(self, task: PrefillTask) -> None:
@@ -268,5 +286,15 @@ class DecodeWorker(WorkerBase):
         try:
             add_task(self.redis, self.stream, task)
         except redis.RedisError as exc:
-            publish_deltas(self.redis, {task.reply_stream: [error_delta(
-                task.request_id, "unavailable", f"preempted and could not be requeued: {exc}")]})
+            publish_deltas(
+                self.redis,
+                {
+                    task.reply_stream: [
+                        error_delta(
+                            task.request_id,
+                            "unavailable",
+                            f"preempted and could not be requeued: {exc}",
+                        )
+                    ]
+                },
+            )

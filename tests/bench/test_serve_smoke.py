@@ -19,10 +19,32 @@ ROW_KEYS = {"num_prompts", "completed", "failed", "errors", "duration_s", "reque
 
 def bench_serve(tmp_path: Path, *flags: str) -> tuple[dict, str]:
     # One torch thread per process: the service's two workers and the baseline share the CPU.
-    cmd = [sys.executable, "-m", "tandem.cli", "bench", "serve", "--device", "cpu",
-           "--num-blocks", "256", "--threads", "1", "--modes", "1p1d", "--input-len", "16",
-           "--output-len", "8", "--warmup-prompts", "2", "--out-dir", str(tmp_path), "--log-dir",
-           str(tmp_path / "logs"), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tandem.cli",
+        "bench",
+        "serve",
+        "--device",
+        "cpu",
+        "--num-blocks",
+        "256",
+        "--threads",
+        "1",
+        "--modes",
+        "1p1d",
+        "--input-len",
+        "16",
+        "--output-len",
+        "8",
+        "--warmup-prompts",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        *flags,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (path,) = tmp_path.glob("serve-smollm2-16x8-*.json")
@@ -61,9 +83,21 @@ def test_grpc_two_rates_every_request_complete(tmp_path):
 
 
 def test_http_backend_goodput_and_offline_baseline(tmp_path):
-    record, stdout = bench_serve(tmp_path, "--num-prompts", "4", "--rates", "inf",
-                                 "--backend", "http", "--goodput", "ttft:600000",
-                                 "tpot:600000", "--offline-baseline", "--client-processes", "2")
+    record, stdout = bench_serve(
+        tmp_path,
+        "--num-prompts",
+        "4",
+        "--rates",
+        "inf",
+        "--backend",
+        "http",
+        "--goodput",
+        "ttft:600000",
+        "tpot:600000",
+        "--offline-baseline",
+        "--client-processes",
+        "2",
+    )
     metrics = record["metrics"]
     row = metrics["modes"]["1p1d"]["rates"]["inf"]
     assert (row["completed"], row["failed"]) == (4, 0), row["errors"]

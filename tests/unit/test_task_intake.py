@@ -44,13 +44,17 @@ def model() -> str:
 
 
 def _task(rid: str, deadline_in: float = 60.0) -> PrefillTask:
-    return PrefillTask(request_id=rid, prompt_token_ids=[1, 2, 3], sampling=SamplingParams(),
-                       reply_stream=REPLY, deadline=time.time() + deadline_in)
+    return PrefillTask(
+        request_id=rid,
+        prompt_token_ids=[1, 2, 3],
+        sampling=SamplingParams(),
+        reply_stream=REPLY,
+        deadline=time.time() + deadline_in,
+    )
 
 
 def _replies(client: redis.Redis) -> list:
-    return [d for _, f in client.xrange(REPLY)
-            for d in decode(f[MESSAGE_FIELD], TokenBatch).deltas]
+    return [d for _, f in client.xrange(REPLY) for d in decode(f[MESSAGE_FIELD], TokenBatch).deltas]
 
 
 def test_takes_at_most_count_and_leaves_the_rest_for_peers(client, model):
@@ -102,8 +106,10 @@ def test_dead_workers_tasks_are_reclaimed_and_held_ones_kept_alive(client, model
         reclaimed = peer.poll(4, None, {})
         time.sleep(0.05)
     assert [t.request_id for _, t in reclaimed] == ["orphan"]
-    owners = {row["message_id"]: row["consumer"]
-              for row in client.xpending_range(intake.stream, PREFILL_GROUP, "-", "+", 10)}
+    owners = {
+        row["message_id"]: row["consumer"]
+        for row in client.xpending_range(intake.stream, PREFILL_GROUP, "-", "+", 10)
+    }
     assert owners[mine] == b"w1"
 
 
