@@ -174,6 +174,21 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "given to this command go to the service and the baseline alike",
     )
     p.add_argument(
+        "--local-prefill-after-ms",
+        type=float,
+        default=200.0,
+        metavar="MS",
+        help="mode 1p1d-local: its decode worker prefills a task once the oldest "
+        "task not taken by the prefill worker has waited MS ms",
+    )
+    p.add_argument(
+        "--max-local-prefills",
+        type=int,
+        default=1,
+        metavar="N",
+        help="mode 1p1d-local: at most N of the decode worker's own tasks prefilling at once",
+    )
+    p.add_argument(
         "--ready-timeout",
         type=float,
         default=900.0,

@@ -28,6 +28,7 @@ from pathlib import Path
 from bench.serve_client import Prompt, RequestResult, arrival_times, client_job, make_prompts
 from bench.serve_offline import run_offline_baseline
 from bench.serve_service import (
+    DISAGGREGATED,
     LaunchedService,
     ServiceError,
     engine_argv,
@@ -35,6 +36,7 @@ from bench.serve_service import (
     shares_one_gpu,
 )
 from bench.serve_stats import format_table, parse_slos, ratio, summarize_run
+from core.config import WorkerConfig
 from core.models import local_model_dir, model_name
 
 Dead = Callable[[], str | None]
@@ -177,9 +179,10 @@ def launched(
     overrides = {}
     if shares_one_gpu(mode, args.gpus, on_gpu):
         overrides["gpu_memory_utilization"] = round(args.gpu_memory_utilization / 2, 3)
+    local_prefill = (args.local_prefill_after_ms, args.max_local_prefills)
     argv = [
         *engine_argv(args, add_engine_args, **overrides),
-        *mode_argv(mode, args.gpus, on_gpu),
+        *mode_argv(mode, args.gpus, on_gpu, local_prefill),
         *(["--kv-transport", args.kv_transport] if args.kv_transport else []),
         "--ready-timeout",
         str(args.ready_timeout),
@@ -199,8 +202,16 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 
 def run(args: argparse.Namespace, add_engine_args) -> dict:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        mode_argv(mode, args.gpus, False)  # unknown modes fail before anything starts
+    local_prefill = (args.local_prefill_after_ms, args.max_local_prefills)
+    for mode in modes:  # unknown modes fail before anything starts
+        mode_argv(mode, args.gpus, False, local_prefill)
+    if "1p1d-local" in modes:  # the decode worker's own check, before anything starts
+        WorkerConfig(
+            redis_url="redis://",
+            role="decode",
+            local_prefill_after_ms=args.local_prefill_after_ms,
+            max_local_prefills=args.max_local_prefills,
+        )
     slos = parse_slos(args.goodput)
     rates = parse_rates(args.rates)
     if args.client_processes < 1:
@@ -279,24 +290,29 @@ def _add_ratios(metrics: dict, modes: list[str], gpus: int, slos: dict[str, floa
         metrics["served_vs_offline_throughput_ratio"] = metrics["modes"][first].get(
             "served_vs_offline_throughput_ratio"
         )
-    if gpus == 2 and {"1p1d", "colocated"} <= set(modes):
-        disagg, colo = metrics["modes"]["1p1d"]["rates"], metrics["modes"]["colocated"]["rates"]
+    disaggregated = [m for m in DISAGGREGATED if m in modes]
+    if gpus != 2 or "colocated" not in modes or not disaggregated:
+        return
 
-        def best(rows: dict) -> float | None:
-            values = [r["goodput"] for r in rows.values() if r["goodput"] is not None]
-            return max(values, default=None)
+    def best(rows: dict) -> float | None:
+        values = [r["goodput"] for r in rows.values() if r["goodput"] is not None]
+        return max(values, default=None)
 
-        # The goodput: the highest request rate served with every request done
-        # and p99 TTFT / TPOT within the SLOs (DistServe's definition, at p99).
-        p99 = {
-            mode: p99_goodput(metrics["modes"][mode]["rates"], slos)
-            for mode in ("1p1d", "colocated")
-        }
-        metrics["p99_slo_goodput"] = p99
-        metrics["goodput_ratio_1p1d_vs_2_colocated"] = ratio(p99["1p1d"], p99["colocated"])
+    colo = metrics["modes"]["colocated"]["rates"]
+    # The goodput: the highest request rate served with every request done and
+    # p99 TTFT / TPOT within the SLOs (DistServe's definition, at p99).
+    p99 = {
+        mode: p99_goodput(metrics["modes"][mode]["rates"], slos)
+        for mode in (*disaggregated, "colocated")
+    }
+    metrics["p99_slo_goodput"] = p99
+    for mode in disaggregated:
+        disagg = metrics["modes"][mode]["rates"]
+        name = mode.replace("-", "_")
+        metrics[f"goodput_ratio_{name}_vs_2_colocated"] = ratio(p99[mode], p99["colocated"])
         # vLLM's definition: requests/s that individually met the SLOs, best rate each.
-        metrics["request_goodput_ratio_1p1d_vs_2_colocated"] = ratio(best(disagg), best(colo))
-        metrics["goodput_ratio_1p1d_vs_2_colocated_by_rate"] = {
+        metrics[f"request_goodput_ratio_{name}_vs_2_colocated"] = ratio(best(disagg), best(colo))
+        metrics[f"goodput_ratio_{name}_vs_2_colocated_by_rate"] = {
             label: ratio(disagg[label]["goodput"], colo[label]["goodput"]) for label in disagg
         }
 
@@ -350,6 +366,9 @@ def _write(
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "offline_baseline": args.offline_baseline,
         "warmup_prompts": args.warmup_prompts,
+        # What mode 1p1d-local passed to its decode worker (None without that mode).
+        "local_prefill_after_ms": args.local_prefill_after_ms if "1p1d-local" in modes else None,
+        "max_local_prefills": args.max_local_prefills if "1p1d-local" in modes else None,
     }
     card = None if args.target is None else "unknown: --target"
     write_result("serve", model_name(args.model), params, metrics, args.out_dir, card=card)
@@ -362,7 +381,11 @@ def _write(
             ]
         )
     )
-    for key in ("served_vs_offline_throughput_ratio", "goodput_ratio_1p1d_vs_2_colocated"):
+    for key in (
+        "served_vs_offline_throughput_ratio",
+        "goodput_ratio_1p1d_vs_2_colocated",
+        "goodput_ratio_1p1d_local_vs_2_colocated",
+    ):
         if key in metrics:
             print(f"{key}: {metrics[key]}")
     return metrics

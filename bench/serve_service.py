@@ -5,6 +5,8 @@ Modes (GPU indices are physical: each worker gets CUDA_VISIBLE_DEVICES from the 
 - `colocated`: one colocated (prefill + decode) worker per GPU of --gpus.
 - `1p1d`: one prefill and one decode worker; on GPUs 0 and 1 with --gpus 2, both on
   GPU 0 with --gpus 1, where each gets half of --gpu-memory-utilization.
+- `1p1d-local`: `1p1d` whose decode worker also prefills while the prefill worker is
+  backed up (`--local-prefill-after-ms`, `--max-local-prefills`: core.local_prefill).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-MODES = ("colocated", "1p1d")
+MODES = ("colocated", "1p1d", "1p1d-local")
+DISAGGREGATED = ("1p1d", "1p1d-local")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PR_SET_PDEATHSIG = 1
 
@@ -52,8 +55,11 @@ def engine_argv(
     return argv
 
 
-def mode_argv(mode: str, gpus: int, on_gpu: bool) -> list[str]:
-    """`tandem serve` flags placing the workers of `mode` on GPUs 0..gpus-1."""
+def mode_argv(
+    mode: str, gpus: int, on_gpu: bool, local_prefill: tuple[float, int] | None = None
+) -> list[str]:
+    """`tandem serve` flags placing the workers of `mode` on GPUs 0..gpus-1;
+    `local_prefill`: (after ms, most at once) of the `1p1d-local` decode worker."""
     if gpus < 1:
         raise ValueError("--gpus must be at least 1")
     if mode == "colocated":
@@ -61,16 +67,26 @@ def mode_argv(mode: str, gpus: int, on_gpu: bool) -> list[str]:
         if on_gpu:
             flags += ["--colocated-gpus", ",".join(str(i) for i in range(gpus))]
         return flags
-    if mode == "1p1d":
+    if mode in DISAGGREGATED:
         flags = ["--prefill-workers", "1", "--decode-workers", "1"]
         if on_gpu:
             flags += ["--prefill-gpus", "0", "--decode-gpus", "1" if gpus >= 2 else "0"]
+        if mode == "1p1d-local":
+            if local_prefill is None:
+                raise ValueError("mode 1p1d-local needs its decode worker's local prefill")
+            after_ms, most = local_prefill
+            flags += [
+                "--local-prefill-after-ms",
+                f"{after_ms:g}",
+                "--max-local-prefills",
+                str(most),
+            ]
         return flags
     raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
 
 
 def shares_one_gpu(mode: str, gpus: int, on_gpu: bool) -> bool:
-    return on_gpu and mode == "1p1d" and gpus == 1
+    return on_gpu and mode in DISAGGREGATED and gpus == 1
 
 
 def free_port() -> int:

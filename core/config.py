@@ -66,6 +66,10 @@ class WorkerConfig:
     transfer_timeout_s: float = 10.0
     reclaim_idle_s: float = 5.0
     max_deliveries: int = 3
+    # Decode only: also prefill tasks from the prefill stream once the oldest task no
+    # worker has taken has waited this long (None: never), at most this many at a time.
+    local_prefill_after_ms: float | None = None
+    max_local_prefills: int = 1
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
@@ -90,3 +94,12 @@ class WorkerConfig:
             raise ValueError("registry_ttl_s must be at least two heartbeats")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
+        if self.max_local_prefills < 1:
+            raise ValueError("max_local_prefills must be >= 1")
+        if self.local_prefill_after_ms is None:
+            if self.max_local_prefills != 1:
+                raise ValueError("max_local_prefills needs local_prefill_after_ms")
+        elif self.role != "decode":
+            raise ValueError("local prefill is a decode worker's option")
+        elif self.local_prefill_after_ms < 0:
+            raise ValueError("local_prefill_after_ms must be >= 0")

@@ -53,7 +53,9 @@ def read_tasks(
 ) -> list[tuple[bytes, PrefillTask | None]]:
     """New tasks for this consumer; a malformed entry comes back as (id, None)."""
     res = client.xreadgroup(PREFILL_GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
-    return [(entry_id, _task(fields)) for _, entries in res or [] for entry_id, fields in entries]
+    return [
+        (entry_id, parse_task(fields)) for _, entries in res or [] for entry_id, fields in entries
+    ]
 
 
 def reclaim_tasks(
@@ -63,7 +65,7 @@ def reclaim_tasks(
     res = client.xautoclaim(
         stream, PREFILL_GROUP, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
     )
-    return [(entry_id, _task(fields)) for entry_id, fields in res[1] if fields]
+    return [(entry_id, parse_task(fields)) for entry_id, fields in res[1] if fields]
 
 
 def delivery_counts(client: redis.Redis, stream: str, entry_ids: list[bytes]) -> dict[bytes, int]:
@@ -93,7 +95,7 @@ def dead_letter(
     pipe.execute()
 
 
-def _task(fields: dict) -> PrefillTask | None:
+def parse_task(fields: dict) -> PrefillTask | None:
     try:
         return decode(fields[MESSAGE_FIELD], PrefillTask)
     except (KeyError, ValueError) as exc:

@@ -21,7 +21,7 @@ import sys
 import time
 
 from tandem.local_redis import LocalRedis
-from tandem.roles import WORKER_COMMANDS
+from tandem.roles import WORKER_COMMANDS, local_prefill_flags
 
 PR_SET_PDEATHSIG = 1
 
@@ -59,7 +59,25 @@ def resolve_worker_counts(args: argparse.Namespace) -> None:
         raise ValueError(
             "no workers: give --prefill-workers and --decode-workers, or --colocated-workers"
         )
+    _check_local_prefill(args)
     _check_nccl_gpus(args)
+
+
+def _check_local_prefill(args: argparse.Namespace) -> None:
+    """The decode workers' own check of their local prefill flags, made here once, so a
+    bad value stops `tandem serve` before anything starts."""
+    from core.config import WorkerConfig
+
+    WorkerConfig(
+        redis_url="redis://",
+        role="decode",
+        local_prefill_after_ms=args.local_prefill_after_ms,
+        max_local_prefills=args.max_local_prefills,
+    )
+    if args.local_prefill_after_ms is not None and not args.decode_workers:
+        raise ValueError(
+            "--local-prefill-after-ms is a decode worker's option: give --decode-workers"
+        )
 
 
 def _check_nccl_gpus(args: argparse.Namespace) -> None:
@@ -137,12 +155,14 @@ class Service:
         base = tandem_command()
         log_level = ["--log-level", self.args.log_level]
         transfer = ["--kv-transport", self.args.kv_transport]
+        local_prefill = local_prefill_flags(self.args)
         for command, role in WORKER_COMMANDS.items():
             flags = [
                 *engine_flags(self.args),
                 "--redis-url",
                 self.redis_url,
                 *(transfer if role != "colocated" else []),
+                *(local_prefill if role == "decode" else []),
             ]
             gpus = getattr(self.args, f"{role}_gpus")
             for i in range(getattr(self.args, f"{role}_workers")):

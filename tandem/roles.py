@@ -64,6 +64,41 @@ def _add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_local_prefill_args(p: argparse.ArgumentParser) -> None:
+    """Decode workers' conditional disaggregation (core.local_prefill); `tandem serve`
+    passes these to its decode workers."""
+    p.add_argument(
+        "--local-prefill-after-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        dest="local_prefill_after_ms",
+        help="decode: also prefill tasks from the prefill stream, once the oldest "
+        "task no prefill worker has taken has waited MS ms (unset: never)",
+    )
+    p.add_argument(
+        "--max-local-prefills",
+        type=int,
+        default=1,
+        metavar="N",
+        dest="max_local_prefills",
+        help="decode, with --local-prefill-after-ms: at most N of its own tasks "
+        "prefilling at once (bounds the prefill work mixed into its decode steps)",
+    )
+
+
+def local_prefill_flags(args: argparse.Namespace) -> list[str]:
+    """The decode workers' flags for `args`' local prefill settings (none when off)."""
+    if args.local_prefill_after_ms is None:
+        return []
+    return [
+        "--local-prefill-after-ms",
+        f"{args.local_prefill_after_ms:g}",
+        "--max-local-prefills",
+        str(args.max_local_prefills),
+    ]
+
+
 def gpu_list(text: str) -> list[int]:
     """`--ROLE-gpus` values: "0,2,3" -> [0, 2, 3]."""
     try:
@@ -78,21 +113,26 @@ def gpu_list(text: str) -> list[int]:
 def worker_config_from_args(args: argparse.Namespace, role: str):
     from core.config import WorkerConfig
 
-    transfer = {}
+    extra = {}
     if role != "colocated":  # a colocated worker moves no KV
-        transfer = dict(
+        extra = dict(
             kv_transport=args.kv_transport,
             bind_host=args.bind_host,
             advertise_host=args.advertise_host,
             reservation_lease_s=args.reservation_lease_s,
             transfer_timeout_s=args.transfer_timeout_s,
         )
+    if role == "decode":
+        extra.update(
+            local_prefill_after_ms=args.local_prefill_after_ms,
+            max_local_prefills=args.max_local_prefills,
+        )
     return WorkerConfig(
         redis_url=args.redis_url,
         role=role,
         worker_id=args.worker_id,
         reclaim_idle_s=args.reclaim_idle_s,
-        **transfer,
+        **extra,
     )
 
 
@@ -147,6 +187,8 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
         _add_worker_args(p)
         if role != "colocated":
             _add_kv_transfer_args(p)
+        if role == "decode":
+            add_local_prefill_args(p)
         p.set_defaults(func=_cmd_worker(role))
 
     from gateway.main import add_arguments as add_gateway_args
@@ -208,6 +250,7 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
         choices=[t for t in KV_TRANSPORTS if t != "fake"],
         help="how KV blocks move between workers",
     )
+    add_local_prefill_args(s)
     s.add_argument(
         "--api-key",
         default=None,

@@ -68,6 +68,7 @@ def test_grpc_two_rates_every_request_complete(tmp_path):
     assert {"card", "commit", "date", "command", "params", "metrics"} <= set(record)
     params = record["params"]
     assert params["modes"] == ["1p1d"] and params["rates"] == ["inf", "4"]
+    assert (params["local_prefill_after_ms"], params["max_local_prefills"]) == (None, None)
     assert (params["input_len"], params["output_len"]) == (16, 8)
     assert params["num_prompts"] == {"inf": 6, "4": 6}
     mode = record["metrics"]["modes"]["1p1d"]
@@ -82,7 +83,7 @@ def test_grpc_two_rates_every_request_complete(tmp_path):
     assert_nothing_left(stdout)
 
 
-def test_http_backend_goodput_and_offline_baseline(tmp_path):
+def test_http_backend_goodput_offline_baseline_and_local_prefill_mode(tmp_path):
     record, stdout = bench_serve(
         tmp_path,
         "--num-prompts",
@@ -97,13 +98,20 @@ def test_http_backend_goodput_and_offline_baseline(tmp_path):
         "--offline-baseline",
         "--client-processes",
         "2",
+        "--modes",
+        "1p1d-local",
+        "--local-prefill-after-ms",
+        "50",
     )
+    assert "--decode-workers 1 --local-prefill-after-ms 50 --max-local-prefills 1" in stdout
+    params = record["params"]
+    assert (params["local_prefill_after_ms"], params["max_local_prefills"]) == (50.0, 1)
     metrics = record["metrics"]
-    row = metrics["modes"]["1p1d"]["rates"]["inf"]
+    row = metrics["modes"]["1p1d-local"]["rates"]["inf"]
     assert (row["completed"], row["failed"]) == (4, 0), row["errors"]
     assert row["goodput_requests"] == 4  # ten-minute SLOs: every completed request is good
     assert record["params"]["slos_ms"] == {"ttft": 600000.0, "tpot": 600000.0}
     assert metrics["offline"]["num_prompts"] == 4
-    assert metrics["served_vs_offline_mode"] == "1p1d"
+    assert metrics["served_vs_offline_mode"] == "1p1d-local"
     assert metrics["served_vs_offline_throughput_ratio"] > 0
     assert_nothing_left(stdout)

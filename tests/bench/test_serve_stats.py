@@ -217,7 +217,25 @@ def test_mode_command_lines_place_workers_on_gpus():
     assert mode_argv("1p1d", 2, True)[-4:] == ["--prefill-gpus", "0", "--decode-gpus", "1"]
     assert mode_argv("1p1d", 1, True)[-4:] == ["--prefill-gpus", "0", "--decode-gpus", "0"]
     assert mode_argv("1p1d", 1, False) == ["--prefill-workers", "1", "--decode-workers", "1"]
+    assert mode_argv("1p1d-local", 2, True, (150.0, 2)) == [
+        "--prefill-workers",
+        "1",
+        "--decode-workers",
+        "1",
+        "--prefill-gpus",
+        "0",
+        "--decode-gpus",
+        "1",
+        "--local-prefill-after-ms",
+        "150",
+        "--max-local-prefills",
+        "2",
+    ]
+    assert "--local-prefill-after-ms" not in mode_argv("1p1d", 2, True, (150.0, 2))
     assert shares_one_gpu("1p1d", 1, True) and not shares_one_gpu("1p1d", 2, True)
+    assert shares_one_gpu("1p1d-local", 1, True)
+    with pytest.raises(ValueError):
+        mode_argv("1p1d-local", 2, True)  # without its local prefill settings
     assert not shares_one_gpu("colocated", 1, True)
     with pytest.raises(ValueError):
         mode_argv("2p2d", 2, True)
@@ -290,6 +308,25 @@ def test_ratios_of_served_to_offline_and_of_1p1d_to_two_colocated():
     assert metrics["goodput_ratio_1p1d_vs_2_colocated_by_rate"] == {
         "4": 1.5,
         "8": 1.167,
+        "inf": 0.5,
+    }
+    assert "goodput_ratio_1p1d_local_vs_2_colocated" not in metrics
+    # With the local-prefill mode beside them, each disaggregated mode gets its ratios.
+    metrics["modes"]["1p1d-local"] = {
+        "rates": {
+            "4": row(3.9, 500.0, 3.9, 800, 22),
+            "8": row(7.8, 700.0, 7.8, 900, 30),
+            "inf": row(2.0, 800.0, 9.0, 9000, 30),
+        }
+    }
+    _add_ratios(metrics, ["1p1d", "1p1d-local", "colocated"], gpus=2, slos=slos)
+    assert metrics["p99_slo_goodput"] == {"1p1d": 7.6, "1p1d-local": 7.8, "colocated": 4.0}
+    assert metrics["goodput_ratio_1p1d_vs_2_colocated"] == 1.9
+    assert metrics["goodput_ratio_1p1d_local_vs_2_colocated"] == 1.95
+    assert metrics["request_goodput_ratio_1p1d_local_vs_2_colocated"] == 1.95
+    assert metrics["goodput_ratio_1p1d_local_vs_2_colocated_by_rate"] == {
+        "4": 1.95,
+        "8": 2.6,
         "inf": 0.5,
     }
     one_gpu = {"modes": {"1p1d": {"rates": {}}, "colocated": {"rates": {}}}}

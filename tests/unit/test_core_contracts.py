@@ -23,7 +23,7 @@ def test_core_imports_no_torch():
         "import sys; sys.modules['torch'] = None\n"
         "import core.config, core.protocol, core.scheduler, core.block_pool, "
         "core.kv_cache_manager, core.sequence, core.redis_keys, core.tokenizer, "
-        "core.replies, core.task_intake\n"
+        "core.replies, core.task_intake, core.local_prefill\n"
         "print('ok')"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
