@@ -12,14 +12,20 @@ from bench.serve_service import MODES
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def add_bench_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], None],
-                     engine_config_from_args: Callable) -> None:
+def add_bench_parser(
+    sub,
+    add_engine_args: Callable[[argparse.ArgumentParser], None],
+    engine_config_from_args: Callable,
+) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    bench = sub.add_parser("bench", help="benchmarks; results go to bench/results/",
-                           formatter_class=fmt)
+    bench = sub.add_parser(
+        "bench", help="benchmarks; results go to bench/results/", formatter_class=fmt
+    )
     kinds = bench.add_subparsers(dest="benchmark", required=True)
-    helps = {"latency": "one batch timed step by step, beside the hardware ceiling",
-             "throughput": "offline: every request at t=0, optionally beside transformers"}
+    helps = {
+        "latency": "one batch timed step by step, beside the hardware ceiling",
+        "throughput": "offline: every request at t=0, optionally beside transformers",
+    }
     for name, add_arguments in (("latency", _latency_args), ("throughput", _throughput_args)):
         p = kinds.add_parser(name, help=helps[name], formatter_class=fmt)
         add_engine_args(p)
@@ -39,8 +45,10 @@ def add_bench_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
         p.set_defaults(func=handler)
 
     transfer = kinds.add_parser(
-        "transfer", formatter_class=fmt,
-        help="KV transfer GB/s per backend (Llama-3.1-8B-shaped KV) beside its ceiling")
+        "transfer",
+        formatter_class=fmt,
+        help="KV transfer GB/s per backend (Llama-3.1-8B-shaped KV) beside its ceiling",
+    )
     _transfer_args(transfer)
     transfer.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
 
@@ -52,9 +60,12 @@ def add_bench_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
 
     transfer.set_defaults(func=transfer_handler)
 
-    p = kinds.add_parser("serve", help="the service under load: Poisson arrivals, TTFT, TPOT, "
-                         "ITL, goodput; launches `tandem serve` per mode or uses --target",
-                         formatter_class=fmt)
+    p = kinds.add_parser(
+        "serve",
+        help="the service under load: Poisson arrivals, TTFT, TPOT, "
+        "ITL, goodput; launches `tandem serve` per mode or uses --target",
+        formatter_class=fmt,
+    )
     add_engine_args(p)
     _serve_args(p)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -70,18 +81,30 @@ def add_bench_parser(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
 
 def _transfer_args(p: argparse.ArgumentParser) -> None:
     # Without torch loaded: CUDA's presence decides the defaults only once it runs.
-    p.add_argument("--backends", default=None,
-                   help="comma-separated: zmq, cuda_ipc, nccl (default: zmq,cuda_ipc with a "
-                        "GPU, zmq without)")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated: zmq, cuda_ipc, nccl (default: zmq,cuda_ipc with a GPU, zmq without)",
+    )
     p.add_argument("--tokens", default="512,2048,8192", help="tokens per request")
     p.add_argument("--requests", default="1,16,256", help="concurrent requests")
-    p.add_argument("--sender-device", default=None,
-                   help="the sender's cache (default: cuda:0 with a GPU, else cpu)")
-    p.add_argument("--receiver-device", default=None,
-                   help="the receiver process's cache (default: the sender's device)")
+    p.add_argument(
+        "--sender-device",
+        default=None,
+        help="the sender's cache (default: cuda:0 with a GPU, else cpu)",
+    )
+    p.add_argument(
+        "--receiver-device",
+        default=None,
+        help="the receiver process's cache (default: the sender's device)",
+    )
     p.add_argument("--iters", type=int, default=3, help="timed rounds per case (median)")
-    p.add_argument("--max-gib", type=float, default=16.0,
-                   help="skip cases moving more than this per side (cache and staging)")
+    p.add_argument(
+        "--max-gib",
+        type=float,
+        default=16.0,
+        help="skip cases moving more than this per side (cache and staging)",
+    )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per transfer")
 
 
@@ -99,59 +122,145 @@ def _throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--uniform", action="store_true",
-                   help="input and output lengths uniform in [--min-len, --max-len] (seed 0)")
+    p.add_argument(
+        "--uniform",
+        action="store_true",
+        help="input and output lengths uniform in [--min-len, --max-len] (seed 0)",
+    )
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--peer", choices=["none", "hf"], default="none")
-    p.add_argument("--peer-batch-sizes", default="64,128,256",
-                   help="transformers batch sizes to try; the best one is reported")
-    p.add_argument("--peer-requests", type=int, default=256,
-                   help="requests of the workload run through transformers")
+    p.add_argument(
+        "--peer-batch-sizes",
+        default="64,128,256",
+        help="transformers batch sizes to try; the best one is reported",
+    )
+    p.add_argument(
+        "--peer-requests",
+        type=int,
+        default=256,
+        help="requests of the workload run through transformers",
+    )
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=None, metavar="HOST:PORT",
-                   help="a running gateway (its gRPC port, or HTTP port with --backend http); "
-                        "default: launch `tandem serve` for each of --modes")
-    p.add_argument("--backend", choices=["grpc", "http"], default="grpc",
-                   help="grpc: the Generate stream; http: /v1/completions with SSE")
-    p.add_argument("--modes", "--mode", default="1p1d",
-                   help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument(
+        "--target",
+        default=None,
+        metavar="HOST:PORT",
+        help="a running gateway (its gRPC port, or HTTP port with --backend http); "
+        "default: launch `tandem serve` for each of --modes",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["grpc", "http"],
+        default="grpc",
+        help="grpc: the Generate stream; http: /v1/completions with SSE",
+    )
+    p.add_argument(
+        "--modes", "--mode", default="1p1d", help=f"comma-separated, of {', '.join(MODES)}"
+    )
     p.add_argument("--gpus", type=int, default=1, help="GPUs 0..N-1 the service may use")
-    p.add_argument("--kv-transport", default=None, choices=["zmq", "cuda_ipc", "nccl"],
-                   help="passed to `tandem serve` (default: its own)")
-    p.add_argument("--serve-args", default="",
-                   help="more `tandem serve` flags, e.g. \"--decode-workers 2\"; engine flags "
-                        "given to this command go to the service and the baseline alike")
-    p.add_argument("--ready-timeout", type=float, default=900.0,
-                   help="seconds for the service to start (dummy 8B + CUDA graphs: minutes)")
+    p.add_argument(
+        "--kv-transport",
+        default=None,
+        choices=["zmq", "cuda_ipc", "nccl"],
+        help="passed to `tandem serve` (default: its own)",
+    )
+    p.add_argument(
+        "--serve-args",
+        default="",
+        help='more `tandem serve` flags, e.g. "--decode-workers 2"; engine flags '
+        "given to this command go to the service and the baseline alike",
+    )
+    p.add_argument(
+        "--local-prefill-after-ms",
+        type=float,
+        default=200.0,
+        metavar="MS",
+        help="mode 1p1d-local: its decode worker prefills a task once the oldest "
+        "task not taken by the prefill worker has waited MS ms",
+    )
+    p.add_argument(
+        "--max-local-prefills",
+        type=int,
+        default=1,
+        metavar="N",
+        help="mode 1p1d-local: at most N of the decode worker's own tasks prefilling at once",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=900.0,
+        help="seconds for the service to start (dummy 8B + CUDA graphs: minutes)",
+    )
     p.add_argument("--rates", default="inf", help="requests/s, comma-separated; inf: all at t=0")
-    p.add_argument("--num-prompts", type=int, default=200,
-                   help="prompts per rate (with --duration: the most per rate)")
-    p.add_argument("--duration", type=float, default=0.0,
-                   help="seconds of arrivals per finite rate: N = rate x S, clamped to "
-                        "[--min-prompts, --num-prompts]; 0: --num-prompts at every rate")
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        default=200,
+        help="prompts per rate (with --duration: the most per rate)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="seconds of arrivals per finite rate: N = rate x S, clamped to "
+        "[--min-prompts, --num-prompts]; 0: --num-prompts at every rate",
+    )
     p.add_argument("--min-prompts", type=int, default=20)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--range-ratio", type=float, default=0.0,
-                   help="lengths uniform in [len x (1 - r), len x (1 + r)]")
+    p.add_argument(
+        "--range-ratio",
+        type=float,
+        default=0.0,
+        help="lengths uniform in [len x (1 - r), len x (1 + r)]",
+    )
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of prompts and arrivals")
-    p.add_argument("--vocab-size", type=int, default=0,
-                   help="token ids are drawn below it (0: from the model's files)")
-    p.add_argument("--max-concurrency", type=int, default=0,
-                   help="requests in flight at most (0: no cap), split over client processes")
-    p.add_argument("--client-processes", type=int, default=1,
-                   help="processes sending the load; one Python process streams some 10-20k "
-                        "chunks/s at most (see client_cpu_share in the results)")
-    p.add_argument("--goodput", nargs="*", default=[], metavar="KEY:MS",
-                   help="SLOs for goodput, e.g. ttft:500 tpot:50 (keys ttft, tpot, e2e)")
-    p.add_argument("--warmup-prompts", type=int, default=8,
-                   help="requests sent before measuring each mode (not counted)")
-    p.add_argument("--request-timeout", type=float, default=900.0,
-                   help="client-side seconds per request")
-    p.add_argument("--offline-baseline", action="store_true",
-                   help="run the in-process engine on the rate-inf prompts first (GPU 0)")
-    p.add_argument("--log-dir", type=Path, default=None,
-                   help="where service logs go (default: a new temporary directory)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=0,
+        help="token ids are drawn below it (0: from the model's files)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=0,
+        help="requests in flight at most (0: no cap), split over client processes",
+    )
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="processes sending the load; one Python process streams some 10-20k "
+        "chunks/s at most (see client_cpu_share in the results)",
+    )
+    p.add_argument(
+        "--goodput",
+        nargs="*",
+        default=[],
+        metavar="KEY:MS",
+        help="SLOs for goodput, e.g. ttft:500 tpot:50 (keys ttft, tpot, e2e)",
+    )
+    p.add_argument(
+        "--warmup-prompts",
+        type=int,
+        default=8,
+        help="requests sent before measuring each mode (not counted)",
+    )
+    p.add_argument(
+        "--request-timeout", type=float, default=900.0, help="client-side seconds per request"
+    )
+    p.add_argument(
+        "--offline-baseline",
+        action="store_true",
+        help="run the in-process engine on the rate-inf prompts first (GPU 0)",
+    )
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="where service logs go (default: a new temporary directory)",
+    )

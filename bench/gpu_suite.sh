@@ -31,9 +31,11 @@ case "${1:-}" in
       --rates 1,4,16,inf --duration 12 --min-prompts 12 --num-prompts 150 \
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
-  pd2-prefill)  # two GPUs: 1 prefill + 1 decode (nccl) vs two colocated workers
-    $PY -m bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 2 --kv-transport nccl \
-      --rates 4,8,16,24 --duration 12 --min-prompts 30 --num-prompts 300 \
+  pd2-prefill)  # two GPUs: 1 prefill + 1 decode (nccl), the same with the decode worker
+    # prefilling while the prefill worker is backed up, and two colocated workers
+    $PY -m bench serve "${MODEL[@]}" --modes 1p1d,1p1d-local,colocated --gpus 2 \
+      --kv-transport nccl --local-prefill-after-ms 200 --max-local-prefills 1 \
+      --rates 8,12,16,20,24 --duration 12 --min-prompts 30 --num-prompts 300 \
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
   pd2-balanced)

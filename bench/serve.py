@@ -28,6 +28,7 @@ from pathlib import Path
 from bench.serve_client import Prompt, RequestResult, arrival_times, client_job, make_prompts
 from bench.serve_offline import run_offline_baseline
 from bench.serve_service import (
+    DISAGGREGATED,
     LaunchedService,
     ServiceError,
     engine_argv,
@@ -35,6 +36,7 @@ from bench.serve_service import (
     shares_one_gpu,
 )
 from bench.serve_stats import format_table, parse_slos, ratio, summarize_run
+from core.config import WorkerConfig
 from core.models import local_model_dir, model_name
 
 Dead = Callable[[], str | None]
@@ -76,8 +78,10 @@ def model_vocab_size(model_dir: Path) -> int:
     """Ids valid for both the model's embedding table and the gateway's tokenizer."""
     config_path = model_dir / "config.json"
     if not config_path.exists():
-        raise ValueError(f"no {config_path} to read the vocabulary size from: pass "
-                         "--vocab-size, or --model with a local checkpoint directory")
+        raise ValueError(
+            f"no {config_path} to read the vocabulary size from: pass "
+            "--vocab-size, or --model with a local checkpoint directory"
+        )
     config = json.loads(config_path.read_text())
     vocab = int(config.get("text_config", config)["vocab_size"])
     if (model_dir / "tokenizer.json").exists():
@@ -87,8 +91,14 @@ def model_vocab_size(model_dir: Path) -> int:
     return vocab
 
 
-def _split_run(pool, target: str, prompts: list[Prompt], arrivals: list[float],
-               args: argparse.Namespace, dead: Dead) -> tuple[list[RequestResult], float, float]:
+def _split_run(
+    pool,
+    target: str,
+    prompts: list[Prompt],
+    arrivals: list[float],
+    args: argparse.Namespace,
+    dead: Dead,
+) -> tuple[list[RequestResult], float, float]:
     """Run one schedule over the client processes (request i on process i mod P, so the
     arrivals stay those of the schedule); give up at once if the service dies meanwhile.
     Returns the results, the seconds from t0 to the last completion, and the busiest
@@ -96,9 +106,21 @@ def _split_run(pool, target: str, prompts: list[Prompt], arrivals: list[float],
     n = args.client_processes
     caps = [args.max_concurrency // n + (i < args.max_concurrency % n) for i in range(n)]
     t0 = time.perf_counter() + CLIENT_START_LEAD_S
-    jobs = [pool.apply_async(client_job, (args.backend, target, args.request_timeout,
-                                          prompts[i::n], arrivals[i::n], caps[i], t0))
-            for i in range(n)]
+    jobs = [
+        pool.apply_async(
+            client_job,
+            (
+                args.backend,
+                target,
+                args.request_timeout,
+                prompts[i::n],
+                arrivals[i::n],
+                caps[i],
+                t0,
+            ),
+        )
+        for i in range(n)
+    ]
     while not all(job.ready() for job in jobs):
         if (why := dead()) is not None:
             raise ServiceError(f"the service died under load: {why}")
@@ -109,41 +131,63 @@ def _split_run(pool, target: str, prompts: list[Prompt], arrivals: list[float],
     return results, duration, max(cpu for _, cpu in parts)
 
 
-def measure(target: str, runs: list[RateRun], args: argparse.Namespace,
-            slos: dict[str, float], dead: Dead, mode: str) -> dict[str, dict]:
+def measure(
+    target: str,
+    runs: list[RateRun],
+    args: argparse.Namespace,
+    slos: dict[str, float],
+    dead: Dead,
+    mode: str,
+) -> dict[str, dict]:
     # Client processes are spawned, not forked: a forked gRPC runtime is not safe.
     with multiprocessing.get_context("spawn").Pool(args.client_processes) as pool:
         if args.warmup_prompts > 0:
-            warm = make_prompts(args.warmup_prompts, args.input_len, min(args.output_len, 16),
-                                args.vocab_size, f"{args.prompt_seed}:warmup")
+            warm = make_prompts(
+                args.warmup_prompts,
+                args.input_len,
+                min(args.output_len, 16),
+                args.vocab_size,
+                f"{args.prompt_seed}:warmup",
+            )
             results, _, _ = _split_run(pool, target, warm, [0.0] * len(warm), args, dead)
             if errors := [r.error for r in results if r.error]:
                 raise ServiceError(f"warm-up requests failed: {errors[0]}")
         rows = {}
         for run in runs:
-            results, duration, cpu = _split_run(pool, target, run.prompts, run.arrivals,
-                                                args, dead)
+            results, duration, cpu = _split_run(pool, target, run.prompts, run.arrivals, args, dead)
             row = rows[run.label] = summarize_run(results, duration, slos)
             row["client_cpu_share"] = round(cpu, 2)
-            print(f"{mode} rate {run.label}: {row['completed']}/{row['num_prompts']} completed "
-                  f"in {row['duration_s']:.1f}s, {row['output_throughput']:.0f} output tok/s",
-                  flush=True)
+            print(
+                f"{mode} rate {run.label}: {row['completed']}/{row['num_prompts']} completed "
+                f"in {row['duration_s']:.1f}s, {row['output_throughput']:.0f} output tok/s",
+                flush=True,
+            )
             if cpu > CLIENT_BUSY_WARNING:
-                print(f"  warning: a client process was busy {cpu:.0%} of the run: the client "
-                      "may have set the pace; raise --client-processes", flush=True)
+                print(
+                    f"  warning: a client process was busy {cpu:.0%} of the run: the client "
+                    "may have set the pace; raise --client-processes",
+                    flush=True,
+                )
         return rows
 
 
 @contextlib.contextmanager
-def launched(mode: str, args: argparse.Namespace, add_engine_args, log_dir: Path
-             ) -> Iterator[LaunchedService]:
+def launched(
+    mode: str, args: argparse.Namespace, add_engine_args, log_dir: Path
+) -> Iterator[LaunchedService]:
     on_gpu = args.device != "cpu"
     overrides = {}
     if shares_one_gpu(mode, args.gpus, on_gpu):
         overrides["gpu_memory_utilization"] = round(args.gpu_memory_utilization / 2, 3)
-    argv = [*engine_argv(args, add_engine_args, **overrides), *mode_argv(mode, args.gpus, on_gpu),
-            *(["--kv-transport", args.kv_transport] if args.kv_transport else []),
-            "--ready-timeout", str(args.ready_timeout), *shlex.split(args.serve_args)]
+    local_prefill = (args.local_prefill_after_ms, args.max_local_prefills)
+    argv = [
+        *engine_argv(args, add_engine_args, **overrides),
+        *mode_argv(mode, args.gpus, on_gpu, local_prefill),
+        *(["--kv-transport", args.kv_transport] if args.kv_transport else []),
+        "--ready-timeout",
+        str(args.ready_timeout),
+        *shlex.split(args.serve_args),
+    ]
     service = LaunchedService(argv, log_dir / f"serve-{mode}.log")
     try:
         service.start(args.ready_timeout)
@@ -158,15 +202,25 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 
 def run(args: argparse.Namespace, add_engine_args) -> dict:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        mode_argv(mode, args.gpus, False)  # unknown modes fail before anything starts
+    local_prefill = (args.local_prefill_after_ms, args.max_local_prefills)
+    for mode in modes:  # unknown modes fail before anything starts
+        mode_argv(mode, args.gpus, False, local_prefill)
+    if "1p1d-local" in modes:  # the decode worker's own check, before anything starts
+        WorkerConfig(
+            redis_url="redis://",
+            role="decode",
+            local_prefill_after_ms=args.local_prefill_after_ms,
+            max_local_prefills=args.max_local_prefills,
+        )
     slos = parse_slos(args.goodput)
     rates = parse_rates(args.rates)
     if args.client_processes < 1:
         raise ValueError("--client-processes must be at least 1")
     if 0 < args.max_concurrency < args.client_processes:
-        raise ValueError("--max-concurrency is split over client processes: give at least "
-                         "one request per process")
+        raise ValueError(
+            "--max-concurrency is split over client processes: give at least "
+            "one request per process"
+        )
     if args.target is None:
         from engine.model_registry import resolve_model  # imports no torch
 
@@ -179,19 +233,33 @@ def run(args: argparse.Namespace, add_engine_args) -> dict:
     for label, rate in rates:
         n = prompts_for(rate, args)
         seed = prompt_seed(args, label)
-        prompts = make_prompts(n, args.input_len, args.output_len, args.vocab_size, seed,
-                               args.range_ratio)
+        prompts = make_prompts(
+            n, args.input_len, args.output_len, args.vocab_size, seed, args.range_ratio
+        )
         runs.append(RateRun(label, prompts, arrival_times(n, rate, seed)))
     signal.signal(signal.SIGTERM, _raise_interrupt)
     metrics: dict = {"modes": {}}
     if args.offline_baseline:
-        workload = ["--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
-                    "--output-len", str(args.output_len), "--range-ratio", str(args.range_ratio),
-                    "--vocab-size", str(args.vocab_size),
-                    "--prompt-seed", prompt_seed(args, "inf")]
+        workload = [
+            "--num-prompts",
+            str(args.num_prompts),
+            "--input-len",
+            str(args.input_len),
+            "--output-len",
+            str(args.output_len),
+            "--range-ratio",
+            str(args.range_ratio),
+            "--vocab-size",
+            str(args.vocab_size),
+            "--prompt-seed",
+            prompt_seed(args, "inf"),
+        ]
         metrics["offline"] = run_offline_baseline(
-            engine_argv(args, add_engine_args), workload,
-            "0" if args.device != "cpu" else None, args.ready_timeout + 3600)
+            engine_argv(args, add_engine_args),
+            workload,
+            "0" if args.device != "cpu" else None,
+            args.ready_timeout + 3600,
+        )
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="tandem-bench-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     for mode in modes:
@@ -214,29 +282,39 @@ def _add_ratios(metrics: dict, modes: list[str], gpus: int, slos: dict[str, floa
         served = section["rates"].get("inf")
         if offline and served:
             section["served_vs_offline_throughput_ratio"] = ratio(
-                served["total_token_throughput"], offline["total_token_throughput"])
+                served["total_token_throughput"], offline["total_token_throughput"]
+            )
     if offline:
         first = modes[0]
         metrics["served_vs_offline_mode"] = first
-        metrics["served_vs_offline_throughput_ratio"] = \
-            metrics["modes"][first].get("served_vs_offline_throughput_ratio")
-    if gpus == 2 and {"1p1d", "colocated"} <= set(modes):
-        disagg, colo = metrics["modes"]["1p1d"]["rates"], metrics["modes"]["colocated"]["rates"]
+        metrics["served_vs_offline_throughput_ratio"] = metrics["modes"][first].get(
+            "served_vs_offline_throughput_ratio"
+        )
+    disaggregated = [m for m in DISAGGREGATED if m in modes]
+    if gpus != 2 or "colocated" not in modes or not disaggregated:
+        return
 
-        def best(rows: dict) -> float | None:
-            values = [r["goodput"] for r in rows.values() if r["goodput"] is not None]
-            return max(values, default=None)
+    def best(rows: dict) -> float | None:
+        values = [r["goodput"] for r in rows.values() if r["goodput"] is not None]
+        return max(values, default=None)
 
-        # The issue's goodput: the highest request rate served with every request done
-        # and p99 TTFT / TPOT within the SLOs (DistServe's definition, at p99).
-        p99 = {mode: p99_goodput(metrics["modes"][mode]["rates"], slos)
-               for mode in ("1p1d", "colocated")}
-        metrics["p99_slo_goodput"] = p99
-        metrics["goodput_ratio_1p1d_vs_2_colocated"] = ratio(p99["1p1d"], p99["colocated"])
+    colo = metrics["modes"]["colocated"]["rates"]
+    # The issue's goodput: the highest request rate served with every request done and
+    # p99 TTFT / TPOT within the SLOs (DistServe's definition, at p99).
+    p99 = {
+        mode: p99_goodput(metrics["modes"][mode]["rates"], slos)
+        for mode in (*disaggregated, "colocated")
+    }
+    metrics["p99_slo_goodput"] = p99
+    for mode in disaggregated:
+        disagg = metrics["modes"][mode]["rates"]
+        name = mode.replace("-", "_")
+        metrics[f"goodput_ratio_{name}_vs_2_colocated"] = ratio(p99[mode], p99["colocated"])
         # vLLM's definition: requests/s that individually met the SLOs, best rate each.
-        metrics["request_goodput_ratio_1p1d_vs_2_colocated"] = ratio(best(disagg), best(colo))
-        metrics["goodput_ratio_1p1d_vs_2_colocated_by_rate"] = {
-            label: ratio(disagg[label]["goodput"], colo[label]["goodput"]) for label in disagg}
+        metrics[f"request_goodput_ratio_{name}_vs_2_colocated"] = ratio(best(disagg), best(colo))
+        metrics[f"goodput_ratio_{name}_vs_2_colocated_by_rate"] = {
+            label: ratio(disagg[label]["goodput"], colo[label]["goodput"]) for label in disagg
+        }
 
 
 def p99_goodput(rows: dict, slos: dict[str, float]) -> float | None:
@@ -244,36 +322,70 @@ def p99_goodput(rows: dict, slos: dict[str, float]) -> float | None:
     latency is within its limit; 0.0 when no rate qualifies, None without SLOs."""
     if not slos:
         return None
-    ok = [row["request_throughput"] for row in rows.values()
-          if not row["failed"] and row["completed"]
-          and all((row.get(f"{key}_ms") or {}).get("p99", float("inf")) <= limit
-                  for key, limit in slos.items())]
+    ok = [
+        row["request_throughput"]
+        for row in rows.values()
+        if not row["failed"]
+        and row["completed"]
+        and all(
+            (row.get(f"{key}_ms") or {}).get("p99", float("inf")) <= limit
+            for key, limit in slos.items()
+        )
+    ]
     return max(ok, default=0.0)
 
 
-def _write(args: argparse.Namespace, modes: list[str], rates: list[tuple[str, float]],
-           slos: dict[str, float], metrics: dict) -> dict:
+def _write(
+    args: argparse.Namespace,
+    modes: list[str],
+    rates: list[tuple[str, float]],
+    slos: dict[str, float],
+    metrics: dict,
+) -> dict:
     from bench.results import write_result
 
     params = {
-        "modes": modes, "gpus": args.gpus, "target": args.target, "backend": args.backend,
+        "modes": modes,
+        "gpus": args.gpus,
+        "target": args.target,
+        "backend": args.backend,
         "rates": [label for label, _ in rates],
         "num_prompts": {run: prompts_for(rate, args) for run, rate in rates},
-        "input_len": args.input_len, "output_len": args.output_len,
-        "range_ratio": args.range_ratio, "prompt_seed": args.prompt_seed,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "range_ratio": args.range_ratio,
+        "prompt_seed": args.prompt_seed,
         "vocab_size": args.vocab_size,
         "max_concurrency": args.max_concurrency or None,
         "client_processes": args.client_processes,
-        "kv_transport": args.kv_transport or "default", "slos_ms": slos,
-        "serve_args": args.serve_args, "load_format": args.load_format,
-        "max_num_seqs": args.max_num_seqs, "gpu_memory_utilization": args.gpu_memory_utilization,
-        "offline_baseline": args.offline_baseline, "warmup_prompts": args.warmup_prompts,
+        "kv_transport": args.kv_transport or "default",
+        "slos_ms": slos,
+        "serve_args": args.serve_args,
+        "load_format": args.load_format,
+        "max_num_seqs": args.max_num_seqs,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "offline_baseline": args.offline_baseline,
+        "warmup_prompts": args.warmup_prompts,
+        # What mode 1p1d-local passed to its decode worker (None without that mode).
+        "local_prefill_after_ms": args.local_prefill_after_ms if "1p1d-local" in modes else None,
+        "max_local_prefills": args.max_local_prefills if "1p1d-local" in modes else None,
     }
     card = None if args.target is None else "unknown: --target"
     write_result("serve", model_name(args.model), params, metrics, args.out_dir, card=card)
-    print(format_table([(mode, label, row) for mode in modes
-                        for label, row in metrics["modes"][mode]["rates"].items()]))
-    for key in ("served_vs_offline_throughput_ratio", "goodput_ratio_1p1d_vs_2_colocated"):
+    print(
+        format_table(
+            [
+                (mode, label, row)
+                for mode in modes
+                for label, row in metrics["modes"][mode]["rates"].items()
+            ]
+        )
+    )
+    for key in (
+        "served_vs_offline_throughput_ratio",
+        "goodput_ratio_1p1d_vs_2_colocated",
+        "goodput_ratio_1p1d_local_vs_2_colocated",
+    ):
         if key in metrics:
             print(f"{key}: {metrics[key]}")
     return metrics

@@ -5,6 +5,8 @@ Modes (GPU indices are physical: each worker gets CUDA_VISIBLE_DEVICES from the 
 - `colocated`: one colocated (prefill + decode) worker per GPU of --gpus.
 - `1p1d`: one prefill and one decode worker; on GPUs 0 and 1 with --gpus 2, both on
   GPU 0 with --gpus 1, where each gets half of --gpu-memory-utilization.
+- `1p1d-local`: `1p1d` whose decode worker also prefills while the prefill worker is
+  backed up (`--local-prefill-after-ms`, `--max-local-prefills`: core.local_prefill).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-MODES = ("colocated", "1p1d")
+MODES = ("colocated", "1p1d", "1p1d-local")
+DISAGGREGATED = ("1p1d", "1p1d-local")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PR_SET_PDEATHSIG = 1
 
@@ -33,9 +36,11 @@ class ServiceError(RuntimeError):
     """The service did not start, or died under load; the message has its last lines."""
 
 
-def engine_argv(args: argparse.Namespace,
-                add_engine_args: Callable[[argparse.ArgumentParser], None],
-                **overrides: object) -> list[str]:
+def engine_argv(
+    args: argparse.Namespace,
+    add_engine_args: Callable[[argparse.ArgumentParser], None],
+    **overrides: object,
+) -> list[str]:
     """The engine flags of `args` as a command line, read off the parser that defined
     them, so a new engine flag travels to the workers with no change here."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -50,8 +55,11 @@ def engine_argv(args: argparse.Namespace,
     return argv
 
 
-def mode_argv(mode: str, gpus: int, on_gpu: bool) -> list[str]:
-    """`tandem serve` flags placing the workers of `mode` on GPUs 0..gpus-1."""
+def mode_argv(
+    mode: str, gpus: int, on_gpu: bool, local_prefill: tuple[float, int] | None = None
+) -> list[str]:
+    """`tandem serve` flags placing the workers of `mode` on GPUs 0..gpus-1;
+    `local_prefill`: (after ms, most at once) of the `1p1d-local` decode worker."""
     if gpus < 1:
         raise ValueError("--gpus must be at least 1")
     if mode == "colocated":
@@ -59,16 +67,26 @@ def mode_argv(mode: str, gpus: int, on_gpu: bool) -> list[str]:
         if on_gpu:
             flags += ["--colocated-gpus", ",".join(str(i) for i in range(gpus))]
         return flags
-    if mode == "1p1d":
+    if mode in DISAGGREGATED:
         flags = ["--prefill-workers", "1", "--decode-workers", "1"]
         if on_gpu:
             flags += ["--prefill-gpus", "0", "--decode-gpus", "1" if gpus >= 2 else "0"]
+        if mode == "1p1d-local":
+            if local_prefill is None:
+                raise ValueError("mode 1p1d-local needs its decode worker's local prefill")
+            after_ms, most = local_prefill
+            flags += [
+                "--local-prefill-after-ms",
+                f"{after_ms:g}",
+                "--max-local-prefills",
+                str(most),
+            ]
         return flags
     raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
 
 
 def shares_one_gpu(mode: str, gpus: int, on_gpu: bool) -> bool:
-    return on_gpu and mode == "1p1d" and gpus == 1
+    return on_gpu and mode in DISAGGREGATED and gpus == 1
 
 
 def free_port() -> int:
@@ -108,7 +126,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rfind(")") + 2:].split()
+    return stat[stat.rfind(")") + 2 :].split()
 
 
 class LaunchedService:
@@ -119,9 +137,21 @@ class LaunchedService:
         self.host = "127.0.0.1"
         self.grpc_port, self.http_port = free_port(), free_port()
         self.log_path = log_path
-        self.cmd = [sys.executable, "-m", "tandem.cli", "--log-level", "WARNING", "serve",
-                    "--host", self.host, "--grpc-port", str(self.grpc_port),
-                    "--http-port", str(self.http_port), *argv]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "tandem.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--host",
+            self.host,
+            "--grpc-port",
+            str(self.grpc_port),
+            "--http-port",
+            str(self.http_port),
+            *argv,
+        ]
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -138,21 +168,30 @@ class LaunchedService:
         env = dict(os.environ)
         # The child runs the same code as this bench, whichever checkout that is.
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
         print(f"starting: {shlex.join(self.cmd)}\n  log: {self.log_path}", flush=True)
         t0 = time.monotonic()
         log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=env, cwd=REPO_ROOT, start_new_session=True, preexec_fn=_die_with_parent)
+            self.cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         threading.Thread(target=self._pump, args=(log,), daemon=True).start()
         deadline = t0 + ready_timeout_s
         while not self._ready.wait(0.5):
             if (why := self._exit_status()) is not None:
                 raise ServiceError(f"{why} before it was ready{self._last_lines()}")
             if time.monotonic() > deadline:
-                raise ServiceError(f"tandem serve not ready after {ready_timeout_s:.0f}s"
-                                   f"{self._last_lines()}")
+                raise ServiceError(
+                    f"tandem serve not ready after {ready_timeout_s:.0f}s{self._last_lines()}"
+                )
         self.startup_s = time.monotonic() - t0
         self._known.update(_descendants(self.proc.pid))
         print(f"ready in {self.startup_s:.1f}s", flush=True)

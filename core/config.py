@@ -66,20 +66,40 @@ class WorkerConfig:
     transfer_timeout_s: float = 10.0
     reclaim_idle_s: float = 5.0
     max_deliveries: int = 3
+    # Decode only: also prefill tasks from the prefill stream once the oldest task no
+    # worker has taken has waited this long (None: never), at most this many at a time.
+    local_prefill_after_ms: float | None = None
+    max_local_prefills: int = 1
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
             raise ValueError(f"role must be one of {', '.join(WORKER_ROLES)}")
         if self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(
-                f"unknown kv transport {self.kv_transport!r} (one of {', '.join(KV_TRANSPORTS)})")
+                f"unknown kv transport {self.kv_transport!r} (one of {', '.join(KV_TRANSPORTS)})"
+            )
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
-        for name in ("heartbeat_s", "registry_ttl_s", "drain_timeout_s",
-                     "reservation_lease_s", "transfer_timeout_s", "reclaim_idle_s"):
+        for name in (
+            "heartbeat_s",
+            "registry_ttl_s",
+            "drain_timeout_s",
+            "reservation_lease_s",
+            "transfer_timeout_s",
+            "reclaim_idle_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.registry_ttl_s < 2 * self.heartbeat_s:
             raise ValueError("registry_ttl_s must be at least two heartbeats")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
+        if self.max_local_prefills < 1:
+            raise ValueError("max_local_prefills must be >= 1")
+        if self.local_prefill_after_ms is None:
+            if self.max_local_prefills != 1:
+                raise ValueError("max_local_prefills needs local_prefill_after_ms")
+        elif self.role != "decode":
+            raise ValueError("local prefill is a decode worker's option")
+        elif self.local_prefill_after_ms < 0:
+            raise ValueError("local_prefill_after_ms must be >= 0")

@@ -202,6 +202,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     reservations: int = 0
     preemptions: int = 0
     admitted: int = 0  # requests taken since start (decode: handoffs; others: tasks)
+    # Decode: tasks it took from the prefill stream and prefilled itself since start
+    # (core.local_prefill).
+    local_prefills: int = 0
     heartbeat: float = 0.0
     draining: bool = False
 

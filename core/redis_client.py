@@ -28,9 +28,12 @@ T = TypeVar("T")
 
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
-                                socket_connect_timeout=SOCKET_TIMEOUT_S,
-                                health_check_interval=10)
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=SOCKET_TIMEOUT_S,
+        health_check_interval=10,
+    )
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str = PREFILL_GROUP) -> None:
@@ -49,18 +52,20 @@ def read_tasks(
     client: redis.Redis, stream: str, consumer: str, count: int, block_ms: int | None
 ) -> list[tuple[bytes, PrefillTask | None]]:
     """New tasks for this consumer; a malformed entry comes back as (id, None)."""
-    res = client.xreadgroup(PREFILL_GROUP, consumer, {stream: ">"}, count=count,
-                            block=block_ms)
-    return [(entry_id, _task(fields)) for _, entries in res or [] for entry_id, fields in entries]
+    res = client.xreadgroup(PREFILL_GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
+    return [
+        (entry_id, parse_task(fields)) for _, entries in res or [] for entry_id, fields in entries
+    ]
 
 
 def reclaim_tasks(
     client: redis.Redis, stream: str, consumer: str, min_idle_ms: int, count: int
 ) -> list[tuple[bytes, PrefillTask | None]]:
     """Tasks a dead consumer took but never acknowledged (XAUTOCLAIM)."""
-    res = client.xautoclaim(stream, PREFILL_GROUP, consumer, min_idle_time=min_idle_ms,
-                            start_id="0-0", count=count)
-    return [(entry_id, _task(fields)) for entry_id, fields in res[1] if fields]
+    res = client.xautoclaim(
+        stream, PREFILL_GROUP, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
+    )
+    return [(entry_id, parse_task(fields)) for entry_id, fields in res[1] if fields]
 
 
 def delivery_counts(client: redis.Redis, stream: str, entry_ids: list[bytes]) -> dict[bytes, int]:
@@ -74,18 +79,23 @@ def delivery_counts(client: redis.Redis, stream: str, entry_ids: list[bytes]) ->
     return counts
 
 
-def dead_letter(client: redis.Redis, stream: str, dead_stream: str, entry_id: bytes,
-                payload: bytes, reason: str) -> None:
+def dead_letter(
+    client: redis.Redis, stream: str, dead_stream: str, entry_id: bytes, payload: bytes, reason: str
+) -> None:
     """Move a task that keeps failing out of the way, keeping it for inspection."""
     pipe = client.pipeline(transaction=True)
-    pipe.xadd(dead_stream, {MESSAGE_FIELD: payload, b"reason": reason.encode(),
-                            b"entry": entry_id}, maxlen=10_000, approximate=True)
+    pipe.xadd(
+        dead_stream,
+        {MESSAGE_FIELD: payload, b"reason": reason.encode(), b"entry": entry_id},
+        maxlen=10_000,
+        approximate=True,
+    )
     pipe.xack(stream, PREFILL_GROUP, entry_id)
     pipe.xdel(stream, entry_id)
     pipe.execute()
 
 
-def _task(fields: dict) -> PrefillTask | None:
+def parse_task(fields: dict) -> PrefillTask | None:
     try:
         return decode(fields[MESSAGE_FIELD], PrefillTask)
     except (KeyError, ValueError) as exc:
@@ -99,8 +109,12 @@ def publish_deltas(client: redis.Redis, deltas: dict[str, list[TokenDelta]]) -> 
         return
     pipe = client.pipeline(transaction=False)
     for stream, batch in deltas.items():
-        pipe.xadd(stream, {MESSAGE_FIELD: encode(TokenBatch(batch))},
-                  maxlen=REPLY_STREAM_MAXLEN, approximate=True)
+        pipe.xadd(
+            stream,
+            {MESSAGE_FIELD: encode(TokenBatch(batch))},
+            maxlen=REPLY_STREAM_MAXLEN,
+            approximate=True,
+        )
     pipe.execute()
 
 

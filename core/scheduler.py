@@ -78,8 +78,9 @@ class Scheduler:
     def _check_fits(self, seq: Sequence) -> None:
         worst = len(seq.prompt_token_ids) + seq.sampling.max_tokens
         if worst > self.config.max_model_len:
-            raise ValueError(f"sequence needs {worst} tokens, max_model_len is "
-                             f"{self.config.max_model_len}")
+            raise ValueError(
+                f"sequence needs {worst} tokens, max_model_len is {self.config.max_model_len}"
+            )
         if blocks_needed(worst, self.kv.block_size) > self.kv.pool.num_blocks:
             raise ValueError("sequence can never fit in the KV cache")
 
@@ -96,11 +97,18 @@ class Scheduler:
         waiting_tokens = sum(s.num_uncomputed_tokens for s in self.waiting)
         if waiting_tokens >= self.config.max_num_batched_tokens:
             return 0
-        promised = sum(blocks_needed(s.num_tokens + 1, self.kv.block_size)
-                       - len(self.kv.block_table(s.request_id))
-                       for s in (*self.running, *self.waiting))
         slots = self.config.max_num_seqs - len(self.running) - len(self.waiting)
-        return max(0, min(slots, self.kv.num_free_blocks - promised))
+        return max(0, min(slots, self.spare_blocks()))
+
+    def spare_blocks(self) -> int:
+        """Free blocks beyond what the sequences in hand still need for the rest of
+        their prompts and one token more (negative when they are short)."""
+        promised = sum(
+            blocks_needed(s.num_tokens + 1, self.kv.block_size)
+            - len(self.kv.block_table(s.request_id))
+            for s in (*self.running, *self.waiting)
+        )
+        return self.kv.num_free_blocks - promised
 
     def get(self, request_id: str) -> Sequence | None:
         for seq in self.running:

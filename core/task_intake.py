@@ -1,7 +1,7 @@
 """A worker's side of the model's prefill stream (consumer group "prefill").
 
-Prefill and colocated workers take tasks the same way, under the same at-least-once
-rules:
+Prefill, colocated and decode workers (the last only with local prefill) take tasks the
+same way, under the same at-least-once rules:
 
 - new tasks come with XREADGROUP; tasks that a dead worker took and never acknowledged
   are taken over with XAUTOCLAIM once idle for `reclaim_idle_s` (a live worker resets
@@ -13,8 +13,11 @@ rules:
   error;
 - a handled task is acknowledged and deleted (XACK + XDEL): nothing stays in the stream.
 
-A lost Redis is survived here: poll() logs it, backs off, recreates the stream and the
-group (a restarted Redis lost them) and returns nothing.
+A decode worker, which prefills only while the pool is backed up (core.local_prefill),
+looks at backlog() before it polls for one task.
+
+A lost Redis is survived here: poll() and backlog() log it, back off, recreate the stream
+and the group (a restarted Redis lost them) and return nothing.
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import redis
 
 from core.config import WorkerConfig
+from core.local_prefill import Backlog, entry_time_ms
 from core.protocol import PrefillTask, encode
 from core.redis_client import (
     dead_letter,
     delivery_counts,
     ensure_group,
     is_aborted,
+    parse_task,
     read_tasks,
     reclaim_tasks,
 )
@@ -42,11 +48,13 @@ from core.replies import error_delta, publish_safely
 log = logging.getLogger(__name__)
 
 Entry = tuple[bytes, PrefillTask]
+T = TypeVar("T")
 
 
 class TaskIntake:
-    def __init__(self, client: redis.Redis, model: str, consumer: str,
-                 config: WorkerConfig) -> None:
+    def __init__(
+        self, client: redis.Redis, model: str, consumer: str, config: WorkerConfig
+    ) -> None:
         self.client = client
         self.stream = prefill_stream(model)
         self.dead_stream = dead_letter_stream(model)
@@ -57,8 +65,9 @@ class TaskIntake:
     def ensure_group(self) -> None:
         ensure_group(self.client, self.stream)
 
-    def poll(self, count: int, block_ms: int | None,
-             held: Mapping[str, bytes | None]) -> list[Entry]:
+    def poll(
+        self, count: int, block_ms: int | None, held: Mapping[str, bytes | None]
+    ) -> list[Entry]:
         """Up to `count` tasks to run, screened (see the module docstring).
 
         `held` maps every request the worker has to the stream entry it came with, or
@@ -67,21 +76,55 @@ class TaskIntake:
         new ones are read (they have waited longest). With count 0 it only keeps alive.
         block_ms: how long to wait for a new task (None: not at all).
         """
+        return self._surviving(lambda: self._poll(count, block_ms, held), [])
+
+    def backlog(self) -> Backlog | None:
+        """The oldest task that no worker has been given yet (None: there is none)."""
+        return self._surviving(self._backlog, None)
+
+    def _surviving(self, call: Callable[[], T], lost: T) -> T:
+        """call(), or `lost` after a Redis outage or a lost stream, which it repairs."""
         try:
-            return self._poll(count, block_ms, held)
+            return call()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("redis unavailable: %s", exc)
             time.sleep(0.2)
         except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            # NOGROUP from a read, "no such key" from XINFO: a restarted Redis lost both.
+            if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
                 raise
-            log.warning("the prefill stream's group is gone (Redis restarted?)")
+            log.warning("the prefill stream or its group is gone (Redis restarted?)")
         with contextlib.suppress(redis.RedisError):
             self.ensure_group()
-        return []
+        return lost
 
-    def _poll(self, count: int, block_ms: int | None,
-              held: Mapping[str, bytes | None]) -> list[Entry]:
+    def _backlog(self) -> Backlog | None:
+        groups = self.client.xinfo_groups(self.stream)
+        last = next(
+            (
+                g["last-delivered-id"]
+                for g in groups
+                if g["name"] in (PREFILL_GROUP, PREFILL_GROUP.encode())
+            ),
+            None,
+        )
+        if last is None:  # a restarted Redis, whose stream a new task made again
+            log.warning("the prefill stream's group is gone (Redis restarted?)")
+            self.ensure_group()
+            return None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xrange(self.stream, min=b"(" + last, count=1)
+        pipe.time()
+        entries, (seconds, micros) = pipe.execute()
+        if not entries:
+            return None
+        entry_id, fields = entries[0]
+        age_ms = seconds * 1000 + micros // 1000 - entry_time_ms(entry_id)
+        return Backlog(entry_id, parse_task(fields), max(0, age_ms))
+
+    def _poll(
+        self, count: int, block_ms: int | None, held: Mapping[str, bytes | None]
+    ) -> list[Entry]:
         entries: list[tuple[bytes, PrefillTask | None]] = []
         now = time.monotonic()
         if now - self._last_reclaim > self.config.reclaim_idle_s / 2:
@@ -90,8 +133,13 @@ class TaskIntake:
             if count > 0:
                 entries += self._reclaim(count, held)
         if count > len(entries):
-            entries += read_tasks(self.client, self.stream, self.consumer,
-                                  count - len(entries), None if entries else block_ms)
+            entries += read_tasks(
+                self.client,
+                self.stream,
+                self.consumer,
+                count - len(entries),
+                None if entries else block_ms,
+            )
         taken: list[Entry] = []
         seen: set[str] = set()
         for entry_id, task in entries:
@@ -102,8 +150,7 @@ class TaskIntake:
                 taken.append((entry_id, task))
         return taken
 
-    def _screen(self, entry_id: bytes, task: PrefillTask,
-                held: Mapping[str, bytes | None]) -> bool:
+    def _screen(self, entry_id: bytes, task: PrefillTask, held: Mapping[str, bytes | None]) -> bool:
         """True when the task is to be run; otherwise it has been dealt with here."""
         rid = task.request_id
         if rid in held:
@@ -119,11 +166,13 @@ class TaskIntake:
             return False
         return True
 
-    def _reclaim(self, count: int,
-                 held: Mapping[str, bytes | None]) -> list[tuple[bytes, PrefillTask | None]]:
+    def _reclaim(
+        self, count: int, held: Mapping[str, bytes | None]
+    ) -> list[tuple[bytes, PrefillTask | None]]:
         """Take over tasks of dead workers; one delivered too often is dead-lettered."""
-        claimed = reclaim_tasks(self.client, self.stream, self.consumer,
-                                int(self.config.reclaim_idle_s * 1000), count)
+        claimed = reclaim_tasks(
+            self.client, self.stream, self.consumer, int(self.config.reclaim_idle_s * 1000), count
+        )
         mine = set(held.values())
         claimed = [(e, t) for e, t in claimed if e not in mine]
         if not claimed:
@@ -136,16 +185,14 @@ class TaskIntake:
                 continue
             reason = f"task failed {counts[entry_id] - 1} deliveries"
             log.error("dead-lettering %s: %s", task.request_id, reason)
-            dead_letter(self.client, self.stream, self.dead_stream, entry_id, encode(task),
-                        reason)
+            dead_letter(self.client, self.stream, self.dead_stream, entry_id, encode(task), reason)
             self.fail(task, "internal", f"request could not be processed ({reason})")
         return keep
 
     def _touch(self, entry_ids: list[bytes]) -> None:
         """Reset the idle time of entries in hand so nobody reclaims live work."""
         if entry_ids:
-            self.client.xclaim(self.stream, PREFILL_GROUP, self.consumer, 0, entry_ids,
-                               justid=True)
+            self.client.xclaim(self.stream, PREFILL_GROUP, self.consumer, 0, entry_ids, justid=True)
 
     def ack(self, *entry_ids: bytes) -> None:
         """Acknowledge and delete: a handled task has no reason to stay in the stream."""
@@ -159,5 +206,6 @@ class TaskIntake:
 
     def fail(self, task: PrefillTask, code: str, message: str) -> None:
         """End the client's stream with an error."""
-        publish_safely(self.client, {task.reply_stream: [error_delta(task.request_id, code,
-                                                                     message)]})
+        publish_safely(
+            self.client, {task.reply_stream: [error_delta(task.request_id, code, message)]}
+        )

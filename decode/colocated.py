@@ -33,94 +33,71 @@ A request's life on this worker, as states:
                 it wherever it is and frees its blocks; nothing more is sent.
     EXPIRED     its deadline passed: an error delta ends the stream, blocks are freed.
 
-Threads: the main loop owns the engine and never waits on a socket. The intake thread
-reads tasks (it may block on Redis) and hands them over through a queue; the outbox
-thread makes every write (tokens, acknowledgements) in order; heartbeat and abort
-listener come from WorkerBase. The intake thread sees the main loop's state only
-through `_room` and `_held`, which the main loop replaces whole, never mutates.
+Threads: the main loop, the intake thread and the outbox thread, as decode.batch_worker
+(what this worker shares with a decode worker that prefills locally) tells; heartbeat
+and abort listener come from WorkerBase.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 from core.config import WorkerConfig
-from core.protocol import PrefillTask, WorkerInfo
-from core.replies import Outbox, error_delta, new_deltas, token_delta
-from core.sequence import Sequence
-from core.task_intake import Entry, TaskIntake
-from core.worker_base import WorkerBase
+from core.protocol import WorkerInfo
+from decode.batch_worker import BatchWorker
 from engine.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 
 INTAKE_BATCH = 16  # tasks read from Redis at once, at most
-INTAKE_BLOCK_MS = 200  # how long one read waits for a task when there is room
-FULL_WAIT_S = 0.02  # the intake thread's pause while the worker has no room
 IDLE_WAIT_S = 0.05  # the main loop's wait for work when it has none
 
 
-@dataclass
-class Request:
-    task: PrefillTask
-    entry_id: bytes | None  # its stream entry, until acknowledged at the first token
+class ColocatedWorker(BatchWorker):
+    READ_BLOCK_MS = 200  # how long one read waits for a task when there is room
 
-
-class ColocatedWorker(WorkerBase):
     def __init__(self, config: WorkerConfig, engine_config: EngineConfig) -> None:
-        super().__init__(config)
-        self.engine = Engine(engine_config)  # preempted sequences are recomputed here
-        self.kv = self.engine.kv
-        self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
-        self.outbox = Outbox(self.redis)
-        self.requests: dict[str, Request] = {}
-        self.admitted = 0
-        self.arrivals: queue.Queue[Entry] = queue.Queue()
-        self.work_arrived = threading.Event()
-        self.intake_closed = threading.Event()  # set once draining stopped every read
-        # Main loop -> intake thread: (room, tasks received when room was measured), and
-        # request id -> pending entry (None once acknowledged) for every request held.
-        self._room = (0, 0)
-        self._held: Mapping[str, bytes | None] = {}
-        self._received = 0  # tasks the main loop took off `arrivals`
-        self._taken = 0  # tasks the intake thread put on `arrivals`
-        self._intake_failure: Exception | None = None
+        # Preempted sequences are recomputed here.
+        super().__init__(config, Engine(engine_config))
 
     def snapshot(self) -> WorkerInfo:
         sched = self.engine.scheduler
         return WorkerInfo(
-            worker_id=self.worker_id, role="colocated", model=self.engine.name,
-            pid=os.getpid(), total_blocks=self.kv.pool.num_blocks,
-            free_blocks=self.kv.num_free_blocks, used_blocks=self.kv.num_used_blocks,
-            running=len(sched.running), waiting=len(sched.waiting),
-            preemptions=sched.num_preemptions, admitted=self.admitted,
-            draining=self.draining)
+            worker_id=self.worker_id,
+            role="colocated",
+            model=self.engine.name,
+            pid=os.getpid(),
+            total_blocks=self.kv.pool.num_blocks,
+            free_blocks=self.kv.num_free_blocks,
+            used_blocks=self.kv.num_used_blocks,
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            preemptions=sched.num_preemptions,
+            admitted=self.from_stream,
+            draining=self.draining,
+        )
 
     # -- main loop ---------------------------------------------------------------------
     def run(self) -> None:
         self.intake.ensure_group()
         self.start_background(self.snapshot)
         self.outbox.start()
-        self._spawn(self._intake_loop)
+        self._start_intake()
         log.info("colocated worker %s ready", self.worker_id)
         try:
             while not self.stopping:
-                if self._intake_failure is not None:
-                    # A worker that can take no task must not stay registered as alive.
-                    raise RuntimeError("task intake failed") from self._intake_failure
-                self._apply_aborts()
+                self._check_intake()
+                self._abort_requests(self.drain_aborts())
                 self._receive()
                 self._expire_deadlines()
-                self._share_state()
+                room = 0 if self.draining else min(INTAKE_BATCH, self.engine.scheduler.room())
+                self._share_state(room)
                 if self.engine.has_work:
-                    self._step()
-                elif self._drained():
+                    # Decodes first, then chunked prefill under the token budget.
+                    _, got = self.engine.step()
+                    self._publish_step(got)
+                elif self.draining and self._intake_settled() and not self.requests:
                     break
                 else:
                     self.work_arrived.wait(IDLE_WAIT_S)
@@ -130,110 +107,5 @@ class ColocatedWorker(WorkerBase):
             self.outbox.close()  # the last tokens go out before the registry entry goes
             self.shutdown()
 
-    def _drained(self) -> bool:
-        # Once intake is closed every task it read is on `arrivals`, so empty is final.
-        return (self.draining and self.intake_closed.is_set() and self.arrivals.empty()
-                and not self.requests)
-
-    def _receive(self) -> None:
-        while True:
-            try:
-                entry_id, task = self.arrivals.get_nowait()
-            except queue.Empty:
-                return
-            self._received += 1
-            self._admit(entry_id, task)
-
-    def _admit(self, entry_id: bytes, task: PrefillTask) -> None:
-        rid = task.request_id
-        held = self.requests.get(rid)
-        if held is not None:  # a duplicate, read before the intake thread knew of rid
-            if held.entry_id != entry_id:
-                self.outbox.call(self.intake.ack, entry_id)
-            return
-        if self.was_aborted(rid):
-            self.outbox.call(self.intake.ack, entry_id)
-            return
-        try:
-            seq = Sequence(rid, list(task.prompt_token_ids), task.sampling,
-                           output_token_ids=list(task.output_token_ids))
-            self.engine.add(seq)
-        except ValueError as exc:
-            self.outbox.call(self.intake.fail, task, "invalid_argument", str(exc))
-            self.outbox.call(self.intake.ack, entry_id)
-            return
-        self.requests[rid] = Request(task, entry_id)
-        self.admitted += 1
-
-    def _drop(self, rid: str) -> Request:
-        """Forget a request wherever it is: free its blocks, settle its stream entry."""
-        req = self.requests.pop(rid)
-        self.engine.scheduler.abort(rid)
-        if req.entry_id is not None:
-            self.outbox.call(self.intake.ack, req.entry_id)
-        return req
-
-    def _apply_aborts(self) -> None:
-        for rid in self.drain_aborts():
-            if rid in self.requests:
-                self._drop(rid)
-
-    def _expire_deadlines(self) -> None:
-        now = time.time()
-        deltas = new_deltas()
-        for rid in [r for r, q in self.requests.items()
-                    if q.task.deadline and now > q.task.deadline]:
-            task = self._drop(rid).task
-            deltas[task.reply_stream].append(
-                error_delta(rid, "deadline", "request deadline exceeded"))
-        self.outbox.publish(deltas)
-
-    def _share_state(self) -> None:
-        """Tell the intake thread how many more tasks fit and which ones are held."""
-        room = 0 if self.draining else min(INTAKE_BATCH, self.engine.scheduler.room())
-        self._room = (room, self._received)
-        self._held = {rid: req.entry_id for rid, req in self.requests.items()}
-
-    # -- one step: decodes first, then chunked prefill under the token budget ----------
-    def _step(self) -> None:
-        _, got = self.engine.step()
-        deltas = new_deltas()
-        first = []
-        for seq in got:
-            req = self.requests[seq.request_id]
-            deltas[req.task.reply_stream].append(token_delta(seq, self.worker_id))
-            if req.entry_id is not None:
-                first.append(req.entry_id)
-                req.entry_id = None
-            if seq.is_finished:
-                del self.requests[seq.request_id]
-        self.outbox.publish(deltas)
-        if first:  # after the tokens: from now on the gateway watches this worker
-            self.outbox.call(self.intake.ack, *first)
-
-    # -- intake thread ------------------------------------------------------------------
-    def _intake_loop(self) -> None:
-        try:
-            self._take_tasks()
-        except Exception as exc:  # Redis outages are handled inside; this is a bug
-            log.exception("task intake failed")
-            self._intake_failure = exc
-            self.work_arrived.set()
-
-    def _take_tasks(self) -> None:
-        """Read tasks while there is room and hand them to the main loop; while draining,
-        only keep the entries in hand alive."""
-        while not self.stopping:
-            draining = self.draining
-            if draining:
-                self.intake_closed.set()
-            room, received = self._room
-            count = 0 if draining else room - (self._taken - received)
-            entries = self.intake.poll(max(count, 0), INTAKE_BLOCK_MS, self._held)
-            for entry in entries:
-                self._taken += 1
-                self.arrivals.put(entry)
-            if entries:
-                self.work_arrived.set()
-            elif count <= 0:
-                time.sleep(FULL_WAIT_S)
+    def _claims(self, free: int, spare_blocks: int) -> int:
+        return free  # room() already counted the blocks

@@ -1,6 +1,7 @@
-"""Decode worker: receives prefilled requests and generates their tokens.
+"""Decode worker: generates the tokens of requests prefilled elsewhere, and with local
+prefill also prefills some itself.
 
-A request's life on this worker, as states:
+A handed-off request's life on this worker, as states:
 
     RESERVED   a prefill worker sent ReserveRequest; blocks for the prompt's KV are
                allocated under the request id with a lease, and their ids sent back
@@ -10,21 +11,45 @@ A request's life on this worker, as states:
     RUNNING    Handoff arrived (prompt, sampling, the first token sampled by prefill):
                the sequence joins the continuous batch, one token per step. Each step
                publishes one TokenBatch per gateway reply stream.
+
+With --local-prefill-after-ms (conditional disaggregation, off by default), a request
+may also come straight from the model's prefill stream, as on a colocated worker:
+
+    QUEUED     a PrefillTask in the stream that no prefill worker has taken yet.
+    CLAIMED    the intake thread read it (XREADGROUP; XAUTOCLAIM of a dead worker's
+               task) because the oldest untaken task had waited --local-prefill-after-ms,
+               fewer than --max-local-prefills of this worker's own tasks were
+               prefilling, and it had a sequence slot and KV blocks for the task
+               (core.local_prefill). Malformed, duplicate, aborted and expired tasks end
+               here, as on a prefill worker.
+    WAITING    in the engine's queue. Its stream entry stays pending under this worker
+               and is kept alive, so if the worker dies a peer reclaims it.
+    PREFILLING chunked under the token budget after the step's decodes.
+    RUNNING    the first token went out (TTFT) naming this worker as the owner the
+               gateway watches, then the entry is acknowledged (XACK + XDEL): from here
+               it is like a handed-off request (a lost worker means UNAVAILABLE, or a
+               migration with the gateway's --migrate, never a reclaim).
+
+Either way:
+
     FINISHED   EOS / stop token / max_tokens: the last delta carries the finish reason,
                blocks are freed.
     ABORTED    an abort notice (client cancel, stop string) frees the blocks at the next
-               step; nothing more is sent.
+               step (a local task's entry is acknowledged); nothing more is sent.
     PREEMPTED  blocks ran out: the youngest sequence is freed and its PrefillTask, with
                the tokens generated so far, goes back on the prefill stream; the prefill
-               pool recomputes it and the client sees no break.
-    EXPIRED    a reservation not handed off within its lease is released.
+               pool recomputes it and the client sees no break. A local task preempted
+               while prefilling goes back the same way, its old entry acknowledged.
+    EXPIRED    its deadline passed: an error delta ends the stream, blocks are freed. A
+               reservation not handed off within its lease is released.
 
 Two threads touch the engine's bookkeeping, serialized by one lock: the control thread
 answers prefill workers (reserve, fill, handoff, release) at once, so their round trips
 never wait for a decode step, and the main loop schedules, runs and publishes steps. The
 forward pass runs without the lock; it only reads blocks of running sequences, which the
-control thread never writes. Redis writes (tokens, requeued tasks) go out in order on the
-outbox thread (core.replies), so a step never waits on a socket.
+control thread never writes. Redis writes (tokens, acknowledgements, requeued tasks) go
+out in order on the outbox thread (core.replies), so a step never waits on a socket.
+With local prefill an intake thread reads tasks as decode.batch_worker tells.
 """
 
 from __future__ import annotations
@@ -38,6 +63,7 @@ from dataclasses import dataclass
 import redis
 
 from core.config import WorkerConfig
+from core.local_prefill import LocalPrefillGate, Room
 from core.protocol import (
     Handoff,
     KVTransfer,
@@ -48,11 +74,10 @@ from core.protocol import (
     TransferAck,
     WorkerInfo,
 )
-from core.redis_client import add_task, ensure_group, publish_deltas
-from core.redis_keys import prefill_stream
-from core.replies import Deltas, Outbox, error_delta, new_deltas, token_delta
+from core.redis_client import add_task, publish_deltas
+from core.replies import error_delta
 from core.sequence import Sequence, SequenceStatus
-from core.worker_base import WorkerBase
+from decode.batch_worker import BatchWorker, Request
 from engine.engine import Engine, EngineConfig
 from kvtransfer import make_receiver
 from kvtransfer.pack import layout_of, unpack_blocks
@@ -67,54 +92,73 @@ class Reservation:
     filled: bool = False
 
 
-class DecodeWorker(WorkerBase):
+class DecodeWorker(BatchWorker):
     def __init__(self, config: WorkerConfig, engine_config: EngineConfig) -> None:
-        super().__init__(config)
-        self.engine = Engine(engine_config, requeue_preempted=False)
-        self.kv = self.engine.kv
-        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name,
-                                self.kv.block_size)
-        self.stream = prefill_stream(self.engine.name)
+        super().__init__(config, Engine(engine_config, requeue_preempted=False))
+        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
         host = config.bind_host
         self.receiver = make_receiver(config.kv_transport, f"tcp://{host}:0")
         self.receiver.attach_kv_caches(self.engine.runner.kv_caches)
         self.reservations: dict[str, Reservation] = {}
-        self.tasks: dict[str, PrefillTask] = {}  # running requests' routing facts
-        self.outbox = Outbox(self.redis)
-        self.admitted = 0
+        self.admitted = 0  # handoffs
         self.lock = threading.Lock()
-        self.work_arrived = threading.Event()
+        self.gate: LocalPrefillGate | None = None
+        if config.local_prefill_after_ms is not None:
+            self.gate = LocalPrefillGate(
+                config.local_prefill_after_ms, config.max_local_prefills, self.kv.block_size
+            )
 
     # -- registry ----------------------------------------------------------------------
     def snapshot(self) -> WorkerInfo:
         address = self.receiver.address
         if self.config.advertise_host:
             address = address.replace(self.config.bind_host, self.config.advertise_host, 1)
+        sched = self.engine.scheduler
         return WorkerInfo(
-            worker_id=self.worker_id, role="decode", model=self.engine.name, pid=os.getpid(),
-            control_address=address, layout=self.layout,
-            total_blocks=self.kv.pool.num_blocks, free_blocks=self.kv.num_free_blocks,
-            used_blocks=self.kv.num_used_blocks, running=len(self.engine.scheduler.running),
-            waiting=len(self.reservations), reservations=len(self.reservations),
-            preemptions=self.engine.scheduler.num_preemptions, admitted=self.admitted,
+            worker_id=self.worker_id,
+            role="decode",
+            model=self.engine.name,
+            pid=os.getpid(),
+            control_address=address,
+            layout=self.layout,
+            total_blocks=self.kv.pool.num_blocks,
+            free_blocks=self.kv.num_free_blocks,
+            used_blocks=self.kv.num_used_blocks,
+            running=len(sched.running),
+            waiting=len(self.reservations) + len(sched.waiting),
+            reservations=len(self.reservations),
+            preemptions=sched.num_preemptions,
+            admitted=self.admitted,
+            local_prefills=self.from_stream,
             draining=self.draining,
         )
 
     # -- main loop ---------------------------------------------------------------------
     def run(self) -> None:
         self.receiver.start()
-        ensure_group(self.redis, self.stream)
+        self.intake.ensure_group()
         self.start_background(self.snapshot)
         self.outbox.start()
         self._spawn(self._control_loop)
+        if self.gate is not None:
+            self._start_intake()
         log.info("decode worker %s ready at %s", self.worker_id, self.receiver.address)
         try:
             while not self.stopping:
+                self._check_intake()
                 with self.lock:
                     self._apply_aborts()
                     self._expire_reservations()
+                    self._receive()
+                    self._expire_deadlines()
+                    self._share_local_room()
                     busy = self.engine.has_work
-                    if self.draining and not busy and not self.reservations:
+                    if (
+                        self.draining
+                        and not busy
+                        and not self.reservations
+                        and self._intake_settled()
+                    ):
                         break
                 if busy:
                     self._step()
@@ -161,10 +205,11 @@ class DecodeWorker(WorkerBase):
             return refuse("request was aborted")
         if (why := req.layout.mismatch(self.layout)) is not None:
             return refuse(why)
-        if rid in self.tasks:
+        if rid in self.requests:
             return refuse("request already running here")
-        busy = len(self.engine.scheduler.running) + len(self.reservations)
-        if rid not in self.reservations and busy >= self.engine.scheduler.config.max_num_seqs:
+        sched = self.engine.scheduler
+        busy = len(sched.running) + len(sched.waiting) + len(self.reservations)
+        if rid not in self.reservations and busy >= sched.config.max_num_seqs:
             return refuse("too many sequences")
         if not self.kv.allocate_slots(rid, req.num_tokens):
             return refuse("out of KV blocks")
@@ -199,15 +244,19 @@ class DecodeWorker(WorkerBase):
             if res is not None:
                 self.kv.free(rid)
             return TransferAck(request_id=rid, ok=False, reason="KV not received or aborted")
-        seq = Sequence(rid, list(task.prompt_token_ids), task.sampling,
-                       output_token_ids=list(msg.output_token_ids),
-                       num_computed_tokens=msg.num_computed_tokens)
+        seq = Sequence(
+            rid,
+            list(task.prompt_token_ids),
+            task.sampling,
+            output_token_ids=list(msg.output_token_ids),
+            num_computed_tokens=msg.num_computed_tokens,
+        )
         try:
             self.engine.scheduler.add_running(seq)
         except (ValueError, MemoryError) as exc:
             self.kv.free(rid)
             return TransferAck(request_id=rid, ok=False, reason=str(exc))
-        self.tasks[rid] = task
+        self.requests[rid] = Request(task, None)
         self.admitted += 1
         self.work_arrived.set()
         return TransferAck(request_id=rid, ok=True)
@@ -217,10 +266,10 @@ class DecodeWorker(WorkerBase):
             self.kv.free(request_id)
 
     def _apply_aborts(self) -> None:
-        for rid in self.drain_aborts():
+        aborted = self.drain_aborts()
+        for rid in aborted:
             self._release(rid)
-            if self.engine.scheduler.abort(rid) is not None:
-                self.tasks.pop(rid, None)
+        self._abort_requests(aborted)
 
     def _expire_reservations(self) -> None:
         now = time.monotonic()
@@ -228,45 +277,67 @@ class DecodeWorker(WorkerBase):
             log.warning("reservation for %s expired unfilled; released", rid)
             self._release(rid)
 
+    # -- local prefill ------------------------------------------------------------------
+    def _share_local_room(self) -> None:
+        if self.gate is None:
+            return
+        sched = self.engine.scheduler
+        prefilling = sum(1 for req in self.requests.values() if req.entry_id is not None)
+        slots = (
+            sched.config.max_num_seqs
+            - len(sched.running)
+            - len(sched.waiting)
+            - len(self.reservations)
+        )
+        room = self.gate.room(prefilling, slots, sched.spare_blocks())
+        # A task for a request reserved here is a duplicate of the one coming in.
+        self._share_state(0 if self.draining else room.tasks, room.blocks, self.reservations)
+
+    def _claims(self, free: int, spare_blocks: int) -> int:
+        """On the intake thread: one task at most, and only while the pool is backed up."""
+        assert self.gate is not None
+        return self.gate.claims(self.intake.backlog(), Room(free, spare_blocks))
+
     # -- one decode step ----------------------------------------------------------------
     def _step(self) -> None:
-        deltas = new_deltas()
-        with self.lock:
-            self._expire_deadlines(deltas)
         out, got = self.engine.step(self.lock)
         with self.lock:
-            for seq in got:
-                deltas[self.tasks[seq.request_id].reply_stream].append(
-                    token_delta(seq, self.worker_id))
-                if seq.is_finished:
-                    del self.tasks[seq.request_id]
             # Published first: a requeued request's next token must not overtake these.
-            self.outbox.publish(deltas)
+            self._publish_step(got)
             for seq in out.preempted:
                 self._send_back(seq)
-
-    def _expire_deadlines(self, deltas: Deltas) -> None:
-        now = time.time()
-        for rid, task in list(self.tasks.items()):
-            if task.deadline and now > task.deadline:
-                self.engine.scheduler.abort(rid)
-                del self.tasks[rid]
-                deltas[task.reply_stream].append(
-                    error_delta(rid, "deadline", "request deadline exceeded"))
 
     def _send_back(self, seq: Sequence) -> None:
         """Preempted: the prefill pool recomputes prompt + generated tokens."""
         assert seq.status is SequenceStatus.FINISHED
-        task = self.tasks.pop(seq.request_id)
-        again = PrefillTask(request_id=task.request_id, prompt_token_ids=task.prompt_token_ids,
-                            sampling=task.sampling, reply_stream=task.reply_stream,
-                            deadline=task.deadline, output_token_ids=list(seq.output_token_ids))
+        req = self.requests.pop(seq.request_id)
+        task = req.task
+        again = PrefillTask(
+            request_id=task.request_id,
+            prompt_token_ids=task.prompt_token_ids,
+            sampling=task.sampling,
+            reply_stream=task.reply_stream,
+            deadline=task.deadline,
+            output_token_ids=list(seq.output_token_ids),
+        )
         self.outbox.call(self._requeue, again)
+        if req.entry_id is not None:  # a local task, still prefilling: the copy replaces it
+            self.outbox.call(self.intake.ack, req.entry_id)
 
     def _requeue(self, task: PrefillTask) -> None:
         """On the outbox thread."""
         try:
-            add_task(self.redis, self.stream, task)
+            add_task(self.redis, self.intake.stream, task)
         except redis.RedisError as exc:
-            publish_deltas(self.redis, {task.reply_stream: [error_delta(
-                task.request_id, "unavailable", f"preempted and could not be requeued: {exc}")]})
+            publish_deltas(
+                self.redis,
+                {
+                    task.reply_stream: [
+                        error_delta(
+                            task.request_id,
+                            "unavailable",
+                            f"preempted and could not be requeued: {exc}",
+                        )
+                    ]
+                },
+            )

@@ -2,7 +2,7 @@
 
 Request figures (latencies, finish reasons, errors) are measured here, in the gateway,
 for every request of both front ends. Worker figures (running, waiting, KV blocks,
-preemptions, reservations, admitted) are not scraped from the workers: at each scrape
+preemptions, reservations, admitted, local prefills) are not scraped from the workers: at each scrape
 they are read from the workers' registry entries in Redis, which every worker refreshes
 about once a second, so one gateway's /metrics shows the whole pool.
 """
@@ -48,6 +48,10 @@ WORKER_FIGURES = {
     "preemptions": ("preemptions", "sequences preempted since the worker started"),
     "reservations": ("reservations", "KV block reservations held for incoming transfers"),
     "admitted": ("admitted", "requests taken since the worker started"),
+    "local_prefills": (
+        "local_prefills",
+        "decode: tasks taken from the prefill stream and prefilled locally",
+    ),
 }
 
 

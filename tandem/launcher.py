@@ -21,7 +21,7 @@ import sys
 import time
 
 from tandem.local_redis import LocalRedis
-from tandem.roles import WORKER_COMMANDS
+from tandem.roles import WORKER_COMMANDS, local_prefill_flags
 
 PR_SET_PDEATHSIG = 1
 
@@ -51,24 +51,50 @@ def resolve_worker_counts(args: argparse.Namespace) -> None:
             raise ValueError(f"--{role}-workers must be >= 0")
     if (args.prefill_workers > 0) != (args.decode_workers > 0):
         # Prefill workers would take tasks and fail them, with nobody to hand them to.
-        raise ValueError("prefill and decode workers come together: give both, or neither "
-                         "(with --colocated-workers)")
+        raise ValueError(
+            "prefill and decode workers come together: give both, or neither "
+            "(with --colocated-workers)"
+        )
     if not args.prefill_workers and not args.colocated_workers:
-        raise ValueError("no workers: give --prefill-workers and --decode-workers, or "
-                         "--colocated-workers")
+        raise ValueError(
+            "no workers: give --prefill-workers and --decode-workers, or --colocated-workers"
+        )
+    _check_local_prefill(args)
     _check_nccl_gpus(args)
+
+
+def _check_local_prefill(args: argparse.Namespace) -> None:
+    """The decode workers' own check of their local prefill flags, made here once, so a
+    bad value stops `tandem serve` before anything starts."""
+    from core.config import WorkerConfig
+
+    WorkerConfig(
+        redis_url="redis://",
+        role="decode",
+        local_prefill_after_ms=args.local_prefill_after_ms,
+        max_local_prefills=args.max_local_prefills,
+    )
+    if args.local_prefill_after_ms is not None and not args.decode_workers:
+        raise ValueError(
+            "--local-prefill-after-ms is a decode worker's option: give --decode-workers"
+        )
 
 
 def _check_nccl_gpus(args: argparse.Namespace) -> None:
     """NCCL cannot pair a GPU with itself: refuse at once what would fail every transfer."""
-    if (args.kv_transport != "nccl" or not args.prefill_workers
-            or not (args.device or "").startswith("cuda")):
+    if (
+        args.kv_transport != "nccl"
+        or not args.prefill_workers
+        or not (args.device or "").startswith("cuda")
+    ):
         return
     prefill, decode = set(args.prefill_gpus or []), set(args.decode_gpus or [])
     if not prefill or not decode or prefill & decode:
-        raise ValueError("--kv-transport nccl needs prefill and decode workers on different "
-                         "GPUs: give --prefill-gpus and --decode-gpus (e.g. 0 and 1), or use "
-                         "cuda_ipc on one GPU")
+        raise ValueError(
+            "--kv-transport nccl needs prefill and decode workers on different "
+            "GPUs: give --prefill-gpus and --decode-gpus (e.g. 0 and 1), or use "
+            "cuda_ipc on one GPU"
+        )
 
 
 def worker_env(gpus: list[int] | None, index: int) -> dict[str, str] | None:
@@ -80,13 +106,26 @@ def worker_env(gpus: list[int] | None, index: int) -> dict[str, str] | None:
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--model", args.model, "--load-format", args.load_format,
-             "--block-size", str(args.block_size), "--num-blocks", str(args.num_blocks),
-             "--max-num-seqs", str(args.max_num_seqs),
-             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-             "--max-model-len", str(args.max_model_len),
-             "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-             "--attention-backend", args.attention_backend]
+    flags = [
+        "--model",
+        args.model,
+        "--load-format",
+        args.load_format,
+        "--block-size",
+        str(args.block_size),
+        "--num-blocks",
+        str(args.num_blocks),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--max-model-len",
+        str(args.max_model_len),
+        "--gpu-memory-utilization",
+        str(args.gpu_memory_utilization),
+        "--attention-backend",
+        args.attention_backend,
+    ]
     if args.enforce_eager:
         flags.append("--enforce-eager")
     threads = args.threads
@@ -116,23 +155,43 @@ class Service:
         base = tandem_command()
         log_level = ["--log-level", self.args.log_level]
         transfer = ["--kv-transport", self.args.kv_transport]
+        local_prefill = local_prefill_flags(self.args)
         for command, role in WORKER_COMMANDS.items():
-            flags = [*engine_flags(self.args), "--redis-url", self.redis_url,
-                     *(transfer if role != "colocated" else [])]
+            flags = [
+                *engine_flags(self.args),
+                "--redis-url",
+                self.redis_url,
+                *(transfer if role != "colocated" else []),
+                *(local_prefill if role == "decode" else []),
+            ]
             gpus = getattr(self.args, f"{role}_gpus")
             for i in range(getattr(self.args, f"{role}_workers")):
                 self._spawn(role, [*base, *log_level, command, *flags], worker_env(gpus, i))
-        self._spawn("gateway", [*base, *log_level, "gateway", "--model", self.args.model,
-                                "--redis-url", self.redis_url, "--grpc-host", self.args.host,
-                                "--grpc-port", str(self.args.grpc_port),
-                                "--http-host", self.args.host,
-                                "--http-port", str(self.args.http_port),
-                                *(["--api-key", self.args.api_key] if self.args.api_key else []),
-                                *(["--migrate"] if self.args.migrate else [])])
+        self._spawn(
+            "gateway",
+            [
+                *base,
+                *log_level,
+                "gateway",
+                "--model",
+                self.args.model,
+                "--redis-url",
+                self.redis_url,
+                "--grpc-host",
+                self.args.host,
+                "--grpc-port",
+                str(self.args.grpc_port),
+                "--http-host",
+                self.args.host,
+                "--http-port",
+                str(self.args.http_port),
+                *(["--api-key", self.args.api_key] if self.args.api_key else []),
+                *(["--migrate"] if self.args.migrate else []),
+            ],
+        )
 
     def _spawn(self, role: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent,
-                                env=env)
+        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, env=env)
         self.procs.append((role, proc))
 
     def dead_child(self) -> str | None:
@@ -155,10 +214,14 @@ class Service:
             if (why := self.dead_child()) is not None:
                 raise RuntimeError(why)
             roles = [w.role for w in list_workers(client, model=name)]
-            if (all(roles.count(role) >= getattr(self.args, f"{role}_workers")
-                    for role in WORKER_COMMANDS.values())
-                    and _port_open(self.args.host, self.args.grpc_port)
-                    and _port_open(self.args.host, self.args.http_port)):
+            if (
+                all(
+                    roles.count(role) >= getattr(self.args, f"{role}_workers")
+                    for role in WORKER_COMMANDS.values()
+                )
+                and _port_open(self.args.host, self.args.grpc_port)
+                and _port_open(self.args.host, self.args.http_port)
+            ):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"service not ready after {timeout_s:.0f}s")
@@ -207,13 +270,19 @@ def serve(args: argparse.Namespace) -> int:
         service.wait_ready(args.ready_timeout, lambda: bool(stop["signal"]))
         grpc = f"{args.host}:{args.grpc_port}"
         http = f"{args.host}:{args.http_port}"
-        print(f"tandem ready: model={args.model} grpc={grpc} http={http} "
-              f"redis={service.redis_url} prefill={args.prefill_workers} "
-              f"decode={args.decode_workers} colocated={args.colocated_workers}", flush=True)
+        print(
+            f"tandem ready: model={args.model} grpc={grpc} http={http} "
+            f"redis={service.redis_url} prefill={args.prefill_workers} "
+            f"decode={args.decode_workers} colocated={args.colocated_workers}",
+            flush=True,
+        )
         print(f"  try: .venv/bin/python -m gateway.client --target {grpc} 'Hello!'", flush=True)
-        print(f"  or:  curl -s http://{http}/v1/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{model_name(args.model)}\", \"prompt\": \"Hello!\", "
-              f"\"max_tokens\": 16}}'", flush=True)
+        print(
+            f"  or:  curl -s http://{http}/v1/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{model_name(args.model)}", "prompt": "Hello!", '
+            f'"max_tokens": 16}}\'',
+            flush=True,
+        )
         while not stop["signal"]:
             if (why := service.dead_child()) is not None:
                 print(f"tandem serve: {why}; stopping", file=sys.stderr, flush=True)

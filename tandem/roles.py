@@ -22,22 +22,81 @@ WORKER_COMMANDS = {"prefill": "prefill", "decode": "decode", "worker": "colocate
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", required=True, help="Redis shared with the gateway")
     p.add_argument("--worker-id", default="", help="default: ROLE-HOSTNAME-PID")
-    p.add_argument("--reclaim-idle", type=float, default=5.0, dest="reclaim_idle_s",
-                   help="seconds before the tasks of a dead prefill or colocated worker "
-                   "are taken over")
+    p.add_argument(
+        "--reclaim-idle",
+        type=float,
+        default=5.0,
+        dest="reclaim_idle_s",
+        help="seconds before the tasks of a dead prefill or colocated worker are taken over",
+    )
 
 
 def _add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-transport", default="zmq", choices=[t for t in KV_TRANSPORTS if t != "fake"],
-                   help="how KV blocks move between workers")
-    p.add_argument("--bind-host", default="127.0.0.1",
-                   help="interface for internal sockets (never all interfaces by default)")
-    p.add_argument("--advertise-host", default="",
-                   help="address other workers use to reach this one (default: --bind-host)")
-    p.add_argument("--reservation-lease", type=float, default=10.0, dest="reservation_lease_s",
-                   help="seconds a decode worker keeps reserved blocks waiting for their KV")
-    p.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s",
-                   help="seconds a prefill worker waits for each reserve/transfer/handoff")
+    p.add_argument(
+        "--kv-transport",
+        default="zmq",
+        choices=[t for t in KV_TRANSPORTS if t != "fake"],
+        help="how KV blocks move between workers",
+    )
+    p.add_argument(
+        "--bind-host",
+        default="127.0.0.1",
+        help="interface for internal sockets (never all interfaces by default)",
+    )
+    p.add_argument(
+        "--advertise-host",
+        default="",
+        help="address other workers use to reach this one (default: --bind-host)",
+    )
+    p.add_argument(
+        "--reservation-lease",
+        type=float,
+        default=10.0,
+        dest="reservation_lease_s",
+        help="seconds a decode worker keeps reserved blocks waiting for their KV",
+    )
+    p.add_argument(
+        "--transfer-timeout",
+        type=float,
+        default=10.0,
+        dest="transfer_timeout_s",
+        help="seconds a prefill worker waits for each reserve/transfer/handoff",
+    )
+
+
+def add_local_prefill_args(p: argparse.ArgumentParser) -> None:
+    """Decode workers' conditional disaggregation (core.local_prefill); `tandem serve`
+    passes these to its decode workers."""
+    p.add_argument(
+        "--local-prefill-after-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        dest="local_prefill_after_ms",
+        help="decode: also prefill tasks from the prefill stream, once the oldest "
+        "task no prefill worker has taken has waited MS ms (unset: never)",
+    )
+    p.add_argument(
+        "--max-local-prefills",
+        type=int,
+        default=1,
+        metavar="N",
+        dest="max_local_prefills",
+        help="decode, with --local-prefill-after-ms: at most N of its own tasks "
+        "prefilling at once (bounds the prefill work mixed into its decode steps)",
+    )
+
+
+def local_prefill_flags(args: argparse.Namespace) -> list[str]:
+    """The decode workers' flags for `args`' local prefill settings (none when off)."""
+    if args.local_prefill_after_ms is None:
+        return []
+    return [
+        "--local-prefill-after-ms",
+        f"{args.local_prefill_after_ms:g}",
+        "--max-local-prefills",
+        str(args.max_local_prefills),
+    ]
 
 
 def gpu_list(text: str) -> list[int]:
@@ -54,14 +113,27 @@ def gpu_list(text: str) -> list[int]:
 def worker_config_from_args(args: argparse.Namespace, role: str):
     from core.config import WorkerConfig
 
-    transfer = {}
+    extra = {}
     if role != "colocated":  # a colocated worker moves no KV
-        transfer = dict(kv_transport=args.kv_transport, bind_host=args.bind_host,
-                        advertise_host=args.advertise_host,
-                        reservation_lease_s=args.reservation_lease_s,
-                        transfer_timeout_s=args.transfer_timeout_s)
-    return WorkerConfig(redis_url=args.redis_url, role=role, worker_id=args.worker_id,
-                        reclaim_idle_s=args.reclaim_idle_s, **transfer)
+        extra = dict(
+            kv_transport=args.kv_transport,
+            bind_host=args.bind_host,
+            advertise_host=args.advertise_host,
+            reservation_lease_s=args.reservation_lease_s,
+            transfer_timeout_s=args.transfer_timeout_s,
+        )
+    if role == "decode":
+        extra.update(
+            local_prefill_after_ms=args.local_prefill_after_ms,
+            max_local_prefills=args.max_local_prefills,
+        )
+    return WorkerConfig(
+        redis_url=args.redis_url,
+        role=role,
+        worker_id=args.worker_id,
+        reclaim_idle_s=args.reclaim_idle_s,
+        **extra,
+    )
 
 
 def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
@@ -99,55 +171,100 @@ WORKER_HELP = {
     "prefill": "run one prefill worker",
     "decode": "run one decode worker",
     "worker": "run one colocated worker: takes tasks like a prefill worker and generates "
-              "them itself (chunked prefill mixed into its decode steps, no KV transfer)",
+    "them itself (chunked prefill mixed into its decode steps, no KV transfer)",
 }
 
 
 def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
     for command, role in WORKER_COMMANDS.items():
-        p = sub.add_parser(command, help=WORKER_HELP[command], description=WORKER_HELP[command],
-                           formatter_class=FMT)
+        p = sub.add_parser(
+            command,
+            help=WORKER_HELP[command],
+            description=WORKER_HELP[command],
+            formatter_class=FMT,
+        )
         add_engine_args(p)
         _add_worker_args(p)
         if role != "colocated":
             _add_kv_transfer_args(p)
+        if role == "decode":
+            add_local_prefill_args(p)
         p.set_defaults(func=_cmd_worker(role))
 
     from gateway.main import add_arguments as add_gateway_args
 
-    g = sub.add_parser("gateway", help="run the gateway (gRPC and OpenAI-style HTTP)",
-                       formatter_class=FMT)
+    g = sub.add_parser(
+        "gateway", help="run the gateway (gRPC and OpenAI-style HTTP)", formatter_class=FMT
+    )
     add_gateway_args(g)
     g.set_defaults(func=_cmd_gateway)
 
-    s = sub.add_parser("serve", help="run a complete local service: redis, workers (prefill "
-                       "and decode, or colocated, or both) and gateway processes",
-                       formatter_class=FMT)
+    s = sub.add_parser(
+        "serve",
+        help="run a complete local service: redis, workers (prefill "
+        "and decode, or colocated, or both) and gateway processes",
+        formatter_class=FMT,
+    )
     add_engine_args(s)
     s.add_argument("--grpc-port", type=int, default=50051, help="port of the gRPC API")
-    s.add_argument("--http-port", type=int, default=8000,
-                   help="port of the OpenAI-style HTTP API and /metrics")
+    s.add_argument(
+        "--http-port", type=int, default=8000, help="port of the OpenAI-style HTTP API and /metrics"
+    )
     s.add_argument("--host", default="127.0.0.1", help="interface for the gateway's ports")
-    s.add_argument("--redis-url", default=None,
-                   help="use this Redis instead of starting a private redis-server")
-    s.add_argument("--prefill-workers", type=int, default=None,
-                   help="prefill worker processes; None: 1, or 0 beside colocated workers")
-    s.add_argument("--decode-workers", type=int, default=None,
-                   help="decode worker processes; None: 1, or 0 beside colocated workers")
-    s.add_argument("--colocated-workers", type=int, default=0,
-                   help="colocated worker processes (`tandem worker`: prefill and decode in "
-                   "one process); mixing them with prefill and decode workers is allowed")
+    s.add_argument(
+        "--redis-url",
+        default=None,
+        help="use this Redis instead of starting a private redis-server",
+    )
+    s.add_argument(
+        "--prefill-workers",
+        type=int,
+        default=None,
+        help="prefill worker processes; None: 1, or 0 beside colocated workers",
+    )
+    s.add_argument(
+        "--decode-workers",
+        type=int,
+        default=None,
+        help="decode worker processes; None: 1, or 0 beside colocated workers",
+    )
+    s.add_argument(
+        "--colocated-workers",
+        type=int,
+        default=0,
+        help="colocated worker processes (`tandem worker`: prefill and decode in "
+        "one process); mixing them with prefill and decode workers is allowed",
+    )
     for role in ("prefill", "decode", "colocated"):
-        s.add_argument(f"--{role}-gpus", type=gpu_list, default=None, metavar="LIST",
-                       help=f"comma list of GPU indices: {role} worker i runs with "
-                       "CUDA_VISIBLE_DEVICES=LIST[i %% len(LIST)]; None: inherited")
-    s.add_argument("--kv-transport", default="zmq", choices=[t for t in KV_TRANSPORTS if t != "fake"],
-                   help="how KV blocks move between workers")
-    s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on gRPC and HTTP (not health)")
-    s.add_argument("--migrate", action="store_true",
-                   help="continue a request on another worker when its decode or colocated "
-                   "worker dies")
-    s.add_argument("--ready-timeout", type=float, default=600.0,
-                   help="seconds to wait for every process to be ready")
+        s.add_argument(
+            f"--{role}-gpus",
+            type=gpu_list,
+            default=None,
+            metavar="LIST",
+            help=f"comma list of GPU indices: {role} worker i runs with "
+            "CUDA_VISIBLE_DEVICES=LIST[i %% len(LIST)]; None: inherited",
+        )
+    s.add_argument(
+        "--kv-transport",
+        default="zmq",
+        choices=[t for t in KV_TRANSPORTS if t != "fake"],
+        help="how KV blocks move between workers",
+    )
+    add_local_prefill_args(s)
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on gRPC and HTTP (not health)",
+    )
+    s.add_argument(
+        "--migrate",
+        action="store_true",
+        help="continue a request on another worker when its decode or colocated worker dies",
+    )
+    s.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for every process to be ready",
+    )
     s.set_defaults(func=_cmd_serve)

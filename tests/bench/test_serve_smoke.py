@@ -19,10 +19,32 @@ ROW_KEYS = {"num_prompts", "completed", "failed", "errors", "duration_s", "reque
 
 def bench_serve(tmp_path: Path, *flags: str) -> tuple[dict, str]:
     # One torch thread per process: the service's two workers and the baseline share the CPU.
-    cmd = [sys.executable, "-m", "tandem.cli", "bench", "serve", "--device", "cpu",
-           "--num-blocks", "256", "--threads", "1", "--modes", "1p1d", "--input-len", "16",
-           "--output-len", "8", "--warmup-prompts", "2", "--out-dir", str(tmp_path), "--log-dir",
-           str(tmp_path / "logs"), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tandem.cli",
+        "bench",
+        "serve",
+        "--device",
+        "cpu",
+        "--num-blocks",
+        "256",
+        "--threads",
+        "1",
+        "--modes",
+        "1p1d",
+        "--input-len",
+        "16",
+        "--output-len",
+        "8",
+        "--warmup-prompts",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        *flags,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (path,) = tmp_path.glob("serve-smollm2-16x8-*.json")
@@ -46,6 +68,7 @@ def test_grpc_two_rates_every_request_complete(tmp_path):
     assert {"card", "commit", "date", "command", "params", "metrics"} <= set(record)
     params = record["params"]
     assert params["modes"] == ["1p1d"] and params["rates"] == ["inf", "4"]
+    assert (params["local_prefill_after_ms"], params["max_local_prefills"]) == (None, None)
     assert (params["input_len"], params["output_len"]) == (16, 8)
     assert params["num_prompts"] == {"inf": 6, "4": 6}
     mode = record["metrics"]["modes"]["1p1d"]
@@ -60,16 +83,35 @@ def test_grpc_two_rates_every_request_complete(tmp_path):
     assert_nothing_left(stdout)
 
 
-def test_http_backend_goodput_and_offline_baseline(tmp_path):
-    record, stdout = bench_serve(tmp_path, "--num-prompts", "4", "--rates", "inf",
-                                 "--backend", "http", "--goodput", "ttft:600000",
-                                 "tpot:600000", "--offline-baseline", "--client-processes", "2")
+def test_http_backend_goodput_offline_baseline_and_local_prefill_mode(tmp_path):
+    record, stdout = bench_serve(
+        tmp_path,
+        "--num-prompts",
+        "4",
+        "--rates",
+        "inf",
+        "--backend",
+        "http",
+        "--goodput",
+        "ttft:600000",
+        "tpot:600000",
+        "--offline-baseline",
+        "--client-processes",
+        "2",
+        "--modes",
+        "1p1d-local",
+        "--local-prefill-after-ms",
+        "50",
+    )
+    assert "--decode-workers 1 --local-prefill-after-ms 50 --max-local-prefills 1" in stdout
+    params = record["params"]
+    assert (params["local_prefill_after_ms"], params["max_local_prefills"]) == (50.0, 1)
     metrics = record["metrics"]
-    row = metrics["modes"]["1p1d"]["rates"]["inf"]
+    row = metrics["modes"]["1p1d-local"]["rates"]["inf"]
     assert (row["completed"], row["failed"]) == (4, 0), row["errors"]
     assert row["goodput_requests"] == 4  # ten-minute SLOs: every completed request is good
     assert record["params"]["slos_ms"] == {"ttft": 600000.0, "tpot": 600000.0}
     assert metrics["offline"]["num_prompts"] == 4
-    assert metrics["served_vs_offline_mode"] == "1p1d"
+    assert metrics["served_vs_offline_mode"] == "1p1d-local"
     assert metrics["served_vs_offline_throughput_ratio"] > 0
     assert_nothing_left(stdout)

@@ -35,11 +35,24 @@ from bench.serve_stats import (
 from tandem.cli import _add_engine_args
 
 
-def result(start: float, chunks: list[tuple[float, int]], end: float, expected: int | None = None,
-           error: str = "", prompt_len: int = 10) -> RequestResult:
+def result(
+    start: float,
+    chunks: list[tuple[float, int]],
+    end: float,
+    expected: int | None = None,
+    error: str = "",
+    prompt_len: int = 10,
+) -> RequestResult:
     tokens = sum(n for _, n in chunks)
-    return RequestResult(prompt_len, tokens if expected is None else expected, start, end,
-                         list(chunks), tokens, error)
+    return RequestResult(
+        prompt_len,
+        tokens if expected is None else expected,
+        start,
+        end,
+        list(chunks),
+        tokens,
+        error,
+    )
 
 
 def test_percentile_matches_numpy_linear_interpolation():
@@ -91,8 +104,12 @@ def test_goodput_counts_completed_requests_within_every_slo():
     slow_steps = result(0.0, [(0.05, 1), (0.15, 1), (0.25, 1)], 0.25)  # tpot 100
     edge = result(0.0, [(0.1, 1), (0.15, 1), (0.2, 1)], 0.2)  # exactly at both limits
     short = result(0.0, [(0.01, 1)], 0.02, expected=3)  # fast but failed
-    assert [meets_slos(request_times(r), slos) for r in (fast, slow_first, slow_steps, edge)] \
-        == [True, False, False, True]
+    assert [meets_slos(request_times(r), slos) for r in (fast, slow_first, slow_steps, edge)] == [
+        True,
+        False,
+        False,
+        True,
+    ]
     row = summarize_run([fast, slow_first, slow_steps, edge, short], 2.0, slos)
     assert (row["completed"], row["failed"], row["goodput_requests"]) == (4, 1, 2)
     assert row["goodput"] == 1.0
@@ -170,26 +187,55 @@ def _events(lines: list[bytes], result: RequestResult) -> None:
 
 def test_sse_reader_counts_text_events_and_takes_usage():
     r = RequestResult(3, 2)
-    _events([b'data: {"choices": [{"text": "a"}]}\n\n', b": keep-alive\n\n",
-             b'data: {"choices": [{"text": ""}]}\n\n',
-             b'data: {"choices": [{"text": "b", "finish_reason": "length"}]}\n\n',
-             b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\n',
-             b"data: [DONE]\n\n"], r)
+    _events(
+        [
+            b'data: {"choices": [{"text": "a"}]}\n\n',
+            b": keep-alive\n\n",
+            b'data: {"choices": [{"text": ""}]}\n\n',
+            b'data: {"choices": [{"text": "b", "finish_reason": "length"}]}\n\n',
+            b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\n',
+            b"data: [DONE]\n\n",
+        ],
+        r,
+    )
     assert len(r.chunks) == 2 and r.output_tokens == 2
     with pytest.raises(ValueError, match="boom"):
-        _events([b'data: {"error": {"message": "boom"}}\n\n', b"data: [DONE]\n\n"],
-                RequestResult(3, 2))
+        _events(
+            [b'data: {"error": {"message": "boom"}}\n\n', b"data: [DONE]\n\n"], RequestResult(3, 2)
+        )
     with pytest.raises(ValueError, match="DONE"):
         _events([b'data: {"choices": [{"text": "a"}]}\n\n'], RequestResult(3, 2))
 
 
 def test_mode_command_lines_place_workers_on_gpus():
-    assert mode_argv("colocated", 2, True) == ["--colocated-workers", "2",
-                                               "--colocated-gpus", "0,1"]
+    assert mode_argv("colocated", 2, True) == [
+        "--colocated-workers",
+        "2",
+        "--colocated-gpus",
+        "0,1",
+    ]
     assert mode_argv("1p1d", 2, True)[-4:] == ["--prefill-gpus", "0", "--decode-gpus", "1"]
     assert mode_argv("1p1d", 1, True)[-4:] == ["--prefill-gpus", "0", "--decode-gpus", "0"]
     assert mode_argv("1p1d", 1, False) == ["--prefill-workers", "1", "--decode-workers", "1"]
+    assert mode_argv("1p1d-local", 2, True, (150.0, 2)) == [
+        "--prefill-workers",
+        "1",
+        "--decode-workers",
+        "1",
+        "--prefill-gpus",
+        "0",
+        "--decode-gpus",
+        "1",
+        "--local-prefill-after-ms",
+        "150",
+        "--max-local-prefills",
+        "2",
+    ]
+    assert "--local-prefill-after-ms" not in mode_argv("1p1d", 2, True, (150.0, 2))
     assert shares_one_gpu("1p1d", 1, True) and not shares_one_gpu("1p1d", 2, True)
+    assert shares_one_gpu("1p1d-local", 1, True)
+    with pytest.raises(ValueError):
+        mode_argv("1p1d-local", 2, True)  # without its local prefill settings
     assert not shares_one_gpu("colocated", 1, True)
     with pytest.raises(ValueError):
         mode_argv("2p2d", 2, True)
@@ -198,8 +244,9 @@ def test_mode_command_lines_place_workers_on_gpus():
 def test_engine_flags_travel_with_overrides():
     parser = argparse.ArgumentParser()
     _add_engine_args(parser)
-    args = parser.parse_args(["--model", "llama-3.1-8b", "--load-format", "dummy",
-                              "--enforce-eager"])
+    args = parser.parse_args(
+        ["--model", "llama-3.1-8b", "--load-format", "dummy", "--enforce-eager"]
+    )
     argv = engine_argv(args, _add_engine_args, gpu_memory_utilization=0.45)
     assert argv[argv.index("--model") + 1] == "llama-3.1-8b"
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.45"
@@ -208,8 +255,7 @@ def test_engine_flags_travel_with_overrides():
 
 
 def test_rates_and_prompt_counts():
-    assert parse_rates("1, 4,inf,0.5") == [("1", 1.0), ("4", 4.0), ("inf", math.inf),
-                                           ("0.5", 0.5)]
+    assert parse_rates("1, 4,inf,0.5") == [("1", 1.0), ("4", 4.0), ("inf", math.inf), ("0.5", 0.5)]
     with pytest.raises(ValueError):
         parse_rates("0")
     args = argparse.Namespace(num_prompts=500, duration=30.0, min_prompts=20)
@@ -220,17 +266,36 @@ def test_rates_and_prompt_counts():
 
 def test_ratios_of_served_to_offline_and_of_1p1d_to_two_colocated():
     def row(goodput, total, req_s, ttft_p99, tpot_p99, failed=0):
-        return {"goodput": goodput, "total_token_throughput": total, "request_throughput": req_s,
-                "completed": 10, "failed": failed, "ttft_ms": {"p99": ttft_p99},
-                "tpot_ms": {"p99": tpot_p99}}
+        return {
+            "goodput": goodput,
+            "total_token_throughput": total,
+            "request_throughput": req_s,
+            "completed": 10,
+            "failed": failed,
+            "ttft_ms": {"p99": ttft_p99},
+            "tpot_ms": {"p99": tpot_p99},
+        }
 
     slos = {"ttft": 2000.0, "tpot": 40.0}
-    metrics = {"offline": {"total_token_throughput": 1000.0}, "modes": {
-        "1p1d": {"rates": {"4": row(3.0, 500.0, 3.9, 900, 20), "8": row(3.5, 700.0, 7.6, 1500, 39),
-                           "inf": row(2.0, 800.0, 9.0, 9000, 30)}},
-        "colocated": {"rates": {"4": row(2.0, 400.0, 4.0, 300, 30),
-                                "8": row(3.0, 600.0, 7.9, 500, 45),
-                                "inf": row(4.0, 900.0, 9.5, 8000, 60, failed=1)}}}}
+    metrics = {
+        "offline": {"total_token_throughput": 1000.0},
+        "modes": {
+            "1p1d": {
+                "rates": {
+                    "4": row(3.0, 500.0, 3.9, 900, 20),
+                    "8": row(3.5, 700.0, 7.6, 1500, 39),
+                    "inf": row(2.0, 800.0, 9.0, 9000, 30),
+                }
+            },
+            "colocated": {
+                "rates": {
+                    "4": row(2.0, 400.0, 4.0, 300, 30),
+                    "8": row(3.0, 600.0, 7.9, 500, 45),
+                    "inf": row(4.0, 900.0, 9.5, 8000, 60, failed=1),
+                }
+            },
+        },
+    }
     _add_ratios(metrics, ["1p1d", "colocated"], gpus=2, slos=slos)
     assert metrics["served_vs_offline_mode"] == "1p1d"
     assert metrics["served_vs_offline_throughput_ratio"] == 0.8
@@ -241,7 +306,29 @@ def test_ratios_of_served_to_offline_and_of_1p1d_to_two_colocated():
     assert metrics["goodput_ratio_1p1d_vs_2_colocated"] == 1.9
     assert metrics["request_goodput_ratio_1p1d_vs_2_colocated"] == 0.875
     assert metrics["goodput_ratio_1p1d_vs_2_colocated_by_rate"] == {
-        "4": 1.5, "8": 1.167, "inf": 0.5}
+        "4": 1.5,
+        "8": 1.167,
+        "inf": 0.5,
+    }
+    assert "goodput_ratio_1p1d_local_vs_2_colocated" not in metrics
+    # With the local-prefill mode beside them, each disaggregated mode gets its ratios.
+    metrics["modes"]["1p1d-local"] = {
+        "rates": {
+            "4": row(3.9, 500.0, 3.9, 800, 22),
+            "8": row(7.8, 700.0, 7.8, 900, 30),
+            "inf": row(2.0, 800.0, 9.0, 9000, 30),
+        }
+    }
+    _add_ratios(metrics, ["1p1d", "1p1d-local", "colocated"], gpus=2, slos=slos)
+    assert metrics["p99_slo_goodput"] == {"1p1d": 7.6, "1p1d-local": 7.8, "colocated": 4.0}
+    assert metrics["goodput_ratio_1p1d_vs_2_colocated"] == 1.9
+    assert metrics["goodput_ratio_1p1d_local_vs_2_colocated"] == 1.95
+    assert metrics["request_goodput_ratio_1p1d_local_vs_2_colocated"] == 1.95
+    assert metrics["goodput_ratio_1p1d_local_vs_2_colocated_by_rate"] == {
+        "4": 1.95,
+        "8": 2.6,
+        "inf": 0.5,
+    }
     one_gpu = {"modes": {"1p1d": {"rates": {}}, "colocated": {"rates": {}}}}
     _add_ratios(one_gpu, ["1p1d", "colocated"], gpus=1, slos=slos)
     assert "goodput_ratio_1p1d_vs_2_colocated" not in one_gpu

@@ -86,7 +86,7 @@ def test_request_metrics(gateway: Gateway, fake_worker) -> None:
 def test_pool_metrics_come_from_the_registry(gateway: Gateway, redis_client: redis.Redis) -> None:
     info = WorkerInfo(worker_id="decode-a", role="decode", model=MODEL, pid=os.getpid(),
                       total_blocks=100, free_blocks=60, used_blocks=40, running=3, waiting=2,
-                      reservations=1, preemptions=7, admitted=42)  # fmt: skip
+                      reservations=1, preemptions=7, admitted=42, local_prefills=5)  # fmt: skip
     other = WorkerInfo(worker_id="prefill-b", role="prefill", model=MODEL, pid=1, draining=True)
     elsewhere = WorkerInfo(worker_id="decode-z", role="decode", model="another", pid=1)
     keys = []
@@ -112,6 +112,7 @@ def test_pool_metrics_come_from_the_registry(gateway: Gateway, redis_client: red
     assert value(m, "tandem_worker_preemptions", **d) == 7
     assert value(m, "tandem_worker_reservations", **d) == 1
     assert value(m, "tandem_worker_admitted", **d) == 42
+    assert value(m, "tandem_worker_local_prefills", **d) == 5
     assert value(m, "tandem_worker_draining", worker_id="prefill-b", role="prefill") == 1
     assert value(m, "tandem_workers", model=MODEL, role="decode") == 1
     assert value(m, "tandem_workers", model=MODEL, role="prefill") == 0  # draining

@@ -25,9 +25,9 @@ def test_stop_signal_leaves_no_process_behind(sig):
     assert len(tokens) == 3
     assert stop_service(svc, sig) == 0
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(c.is_running() and
-                                              c.status() != psutil.STATUS_ZOMBIE
-                                              for c in children):
+    while time.monotonic() < deadline and any(
+        c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
+    ):
         time.sleep(0.1)
     alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert alive == []
@@ -55,6 +55,10 @@ def test_prefill_and_decode_default_to_none_beside_colocated_workers(argv, count
     ["--colocated-workers", "-1"],
     ["--device", "cuda", "--kv-transport", "nccl"],  # both roles on the inherited GPU
     ["--device", "cuda", "--kv-transport", "nccl", "--prefill-gpus", "0", "--decode-gpus", "0,1"],
+    ["--colocated-workers", "1", "--local-prefill-after-ms", "100"],  # no decode worker
+    ["--local-prefill-after-ms", "-1"],
+    ["--local-prefill-after-ms", "100", "--max-local-prefills", "0"],
+    ["--max-local-prefills", "2"],  # means nothing without --local-prefill-after-ms
 ])  # fmt: skip
 def test_worker_sets_that_cannot_serve_are_refused(argv):
     with pytest.raises(ValueError):
@@ -62,9 +66,10 @@ def test_worker_sets_that_cannot_serve_are_refused(argv):
 
 
 def test_nccl_on_cpu_or_on_separate_gpus_is_accepted():
-    for argv in (["--kv-transport", "nccl"],  # CPU: gloo
-                 ["--device", "cuda", "--kv-transport", "nccl", "--prefill-gpus", "0",
-                  "--decode-gpus", "1"]):
+    for argv in (
+        ["--kv-transport", "nccl"],  # CPU: gloo
+        ["--device", "cuda", "--kv-transport", "nccl", "--prefill-gpus", "0", "--decode-gpus", "1"],
+    ):
         resolve_worker_counts(_serve_args(*argv))
 
 
@@ -77,13 +82,26 @@ def test_gpu_lists_pin_each_worker_and_keep_the_rest_of_the_environment(monkeypa
         spawned.append((cmd, kw.get("env")))
 
     monkeypatch.setattr(launcher.subprocess, "Popen", popen)
-    args = _serve_args("--redis-url", "redis://127.0.0.1:1/0", "--prefill-workers", "1",
-                       "--decode-workers", "3", "--decode-gpus", "1,2",
-                       "--colocated-workers", "2", "--colocated-gpus", "3")
+    args = _serve_args(
+        "--redis-url",
+        "redis://127.0.0.1:1/0",
+        "--prefill-workers",
+        "1",
+        "--decode-workers",
+        "3",
+        "--decode-gpus",
+        "1,2",
+        "--colocated-workers",
+        "2",
+        "--colocated-gpus",
+        "3",
+    )
     resolve_worker_counts(args)
     launcher.Service(args).start()
-    roles = [next(r for r in ("prefill", "decode", "worker", "gateway") if r in cmd)
-             for cmd, _ in spawned]
+    roles = [
+        next(r for r in ("prefill", "decode", "worker", "gateway") if r in cmd)
+        for cmd, _ in spawned
+    ]
     assert roles == ["prefill", "decode", "decode", "decode", "worker", "worker", "gateway"]
     gpus = [env["CUDA_VISIBLE_DEVICES"] if env else None for _, env in spawned]
     # Unset lists inherit the environment as it is (here CUDA_VISIBLE_DEVICES=7).
@@ -93,3 +111,34 @@ def test_gpu_lists_pin_each_worker_and_keep_the_rest_of_the_environment(monkeypa
     assert "--kv-transport" not in colocated and "--gpu-memory-utilization" in colocated
     with pytest.raises(SystemExit):
         _serve_args("--colocated-gpus", "0,x")
+
+
+def test_local_prefill_flags_go_to_decode_workers_only(monkeypatch):
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda cmd, **kw: spawned.append(cmd))
+    args = _serve_args(
+        "--redis-url",
+        "redis://127.0.0.1:1/0",
+        "--decode-workers",
+        "2",
+        "--colocated-workers",
+        "1",
+        "--prefill-workers",
+        "1",
+        "--local-prefill-after-ms",
+        "250",
+        "--max-local-prefills",
+        "3",
+    )
+    resolve_worker_counts(args)
+    launcher.Service(args).start()
+    local = ["--local-prefill-after-ms", "250", "--max-local-prefills", "3"]
+    for cmd in spawned:
+        has = any(cmd[i : i + 4] == local for i in range(len(cmd)))
+        assert has == ("decode" in cmd), cmd
+    assert sum("decode" in cmd for cmd in spawned) == 2
+    spawned.clear()
+    plain = _serve_args("--redis-url", "redis://127.0.0.1:1/0")
+    resolve_worker_counts(plain)
+    launcher.Service(plain).start()
+    assert not any("--local-prefill-after-ms" in cmd for cmd in spawned)

@@ -19,28 +19,36 @@ from core.sampling_params import SamplingParams
 
 
 def test_core_imports_no_torch():
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "import core.config, core.protocol, core.scheduler, core.block_pool, "
-            "core.kv_cache_manager, core.sequence, core.redis_keys, core.tokenizer, "
-            "core.replies, core.task_intake\n"
-            "print('ok')")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import core.config, core.protocol, core.scheduler, core.block_pool, "
+        "core.kv_cache_manager, core.sequence, core.redis_keys, core.tokenizer, "
+        "core.replies, core.task_intake, core.local_prefill\n"
+        "print('ok')"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
 
 
 def _layout(**kw):
-    base = dict(model="m", dtype="float32", block_size=16, num_layers=2, num_kv_heads=2,
-                head_dim=8)
+    base = dict(model="m", dtype="float32", block_size=16, num_layers=2, num_kv_heads=2, head_dim=8)
     base.update(kw)
     return KVLayout(**base)
 
 
 def test_control_messages_round_trip_through_the_tagged_union():
-    task = PrefillTask(request_id="x", prompt_token_ids=[1, 2], sampling=SamplingParams(seed=3),
-                       reply_stream="s", deadline=1.5)
-    for msg in (ReserveRequest(request_id="x", num_tokens=5, layout=_layout(), lease_s=2.0),
-                Handoff(task=task, output_token_ids=[4], num_computed_tokens=2)):
+    task = PrefillTask(
+        request_id="x",
+        prompt_token_ids=[1, 2],
+        sampling=SamplingParams(seed=3),
+        reply_stream="s",
+        deadline=1.5,
+    )
+    for msg in (
+        ReserveRequest(request_id="x", num_tokens=5, layout=_layout(), lease_s=2.0),
+        Handoff(task=task, output_token_ids=[4], num_computed_tokens=2),
+    ):
         assert decode(encode(msg), ControlMessage) == msg
 
 
@@ -60,12 +68,24 @@ def test_layout_mismatch_names_the_field():
     assert "dtype" in _layout().mismatch(_layout(dtype="bfloat16"))
 
 
-@pytest.mark.parametrize("kw", [
-    dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),
-    dict(top_k=-1), dict(min_p=2.0), dict(stop=tuple("abcdefghijklmnopq")), dict(stop=("",)),
-    dict(stop=("x" * 300,)), dict(repetition_penalty=0.0), dict(presence_penalty=3.0),
-    dict(logprobs=50), dict(min_tokens=20, max_tokens=10),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_tokens=0),
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(min_p=2.0),
+        dict(stop=tuple("abcdefghijklmnopq")),
+        dict(stop=("",)),
+        dict(stop=("x" * 300,)),
+        dict(repetition_penalty=0.0),
+        dict(presence_penalty=3.0),
+        dict(logprobs=50),
+        dict(min_tokens=20, max_tokens=10),
+    ],
+)
 def test_sampling_params_reject_bad_values(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw).validate()

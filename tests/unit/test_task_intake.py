@@ -1,5 +1,5 @@
-"""The prefill stream's intake rules, shared by prefill and colocated workers, against a
-real redis-server (no model, no torch)."""
+"""The prefill stream's intake rules, shared by prefill, colocated and (locally
+prefilling) decode workers, against a real redis-server (no model, no torch)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from core.config import WorkerConfig
-from core.protocol import PrefillTask, TokenBatch, WorkerInfo, decode
+from core.protocol import PrefillTask, TokenBatch, WorkerInfo, decode, encode
 from core.redis_client import add_task
 from core.redis_keys import MESSAGE_FIELD, PREFILL_GROUP, abort_marker, dead_letter_stream
 from core.registry import pick_decode_worker
@@ -44,13 +44,17 @@ def model() -> str:
 
 
 def _task(rid: str, deadline_in: float = 60.0) -> PrefillTask:
-    return PrefillTask(request_id=rid, prompt_token_ids=[1, 2, 3], sampling=SamplingParams(),
-                       reply_stream=REPLY, deadline=time.time() + deadline_in)
+    return PrefillTask(
+        request_id=rid,
+        prompt_token_ids=[1, 2, 3],
+        sampling=SamplingParams(),
+        reply_stream=REPLY,
+        deadline=time.time() + deadline_in,
+    )
 
 
 def _replies(client: redis.Redis) -> list:
-    return [d for _, f in client.xrange(REPLY)
-            for d in decode(f[MESSAGE_FIELD], TokenBatch).deltas]
+    return [d for _, f in client.xrange(REPLY) for d in decode(f[MESSAGE_FIELD], TokenBatch).deltas]
 
 
 def test_takes_at_most_count_and_leaves_the_rest_for_peers(client, model):
@@ -102,8 +106,10 @@ def test_dead_workers_tasks_are_reclaimed_and_held_ones_kept_alive(client, model
         reclaimed = peer.poll(4, None, {})
         time.sleep(0.05)
     assert [t.request_id for _, t in reclaimed] == ["orphan"]
-    owners = {row["message_id"]: row["consumer"]
-              for row in client.xpending_range(intake.stream, PREFILL_GROUP, "-", "+", 10)}
+    owners = {
+        row["message_id"]: row["consumer"]
+        for row in client.xpending_range(intake.stream, PREFILL_GROUP, "-", "+", 10)
+    }
     assert owners[mine] == b"w1"
 
 
@@ -130,6 +136,34 @@ def test_a_lost_group_is_recreated(client, model):
     assert [g["name"] for g in client.xinfo_groups(intake.stream)] == [PREFILL_GROUP.encode()]
     add_task(client, intake.stream, _task("after"))
     assert [t.request_id for _, t in intake.poll(4, None, {})] == ["after"]
+
+
+def test_backlog_is_the_oldest_task_no_worker_was_given_aged_by_redis_clock(client, model):
+    intake = _intake(client, "w1", model)
+    assert intake.backlog() is None  # an empty stream: the prefill pool keeps up
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    # Explicit ids: entries queued 5 s and 1 s ago, and one just now.
+    old = client.xadd(intake.stream, {MESSAGE_FIELD: encode(_task("old"))}, id=f"{now_ms - 5000}-0")
+    mid = client.xadd(intake.stream, {MESSAGE_FIELD: encode(_task("mid"))}, id=f"{now_ms - 1000}-0")
+    add_task(client, intake.stream, _task("new"))
+    backlog = intake.backlog()
+    assert (backlog.entry_id, backlog.task.request_id) == (old, "old")
+    assert backlog.age_ms >= 5000
+    # A worker took the oldest: the next one is what waits now, whatever happens to the first.
+    client.xreadgroup(PREFILL_GROUP, "prefill-0", {intake.stream: ">"}, count=1)
+    backlog = intake.backlog()
+    assert (backlog.entry_id, backlog.task.request_id) == (mid, "mid")
+    assert 1000 <= backlog.age_ms < 5000
+    intake.ack(old)  # acknowledged and deleted: the group's last-delivered id stays
+    assert intake.backlog().entry_id == mid
+    assert [t.request_id for _, t in intake.poll(1, None, {})] == ["mid"]
+    assert intake.backlog().task.request_id == "new"
+    intake.poll(1, None, {})
+    assert intake.backlog() is None
+    client.delete(intake.stream)  # a Redis restarted without its data
+    assert intake.backlog() is None
+    assert [g["name"] for g in client.xinfo_groups(intake.stream)] == [PREFILL_GROUP.encode()]
 
 
 def test_prefill_never_picks_a_colocated_worker():

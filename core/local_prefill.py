@@ -1,0 +1,69 @@
+"""Conditional disaggregation: when a decode worker prefills a task itself.
+
+A decode worker started with `local_prefill_after_ms` also reads the model's prefill
+stream, but claims a task only when all of these hold:
+
+- the prefill pool is backed up: the oldest task that no worker has been given yet (the
+  first entry after the group's last-delivered id) has waited at least
+  `local_prefill_after_ms`, by Redis' clock (a stream id starts with its XADD time in
+  ms). An idle prefill worker takes a task within one read, so it always gets it first;
+- fewer than `max_local_prefills` of this worker's own tasks are still prefilling (have
+  no first token yet): each one adds a chunk of up to the step's token budget to the
+  decode steps it shares, and this bound keeps that interference, hence TPOT, bounded;
+- it has room: a free sequence slot (reservations count) and free KV blocks for that
+  task's tokens beyond what its sequences in hand still need.
+
+It claims one task at a time and looks again before the next, so it never takes a task
+younger than the threshold when a whole batch is waiting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.kv_cache_manager import blocks_needed
+from core.protocol import PrefillTask
+
+
+def entry_time_ms(entry_id: bytes) -> int:
+    """The XADD time of a stream entry, in ms: the first part of its id `MS-SEQ`."""
+    return int(entry_id.split(b"-", 1)[0])
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The oldest task of the stream that no worker has been given yet."""
+
+    entry_id: bytes
+    task: PrefillTask | None  # None: malformed (claiming it gets it dropped)
+    age_ms: int  # Redis' time now minus entry_time_ms(entry_id)
+
+
+@dataclass(frozen=True)
+class Room:
+    """What a decode worker can take on now, as its main loop measured it."""
+
+    tasks: int  # more local tasks allowed: the max_local_prefills bound and free slots
+    blocks: int  # free KV blocks beyond what the sequences in hand still need
+
+
+@dataclass(frozen=True)
+class LocalPrefillGate:
+    after_ms: float
+    max_prefills: int
+    block_size: int
+
+    def room(self, prefilling: int, free_slots: int, spare_blocks: int) -> Room:
+        """`prefilling`: local tasks taken and still without a first token."""
+        return Room(max(0, min(self.max_prefills - prefilling, free_slots)), spare_blocks)
+
+    def claims(self, backlog: Backlog | None, room: Room) -> int:
+        """How many tasks to claim now: 0 or 1."""
+        if room.tasks <= 0 or backlog is None or backlog.age_ms < self.after_ms:
+            return 0
+        task = backlog.task
+        if task is None:
+            return 1
+        # Its prompt, any tokens generated before a preemption, and the one it samples.
+        tokens = len(task.prompt_token_ids) + len(task.output_token_ids) + 1
+        return int(blocks_needed(tokens, self.block_size) <= room.blocks)

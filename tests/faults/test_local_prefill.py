@@ -1,0 +1,183 @@
+"""A decode worker that also prefills (`tandem decode --local-prefill-after-ms`): with the
+prefill worker frozen it takes the queued tasks itself and answers exactly as the
+in-process engine; without the option it never takes one; beside a healthy prefill
+worker and a long threshold it takes none; a cancel during its prefill frees every
+block."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from core.local_prefill import entry_time_ms
+from core.redis_keys import PREFILL_GROUP, prefill_stream
+from tests.faults.cluster import Cluster, collect, request
+from tests.service.conftest import PROMPTS, solo
+
+STREAM = prefill_stream("smollm2")
+LONG_PROMPT = "Once upon a time, in a valley between two mountains, " * 32
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    try:
+        c.start_worker("prefill-0", "prefill")
+        c.start_gateway()
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from engine.llm import LLM
+
+    return LLM("smollm2", device="cpu")
+
+
+@contextlib.contextmanager
+def decode_worker(cluster: Cluster, name: str, *flags: str) -> Iterator[None]:
+    cluster.start_worker(name, "decode", *flags)
+    try:
+        yield
+    finally:  # drained: it leaves the registry, so no later request is routed to it
+        cluster.signal(name, signal.SIGTERM)
+        status = cluster.procs[name].wait(30)
+    assert status == 0
+
+
+@contextlib.contextmanager
+def frozen_prefill(cluster: Cluster) -> Iterator[None]:
+    # Registered (a thawed worker re-registers within a heartbeat): the gateway takes
+    # requests until its entry expires, a few seconds into the freeze.
+    cluster.wait_for(lambda: cluster.worker("prefill-0") is not None, "prefill-0 registered")
+    cluster.signal("prefill-0", signal.SIGSTOP)
+    try:
+        # A read it was blocked in when frozen could still be handed a task: wait until
+        # Redis has ended it (its BLOCK is 50 ms), so a new task stays in the stream.
+        cluster.wait_for(lambda: not _blocked_reads(cluster), "prefill-0's last read to end")
+        yield
+    finally:
+        cluster.signal("prefill-0", signal.SIGCONT)
+
+
+def _blocked_reads(cluster: Cluster) -> list[dict]:
+    return [
+        c
+        for c in cluster.client.client_list()
+        if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", "")
+    ]
+
+
+def _pending(cluster: Cluster, consumer: str) -> int:
+    for c in cluster.client.xinfo_consumers(STREAM, PREFILL_GROUP):
+        if c["name"] in (consumer, consumer.encode()):
+            return c["pending"]
+    return 0
+
+
+def _settled(cluster: Cluster) -> bool:
+    """Every task handled: acknowledged and deleted."""
+    return (
+        cluster.client.xlen(STREAM) == 0
+        and cluster.client.xpending(STREAM, PREFILL_GROUP)["pending"] == 0
+    )
+
+
+def _generate_all(cluster: Cluster, jobs: list[tuple[str, int]]) -> list[list[int]]:
+    stub = cluster.stub()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: collect(stub, request(*job)), jobs))
+
+
+def test_with_prefill_frozen_the_decode_worker_prefills_them_itself(cluster, engine):
+    jobs = [(PROMPTS[i], 6 + 3 * i) for i in range(4)]
+    with (
+        decode_worker(
+            cluster, "decode-local", "--local-prefill-after-ms", "100", "--max-local-prefills", "2"
+        ),
+        frozen_prefill(cluster),
+    ):
+        results = _generate_all(cluster, jobs)
+        assert results == [solo(engine, prompt, n).token_ids for prompt, n in jobs]
+        cluster.wait_for(
+            lambda: cluster.worker("decode-local").local_prefills == len(jobs),
+            "the registry to count the local prefills",
+        )
+        assert cluster.worker("decode-local").admitted == 0  # no handoff: prefill is frozen
+        assert _settled(cluster)
+        cluster.assert_no_blocks_in_use()
+
+
+def test_without_the_option_a_decode_worker_never_takes_a_task(cluster):
+    with decode_worker(cluster, "decode-plain"):
+        with frozen_prefill(cluster):
+            call = cluster.stub().Generate(request(PROMPTS[1], 8), timeout=60)
+            cluster.wait_for(lambda: cluster.client.xlen(STREAM) == 1, "the task to be queued")
+            entry = cluster.client.xrange(STREAM)[0][0]
+
+            def age_ms() -> int:
+                seconds, micros = cluster.client.time()
+                return seconds * 1000 + micros // 1000 - entry_time_ms(entry)
+
+            # An idle worker that took tasks would have done so within milliseconds.
+            cluster.wait_for(lambda: age_ms() >= 2000, "the task to wait 2 s")
+            [group] = cluster.client.xinfo_groups(STREAM)
+            assert entry_time_ms(group["last-delivered-id"]) < entry_time_ms(entry)
+            assert cluster.client.xpending(STREAM, PREFILL_GROUP)["pending"] == 0
+            call.cancel()
+            with pytest.raises(grpc.RpcError) as err:
+                next(iter(call))
+            assert err.value.code() == grpc.StatusCode.CANCELLED
+        plain = cluster.worker("decode-plain")
+        assert (plain.local_prefills, plain.admitted, plain.used_blocks) == (0, 0, 0)
+        # Thawed, the prefill worker finds the task aborted and drops it.
+        cluster.wait_for(lambda: _settled(cluster), "the cancelled task to be dropped")
+        cluster.assert_no_blocks_in_use()
+
+
+def test_beside_a_healthy_prefill_worker_and_a_long_threshold_it_takes_nothing(cluster, engine):
+    jobs = [(PROMPTS[i % len(PROMPTS)] + f" {i}", 5) for i in range(6)]
+    cluster.wait_for(lambda: cluster.worker("prefill-0") is not None, "prefill-0 registered")
+    before = cluster.worker("prefill-0").admitted
+    with decode_worker(cluster, "decode-patient", "--local-prefill-after-ms", "600000"):
+        results = _generate_all(cluster, jobs)
+        assert results == [solo(engine, prompt, n).token_ids for prompt, n in jobs]
+        cluster.wait_for(
+            lambda: cluster.worker("decode-patient").admitted == len(jobs),
+            "the registry to count the handoffs",
+        )
+        assert cluster.worker("decode-patient").local_prefills == 0
+        cluster.wait_for(
+            lambda: cluster.worker("prefill-0").admitted == before + len(jobs),
+            "prefill-0 to count every task",
+        )
+        assert _settled(cluster)
+
+
+def test_a_cancel_during_local_prefill_frees_every_block(cluster):
+    # Four tokens a step: the long prompt takes seconds to prefill on a CPU.
+    with (
+        decode_worker(
+            cluster, "decode-slow", "--local-prefill-after-ms", "0", "--max-num-batched-tokens", "4"
+        ),
+        frozen_prefill(cluster),
+    ):
+        call = cluster.stub().Generate(request(LONG_PROMPT, 20), timeout=120)
+        cluster.wait_for(lambda: _pending(cluster, "decode-slow") == 1, "decode-slow to claim")
+        cluster.wait_for(
+            lambda: cluster.worker("decode-slow").used_blocks > 0, "its prefill to hold blocks"
+        )
+        # Still pending: the entry is acknowledged at the first token, so none went out.
+        assert _pending(cluster, "decode-slow") == 1
+        call.cancel()
+        cluster.wait_for(lambda: _settled(cluster), "the claimed task to be acknowledged")
+        cluster.assert_no_blocks_in_use()
+        slow = cluster.worker("decode-slow")
+        assert (slow.local_prefills, slow.running, slow.waiting) == (1, 0, 0)
