@@ -98,6 +98,13 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the receiver process's cache (default: the sender's device)",
     )
+    p.add_argument(
+        "--calls",
+        choices=("one", "threads"),
+        default="one",
+        help="N requests in one ship_many call (as a prefill worker ships a step's "
+        "requests), or from N threads each calling ship",
+    )
     p.add_argument("--iters", type=int, default=3, help="timed rounds per case (median)")
     p.add_argument(
         "--max-gib",

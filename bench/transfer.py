@@ -7,9 +7,11 @@ through the calls the workers make: make_sender / make_receiver, reserve, send_b
 (via kvtransfer.ship), release. Nothing here knows a backend's internals.
 
 How: for each backend, request length (--tokens) and concurrency (--requests N), N
-requests are reserved, then shipped at once from N threads sharing one sender (each
-request from its own source blocks into its own reserved blocks); a round's figure is
-N * request bytes over the wall time from the release of the threads to the last ack.
+requests are reserved, then shipped at once (each request from its own source blocks
+into its own reserved blocks): with `--calls one` (default) in one ship_many call, as a
+prefill worker ships every request one step finished; with `--calls threads` from N
+threads sharing one sender, each calling ship, as independent callers would. A round's
+figure is N * request bytes over the wall time from the start to the last ack.
 Untimed warm-up rounds come first (connections, mappings, kernel compilation); the
 median of the next --iters rounds is reported. Cases over --max-gib (per side) are skipped.
 For cuda_ipc a row also counts the copy kernel launches per round and the host time
@@ -39,7 +41,7 @@ import torch
 from bench.results import write_result
 from bench.transfer_peers import CacheShape, Receiver, nccl_p2p_bytes_per_s
 from core.protocol import ReserveRequest
-from kvtransfer import TransferState, layout_of, make_sender, ship
+from kvtransfer import BlockMove, TransferState, layout_of, make_sender, ship, ship_many
 from kvtransfer.cuda_ipc_copy import CopyCounts, CopyStats
 
 MODEL = "llama-3.1-8b"
@@ -99,10 +101,15 @@ def plan(args: argparse.Namespace) -> tuple[list[Case], list[dict]]:
 
 
 def run_round(
-    sender, address: str, case: Case, views: list[torch.Tensor], timeout_s: float
+    sender,
+    address: str,
+    case: Case,
+    views: list[torch.Tensor],
+    timeout_s: float,
+    calls: str = "one",
 ) -> float:
-    """Reserve N requests, ship them from N threads at once; seconds from release to the
-    last ack. Reservations are given back afterwards."""
+    """Reserve N requests, ship them at once (one call, or N threads); seconds from the
+    start to the last ack. Reservations are given back afterwards."""
     layout = layout_of(views, MODEL, SHAPE.block_size)
     tag = uuid.uuid4().hex[:8]
     rids = [f"{case.key}-{tag}-{i}" for i in range(case.requests)]
@@ -120,6 +127,19 @@ def run_round(
         dst.append(list(reply.block_ids))
     n = case.blocks_per_request
     failures: list[str] = []
+    if calls == "one":
+        moves = [
+            BlockMove(rid, list(range(i * n, (i + 1) * n)), dst[i]) for i, rid in enumerate(rids)
+        ]
+        t0 = time.perf_counter()
+        done = ship_many(sender, address, moves, views, timeout_s)
+        elapsed = time.perf_counter() - t0
+        failures = [t.reason for t in done if t.state is not TransferState.DONE]
+        for rid in rids:
+            sender.release(address, rid)
+        if failures:
+            raise RuntimeError(f"{case.key}: {len(failures)} transfer(s) failed: {failures[0]}")
+        return elapsed
     start = threading.Barrier(case.requests + 1)
 
     def ship_one(i: int) -> None:
@@ -162,10 +182,10 @@ def run_backend(
             # Warm-up, untimed: one request alone first (connection, mapping, and kernel
             # compilation happen once, not in N threads at once), then a full round.
             run_round(sender, receiver.address, Case(backend, case.tokens, 1), views, args.timeout)
-            run_round(sender, receiver.address, case, views, args.timeout)
+            run_round(sender, receiver.address, case, views, args.timeout, args.calls)
             before = _copy_counts(sender)
             rounds = [
-                run_round(sender, receiver.address, case, views, args.timeout)
+                run_round(sender, receiver.address, case, views, args.timeout, args.calls)
                 for _ in range(args.iters)
             ]
             gbps = [case.nbytes / s / 1e9 for s in rounds]
@@ -355,6 +375,7 @@ def run(args: argparse.Namespace) -> dict:
         "tokens": _ints(args.tokens),
         "requests": _ints(args.requests),
         "iters": args.iters,
+        "calls": args.calls,
         "sender_device": args.sender_device,
         "receiver_device": args.receiver_device,
         "max_gib": args.max_gib,

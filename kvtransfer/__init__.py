@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from core.config import KV_TRANSPORTS
 from kvtransfer.base import (
+    BlockMove,
     Inbound,
     KVReceiver,
     KVSender,
@@ -15,6 +16,7 @@ from kvtransfer.base import (
     TransferError,
     TransferState,
     ship,
+    ship_many,
 )
 from kvtransfer.fake import FakeKVReceiver, FakeKVSender
 from kvtransfer.pack import (
@@ -72,6 +74,7 @@ def make_sender(backend: str, identity: str) -> KVSender:
 
 __all__ = [
     "BACKENDS",
+    "BlockMove",
     "FakeKVReceiver",
     "FakeKVSender",
     "Inbound",
@@ -91,6 +94,7 @@ __all__ = [
     "make_sender",
     "pack_blocks",
     "ship",
+    "ship_many",
     "tensor_from_frame",
     "tensor_to_frame",
     "unpack_blocks",

@@ -125,6 +125,15 @@ class KVReceiver(abc.ABC):
         """Queue `msg` for `peer`; never blocks on the network."""
 
 
+@dataclass(frozen=True)
+class BlockMove:
+    """One request's blocks: where they are here, and the blocks reserved for them."""
+
+    request_id: str
+    src_block_ids: Sequence[int]
+    dst_block_ids: Sequence[int]
+
+
 class KVSender(abc.ABC):
     """Prefill side. Every call raises TransferError on timeout or a bad reply."""
 
@@ -164,6 +173,28 @@ class KVSender(abc.ABC):
         """
         packed = pack_blocks(kv_caches, src_block_ids, out=staging)
         return self.send_kv(address, request_id, dst_block_ids, packed, timeout_s)
+
+    def send_blocks_many(
+        self,
+        address: str,
+        moves: Sequence[BlockMove],
+        kv_caches: Sequence[torch.Tensor],
+        timeout_s: float,
+    ) -> list[TransferAck | TransferError]:
+        """Several requests' blocks to one receiver (what one prefill step finished):
+        one result per move, an ack or the TransferError that failed it. The default
+        sends them one by one; cuda_ipc copies them all in one launch."""
+        deadline = time.monotonic() + timeout_s
+        results: list[TransferAck | TransferError] = []
+        for move in moves:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                results.append(self.send_blocks(address, move.request_id, kv_caches,
+                                                move.src_block_ids, move.dst_block_ids,
+                                                remaining))
+            except TransferError as exc:
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     def handoff(self, address: str, msg: Handoff, timeout_s: float) -> TransferAck: ...
@@ -214,3 +245,33 @@ def ship(
     else:
         transfer.fail(ack.reason or "receiver refused the KV transfer")
     return transfer
+
+
+def ship_many(
+    sender: KVSender,
+    address: str,
+    moves: Sequence[BlockMove],
+    kv_caches: Sequence[torch.Tensor],
+    timeout_s: float,
+) -> list[Transfer]:
+    """`ship` for several requests to one receiver: one Transfer per move, DONE or FAILED.
+    Mismatched block lists are caller bugs and raise ValueError."""
+    for move in moves:
+        if len(move.src_block_ids) != len(move.dst_block_ids):
+            raise ValueError(f"{move.request_id}: {len(move.src_block_ids)} source blocks for "
+                             f"{len(move.dst_block_ids)} destination blocks")
+    deadline = time.monotonic() + timeout_s
+    transfers = [Transfer(request_id=m.request_id, peer=address, deadline=deadline,
+                          state=TransferState.SENDING) for m in moves]
+    try:
+        results = sender.send_blocks_many(address, moves, kv_caches, timeout_s)
+    except TransferError as exc:
+        results = [exc] * len(moves)
+    for transfer, result in zip(transfers, results, strict=True):
+        if isinstance(result, TransferError):
+            transfer.fail(str(result) or type(result).__name__)
+        elif result.ok:
+            transfer.advance(TransferState.DONE)
+        else:
+            transfer.fail(result.reason or "receiver refused the KV transfer")
+    return transfers

@@ -37,7 +37,6 @@ and drops the mapping); the window is the copy itself, microseconds to milliseco
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -48,6 +47,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import msgspec
+import numpy as np
 import torch
 
 from core.protocol import (
@@ -63,9 +63,10 @@ from core.protocol import (
     TransferAck,
     encode,
 )
-from kvtransfer.base import Inbound, TransferError
+from kvtransfer.base import BlockMove, Inbound, TransferError
 from kvtransfer.cuda_ipc_copy import BlockCopier, CopyStats
-from kvtransfer.pack import check_block_ids, dtype_from_name, dtype_name
+from kvtransfer.cuda_ipc_export import export_mismatch, open_export, share_cache, stacked_cache
+from kvtransfer.pack import check_block_ids, dtype_name
 from kvtransfer.wire import MAX_KV_PAYLOAD_BYTES, RECEIVABLE
 from kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
 
@@ -74,139 +75,6 @@ log = logging.getLogger(__name__)
 # Reservations granted but neither sent nor released are forgotten oldest first past
 # this (the prefill worker sends no Release after a successful handoff).
 _MAX_RESERVATIONS = 65536
-
-
-def stacked_cache(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The one contiguous `[layers, 2, blocks, block_size, kv_heads, head_dim]` tensor
-    whose per-layer views are `kv_caches`; ValueError unless they are consecutive views
-    of one storage (the engine allocates its cache that way: one handle, one launch)."""
-    if not kv_caches:
-        raise ValueError("no KV cache layers")
-    first = kv_caches[0]
-    if first.dim() != 5 or first.shape[0] != 2:
-        raise ValueError(f"KV cache layer is {tuple(first.shape)}; expected [2, blocks, ...]")
-    base = first.untyped_storage().data_ptr()
-    for layer, view in enumerate(kv_caches):
-        if (
-            view.shape != first.shape
-            or view.dtype != first.dtype
-            or view.device != first.device
-            or not view.is_contiguous()
-            or view.untyped_storage().data_ptr() != base
-            or view.storage_offset() != first.storage_offset() + layer * first.numel()
-        ):
-            raise ValueError(
-                f"KV cache layer {layer} is not the next slice of one [layers, 2, ...] tensor"
-            )
-    return first.as_strided(
-        (len(kv_caches), *first.shape), (first.numel(), *first.stride()), first.storage_offset()
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _device_uuid(index: int) -> str:
-    return str(torch.cuda.get_device_properties(index).uuid)
-
-
-def _visible_index(device_uuid: str) -> int | None:
-    """This process's index of the GPU named `device_uuid`, None if it is not visible."""
-    for index in range(torch.cuda.device_count()):
-        if _device_uuid(index) == device_uuid:
-            return index
-    return None
-
-
-def share_cache(cache: torch.Tensor, export_id: str) -> CudaIpcExport:
-    """Export `cache` (a stacked_cache) as a CUDA IPC handle. Call once per cache: each
-    `_share_cuda_` wraps the storage in another torch IPC ref-counting context."""
-    if cache.device.type != "cuda":
-        raise ValueError(
-            f"the cuda_ipc transport shares a CUDA KV cache; this one is on {cache.device} "
-            "(use --kv-transport zmq without a GPU)"
-        )
-    # Peers may write as soon as they hold the handle: the cache's own initialisation
-    # (zero fill) must not land after their copies.
-    torch.cuda.synchronize(cache.device)
-    handle, storage_bytes, storage_offset_bytes, ref_counter, ref_counter_offset = (
-        cache.untyped_storage()._share_cuda_()[1:6]
-    )
-    return CudaIpcExport(
-        export_id=export_id,
-        device_uuid=_device_uuid(cache.device.index),
-        handle=handle,
-        storage_bytes=storage_bytes,
-        storage_offset_bytes=storage_offset_bytes,
-        ref_counter=ref_counter,
-        ref_counter_offset=ref_counter_offset,
-        dtype=dtype_name(cache.dtype),
-        shape=list(cache.shape),
-        stride=list(cache.stride()),
-        offset=cache.storage_offset(),
-    )
-
-
-def open_export(export: CudaIpcExport, device: torch.device) -> torch.Tensor:
-    """Map `export` on `device` (the sender's GPU) as a tensor; TransferError if it cannot."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise TransferError(
-            f"the cuda_ipc transport moves KV between GPUs; this sender's cache is on {device} "
-            "(use --kv-transport zmq without a GPU)"
-        )
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    home = _visible_index(export.device_uuid)
-    if home is None:
-        raise TransferError(
-            f"the receiver's GPU {export.device_uuid} is not visible to this process: "
-            "cuda_ipc needs both GPUs (same node) in CUDA_VISIBLE_DEVICES"
-        )
-    if home != index and not torch.cuda.can_device_access_peer(index, home):
-        raise TransferError(f"GPU {index} cannot access GPU {home} (no peer-to-peer path)")
-    try:
-        storage = torch.UntypedStorage._new_shared_cuda(
-            index,
-            export.handle,
-            export.storage_bytes,
-            export.storage_offset_bytes,
-            export.ref_counter,
-            export.ref_counter_offset,
-            b"",  # no IPC event: share_cache synchronised before exporting
-            False,
-        )
-    except RuntimeError as exc:
-        raise TransferError(f"cannot map the exported KV cache: {exc}") from exc
-    dtype = dtype_from_name(export.dtype)
-    view = torch.empty(0, dtype=dtype, device=torch.device("cuda", index))
-    return view.set_(storage, export.offset, export.shape, export.stride)
-
-
-def export_mismatch(export: CudaIpcExport, local: torch.Tensor) -> str | None:
-    """Why `export` cannot receive blocks of the stacked cache `local`, or None.
-
-    Everything but the number of blocks must match, and the view must be contiguous and
-    inside its storage: Tensor.set_ does not bounds-check, so a wrong export would
-    otherwise let the copy write past the receiver's cache.
-    """
-    try:
-        dtype = dtype_from_name(export.dtype)
-    except ValueError as exc:
-        return str(exc)
-    shape = list(export.shape)
-    if dtype != local.dtype:
-        return f"receiver's KV cache is {export.dtype}, ours is {dtype_name(local.dtype)}"
-    if len(shape) != 6 or shape[1] != 2 or shape[2] < 1 or any(d < 1 for d in shape):
-        return f"receiver's KV cache shape {shape} is not [layers, 2, blocks, bs, heads, dim]"
-    for i, name in ((0, "layers"), (3, "block_size"), (4, "kv_heads"), (5, "head_dim")):
-        if shape[i] != local.shape[i]:
-            return f"KV layout differs in {name}: {shape[i]} (receiver) != {local.shape[i]}"
-    contiguous = [1] * 6
-    for i in range(4, -1, -1):
-        contiguous[i] = contiguous[i + 1] * shape[i + 1]
-    if list(export.stride) != contiguous:
-        return f"receiver's KV cache strides {export.stride} are not contiguous"
-    end_bytes = (export.offset + contiguous[0] * shape[0]) * dtype.itemsize
-    if export.offset < 0 or end_bytes > export.storage_bytes:
-        return f"receiver's KV cache view ends at byte {end_bytes}, past its storage"
-    return None
 
 
 class CudaIpcKVReceiver(ZmqKVReceiver):
@@ -336,53 +204,119 @@ class CudaIpcKVSender(ZmqKVSender):
     ) -> TransferAck:
         """Copy the blocks into the receiver's cache, then send the in_place header.
         `staging` is unused: nothing goes through host memory."""
+        move = BlockMove(request_id, src_block_ids, dst_block_ids)
+        result = self.send_blocks_many(address, [move], kv_caches, timeout_s)[0]
+        if isinstance(result, TransferError):
+            raise result
+        return result
+
+    def send_blocks_many(
+        self,
+        address: str,
+        moves: Sequence[BlockMove],
+        kv_caches: Sequence[torch.Tensor],
+        timeout_s: float,
+    ) -> list[TransferAck | TransferError]:
+        """Every move's blocks in one copy launch, then their in_place headers, one way.
+
+        A move fails alone for what is its own (no reservation here, invalid reserved
+        blocks); a failed mapping, copy or header post fails every move still going.
+        """
         deadline = time.monotonic() + timeout_s
-        if len(src_block_ids) != len(dst_block_ids):
-            raise ValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)}")
         src = self._stacked(kv_caches)
-        src_ids = check_block_ids(src_block_ids, src.shape[2])
-        with self._state_lock:
-            export_id = self._reserved.pop((address, request_id), None)
-        if export_id is None:
-            raise TransferError(f"{request_id} was not reserved at {address} through this sender")
-        if not export_id:
-            raise TransferError(
-                f"the receiver at {address} exports no KV cache (not a cuda_ipc receiver)"
-            )
-        mapping = self._mapped(address, export_id, src, deadline)
+        results: list[TransferAck | TransferError | None] = [None] * len(moves)
+        going: list[tuple[int, np.ndarray]] = []  # (move index, source ids)
+        export_id = ""
+        for i, move in enumerate(moves):
+            if len(move.src_block_ids) != len(move.dst_block_ids):
+                raise ValueError(f"{move.request_id}: {len(move.src_block_ids)} source blocks "
+                                 f"for {len(move.dst_block_ids)}")
+            src_ids = check_block_ids(move.src_block_ids, src.shape[2])
+            with self._state_lock:
+                reserved = self._reserved.pop((address, move.request_id), None)
+            if reserved is None:
+                results[i] = TransferError(
+                    f"{move.request_id} was not reserved at {address} through this sender")
+            elif not reserved:
+                results[i] = TransferError(
+                    f"the receiver at {address} exports no KV cache (not a cuda_ipc receiver)")
+            elif export_id and reserved != export_id:
+                results[i] = TransferError(
+                    f"{move.request_id} was reserved in an earlier incarnation of {address}")
+            else:
+                export_id = reserved
+                going.append((i, src_ids))
+        if going:
+            self._copy_and_post(address, export_id, src, moves, going, results, deadline)
+        return [r if r is not None else TransferError("not sent") for r in results]
+
+    def _copy_and_post(
+        self,
+        address: str,
+        export_id: str,
+        src: torch.Tensor,
+        moves: Sequence[BlockMove],
+        going: list[tuple[int, np.ndarray]],
+        results: list[TransferAck | TransferError | None],
+        deadline: float,
+    ) -> None:
         try:
-            dst_ids = check_block_ids(dst_block_ids, mapping.cache.shape[2])
-        except ValueError as exc:
-            raise TransferError(f"reserved blocks from {address} are invalid: {exc}") from None
-        header = KVTransfer(
-            request_id=request_id,
-            block_ids=list(dst_block_ids),
+            mapping = self._mapped(address, export_id, src, deadline)
+        except TransferError as exc:
+            for i, _ in going:
+                results[i] = exc
+            return
+        ready: list[tuple[int, np.ndarray, np.ndarray]] = []
+        for i, src_ids in going:
+            try:
+                dst_ids = check_block_ids(moves[i].dst_block_ids, mapping.cache.shape[2])
+            except ValueError as exc:
+                results[i] = TransferError(f"reserved blocks from {address} are invalid: {exc}")
+                continue
+            ready.append((i, src_ids, dst_ids))
+        if not ready:
+            return
+        headers = [encode(KVTransfer(
+            request_id=moves[i].request_id,
+            block_ids=list(moves[i].dst_block_ids),
             dtype=dtype_name(src.dtype),
-            shape=[src.shape[0], 2, len(dst_block_ids), *src.shape[3:]],
+            shape=[src.shape[0], 2, len(moves[i].dst_block_ids), *src.shape[3:]],
             in_place=True,
             export_id=export_id,
-        )
+        )) for i, _, _ in ready]  # fmt: skip
 
-        # Once the bytes are in the receiver's memory the header goes one way: no round
-        # trip per transfer. It travels on the same connection as the Handoff that
-        # follows, so it arrives first; if the receiver refuses it, the Handoff is refused
-        # too ("KV not received"), and that is where it surfaces. The receiver's ack for
-        # the header is dropped when it arrives.
-        def post_header() -> None:
+        # Once the bytes are in the receiver's memory the headers go one way: no round
+        # trip per transfer. They travel on the same connection as the Handoffs that
+        # follow, so they arrive first; if the receiver refuses one, its Handoff is
+        # refused too ("KV not received"), and that is where it surfaces. The receiver's
+        # acks for the headers are dropped when they arrive.
+        def post_headers() -> None:
             peer = self._peer(address)
             with peer.lock:
-                peer.abandoned.abandon((TransferAck, request_id))
+                for i, _, _ in ready:
+                    peer.abandoned.abandon((TransferAck, moves[i].request_id))
             try:
-                self._post(address, [encode(header)])
+                for header in headers:
+                    self._post(address, [header])
             except TransferError:
                 self._forget(address, export_id)  # the receiver may be gone: map afresh
                 raise
 
-        if src_ids.size:
-            mapping.copier.copy(src, src_ids, dst_ids, then=post_header)
-        else:
-            post_header()
-        return TransferAck(request_id=request_id, ok=True)
+        src_ids = np.concatenate([s for _, s, _ in ready])
+        dst_ids = np.concatenate([d for _, _, d in ready])
+        try:
+            if len(np.unique(dst_ids)) != len(dst_ids):
+                raise TransferError(f"reservations at {address} share blocks")
+            if src_ids.size:
+                mapping.copier.copy(src, src_ids, dst_ids, then=post_headers)
+            else:
+                post_headers()
+        except TransferError as exc:
+            for i, _, _ in ready:
+                results[i] = exc
+            return
+        for i, _, _ in ready:
+            results[i] = TransferAck(request_id=moves[i].request_id, ok=True)
 
     def _stacked(self, kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:
         seen = self._source

@@ -12,7 +12,8 @@ A task's life on this worker, as states:
     PREFILLING  the sequence is in this worker's engine batch, chunked under the token
                 budget (prompt + tokens generated before a preemption, if any).
     SHIPPING    the first token is published to the gateway (TTFT), then the KV blocks
-                are packed and sent into the reserved block ids.
+                go into the reserved block ids: every request the step finished at once,
+                one call per decode worker (over cuda_ipc, one copy launch for all).
     HANDED_OFF  the decode worker acknowledged the Handoff: local blocks are freed and
                 the task is XACKed.
     FINISHED    the first token already ends the request (EOS, max_tokens 1): the final
@@ -40,7 +41,15 @@ from core.sequence import Sequence
 from core.task_intake import TaskIntake
 from core.worker_base import WorkerBase
 from engine.engine import Engine, EngineConfig
-from kvtransfer import TransferError, TransferState, make_sender, ship
+from kvtransfer import (
+    BlockMove,
+    Transfer,
+    TransferError,
+    TransferState,
+    make_sender,
+    ship,
+    ship_many,
+)
 from kvtransfer.pack import layout_of
 
 log = logging.getLogger(__name__)
@@ -207,18 +216,37 @@ class PrefillWorker(WorkerBase):
                 continuing.append(seq)
                 self.engine.scheduler.detach(seq)  # decode generates the rest
         publish_safely(self.redis, deltas)  # first tokens out before any KV moves
+        shipped = self._ship_together([self.inflight[s.request_id] for s in continuing])
         for seq in got:
             flight = self.inflight.pop(seq.request_id)
             if seq in continuing:
-                self._hand_off(flight)
+                self._hand_off(flight, shipped[seq.request_id])
             else:
                 self.sender.release(flight.decode_address, seq.request_id)
             self.kv.free(seq.request_id)
             self.intake.ack(flight.entry_id)
 
-    def _hand_off(self, flight: InFlight) -> None:
-        """Ship KV and hand off; if the reservation was lost (lease expired, decode
-        restarted), reserve again once and retry before failing the request."""
+    def _ship_together(self, flights: list[InFlight]) -> dict[str, Transfer]:
+        """The KV of every request this step finished, one call per decode worker (over
+        cuda_ipc one copy launch for all of them); request id -> its Transfer."""
+        by_peer: dict[str, list[BlockMove]] = {}
+        for flight in flights:
+            rid = flight.seq.request_id
+            n = blocks_needed(flight.seq.num_tokens - 1, self.kv.block_size)
+            by_peer.setdefault(flight.decode_address, []).append(
+                BlockMove(rid, self.kv.block_table(rid)[:n], flight.dst_blocks[:n]))
+        shipped: dict[str, Transfer] = {}
+        for address, moves in by_peer.items():
+            for transfer in ship_many(self.sender, address, moves,
+                                      self.engine.runner.kv_caches,
+                                      self.config.transfer_timeout_s):
+                shipped[transfer.request_id] = transfer
+        return shipped
+
+    def _hand_off(self, flight: InFlight, shipped: Transfer) -> None:
+        """Hand off the request whose KV went out as `shipped`; if that failed or the
+        reservation was lost (lease expired, decode restarted), reserve again once and
+        retry (ship and hand off) before failing the request."""
         seq, rid = flight.seq, flight.seq.request_id
         computed = seq.num_tokens - 1  # the token just sampled has no KV yet
         n = blocks_needed(computed, self.kv.block_size)
@@ -232,19 +260,20 @@ class PrefillWorker(WorkerBase):
                 if placed is None:
                     break
                 flight.decode_id, flight.decode_address, flight.dst_blocks = placed
-            reason = self._ship_and_hand_off(flight, computed, n)
+            reason = self._ship_and_hand_off(flight, computed, n, None if attempt else shipped)
             if not reason:
                 return
             log.warning("handoff of %s to %s failed: %s", rid, flight.decode_id, reason)
             self.sender.release(flight.decode_address, rid)
         self.intake.fail(flight.task, "unavailable", f"KV handoff to decode failed: {reason}")
 
-    def _ship_and_hand_off(self, flight: InFlight, computed: int, n: int) -> str:
-        """Empty string on success, else why it failed."""
+    def _ship_and_hand_off(self, flight: InFlight, computed: int, n: int,
+                           shipped: Transfer | None) -> str:
+        """Empty string on success, else why it failed. Ships first unless `shipped`."""
         seq, rid = flight.seq, flight.seq.request_id
-        transfer = ship(self.sender, flight.decode_address, rid, self.engine.runner.kv_caches,
-                        self.kv.block_table(rid)[:n], flight.dst_blocks[:n],
-                        self.config.transfer_timeout_s)
+        transfer = shipped or ship(self.sender, flight.decode_address, rid,
+                                   self.engine.runner.kv_caches, self.kv.block_table(rid)[:n],
+                                   flight.dst_blocks[:n], self.config.transfer_timeout_s)
         if transfer.state is not TransferState.DONE:
             return transfer.reason or "transfer failed"
         try:

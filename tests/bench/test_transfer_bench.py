@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import transfer
 from kvtransfer import ZmqKVSender
 from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
@@ -15,7 +17,8 @@ from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_zmq_transfer_bench_writes_a_complete_result(tmp_path: Path):
+@pytest.mark.parametrize("calls", ["one", "threads"])
+def test_zmq_transfer_bench_writes_a_complete_result(tmp_path: Path, calls: str):
     cmd = [
         sys.executable,
         "-m",
@@ -35,6 +38,8 @@ def test_zmq_transfer_bench_writes_a_complete_result(tmp_path: Path):
         "cpu",
         "--max-gib",
         "0.005",
+        "--calls",
+        calls,
         "--out-dir",
         str(tmp_path),
     ]
@@ -56,6 +61,7 @@ def test_zmq_transfer_bench_writes_a_complete_result(tmp_path: Path):
         assert case["ceiling"] == "host_memcpy" and case["fraction_of_ceiling"] > 0
         assert case["bytes"] == case["tokens"] * case["requests"] * 128 * 1024
     assert record["params"]["kv_shape"]["bytes_per_token"] == 128 * 1024
+    assert record["params"]["calls"] == calls
 
 
 def test_rows_count_copy_launches_of_the_cuda_ipc_sender_only():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvtransfer import Transfer, TransferError, TransferState, ship
+from kvtransfer import BlockMove, Transfer, TransferError, TransferState, ship, ship_many
 from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
 from kvtransfer.cuda_ipc_copy import BlockCopier, CopyStats
 from tests.kvtransfer.conftest import bits, wait_until
@@ -291,3 +291,32 @@ def test_the_leader_runs_its_batch_follow_ups_and_one_failing_fails_alone(launch
     assert launches.into[dst.data_ptr()] == [[0], [1, 2, 3, 4]]
     assert all(landed.values()) and len(landed) == n
     assert len({ran[i] for i in (1, 2, 3, 4)}) == 1  # the second batch's leader, alone
+
+
+def test_ship_many_moves_every_request_in_one_launch_and_fails_only_the_bad_one(
+    fake_ipc, ipc_sender, ipc_address, launches
+):
+    """What a prefill step that finished several requests does: one call, one launch,
+    one header each; a request that was never reserved fails alone."""
+    jobs = 5
+    decode = Decode(ipc_address, torch.float32, blocks=jobs * PER + 4)
+    src = kv_cache(jobs * PER, torch.float32)
+    try:
+        rids = [f"r{i}" for i in range(jobs)]
+        dst = [reserve(ipc_sender, ipc_address, rid, PER).block_ids for rid in rids]
+        moves = [
+            BlockMove(rid, list(range(i * PER, (i + 1) * PER)), dst[i])
+            for i, rid in enumerate(rids)
+        ]
+        moves.insert(2, BlockMove("never-reserved", [0], [decode.cache.shape[2] - 1]))
+        done = ship_many(ipc_sender, ipc_address, moves, list(src.unbind(0)), 10.0)
+        assert [t.request_id for t in done] == [m.request_id for m in moves]
+        states = {t.request_id: t.state for t in done}
+        assert states.pop("never-reserved") is TransferState.FAILED
+        assert set(states.values()) == {TransferState.DONE}
+        assert launches.sizes(decode.cache) == [jobs * PER]
+        assert all(_landed(decode, src, i, ids) for i, ids in enumerate(dst))
+        assert untouched(decode.cache, [b for ids in dst for b in ids])
+        assert all(handoff(ipc_sender, ipc_address, rid).ok for rid in rids)
+    finally:
+        decode.close()
