@@ -64,6 +64,9 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0
     reservation_lease_s: float = 10.0
     transfer_timeout_s: float = 10.0
+    # Prefill only: how long a task may wait for a decode worker with room (reserve
+    # retried meanwhile) before it fails UNAVAILABLE.
+    decode_wait_s: float = 30.0
     reclaim_idle_s: float = 5.0
     max_deliveries: int = 3
     # Decode only: also prefill tasks from the prefill stream once the oldest task no
@@ -86,6 +89,7 @@ class WorkerConfig:
             "drain_timeout_s",
             "reservation_lease_s",
             "transfer_timeout_s",
+            "decode_wait_s",
             "reclaim_idle_s",
         ):
             if getattr(self, name) <= 0:

@@ -8,7 +8,11 @@ A task's life on this worker, as states:
                 dropped; aborted (marker key) or expired tasks end here.
     RESERVED    a decode worker, picked from the registry (most free blocks, fewest
                 running), reserved blocks for the KV to come. No reservation, no
-                prefill: nothing is computed that nobody will keep.
+                prefill: nothing is computed that nobody will keep. While every decode
+                worker refuses for lack of room, the task waits here (retried every
+                20 ms, oldest first; no new tasks are taken meanwhile, so peers get
+                them) for up to decode_wait_s, then fails UNAVAILABLE; with no decode
+                worker registered at all it fails at once.
     PREFILLING  the sequence is in this worker's engine batch, chunked under the token
                 budget (prompt + tokens generated before a preemption, if any).
     SHIPPING    the first token is published to the gateway (TTFT), then the KV blocks
@@ -28,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import redis
@@ -56,6 +61,7 @@ log = logging.getLogger(__name__)
 
 RESERVE_ATTEMPTS = 3
 INTAKE_BATCH = 16  # tasks read from Redis at once
+RESERVE_RETRY_S = 0.02  # how often tasks waiting for decode room try again
 
 
 @dataclass
@@ -78,6 +84,9 @@ class PrefillWorker(WorkerBase):
         self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
         self.sender = make_sender(config.kv_transport, self.worker_id)
         self.inflight: dict[str, InFlight] = {}
+        # Tasks no decode worker had room for, oldest first: (entry id, task, first try).
+        self.waiting_room: deque[tuple[bytes, PrefillTask, float]] = deque()
+        self._retry_at = 0.0
         self._decoders: list[WorkerInfo] = []
         self._decoders_at = 0.0
         self.admitted = 0
@@ -99,6 +108,8 @@ class PrefillWorker(WorkerBase):
         log.info("prefill worker %s ready", self.worker_id)
         try:
             while not self.stopping:
+                # Tasks still waiting for decode room stay pending in the stream for a
+                # peer to reclaim.
                 if self.draining and not self.inflight:
                     break
                 self._intake()
@@ -111,20 +122,45 @@ class PrefillWorker(WorkerBase):
             self.shutdown()
 
     def _intake(self) -> None:
+        self._retry_waiting_room()
         budget = self.engine.scheduler.config.max_num_batched_tokens
         queued = sum(f.seq.num_uncomputed_tokens for f in self.inflight.values())
-        room = 0 if self.draining or queued >= budget else INTAKE_BATCH
+        # While tasks wait for decode room, take no more: the rest stay in the stream.
+        full = self.draining or queued >= budget or self.waiting_room
+        room = 0 if full else INTAKE_BATCH
         # Busy: just look. Idle: wait briefly for work (no BLOCK means return at once).
-        block_ms = None if self.engine.has_work else 50
+        block_ms = None if self.engine.has_work or self.waiting_room else 50
         held = {rid: f.entry_id for rid, f in self.inflight.items()}
+        held.update((task.request_id, entry_id) for entry_id, task, _ in self.waiting_room)
         for entry_id, task in self.intake.poll(room, block_ms, held):
-            self._take(entry_id, task)
+            if not self._take(entry_id, task, time.monotonic()):
+                self.waiting_room.append((entry_id, task, time.monotonic()))
 
-    def _take(self, entry_id: bytes, task: PrefillTask) -> None:
+    def _retry_waiting_room(self) -> None:
+        """Tasks that found every decode worker full try again, oldest first, as answers
+        finish and free blocks; the first still without room keeps the rest waiting."""
+        now = time.monotonic()
+        if not self.waiting_room or now < self._retry_at or self.draining:
+            return
+        self._retry_at = now + RESERVE_RETRY_S
+        while self.waiting_room:
+            entry_id, task, since = self.waiting_room[0]
+            if not self._take(entry_id, task, since):
+                return
+            self.waiting_room.popleft()
+
+    def _take(self, entry_id: bytes, task: PrefillTask, since: float) -> bool:
+        """Admit the task (or end it: aborted, invalid, expired, no decode worker at all,
+        or none with room for decode_wait_s since `since`); False: no decode worker has
+        room for it yet, try again later."""
         rid = task.request_id
         if self.was_aborted(rid):
             self.intake.ack(entry_id)
-            return
+            return True
+        if task.deadline and time.time() > task.deadline:
+            self.intake.fail(task, "deadline", "request deadline exceeded before prefill")
+            self.intake.ack(entry_id)
+            return True
         try:
             seq = Sequence(rid, list(task.prompt_token_ids), task.sampling,
                            output_token_ids=list(task.output_token_ids))
@@ -132,16 +168,21 @@ class PrefillWorker(WorkerBase):
         except ValueError as exc:
             self.intake.fail(task, "invalid_argument", str(exc))
             self.intake.ack(entry_id)
-            return
+            return True
         placed = self._reserve(seq)
         if placed is None:
             self.engine.scheduler.abort(rid)
+            # Every decode worker full: wait for room (a burst drains as answers finish)
+            # unless there is no decode worker at all, or it has waited long enough.
+            if self._decode_workers() and time.monotonic() - since < self.config.decode_wait_s:
+                return False
             self.intake.fail(task, "unavailable", "no decode worker could take the request")
             self.intake.ack(entry_id)
-            return
+            return True
         decode_id, address, blocks = placed
         self.inflight[rid] = InFlight(entry_id, task, seq, decode_id, address, blocks)
         self.admitted += 1
+        return True
 
     def _decode_workers(self) -> list[WorkerInfo]:
         """Compatible decode workers, read from the registry at most every 0.5 s (a burst

@@ -62,6 +62,14 @@ def _add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
         dest="transfer_timeout_s",
         help="seconds a prefill worker waits for each reserve/transfer/handoff",
     )
+    p.add_argument(
+        "--decode-wait",
+        type=float,
+        default=30.0,
+        dest="decode_wait_s",
+        help="seconds a prefill worker keeps retrying to reserve decode blocks for a task "
+        "while every decode worker is full, before failing it UNAVAILABLE",
+    )
 
 
 def add_local_prefill_args(p: argparse.ArgumentParser) -> None:
@@ -121,6 +129,7 @@ def worker_config_from_args(args: argparse.Namespace, role: str):
             advertise_host=args.advertise_host,
             reservation_lease_s=args.reservation_lease_s,
             transfer_timeout_s=args.transfer_timeout_s,
+            decode_wait_s=args.decode_wait_s,
         )
     if role == "decode":
         extra.update(

@@ -84,3 +84,36 @@ def test_task_failing_too_often_goes_to_dead_letter_and_client_gets_error():
         assert pending["pending"] == 0
     finally:
         cluster.close()
+
+
+def test_requests_wait_for_a_full_decode_worker_instead_of_failing():
+    """A decode worker with room for one answer at a time: the prefill worker holds the
+    other tasks until blocks come back (before, they failed UNAVAILABLE at once), and
+    every stream completes with its solo output."""
+    cluster = Cluster()
+    try:
+        # ~60-token prompts + 24 new tokens: 6 blocks of 16 each; 8 blocks hold one.
+        cluster.start_worker("decode-0", "decode", "--num-blocks", "8")
+        cluster.start_worker("prefill-0", "prefill")
+        cluster.start_gateway()
+        stub = cluster.stub()
+        solo = [collect(stub, request(p, 24)) for p in PROMPTS]
+        results: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                results[i] = collect(stub, request(PROMPTS[i], 24))
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not errors, errors
+        assert [results[i] for i in range(len(PROMPTS))] == solo
+        cluster.assert_no_blocks_in_use(timeout=15)
+    finally:
+        cluster.close()
