@@ -9,15 +9,16 @@ How it works
   its export id on every granted ReserveReply and refuses in_place KVTransfers that
   name another export. The worker only ever sees payload-less in_place transfers.
 - Prefill (CudaIpcKVSender): reserve() remembers the export each reservation's block
-  ids belong to. send_blocks() maps that export on first use (cached per receiver
-  address, replaced when the receiver's incarnation changes), checks its layout against
-  the local cache and the block ids against both caches, and hands the copy to the
-  mapping's BlockCopier (cuda_ipc_copy): transfers running at once into one cache share
-  a kernel launch over every layer's blocks, ordered after the callers' streams (where
-  the prefill forward wrote the KV). send_blocks returns once the launch carrying its
-  blocks has finished, after posting the in_place header one way; a refusal surfaces at
-  the Handoff that follows it on the same connection. The wait comes first so decode
-  never reads half-written blocks.
+  ids belong to. send_blocks_many() (send_blocks is the one-request case) maps that
+  export on first use (cached per receiver address, replaced when the receiver's
+  incarnation changes; the helpers are in cuda_ipc_export), checks its layout against
+  the local cache and the block ids against both caches, and hands one copy of every
+  request's blocks to the mapping's BlockCopier (cuda_ipc_copy): transfers running at
+  once into one cache share a kernel launch over every layer's blocks, ordered after
+  the callers' streams (where the prefill forward wrote the KV). The call returns once
+  the launch carrying its blocks has finished and the in_place headers have been posted
+  one way; a refusal surfaces at the Handoff that follows on the same connection. The
+  wait comes first so decode never reads half-written blocks.
 
 Why the export id: block ids mean something only in the cache that granted them. A
 decode worker restarted on the same address has a new cache, and writing an old
