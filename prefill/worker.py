@@ -135,6 +135,9 @@ class PrefillWorker(WorkerBase):
         for entry_id, task in self.intake.poll(room, block_ms, held):
             if not self._take(entry_id, task, time.monotonic()):
                 self.waiting_room.append((entry_id, task, time.monotonic()))
+        if self.waiting_room and not self.engine.has_work:
+            # Nothing to compute until decode has room: sleep to the next retry, not spin.
+            time.sleep(max(0.0, min(RESERVE_RETRY_S, self._retry_at - time.monotonic())))
 
     def _retry_waiting_room(self) -> None:
         """Tasks that found every decode worker full try again, oldest first, as answers
