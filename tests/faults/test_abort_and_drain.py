@@ -53,7 +53,9 @@ def test_cancel_while_queued(cluster):
 
 
 def test_cancel_while_prefilling(cluster):
-    seen = _cancel_after(cluster.stub(), request(LONG_PROMPT, 50), seconds=1.0)
+    # ~300 prompt tokens at 8 a step: ~38 steps, far longer than the 0.5 s to the cancel
+    # (a 100-token prompt cancelled at 1 s sometimes finished its prefill first in CI).
+    seen = _cancel_after(cluster.stub(), request(LONG_PROMPT * 3, 50), seconds=0.5)
     assert seen == 0, "the cancel was meant to land during the slow prefill"
     cluster.assert_no_blocks_in_use()
 
