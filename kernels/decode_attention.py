@@ -15,6 +15,7 @@ with scale * log2(e) folded into the logits; all softmax state is float32.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -152,6 +153,53 @@ def decode_num_splits(
     return max(1, min(wanted, useful, MAX_SPLITS))
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """How a decode launch over q [B, H, D] is cut: heads per program (one GQA tile),
+    head blocks, KV splits, and the float32 partials the splits write (placeholders when
+    one split normalizes straight into `out`). Shared by every split-KV decode kernel."""
+
+    group: int
+    hpp: int
+    head_blocks: int
+    splits: int
+    part_acc: torch.Tensor
+    part_ml: torch.Tensor
+
+    @property
+    def direct(self) -> bool:
+        return self.splits == 1
+
+    @classmethod
+    def for_launch(cls, q: torch.Tensor, out: torch.Tensor, num_kv_heads: int,
+                   max_context: int, num_splits: int | None) -> SplitPlan:
+        batch, num_heads, head_dim = q.shape
+        group = num_heads // num_kv_heads
+        hpp = heads_per_program(group)
+        head_blocks = num_heads // hpp
+        if num_splits is None:
+            num_splits = decode_num_splits(batch, head_blocks, max_context, q.device)
+        if num_splits == 1:
+            return cls(group, hpp, head_blocks, 1, out, out)  # unused placeholders
+        part_acc = torch.empty(
+            (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+        )
+        part_ml = torch.empty(
+            (batch, num_heads, num_splits, 2), dtype=torch.float32, device=q.device
+        )
+        return cls(group, hpp, head_blocks, num_splits, part_acc, part_ml)
+
+    def merge(self, out: torch.Tensor) -> None:
+        """The second pass: merge the splits' partials into `out` (nothing when direct)."""
+        if self.direct:
+            return
+        batch, num_heads, head_dim = out.shape
+        _decode_reduce_kernel[(batch, num_heads)](
+            self.part_acc, self.part_ml, out, out.stride(0), out.stride(1), num_heads,
+            self.splits, HEAD_DIM=head_dim, BLOCK_S=next_pow2(self.splits), num_warps=4,
+        )  # fmt: skip
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     cache: torch.Tensor,
@@ -173,41 +221,22 @@ def paged_decode_attention(
     out = check_out(out, q)
     if batch == 0:
         return out
-    group = num_heads // num_kv_heads
-    hpp = heads_per_program(group)
-    head_blocks = num_heads // hpp
-    if num_splits is None:
-        num_splits = decode_num_splits(
-            batch, head_blocks, block_tables.shape[1] * block_size, q.device
-        )
-    direct = num_splits == 1
+    plan = SplitPlan.for_launch(q, out, num_kv_heads, block_tables.shape[1] * block_size,
+                                num_splits)
     prec, upcast = dot_config(cache.dtype)
-    if direct:
-        part_acc = part_ml = out  # unused placeholders
-    else:
-        part_acc = torch.empty(
-            (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
-        )
-        part_ml = torch.empty(
-            (batch, num_heads, num_splits, 2), dtype=torch.float32, device=q.device
-        )
     # fmt: off
-    _decode_split_kernel[(batch, head_blocks, num_splits)](
-        q, cache, block_tables, context_lens, out, part_acc, part_ml,
+    _decode_split_kernel[(batch, plan.head_blocks, plan.splits)](
+        q, cache, block_tables, context_lens, out, plan.part_acc, plan.part_ml,
         scale * _LOG2E,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1),
-        num_heads, num_splits,
-        GROUP=group, HEADS_PER_PROG=hpp, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=decode_block_n(head_dim, cache.element_size()), DIRECT=direct, PREC=prec,
-        UPCAST=upcast, num_warps=4, num_stages=2,
+        num_heads, plan.splits,
+        GROUP=plan.group, HEADS_PER_PROG=plan.hpp, BLOCK_G=16, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=decode_block_n(head_dim, cache.element_size()),
+        DIRECT=plan.direct, PREC=prec, UPCAST=upcast, num_warps=4, num_stages=2,
     )
     # fmt: on
-    if not direct:
-        _decode_reduce_kernel[(batch, num_heads)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads, num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=next_pow2(num_splits), num_warps=4,
-        )  # fmt: skip
+    plan.merge(out)
     return out
 
 

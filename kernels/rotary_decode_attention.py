@@ -18,13 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_out, check_paged_attention_args, dot, dot_config, next_pow2
+from kernels._utils import check_out, check_paged_attention_args, dot, dot_config
 from kernels.decode_attention import (
     _LOG2E,
-    _decode_reduce_kernel,
+    SplitPlan,
     decode_block_n,
-    decode_num_splits,
-    heads_per_program,
     paged_decode_attention_ref,
 )
 from kernels.rotary_store_kv import rotary_store_kv_ref
@@ -157,44 +155,25 @@ def rotary_decode_attention(
     out = check_out(out, q)
     if batch == 0:
         return out
-    group = num_heads // num_kv_heads
-    hpp = heads_per_program(group)
-    head_blocks = num_heads // hpp
-    if num_splits is None:
-        num_splits = decode_num_splits(
-            batch, head_blocks, block_tables.shape[1] * block_size, q.device
-        )
-    direct = num_splits == 1
+    plan = SplitPlan.for_launch(q, out, num_kv_heads, block_tables.shape[1] * block_size,
+                                num_splits)
     prec, upcast = dot_config(cache.dtype)
-    if direct:
-        part_acc = part_ml = out  # unused placeholders
-    else:
-        part_acc = torch.empty(
-            (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
-        )
-        part_ml = torch.empty(
-            (batch, num_heads, num_splits, 2), dtype=torch.float32, device=q.device
-        )
     # fmt: off
-    _rotary_decode_kernel[(batch, head_blocks, num_splits)](
+    _rotary_decode_kernel[(batch, plan.head_blocks, plan.splits)](
         q, k, v, positions, slot_mapping, cos_sin_cache, cache, block_tables, context_lens,
-        out, part_acc, part_ml,
+        out, plan.part_acc, plan.part_ml,
         scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0),
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        num_heads, num_splits,
-        GROUP=group, HEADS_PER_PROG=hpp, BLOCK_G=16, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=decode_block_n(head_dim, cache.element_size()), DIRECT=direct, PREC=prec,
-        UPCAST=upcast, num_warps=4, num_stages=2,
+        num_heads, plan.splits,
+        GROUP=plan.group, HEADS_PER_PROG=plan.hpp, BLOCK_G=16, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=decode_block_n(head_dim, cache.element_size()),
+        DIRECT=plan.direct, PREC=prec, UPCAST=upcast, num_warps=4, num_stages=2,
     )
-    if not direct:
-        _decode_reduce_kernel[(batch, num_heads)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads, num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=next_pow2(num_splits), num_warps=4,
-        )
     # fmt: on
+    plan.merge(out)
     return out
 
 
