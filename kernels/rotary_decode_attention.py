@@ -25,7 +25,7 @@ from kernels.decode_attention import (
     decode_block_n,
     paged_decode_attention_ref,
 )
-from kernels.rotary_store_kv import rotary_store_kv_ref
+from kernels.rotary_store_kv import check_rotary_store_args, rotary_store_kv_ref
 
 
 # fmt: off
@@ -143,15 +143,7 @@ def rotary_decode_attention(
     returns out [B, H, D]. q, k and v are only read."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = check_paged_attention_args(q, cache, block_tables)
-    kv_shape = (batch, num_kv_heads, head_dim)
-    if tuple(k.shape) != kv_shape or tuple(v.shape) != kv_shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be {kv_shape}")
-    if positions.shape != (batch,) or slot_mapping.shape != (batch,):
-        raise ValueError("positions and slot_mapping need one entry per sequence")
-    if cos_sin_cache.shape[1] != head_dim or cos_sin_cache.dtype != torch.float32:
-        raise ValueError("cos_sin_cache must be float32 [max_pos, head_dim]")
-    if any(t.stride(-1) != 1 for t in (q, k, v, cos_sin_cache)):
-        raise ValueError("q, k, v and cos_sin_cache need a contiguous last dim")
+    check_rotary_store_args(q, k, v, positions, cos_sin_cache, cache, slot_mapping)
     out = check_out(out, q)
     if batch == 0:
         return out

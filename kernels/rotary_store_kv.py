@@ -81,6 +81,32 @@ def _rotary_store_kv_kernel(
     tl.store(dst + stride_c01 + HALF, v2.to(cache_ptr.dtype.element_ty), mask=kv_mask)
 
 
+def check_rotary_store_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """ValueError unless q [T, H, D], k and v [T, KVH, D], one position and slot per
+    token, a float32 [max_pos, D] table and a [2, blocks, block_size, KVH, D] cache, all
+    with a contiguous last dim (the kernels that rotate and store read them so)."""
+    num_tokens, _, head_dim = q.shape
+    if cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[4] != head_dim:
+        raise ValueError("cache must be [2, blocks, block_size, kv_heads, head_dim]")
+    kv_shape = (num_tokens, cache.shape[3], head_dim)
+    if tuple(k.shape) != kv_shape or tuple(v.shape) != kv_shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be {kv_shape}")
+    if positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
+        raise ValueError("positions and slot_mapping need one entry per token")
+    if cos_sin_cache.shape[1] != head_dim or cos_sin_cache.dtype != torch.float32:
+        raise ValueError("cos_sin_cache must be float32 [max_pos, head_dim]")
+    if any(t.stride(-1) != 1 for t in (q, k, v, cos_sin_cache, cache)):
+        raise ValueError("q, k, v, cos_sin_cache and cache need a contiguous last dim")
+
+
 def rotary_store_kv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -96,18 +122,9 @@ def rotary_store_kv(
     k is only read. q/k/v may be strided views of a fused QKV output (contiguous
     head_dim). Positions must be < cos_sin_cache.shape[0] (not checked on device).
     """
+    check_rotary_store_args(q, k, v, positions, cos_sin_cache, cache, slot_mapping)
     num_tokens, num_heads, head_dim = q.shape
     kv_shape = (num_tokens, cache.shape[3], head_dim)
-    if tuple(k.shape) != kv_shape or tuple(v.shape) != kv_shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be {kv_shape}")
-    if cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[4] != head_dim:
-        raise ValueError("cache must be [2, blocks, block_size, kv_heads, head_dim]")
-    if positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
-        raise ValueError("positions and slot_mapping need one entry per token")
-    if cos_sin_cache.shape[1] != head_dim or cos_sin_cache.dtype != torch.float32:
-        raise ValueError("cos_sin_cache must be float32 [max_pos, head_dim]")
-    if any(t.stride(-1) != 1 for t in (q, k, v)) or cache.stride(-1) != 1:
-        raise ValueError("q, k, v and cache need a contiguous head_dim")
     if num_tokens == 0:
         return q
     _rotary_store_kv_kernel[(num_tokens,)](
