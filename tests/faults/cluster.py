@@ -25,7 +25,9 @@ ENGINE_FLAGS = ["--model", "smollm2", "--device", "cpu", "--num-blocks", "256", 
 @dataclass
 class Cluster:
     redis: LocalRedis = field(default_factory=LocalRedis)
-    grpc_port: int = field(default_factory=free_port)
+    # Picked when the gateway first starts, not before: workers started in between bind
+    # random ports of their own and once took this one (a ZMQ socket answered gRPC).
+    grpc_port: int = 0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     # What the service's processes are given; "" means the private server's own URL.
@@ -58,6 +60,7 @@ class Cluster:
         return proc
 
     def start_gateway(self, *flags: str) -> subprocess.Popen:
+        self.grpc_port = self.grpc_port or free_port()
         proc = self._spawn("gateway", ["gateway", "--model", "smollm2", "--redis-url",
                                        self.redis_url, "--grpc-port", str(self.grpc_port),
                                        "--http-port", str(free_port()), *flags])
