@@ -9,7 +9,7 @@ query of length 1, a prefill chunk a longer one that may follow tokens already c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,17 @@ class AttentionMetadata:
     block_tables_host: list[list[int]]
     max_query_len: int = 0
     decode_splits: int | None = None  # fixed per CUDA-graph bucket; None: kernel decides
+    # Leading sequences with one query token (the scheduler puts decodes first): a mixed
+    # step attends for them with the decode kernel instead of a prefill tile of padding.
+    num_decode_rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        rows = 0
+        for q_len in self.query_lens_host:
+            if q_len != 1:
+                break
+            rows += 1
+        self.num_decode_rows = rows
 
     @property
     def num_seqs(self) -> int:

@@ -74,6 +74,7 @@ class TritonOps(TorchOps):
         from kernels import (
             fused_add_rms_norm,
             gemv,
+            paged_decode_attention,
             paged_prefill_attention,
             rms_norm,
             rotary_decode_attention,
@@ -86,6 +87,7 @@ class TritonOps(TorchOps):
         self._gemv = gemv
         self._rotary_store_kv = rotary_store_kv
         self._rotary_decode, self._prefill = rotary_decode_attention, paged_prefill_attention
+        self._decode = paged_decode_attention
 
     def rms_norm(self, x, weight, eps):  # type: ignore[override]
         return self._rms_norm(x, weight, eps)
@@ -115,8 +117,20 @@ class TritonOps(TorchOps):
                                        scale, num_splits=meta.decode_splits)
         # One kernel rotates q and k and writes k and v into the cache.
         q = self._rotary_store_kv(q, k, v, positions, cos_sin_cache, cache, meta.slot_mapping)
-        return self._prefill(q, cache, meta.block_tables, meta.query_start_loc,
-                             meta.context_lens, scale, meta.max_query_len)
+        decodes = meta.num_decode_rows
+        if decodes == 0:
+            return self._prefill(q, cache, meta.block_tables, meta.query_start_loc,
+                                 meta.context_lens, scale, meta.max_query_len)
+        # A mixed step (chunked prefill beside decodes): the prefill kernel sizes its
+        # query tiles by the longest chunk, so each decode row would compute up to 128
+        # padded rows over its whole context; the decode kernel reads it once instead.
+        # Sequence i < decodes is token i; the prefill kernel indexes rows absolutely.
+        out = torch.empty_like(q)
+        self._decode(q[:decodes], cache, meta.block_tables[:decodes],
+                     meta.context_lens[:decodes], scale, out=out[:decodes])
+        self._prefill(q, cache, meta.block_tables[decodes:], meta.query_start_loc[decodes:],
+                      meta.context_lens[decodes:], scale, meta.max_query_len, out=out)
+        return out
 
 
 def make_ops(backend: str, device: torch.device) -> TorchOps:

@@ -153,10 +153,18 @@ def _compare_ops(device: str, seed: int) -> None:
     for g, w in zip(got, want, strict=True):
         assert_close(g, w, seed, "rotary")
 
-    for query_lens, ctx_lens in (([5, 1], [5, 20]), ([1, 1], [9, 40])):  # prefill, decode
+    cases = (
+        ([5, 1], [5, 20], 0),  # prefill
+        ([1, 1], [9, 40], 2),  # decode
+        # Mixed: two decodes (the decode kernel), then a chunk after cached tokens, a
+        # whole prompt and a one-token chunk (the prefill kernel).
+        ([1, 1, 6, 9, 1], [30, 9, 26, 9, 17], 2),
+    )
+    for query_lens, ctx_lens, decode_rows in cases:
         batch = make_paged_batch(ctx_lens, query_lens, 2, 64, 16, torch.float32, device)
         meta = _meta(batch, 16)
         meta.max_query_len = max(query_lens)
+        assert meta.num_decode_rows == decode_rows
         n = sum(query_lens)
         q = torch.randn(n, 4, 64)
         k, v = torch.randn(n, 2, 64), torch.randn(n, 2, 64)
