@@ -196,6 +196,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="mode 1p1d-local: at most N of the decode worker's own tasks prefilling at once",
     )
     p.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="mode 1p1d-local: the decode worker's prompt tokens per step (its "
+        "--max-prefill-tokens; 0: the engine flag's value)",
+    )
+    p.add_argument(
         "--ready-timeout",
         type=float,
         default=900.0,

@@ -42,6 +42,7 @@ from core.models import local_model_dir, model_name
 Dead = Callable[[], str | None]
 CLIENT_START_LEAD_S = 1.0  # for every client process to be waiting before t0
 CLIENT_BUSY_WARNING = 0.8
+PREFILL_COUNT_SETTLE_S = 1.2  # a worker heartbeat (1 s) and a little
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,13 @@ def _split_run(
     return results, duration, max(cpu for _, cpu in parts)
 
 
+def _settled_counts(prefilled: Callable[[], dict[str, int]] | None) -> dict[str, int]:
+    if prefilled is None:
+        return {}
+    time.sleep(PREFILL_COUNT_SETTLE_S)  # the workers' last heartbeat reaches the registry
+    return prefilled()
+
+
 def measure(
     target: str,
     runs: list[RateRun],
@@ -138,7 +146,10 @@ def measure(
     slos: dict[str, float],
     dead: Dead,
     mode: str,
+    prefilled: Callable[[], dict[str, int]] | None = None,
 ) -> dict[str, dict]:
+    """One row per rate. `prefilled`: the service's prompts prefilled per role so far;
+    each row then says how that rate's prompts split between the roles."""
     # Client processes are spawned, not forked: a forked gRPC runtime is not safe.
     with multiprocessing.get_context("spawn").Pool(args.client_processes) as pool:
         if args.warmup_prompts > 0:
@@ -153,10 +164,17 @@ def measure(
             if errors := [r.error for r in results if r.error]:
                 raise ServiceError(f"warm-up requests failed: {errors[0]}")
         rows = {}
+        before = _settled_counts(prefilled)
         for run in runs:
             results, duration, cpu = _split_run(pool, target, run.prompts, run.arrivals, args, dead)
             row = rows[run.label] = summarize_run(results, duration, slos)
             row["client_cpu_share"] = round(cpu, 2)
+            if prefilled is not None:
+                after = _settled_counts(prefilled)
+                row["prompts_prefilled_by_role"] = {
+                    role: after[role] - before.get(role, 0) for role in after if after[role]
+                }
+                before = after
             print(
                 f"{mode} rate {run.label}: {row['completed']}/{row['num_prompts']} completed "
                 f"in {row['duration_s']:.1f}s, {row['output_throughput']:.0f} output tok/s",
@@ -179,7 +197,8 @@ def launched(
     overrides = {}
     if shares_one_gpu(mode, args.gpus, on_gpu):
         overrides["gpu_memory_utilization"] = round(args.gpu_memory_utilization / 2, 3)
-    local_prefill = (args.local_prefill_after_ms, args.max_local_prefills)
+    local_prefill = (args.local_prefill_after_ms, args.max_local_prefills,
+                     args.local_prefill_tokens)
     argv = [
         *engine_argv(args, add_engine_args, **overrides),
         *mode_argv(mode, args.gpus, on_gpu, local_prefill),
@@ -202,7 +221,8 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 
 def run(args: argparse.Namespace, add_engine_args) -> dict:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    local_prefill = (args.local_prefill_after_ms, args.max_local_prefills)
+    local_prefill = (args.local_prefill_after_ms, args.max_local_prefills,
+                     args.local_prefill_tokens)
     for mode in modes:  # unknown modes fail before anything starts
         mode_argv(mode, args.gpus, False, local_prefill)
     if "1p1d-local" in modes:  # the decode worker's own check, before anything starts
@@ -269,7 +289,8 @@ def run(args: argparse.Namespace, add_engine_args) -> dict:
             continue
         with launched(mode, args, add_engine_args, log_dir) as service:
             target = service.grpc_target() if args.backend == "grpc" else service.http_target()
-            rows = measure(target, runs, args, slos, service.dead, mode)
+            rows = measure(target, runs, args, slos, service.dead, mode,
+                           service.prompts_prefilled)
             metrics["modes"][mode] = {"startup_s": round(service.startup_s, 1), "rates": rows}
     _add_ratios(metrics, modes, args.gpus, slos)
     return _write(args, modes, rates, slos, metrics)
@@ -369,6 +390,8 @@ def _write(
         # What mode 1p1d-local passed to its decode worker (None without that mode).
         "local_prefill_after_ms": args.local_prefill_after_ms if "1p1d-local" in modes else None,
         "max_local_prefills": args.max_local_prefills if "1p1d-local" in modes else None,
+        "local_prefill_tokens": args.local_prefill_tokens if "1p1d-local" in modes else None,
+        "max_prefill_tokens": args.max_prefill_tokens,
     }
     card = None if args.target is None else "unknown: --target"
     write_result("serve", model_name(args.model), params, metrics, args.out_dir, card=card)

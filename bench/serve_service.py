@@ -6,7 +6,8 @@ Modes (GPU indices are physical: each worker gets CUDA_VISIBLE_DEVICES from the 
 - `1p1d`: one prefill and one decode worker; on GPUs 0 and 1 with --gpus 2, both on
   GPU 0 with --gpus 1, where each gets half of --gpu-memory-utilization.
 - `1p1d-local`: `1p1d` whose decode worker also prefills while the prefill worker is
-  backed up (`--local-prefill-after-ms`, `--max-local-prefills`: core.local_prefill).
+  backed up (`--local-prefill-after-ms`, `--max-local-prefills`: core.local_prefill),
+  with its own prompt tokens per step (`--local-prefill-tokens`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from bench.serve_stats import prompts_prefilled
 
 MODES = ("colocated", "1p1d", "1p1d-local")
 DISAGGREGATED = ("1p1d", "1p1d-local")
@@ -56,10 +60,11 @@ def engine_argv(
 
 
 def mode_argv(
-    mode: str, gpus: int, on_gpu: bool, local_prefill: tuple[float, int] | None = None
+    mode: str, gpus: int, on_gpu: bool, local_prefill: tuple[float, int, int] | None = None
 ) -> list[str]:
     """`tandem serve` flags placing the workers of `mode` on GPUs 0..gpus-1;
-    `local_prefill`: (after ms, most at once) of the `1p1d-local` decode worker."""
+    `local_prefill`: (after ms, most at once, prompt tokens per step or 0) of the
+    `1p1d-local` decode worker."""
     if gpus < 1:
         raise ValueError("--gpus must be at least 1")
     if mode == "colocated":
@@ -74,13 +79,15 @@ def mode_argv(
         if mode == "1p1d-local":
             if local_prefill is None:
                 raise ValueError("mode 1p1d-local needs its decode worker's local prefill")
-            after_ms, most = local_prefill
+            after_ms, most, tokens = local_prefill
             flags += [
                 "--local-prefill-after-ms",
                 f"{after_ms:g}",
                 "--max-local-prefills",
                 str(most),
             ]
+            if tokens:
+                flags += ["--local-prefill-tokens", str(tokens)]
         return flags
     raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
 
@@ -163,6 +170,11 @@ class LaunchedService:
 
     def http_target(self) -> str:
         return f"{self.host}:{self.http_port}"
+
+    def prompts_prefilled(self) -> dict[str, int]:
+        """Prompts each role prefilled since start (serve_stats.prompts_prefilled)."""
+        with urllib.request.urlopen(f"http://{self.http_target()}/metrics", timeout=5) as r:
+            return prompts_prefilled(r.read().decode())
 
     def start(self, ready_timeout_s: float) -> None:
         env = dict(os.environ)

@@ -162,3 +162,25 @@ def format_table(rows: Sequence[tuple[str, str, dict]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
                      for line in lines)
+
+
+# The gateway's per-worker gauge that counts the prompts a role prefilled.
+PREFILL_COUNTERS = {
+    "prefill": "tandem_worker_admitted",
+    "colocated": "tandem_worker_admitted",
+    "decode": "tandem_worker_local_prefills",
+}
+
+
+def prompts_prefilled(metrics_text: str) -> dict[str, int]:
+    """Prompts each role prefilled since its workers started, summed over workers, from
+    the gateway's /metrics text (heartbeat counters: up to a heartbeat old)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = dict.fromkeys(PREFILL_COUNTERS, 0)
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            role = sample.labels.get("role", "")
+            if PREFILL_COUNTERS.get(role) == sample.name:
+                totals[role] += int(sample.value)
+    return totals

@@ -27,6 +27,17 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # token budget per step
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
+    # Prefill tokens per step (prompt chunks; decodes are not counted), within the
+    # budget; 0: the whole budget. A small cap keeps the steps of a worker that mixes
+    # prefill into its decodes short, so its time per output token stays low.
+    max_prefill_tokens: int = 0
+
+    @property
+    def prefill_budget(self) -> int:
+        """Prompt tokens one step may run."""
+        if self.max_prefill_tokens:
+            return min(self.max_prefill_tokens, self.max_num_batched_tokens)
+        return self.max_num_batched_tokens
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -35,6 +46,10 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
+        if self.max_prefill_tokens < 0:
+            raise ValueError("max_prefill_tokens must be >= 0 (0: the whole token budget)")
+        if not self.enable_chunked_prefill and 0 < self.max_prefill_tokens < self.max_model_len:
+            raise ValueError("without chunked prefill, max_prefill_tokens must cover max_model_len")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 "without chunked prefill, max_num_batched_tokens must cover max_model_len"

@@ -95,7 +95,7 @@ class Scheduler:
         prompts and one token more, a new one needing at least one. None while a
         step's token budget of prompts is already waiting."""
         waiting_tokens = sum(s.num_uncomputed_tokens for s in self.waiting)
-        if waiting_tokens >= self.config.max_num_batched_tokens:
+        if waiting_tokens >= self.config.prefill_budget:
             return 0
         slots = self.config.max_num_seqs - len(self.running) - len(self.waiting)
         return max(0, min(slots, self.spare_blocks()))
@@ -145,6 +145,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        prefill_budget = self.config.prefill_budget  # prompt chunks also count here
         scheduled: set[int] = set()
         decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
@@ -154,12 +155,19 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, budget)
+            if n > 1:
+                n = min(n, prefill_budget)
+                if n == 0:
+                    break  # decodes all come first: only prompt chunks are left
             if not self._reserve_or_preempt(seq, n, scheduled, out):
                 continue
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             scheduled.add(id(seq))
             budget -= n
+            if n > 1:
+                prefill_budget -= n
 
+        budget = min(budget, prefill_budget)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             n = seq.num_uncomputed_tokens

@@ -123,7 +123,7 @@ class PrefillWorker(WorkerBase):
 
     def _intake(self) -> None:
         self._retry_waiting_room()
-        budget = self.engine.scheduler.config.max_num_batched_tokens
+        budget = self.engine.scheduler.config.prefill_budget
         queued = sum(f.seq.num_uncomputed_tokens for f in self.inflight.values())
         # While tasks wait for decode room, take no more: the rest stay in the stream.
         full = self.draining or queued >= budget or self.waiting_room

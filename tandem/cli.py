@@ -26,6 +26,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="sequences in one continuous batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step (prefill chunks + decodes)")
+    p.add_argument("--max-prefill-tokens", type=int, default=0,
+                   help="prompt tokens in one step, decodes not counted (0: the whole "
+                   "budget); smaller keeps steps that mix prefill into decodes short")
     p.add_argument("--max-model-len", type=int, default=8192,
                    help="longest prompt + output (capped at the model's)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -51,6 +54,7 @@ def engine_config_from_args(args: argparse.Namespace):
         cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_prefill_tokens=args.max_prefill_tokens,
                                   max_model_len=args.max_model_len),
     )
 

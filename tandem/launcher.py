@@ -78,6 +78,10 @@ def _check_local_prefill(args: argparse.Namespace) -> None:
         raise ValueError(
             "--local-prefill-after-ms is a decode worker's option: give --decode-workers"
         )
+    if args.local_prefill_tokens < 0:
+        raise ValueError("--local-prefill-tokens must be >= 0")
+    if args.local_prefill_tokens and args.local_prefill_after_ms is None:
+        raise ValueError("--local-prefill-tokens needs --local-prefill-after-ms")
 
 
 def _check_nccl_gpus(args: argparse.Namespace) -> None:
@@ -119,6 +123,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
         str(args.max_num_seqs),
         "--max-num-batched-tokens",
         str(args.max_num_batched_tokens),
+        "--max-prefill-tokens",
+        str(args.max_prefill_tokens),
         "--max-model-len",
         str(args.max_model_len),
         "--gpu-memory-utilization",

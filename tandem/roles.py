@@ -95,16 +95,33 @@ def add_local_prefill_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_local_prefill_tokens_arg(p: argparse.ArgumentParser) -> None:
+    """`tandem serve` only: a standalone decode worker takes --max-prefill-tokens."""
+    p.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        dest="local_prefill_tokens",
+        help="decode workers, with --local-prefill-after-ms: --max-prefill-tokens N "
+        "for them alone (prompt tokens per decode step; 0: the engine flag's value)",
+    )
+
+
 def local_prefill_flags(args: argparse.Namespace) -> list[str]:
-    """The decode workers' flags for `args`' local prefill settings (none when off)."""
+    """The decode workers' flags for `args`' local prefill settings (none when off);
+    given after the engine flags, so their --max-prefill-tokens wins."""
     if args.local_prefill_after_ms is None:
         return []
-    return [
+    flags = [
         "--local-prefill-after-ms",
         f"{args.local_prefill_after_ms:g}",
         "--max-local-prefills",
         str(args.max_local_prefills),
     ]
+    if args.local_prefill_tokens:
+        flags += ["--max-prefill-tokens", str(args.local_prefill_tokens)]
+    return flags
 
 
 def gpu_list(text: str) -> list[int]:
@@ -260,6 +277,7 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
         help="how KV blocks move between workers",
     )
     add_local_prefill_args(s)
+    add_local_prefill_tokens_arg(s)
     s.add_argument(
         "--api-key",
         default=None,

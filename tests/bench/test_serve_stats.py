@@ -28,6 +28,7 @@ from bench.serve_stats import (
     meets_slos,
     parse_slos,
     percentile,
+    prompts_prefilled,
     request_times,
     summarize_ms,
     summarize_run,
@@ -217,7 +218,7 @@ def test_mode_command_lines_place_workers_on_gpus():
     assert mode_argv("1p1d", 2, True)[-4:] == ["--prefill-gpus", "0", "--decode-gpus", "1"]
     assert mode_argv("1p1d", 1, True)[-4:] == ["--prefill-gpus", "0", "--decode-gpus", "0"]
     assert mode_argv("1p1d", 1, False) == ["--prefill-workers", "1", "--decode-workers", "1"]
-    assert mode_argv("1p1d-local", 2, True, (150.0, 2)) == [
+    assert mode_argv("1p1d-local", 2, True, (150.0, 2, 0)) == [
         "--prefill-workers",
         "1",
         "--decode-workers",
@@ -231,7 +232,11 @@ def test_mode_command_lines_place_workers_on_gpus():
         "--max-local-prefills",
         "2",
     ]
-    assert "--local-prefill-after-ms" not in mode_argv("1p1d", 2, True, (150.0, 2))
+    assert mode_argv("1p1d-local", 2, True, (150.0, 2, 512))[-2:] == [
+        "--local-prefill-tokens",
+        "512",
+    ]
+    assert "--local-prefill-after-ms" not in mode_argv("1p1d", 2, True, (150.0, 2, 512))
     assert shares_one_gpu("1p1d", 1, True) and not shares_one_gpu("1p1d", 2, True)
     assert shares_one_gpu("1p1d-local", 1, True)
     with pytest.raises(ValueError):
@@ -332,3 +337,20 @@ def test_ratios_of_served_to_offline_and_of_1p1d_to_two_colocated():
     one_gpu = {"modes": {"1p1d": {"rates": {}}, "colocated": {"rates": {}}}}
     _add_ratios(one_gpu, ["1p1d", "colocated"], gpus=1, slos=slos)
     assert "goodput_ratio_1p1d_vs_2_colocated" not in one_gpu
+
+
+def test_prompts_prefilled_per_role_come_from_the_gateways_worker_gauges():
+    from core.protocol import WorkerInfo
+    from gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics("m")
+    metrics.set_workers([
+        WorkerInfo(worker_id="p0", role="prefill", model="m", pid=1, admitted=30),
+        WorkerInfo(worker_id="p1", role="prefill", model="m", pid=2, admitted=12),
+        # A decode worker admits handoffs too: only its local prefills count.
+        WorkerInfo(worker_id="d0", role="decode", model="m", pid=3, admitted=50,
+                   local_prefills=8),
+        WorkerInfo(worker_id="c0", role="colocated", model="m", pid=4, admitted=5),
+    ])
+    text = metrics.render().decode()
+    assert prompts_prefilled(text) == {"prefill": 42, "decode": 8, "colocated": 5}

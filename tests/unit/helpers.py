@@ -17,10 +17,11 @@ def create_scheduler(
     max_model_len: int = 256,
     requeue_preempted: bool = True,
     eos: frozenset[int] = frozenset({0}),
+    max_prefill_tokens: int = 0,
 ) -> Scheduler:
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens,
-                          max_model_len=max_model_len)
+                          max_model_len=max_model_len, max_prefill_tokens=max_prefill_tokens)
     return Scheduler(cfg, KVCacheManager(num_blocks, block_size), eos, requeue_preempted)
 
 

@@ -1,3 +1,6 @@
+import pytest
+
+from core.config import SchedulerConfig
 from core.sequence import FinishReason, SequenceStatus
 from tests.unit.helpers import create_requests, create_scheduler, run_step
 
@@ -33,6 +36,31 @@ def test_token_budget_chunks_long_prefills_and_decodes_go_first():
     assert not out.chunks[-1].samples
     out, _ = run_step(sched)
     assert out.chunks[-1].seq is c and out.chunks[-1].start == 8
+
+
+def test_prefill_cap_limits_prompt_tokens_per_step_but_not_decodes():
+    sched = create_scheduler(max_num_batched_tokens=64, max_prefill_tokens=6, max_num_seqs=16)
+    decoders = create_requests(8, prompt_len=4, max_tokens=20)
+    for seq in decoders:
+        sched.add(seq)
+    steps = 0
+    while any(s.num_uncomputed_tokens > 1 or not s.output_token_ids for s in decoders):
+        out, _ = run_step(sched)
+        assert sum(c.num_tokens for c in out.chunks if c.num_tokens > 1) <= 6
+        steps += 1
+    assert steps == 6  # 32 prompt tokens, 6 a step
+    long_a, long_b = create_requests(2, prompt_len=10, max_tokens=2, prefix="p")
+    sched.add(long_a)
+    sched.add(long_b)
+    prompt_chunks = []
+    for _ in range(4):
+        out, _ = run_step(sched)
+        decodes = {c.seq.request_id for c in out.chunks if c.num_tokens == 1}
+        assert {s.request_id for s in decoders} <= decodes  # every decode, every step
+        prompt_chunks.append([(c.seq.request_id, c.num_tokens)
+                              for c in out.chunks if c.num_tokens > 1])
+    # The cap chunks the prompts (the last two tokens of p1 are one 2-token chunk).
+    assert prompt_chunks == [[("p0", 6)], [("p0", 4), ("p1", 2)], [("p1", 6)], [("p1", 2)]]
 
 
 def test_max_num_seqs_limits_admission():
@@ -150,3 +178,24 @@ def test_room_is_none_while_a_steps_budget_of_prompts_waits():
     assert sched.room() == 0
     run_step(sched)  # both admitted: nothing waits any more
     assert sched.room() == 6
+
+
+def test_room_counts_the_prefill_cap_not_the_whole_budget():
+    sched = create_scheduler(max_num_batched_tokens=64, max_prefill_tokens=8, max_num_seqs=8)
+    (a,) = create_requests(1, prompt_len=7)
+    sched.add(a)
+    assert sched.room() > 0
+    (b,) = create_requests(1, prompt_len=1, prefix="b")
+    sched.add(b)
+    assert sched.room() == 0  # a step's 8 prompt tokens wait, far below the 64 budget
+
+
+def test_prefill_cap_is_validated_and_bounded_by_the_budget():
+    assert SchedulerConfig(max_num_batched_tokens=512).prefill_budget == 512
+    assert SchedulerConfig(max_num_batched_tokens=512, max_prefill_tokens=128).prefill_budget == 128
+    assert SchedulerConfig(max_num_batched_tokens=512, max_prefill_tokens=4096).prefill_budget == 512
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        SchedulerConfig(max_prefill_tokens=-1)
+    with pytest.raises(ValueError, match="max_prefill_tokens"):
+        SchedulerConfig(max_num_batched_tokens=8192, max_model_len=8192,
+                        enable_chunked_prefill=False, max_prefill_tokens=512)
