@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the committed results of the transfer/serving work, in parts that
 # each fit a 10-minute slot on a 2 x H100 machine. Run from the repo root:
-#   bash bench/gpu_suite.sh check|transfer|colocated|pd1|pd2-prefill|pd2-balanced
+#   bash bench/gpu_suite.sh check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced
 # Every benchmark writes its JSON to bench/results/ (card, commit, date, command).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -32,19 +32,26 @@ case "${1:-}" in
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
   pd2-prefill)  # two GPUs: 1 prefill + 1 decode (nccl), the same with the decode worker
-    # prefilling while the prefill worker is backed up, and two colocated workers
+    # prefilling (512 prompt tokens a step) while the prefill worker is backed up, and
+    # two colocated workers at the engine's defaults
     $PY -m bench serve "${MODEL[@]}" --modes 1p1d,1p1d-local,colocated --gpus 2 \
-      --kv-transport nccl --local-prefill-after-ms 200 --max-local-prefills 1 \
-      --rates 8,12,16,20,24 --duration 12 --min-prompts 30 --num-prompts 300 \
+      --kv-transport nccl --local-prefill-after-ms 100 --max-local-prefills 2 \
+      --local-prefill-tokens 512 \
+      --rates 14,18,22,26 --duration 12 --min-prompts 30 --num-prompts 320 \
+      --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
+    ;;
+  pd2-prefill-capped)  # two colocated workers with the 1p1d-local decode worker's cap
+    $PY -m bench serve "${MODEL[@]}" --modes colocated --gpus 2 --max-prefill-tokens 512 \
+      --rates 14,18,22,26 --duration 12 --min-prompts 30 --num-prompts 320 \
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
   pd2-balanced)
     $PY -m bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 2 --kv-transport nccl \
-      --rates 8,32 --duration 12 --min-prompts 30 --num-prompts 300 \
+      --rates 32,48 --duration 12 --min-prompts 30 --num-prompts 600 \
       --input-len 512 --output-len 512 "${SLO[@]}" --client-processes 4
     ;;
   *)
-    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-balanced" >&2
+    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced" >&2
     exit 2
     ;;
 esac
