@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -89,12 +89,8 @@ class Engine:
         if cuda and not config.enforce_eager and self.runner.ops.name == "triton":
             self.runner.capture_graphs(min(sched_cfg.max_num_seqs, 512), max_len)
         if sched_cfg.max_model_len > self.model_config.max_position_embeddings:
-            sched_cfg = SchedulerConfig(
-                max_num_seqs=sched_cfg.max_num_seqs,
-                max_num_batched_tokens=sched_cfg.max_num_batched_tokens,
-                max_model_len=self.model_config.max_position_embeddings,
-                enable_chunked_prefill=sched_cfg.enable_chunked_prefill,
-            )
+            sched_cfg = replace(
+                sched_cfg, max_model_len=self.model_config.max_position_embeddings)
         eos = self.model_config.eos_token_ids | (
             self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
         self.eos_token_ids = eos

@@ -63,3 +63,20 @@ def test_step_built_ahead_skips_a_sequence_aborted_while_the_step_ran(tiny_check
     while engine.scheduler.has_work:
         engine.step()
     assert engine.kv.num_used_blocks == 0
+
+
+def test_prefill_cap_changes_chunking_not_tokens_and_survives_the_model_len_clamp(
+        tiny_checkpoints):
+    path, _ = tiny_checkpoints["qwen2"]  # max_position_embeddings 512 < max_model_len
+    rng = random.Random(1)
+    prompts = [[rng.randrange(2, 320) for _ in range(n)] for n in (3, 29, 41, 17)]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    plain = _llm(path, num_blocks=256).generate(prompts, greedy)
+    capped = LLM(config=EngineConfig(
+        model=str(path), device="cpu", cache=CacheConfig(block_size=4, num_blocks=256),
+        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16,
+                                  max_prefill_tokens=5)))
+    config = capped.engine.scheduler.config
+    assert (config.max_model_len, config.prefill_budget) == (512, 5)
+    outs = capped.generate(prompts, greedy, arrival_steps=[0, 0, 2, 4])
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
