@@ -124,12 +124,12 @@ class TritonOps(TorchOps):
         # A mixed step (chunked prefill beside decodes): the prefill kernel sizes its
         # query tiles by the longest chunk, so each decode row would compute up to 128
         # padded rows over its whole context; the decode kernel reads it once instead.
-        # Sequence i < decodes is token i; the prefill kernel indexes rows absolutely.
+        # Sequence i < decodes is token i.
         out = torch.empty_like(q)
         self._decode(q[:decodes], cache, meta.block_tables[:decodes],
                      meta.context_lens[:decodes], scale, out=out[:decodes])
-        self._prefill(q, cache, meta.block_tables[decodes:], meta.query_start_loc[decodes:],
-                      meta.context_lens[decodes:], scale, meta.max_query_len, out=out)
+        self._prefill(q, cache, meta.block_tables, meta.query_start_loc, meta.context_lens,
+                      scale, meta.max_query_len, out=out, first_seq=decodes)
         return out
 
 

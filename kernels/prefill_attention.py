@@ -65,20 +65,20 @@ def _attend_tile(
 
 
 # fmt: off
-@triton.jit
+@triton.jit(do_not_specialize=["first_seq"])
 def _prefill_kernel(
     q_ptr, cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_c01, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot,
     stride_oh,
-    num_q_blocks,
+    num_q_blocks, first_seq,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # fmt: on
     q_block = num_q_blocks - 1 - tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.program_id(2).to(tl.int64)
+    seq = first_seq + tl.program_id(2).to(tl.int64)
     # Token counts and positions stay int32 (loop bounds); pointer math widens to int64.
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -141,20 +141,23 @@ def paged_prefill_attention(
     scale: float,
     max_query_len: int,
     out: torch.Tensor | None = None,
+    first_seq: int = 0,
 ) -> torch.Tensor:
     """q [T, H, D] (flat chunks of all sequences) -> out [T, H, D] in q.dtype, causal.
 
     query_start_loc [S+1] int32, context_lens [S] int32 (new tokens included, each
     >= its query length), block_tables [S, max_blocks] int32. max_query_len is a host
     int >= every chunk's length (sizes the grid without a device sync). `out`: optional
-    preallocated output like q.
+    preallocated output like q. `first_seq`: attend only for sequences from this one on
+    (their rows of `out`; the others' are left as they are). An offset, not sliced
+    tensors: a slice's unaligned pointer would compile another kernel variant.
     """
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = check_paged_attention_args(q, cache, block_tables)
     q = last_dim_contiguous(q)
     out = check_out(out, q)
-    num_seqs = context_lens.shape[0]
-    if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
+    num_seqs = context_lens.shape[0] - first_seq
+    if num_tokens == 0 or num_seqs <= 0 or max_query_len <= 0:
         return out
     block_m, block_n, num_warps = prefill_tiles(max_query_len, head_dim, cache.element_size())
     num_q_blocks = triton.cdiv(max_query_len, block_m)
@@ -165,7 +168,7 @@ def paged_prefill_attention(
         scale * _LOG2E,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2),
         cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1),
-        num_q_blocks,
+        num_q_blocks, first_seq,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, PREC=prec, UPCAST=upcast,
         num_warps=num_warps, num_stages=3,

@@ -46,6 +46,20 @@ def test_prefill_oversized_grid_and_strided_q(device, seed):
     assert_close(out, paged_prefill_attention_ref(q, batch.cache, *args, 12), seed, "oversized")
 
 
+def test_prefill_from_first_seq_leaves_earlier_rows_alone(device, seed):
+    """first_seq skips the leading sequences (a mixed step's decode rows, attended by
+    the decode kernel): their rows of `out` keep what was there, the rest match."""
+    query_lens, ctx_lens = [1, 1, 1, 14, 5], [9, 30, 2, 14, 40]
+    batch = make_paged_batch(ctx_lens, query_lens, 2, 64, 16, torch.float32, device)
+    q = torch.randn(sum(query_lens), 4, 64, device=device)
+    out = poisoned(q.shape, torch.float32, device)
+    args = (batch.block_tables, batch.query_start_loc, batch.context_lens, 0.125, 14)
+    paged_prefill_attention(q, batch.cache, *args, out=out, first_seq=3)
+    want = paged_prefill_attention_ref(q, batch.cache, *args)
+    assert out[:3].isnan().all()  # still the poison
+    assert_close(out[3:], want[3:], seed, "prefill after first_seq")
+
+
 def test_prefill_only_sees_the_causal_past(device, seed):
     """Poison the cache beyond each sequence's context and in unowned blocks: a kernel
     that reads past ctx (or past the query position) turns the output into NaN."""
