@@ -22,6 +22,7 @@ from engine.model_runner import (
     default_device,
     resolve_dtype,
 )
+from engine.warmup import warm_up_kernels
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ class Engine:
         self.kv = KVCacheManager(num_blocks, block_size)
         if cuda and not config.enforce_eager and self.runner.ops.name == "triton":
             self.runner.capture_graphs(min(sched_cfg.max_num_seqs, 512), max_len)
+        if cuda and self.runner.ops.name == "triton":
+            warm_up_kernels(self.runner, sched_cfg.max_num_seqs,
+                            sched_cfg.max_num_batched_tokens, max_len)
         if sched_cfg.max_model_len > self.model_config.max_position_embeddings:
             sched_cfg = replace(
                 sched_cfg, max_model_len=self.model_config.max_position_embeddings)
