@@ -51,6 +51,12 @@ Entry = tuple[bytes, PrefillTask]
 T = TypeVar("T")
 
 
+def tasks_fitting(free_tokens: int, typical_prompt: float, most: int) -> int:
+    """How many tasks to read for `free_tokens` of a step's prefill budget, prompts being
+    about `typical_prompt` tokens: at least one (a long prompt is chunked), at most `most`."""
+    return min(most, max(1, free_tokens // max(1, round(typical_prompt))))
+
+
 class TaskIntake:
     def __init__(
         self, client: redis.Redis, model: str, consumer: str, config: WorkerConfig

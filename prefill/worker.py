@@ -17,13 +17,15 @@ A task's life on this worker, as states:
                 budget (prompt + tokens generated before a preemption, if any).
     SHIPPING    the first token is published to the gateway (TTFT), then the KV blocks
                 go into the reserved block ids: every request the step finished at once,
-                one call per decode worker (over cuda_ipc, one copy launch for all).
-    HANDED_OFF  the decode worker acknowledged the Handoff: local blocks are freed and
-                the task is XACKed.
+                one call per decode worker (over cuda_ipc, one copy launch for all), on
+                the shipping thread (prefill.shipping) while the next step runs.
+    HANDED_OFF  the decode worker acknowledged the Handoff; back on the main loop the
+                local blocks are freed and the task is XACKed.
     FINISHED    the first token already ends the request (EOS, max_tokens 1): the final
                 delta goes out, the reservation is released, the task acknowledged.
-    FAILED      no decode worker, or the transfer failed: an error delta ends the
-                client's stream; everything is released and the task acknowledged.
+    FAILED      no decode worker, or the transfer failed (after one more reservation
+                and try): an error delta ends the client's stream; everything is
+                released and the task acknowledged.
     ABORTED     an abort notice removes it wherever it is; the reservation is released.
 """
 
@@ -33,7 +35,7 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -43,11 +45,12 @@ from core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
 from core.registry import list_workers, pick_decode_worker
 from core.replies import new_deltas, publish_safely, token_delta
 from core.sequence import Sequence
-from core.task_intake import TaskIntake
+from core.task_intake import TaskIntake, tasks_fitting
 from core.worker_base import WorkerBase
 from engine.engine import Engine, EngineConfig
 from kvtransfer import (
     BlockMove,
+    KVSender,
     Transfer,
     TransferError,
     TransferState,
@@ -56,12 +59,15 @@ from kvtransfer import (
     ship_many,
 )
 from kvtransfer.pack import layout_of
+from prefill.shipping import Shipper
 
 log = logging.getLogger(__name__)
 
 RESERVE_ATTEMPTS = 3
-INTAKE_BATCH = 16  # tasks read from Redis at once
+INTAKE_BATCH = 16  # tasks read from Redis at once, at most
+PROMPT_AVERAGING = 0.2  # weight of each new task in the running mean of prompt lengths
 RESERVE_RETRY_S = 0.02  # how often tasks waiting for decode room try again
+SHIP_WAIT_S = 0.02  # how long the loop waits at once for the shipping thread
 
 
 @dataclass
@@ -72,6 +78,9 @@ class InFlight:
     decode_id: str
     decode_address: str
     dst_blocks: list[int]
+    # Its local blocks, copied off the KV manager when it leaves the main loop for the
+    # shipping thread (which reads no main-loop state).
+    src_blocks: list[int] = field(default_factory=list)
 
 
 class PrefillWorker(WorkerBase):
@@ -82,7 +91,10 @@ class PrefillWorker(WorkerBase):
         self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name,
                                 self.kv.block_size)
         self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
+        # Reservations go out on the main loop's sender, KV and handoffs on the shipper's.
         self.sender = make_sender(config.kv_transport, self.worker_id)
+        self.ship_sender = make_sender(config.kv_transport, f"{self.worker_id}/ship")
+        self.shipper: Shipper[InFlight] = Shipper(self._ship_batch)
         self.inflight: dict[str, InFlight] = {}
         # Tasks no decode worker had room for, oldest first: (entry id, task, first try).
         self.waiting_room: deque[tuple[bytes, PrefillTask, float]] = deque()
@@ -90,6 +102,8 @@ class PrefillWorker(WorkerBase):
         self._decoders: list[WorkerInfo] = []
         self._decoders_at = 0.0
         self.admitted = 0
+        # A running mean of the prompts taken; until one is seen, one task fills a step.
+        self._typical_prompt = float(self.engine.scheduler.config.prefill_budget)
 
     def snapshot(self) -> WorkerInfo:
         sched = self.engine.scheduler
@@ -98,7 +112,8 @@ class PrefillWorker(WorkerBase):
             layout=self.layout, total_blocks=self.kv.pool.num_blocks,
             free_blocks=self.kv.num_free_blocks, used_blocks=self.kv.num_used_blocks,
             running=len(sched.running), waiting=len(sched.waiting),
-            reservations=len(self.inflight), preemptions=sched.num_preemptions,
+            reservations=len(self.inflight) + self.shipper.flights,
+            preemptions=sched.num_preemptions,
             admitted=self.admitted, draining=self.draining)
 
     # -- main loop ---------------------------------------------------------------------
@@ -110,15 +125,23 @@ class PrefillWorker(WorkerBase):
             while not self.stopping:
                 # Tasks still waiting for decode room stay pending in the stream for a
                 # peer to reclaim.
-                if self.draining and not self.inflight:
+                if self.draining and not self.inflight and not self.shipper.batches:
                     break
+                self._settle_shipped(self.shipper.collect())
                 self._intake()
                 self._apply_aborts()
                 self._expire_deadlines()
                 if self.engine.has_work:
+                    while self.shipper.full:
+                        self._settle_shipped(self.shipper.collect(SHIP_WAIT_S))
                     self._step()
+                elif self.shipper.batches:
+                    self._settle_shipped(self.shipper.collect(SHIP_WAIT_S))
         finally:
+            self.shipper.close(2 * self.config.transfer_timeout_s)
+            self._settle_shipped(self.shipper.collect())
             self.sender.close()
+            self.ship_sender.close()
             self.shutdown()
 
     def _intake(self) -> None:
@@ -127,12 +150,18 @@ class PrefillWorker(WorkerBase):
         queued = sum(f.seq.num_uncomputed_tokens for f in self.inflight.values())
         # While tasks wait for decode room, take no more: the rest stay in the stream.
         full = self.draining or queued >= budget or self.waiting_room
-        room = 0 if full else INTAKE_BATCH
+        # Take about what the next step can prefill, judged by the prompts seen so far:
+        # a task taken early waits here, out of reach of idle peers (other prefill
+        # workers, a decode worker's local prefill) and holding a decode reservation.
+        room = 0 if full else tasks_fitting(budget - queued, self._typical_prompt, INTAKE_BATCH)
         # Busy: just look. Idle: wait briefly for work (no BLOCK means return at once).
-        block_ms = None if self.engine.has_work or self.waiting_room else 50
+        busy = self.engine.has_work or self.waiting_room or self.shipper.batches
+        block_ms = None if busy else 50
         held = {rid: f.entry_id for rid, f in self.inflight.items()}
         held.update((task.request_id, entry_id) for entry_id, task, _ in self.waiting_room)
         for entry_id, task in self.intake.poll(room, block_ms, held):
+            tokens = len(task.prompt_token_ids) + len(task.output_token_ids)
+            self._typical_prompt += PROMPT_AVERAGING * (tokens - self._typical_prompt)
             if not self._take(entry_id, task, time.monotonic()):
                 self.waiting_room.append((entry_id, task, time.monotonic()))
         if self.waiting_room and not self.engine.has_work:
@@ -202,7 +231,9 @@ class PrefillWorker(WorkerBase):
             self._decoders_at = now
         return self._decoders
 
-    def _reserve(self, seq: Sequence) -> tuple[str, str, list[int]] | None:
+    def _reserve(self, seq: Sequence, sender: KVSender | None = None
+                 ) -> tuple[str, str, list[int]] | None:
+        sender = sender or self.sender
         candidates = self._decode_workers()
         tried: set[str] = set()
         for _ in range(RESERVE_ATTEMPTS):
@@ -213,8 +244,8 @@ class PrefillWorker(WorkerBase):
             req = ReserveRequest(request_id=seq.request_id, num_tokens=seq.num_tokens,
                                  layout=self.layout, lease_s=self.config.reservation_lease_s)
             try:
-                reply = self.sender.reserve(worker.control_address, req,
-                                            self.config.transfer_timeout_s)
+                reply = sender.reserve(worker.control_address, req,
+                                       self.config.transfer_timeout_s)
             except TransferError as exc:
                 log.warning("reserve on %s failed: %s", worker.worker_id, exc)
                 continue
@@ -252,23 +283,35 @@ class PrefillWorker(WorkerBase):
         if not got:
             return
         deltas = new_deltas()
-        continuing = []
-        for seq in got:
-            flight = self.inflight[seq.request_id]
-            deltas[flight.task.reply_stream].append(token_delta(seq, flight.decode_id))
-            if not seq.is_finished:
-                continuing.append(seq)
-                self.engine.scheduler.detach(seq)  # decode generates the rest
-        publish_safely(self.redis, deltas)  # first tokens out before any KV moves
-        shipped = self._ship_together([self.inflight[s.request_id] for s in continuing])
+        leaving = []
         for seq in got:
             flight = self.inflight.pop(seq.request_id)
-            if seq in continuing:
-                self._hand_off(flight, shipped[seq.request_id])
-            else:
+            deltas[flight.task.reply_stream].append(token_delta(seq, flight.decode_id))
+            if seq.is_finished:  # the first token ended it: nothing to hand off
                 self.sender.release(flight.decode_address, seq.request_id)
-            self.kv.free(seq.request_id)
+                self.kv.free(seq.request_id)
+                self.intake.ack(flight.entry_id)
+            else:
+                self.engine.scheduler.detach(seq)  # decode generates the rest
+                flight.src_blocks = list(self.kv.block_table(seq.request_id))
+                leaving.append(flight)
+        publish_safely(self.redis, deltas)  # first tokens out before any KV moves
+        if leaving:
+            self.shipper.submit(leaving)
+
+    def _settle_shipped(self, outcomes: list[tuple[InFlight, str]]) -> None:
+        """Main loop: free what the shipping thread is done with, settle its tasks."""
+        for flight, failure in outcomes:
+            self.kv.free(flight.seq.request_id)
+            if failure:
+                self.intake.fail(flight.task, "unavailable",
+                                 f"KV handoff to decode failed: {failure}")
             self.intake.ack(flight.entry_id)
+
+    # -- shipping thread ----------------------------------------------------------------
+    def _ship_batch(self, flights: list[InFlight]) -> list[tuple[InFlight, str]]:
+        shipped = self._ship_together(flights)
+        return [(f, self._hand_off(f, shipped[f.seq.request_id])) for f in flights]
 
     def _ship_together(self, flights: list[InFlight]) -> dict[str, Transfer]:
         """The KV of every request this step finished, one call per decode worker (over
@@ -278,50 +321,49 @@ class PrefillWorker(WorkerBase):
             rid = flight.seq.request_id
             n = blocks_needed(flight.seq.num_tokens - 1, self.kv.block_size)
             by_peer.setdefault(flight.decode_address, []).append(
-                BlockMove(rid, self.kv.block_table(rid)[:n], flight.dst_blocks[:n]))
+                BlockMove(rid, flight.src_blocks[:n], flight.dst_blocks[:n]))
         shipped: dict[str, Transfer] = {}
         for address, moves in by_peer.items():
-            for transfer in ship_many(self.sender, address, moves,
+            for transfer in ship_many(self.ship_sender, address, moves,
                                       self.engine.runner.kv_caches,
                                       self.config.transfer_timeout_s):
                 shipped[transfer.request_id] = transfer
         return shipped
 
-    def _hand_off(self, flight: InFlight, shipped: Transfer) -> None:
+    def _hand_off(self, flight: InFlight, shipped: Transfer) -> str:
         """Hand off the request whose KV went out as `shipped`; if that failed or the
         reservation was lost (lease expired, decode restarted), reserve again once and
-        retry (ship and hand off) before failing the request."""
+        retry (ship and hand off). Returns why it failed in the end, or ""."""
         seq, rid = flight.seq, flight.seq.request_id
         computed = seq.num_tokens - 1  # the token just sampled has no KV yet
         n = blocks_needed(computed, self.kv.block_size)
         reason = ""
         for attempt in range(2):
             if attempt:
-                self.drain_aborts()
-                if self.was_aborted(rid):
-                    return  # the client left while we were shipping; nothing to retry
-                placed = self._reserve(seq)
+                if self.was_aborted(rid):  # the main loop drains abort notices
+                    return ""  # the client left while we were shipping; nothing to retry
+                placed = self._reserve(seq, self.ship_sender)
                 if placed is None:
                     break
                 flight.decode_id, flight.decode_address, flight.dst_blocks = placed
             reason = self._ship_and_hand_off(flight, computed, n, None if attempt else shipped)
             if not reason:
-                return
+                return ""
             log.warning("handoff of %s to %s failed: %s", rid, flight.decode_id, reason)
-            self.sender.release(flight.decode_address, rid)
-        self.intake.fail(flight.task, "unavailable", f"KV handoff to decode failed: {reason}")
+            self.ship_sender.release(flight.decode_address, rid)
+        return reason or "no decode worker could take it again"
 
     def _ship_and_hand_off(self, flight: InFlight, computed: int, n: int,
                            shipped: Transfer | None) -> str:
         """Empty string on success, else why it failed. Ships first unless `shipped`."""
         seq, rid = flight.seq, flight.seq.request_id
-        transfer = shipped or ship(self.sender, flight.decode_address, rid,
-                                   self.engine.runner.kv_caches, self.kv.block_table(rid)[:n],
+        transfer = shipped or ship(self.ship_sender, flight.decode_address, rid,
+                                   self.engine.runner.kv_caches, flight.src_blocks[:n],
                                    flight.dst_blocks[:n], self.config.transfer_timeout_s)
         if transfer.state is not TransferState.DONE:
             return transfer.reason or "transfer failed"
         try:
-            ack = self.sender.handoff(flight.decode_address, Handoff(
+            ack = self.ship_sender.handoff(flight.decode_address, Handoff(
                 task=flight.task, output_token_ids=list(seq.output_token_ids),
                 num_computed_tokens=computed), self.config.transfer_timeout_s)
         except TransferError as exc:

@@ -16,7 +16,7 @@ from core.redis_client import add_task
 from core.redis_keys import MESSAGE_FIELD, PREFILL_GROUP, abort_marker, dead_letter_stream
 from core.registry import pick_decode_worker
 from core.sampling_params import SamplingParams
-from core.task_intake import TaskIntake
+from core.task_intake import TaskIntake, tasks_fitting
 from tandem.local_redis import LocalRedis
 
 REPLY = "tandem:reply:unit"
@@ -173,3 +173,14 @@ def test_prefill_never_picks_a_colocated_worker():
     workers = [info("c", "colocated", 1000), info("p", "prefill", 900), info("d", "decode", 10)]
     assert pick_decode_worker(workers, set()).worker_id == "d"
     assert pick_decode_worker(workers, {"d"}) is None
+
+
+def test_a_prefill_worker_takes_about_one_steps_worth_of_tasks():
+    # Unknown or long prompts: one at a time (the rest stay for idle peers).
+    assert tasks_fitting(2048, 2048.0, 16) == 1
+    assert tasks_fitting(2048, 8000.0, 16) == 1
+    assert tasks_fitting(100, 2048.0, 16) == 1  # a partly free step still takes one
+    # Short prompts: as many as the free budget holds, up to the read limit.
+    assert tasks_fitting(2048, 512.0, 16) == 4
+    assert tasks_fitting(1500, 500.0, 16) == 3
+    assert tasks_fitting(2048, 10.0, 16) == 16
