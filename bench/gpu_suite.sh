@@ -37,12 +37,12 @@ case "${1:-}" in
     $PY -m bench serve "${MODEL[@]}" --modes 1p1d,1p1d-local,colocated --gpus 2 \
       --kv-transport nccl --local-prefill-after-ms 100 --max-local-prefills 2 \
       --local-prefill-tokens 512 \
-      --rates 14,18,22,26 --duration 12 --min-prompts 30 --num-prompts 320 \
+      --rates 18,22,26,30,34 --duration 12 --min-prompts 30 --num-prompts 420 \
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
   pd2-prefill-capped)  # two colocated workers with the 1p1d-local decode worker's cap
     $PY -m bench serve "${MODEL[@]}" --modes colocated --gpus 2 --max-prefill-tokens 512 \
-      --rates 14,18,22,26 --duration 12 --min-prompts 30 --num-prompts 320 \
+      --rates 18,22,26,30,34 --duration 12 --min-prompts 30 --num-prompts 420 \
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
   pd2-balanced)
