@@ -74,9 +74,11 @@ def test_grpc_two_rates_every_request_complete(tmp_path):
     mode = record["metrics"]["modes"]["1p1d"]
     assert set(mode["rates"]) == {"inf", "4"}
     for row in mode["rates"].values():
-        assert set(row) == ROW_KEYS
+        assert set(row) == ROW_KEYS | {"prompts_prefilled_by_role"}
         # completed means: no error and exactly output-len tokens streamed
         assert (row["completed"], row["failed"]) == (6, 0), row["errors"]
+        # Every prompt of the rate went through the one prefill worker.
+        assert row["prompts_prefilled_by_role"] == {"prefill": 6}
         assert row["output_throughput"] * row["duration_s"] == pytest.approx(6 * 8, rel=0.01)
         assert row["goodput"] is None
     assert "served_vs_offline_throughput_ratio" not in record["metrics"]
