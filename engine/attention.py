@@ -9,7 +9,8 @@ query of length 1, a prefill chunk a longer one that may follow tokens already c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -27,17 +28,18 @@ class AttentionMetadata:
     block_tables_host: list[list[int]]
     max_query_len: int = 0
     decode_splits: int | None = None  # fixed per CUDA-graph bucket; None: kernel decides
-    # Leading sequences with one query token (the scheduler puts decodes first): a mixed
-    # step attends for them with the decode kernel instead of a prefill tile of padding.
-    num_decode_rows: int = field(init=False)
 
-    def __post_init__(self) -> None:
+    @cached_property
+    def num_decode_rows(self) -> int:
+        """Leading sequences with one query token (the scheduler puts decodes first): a
+        mixed step attends for them with the decode kernel instead of a prefill tile of
+        padding. Computed on first use, so pure decode steps never pay for it."""
         rows = 0
         for q_len in self.query_lens_host:
             if q_len != 1:
                 break
             rows += 1
-        self.num_decode_rows = rows
+        return rows
 
     @property
     def num_seqs(self) -> int:
