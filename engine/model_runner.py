@@ -19,6 +19,7 @@ from engine.models import build_model
 from engine.ops import make_ops
 from engine.rope import rope_inv_freq
 from engine.sampler import SampleRequest, sample_tokens, top_logprobs
+from engine.warmup import synthetic_step
 from engine.weights import init_dummy, load_safetensors
 
 log = logging.getLogger(__name__)
@@ -168,19 +169,9 @@ class ModelRunner:
         activations of a forward pass over `max_tokens` tokens."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        n_blocks = -(-max_tokens // block_size)
-        self.allocate_kv_cache(n_blocks, block_size)
-        table = list(range(n_blocks))
+        self.allocate_kv_cache(-(-max_tokens // block_size), block_size)
+        meta, pos = synthetic_step(0, max_tokens, 0, block_size, self.device)
         ids = torch.zeros(max_tokens, dtype=torch.long, device=self.device)
-        pos = torch.arange(max_tokens, device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=pos.clone(), block_tables=torch.tensor([table], dtype=torch.int32,
-                                                                device=self.device),
-            context_lens=torch.tensor([max_tokens], dtype=torch.int32, device=self.device),
-            query_start_loc=torch.tensor([0, max_tokens], dtype=torch.int32,
-                                         device=self.device),
-            query_lens_host=[max_tokens], context_lens_host=[max_tokens],
-            block_tables_host=[table], max_query_len=max_tokens)
         hidden = self.model(ids, pos, self.kv_caches, meta)
         self.model.compute_logits(hidden[-256:])
         torch.cuda.synchronize()

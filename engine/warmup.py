@@ -59,7 +59,7 @@ def warm_up_kernels(runner, max_num_seqs: int, max_tokens: int, max_context: int
     batches = warm_up_batches(max_num_seqs, max_tokens, max_context, num_blocks, bs)
     start = time.perf_counter()
     for decodes, chunk, context in batches:
-        meta, positions = _synthetic_step(decodes, chunk, context, bs, runner.device)
+        meta, positions = synthetic_step(decodes, chunk, context, bs, runner.device)
         ids = torch.zeros(positions.shape[0], dtype=torch.long, device=runner.device)
         runner.model(ids, positions, runner.kv_caches, meta)
     if runner.device.type == "cuda":
@@ -69,15 +69,18 @@ def warm_up_kernels(runner, max_num_seqs: int, max_tokens: int, max_context: int
     return len(batches)
 
 
-def _synthetic_step(decodes: int, chunk: int, context: int, block_size: int,
-                    device: torch.device) -> tuple[AttentionMetadata, torch.Tensor]:
-    """`decodes` one-token rows at the end of a shared `context`, then one whole prompt
-    of `chunk` tokens in the blocks after that context's."""
+def synthetic_step(decodes: int, chunk: int, context: int, block_size: int,
+                   device: torch.device) -> tuple[AttentionMetadata, torch.Tensor]:
+    """(metadata, positions) of `decodes` one-token rows at the end of a shared
+    `context`, then one whole prompt of `chunk` tokens in the blocks after that
+    context's (with no decodes and no context: blocks 0.. in order)."""
     shared = list(range(-(-context // block_size)))
     own = list(range(len(shared), len(shared) + -(-chunk // block_size)))
     last = context - 1
     positions = [last] * decodes + list(range(chunk))
-    slots = [shared[last // block_size] * block_size + last % block_size] * decodes
+    slots = []
+    if decodes:
+        slots = [shared[last // block_size] * block_size + last % block_size] * decodes
     slots += [own[p // block_size] * block_size + p % block_size for p in range(chunk)]
     tables = [shared] * decodes + [own]
     width = max(len(t) for t in tables)

@@ -62,3 +62,17 @@ def test_warm_up_passes_run_on_the_kernels_and_leave_generation_unchanged(tiny_c
             assert warm_up_kernels(llm.engine.runner, 4, 40, 512) == 10
         outputs.append([o.token_ids for o in llm.generate(prompts, sp)])
     assert outputs[0] == outputs[1]
+
+
+def test_synthetic_step_without_decodes_is_one_prompt_in_blocks_in_order():
+    # What the CUDA memory profile runs: max_tokens tokens in blocks 0, 1, 2, ...
+    import torch
+
+    from engine.warmup import synthetic_step
+
+    meta, positions = synthetic_step(0, 37, 0, 16, torch.device("cpu"))
+    assert positions.tolist() == list(range(37))
+    assert meta.slot_mapping.tolist() == list(range(37))
+    assert meta.block_tables.tolist() == [[0, 1, 2]]
+    assert (meta.context_lens.tolist(), meta.query_start_loc.tolist()) == ([37], [0, 37])
+    assert (meta.max_query_len, meta.num_decode_rows) == (37, 0)
