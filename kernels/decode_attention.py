@@ -65,11 +65,32 @@ def _decode_split_kernel(
     q_ptrs = q_ptr + seq * stride_qb + (head0 + g)[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=g_mask[:, None], other=0.0).to(cache_ptr.dtype.element_ty)
 
+    acc, m_i, l_i = attend_cached(
+        q, block_tables_ptr + seq * stride_bt, cache_ptr + kv_head.to(tl.int64) * stride_ch,
+        start, end, scale_log2, stride_c01, stride_cb, stride_cs,
+        BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, PREC, UPCAST,
+    )  # fmt: skip
+    store_split(
+        acc, m_i, l_i, seq, head0, split, out_ptr, part_acc_ptr, part_ml_ptr,
+        stride_ob, stride_oh, num_heads, num_splits, HEADS_PER_PROG, BLOCK_G, HEAD_DIM, DIRECT,
+    )  # fmt: skip
+
+
+# Online softmax of q [BLOCK_G, HEAD_DIM] over one kv head's cached keys start..end
+# (its block table row `table`, its cache base `kv_base`), BLOCK_N keys a tile: (acc, m,
+# l), unnormalised, for one split or a whole context. Shared by the decode kernels.
+# fmt: off
+@triton.jit
+def attend_cached(
+    q, table, kv_base, start, end, scale_log2, stride_c01, stride_cb, stride_cs,
+    BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # fmt: on
+    d = tl.arange(0, HEAD_DIM)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    table = block_tables_ptr + seq * stride_bt
-    kv_base = cache_ptr + kv_head.to(tl.int64) * stride_ch
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
@@ -86,7 +107,23 @@ def _decode_split_kernel(
         v = tl.load(k_ptrs + stride_c01, mask=n_mask[:, None], other=0.0)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
+    return acc, m_i, l_i
 
+
+# A split's result: normalised straight into `out` when it is the only split, else its
+# partials (acc, m, l) for the merge pass. Shared by the decode kernels.
+# fmt: off
+@triton.jit
+def store_split(
+    acc, m_i, l_i, seq, head0, split, out_ptr, part_acc_ptr, part_ml_ptr,
+    stride_ob, stride_oh, num_heads, num_splits,
+    HEADS_PER_PROG: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DIRECT: tl.constexpr,
+):
+    # fmt: on
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HEAD_DIM)
+    g_mask = g < HEADS_PER_PROG
     heads = head0 + g
     if DIRECT:
         # An empty context (batch padding) yields zeros, not NaN.

@@ -18,12 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_out, check_paged_attention_args, dot, dot_config
+from kernels._utils import check_out, check_paged_attention_args, dot_config
 from kernels.decode_attention import (
     _LOG2E,
     SplitPlan,
+    attend_cached,
     decode_block_n,
     paged_decode_attention_ref,
+    store_split,
 )
 from kernels.rotary_store_kv import check_rotary_store_args, rotary_store_kv_ref
 
@@ -68,28 +70,12 @@ def _rotary_decode_kernel(
     q_p = tl.load(q_rows + partner[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
     q = (q_x * cos[None, :] + q_p * sin[None, :]).to(q_ptr.dtype.element_ty).to(cdt)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    table = block_tables_ptr + seq * stride_bt
     kv_base = cache_ptr + kv_head.to(tl.int64) * stride_ch
-    cached_end = tl.minimum(end, newest)
-    for n0 in range(start, cached_end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < cached_end
-        block = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        k_ptrs = kv_base + (block * stride_cb + (n % BLOCK_SIZE) * stride_cs)[:, None] + d[None, :]
-        k = tl.load(k_ptrs, mask=n_mask[:, None], other=0.0)
-        qk = dot(q, tl.trans(k), PREC, UPCAST) * scale_log2
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(k_ptrs + stride_c01, mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PREC, UPCAST)
-        m_i = m_new
-
+    acc, m_i, l_i = attend_cached(
+        q, block_tables_ptr + seq * stride_bt, kv_base, start, tl.minimum(end, newest),
+        scale_log2, stride_c01, stride_cb, stride_cs,
+        BLOCK_G, HEAD_DIM, BLOCK_SIZE, BLOCK_N, PREC, UPCAST,
+    )  # fmt: skip
     if (newest >= start) & (newest < end):
         k_row = k_ptr + seq * stride_kb + kv_head * stride_kh
         k_new = tl.load(k_row + d).to(tl.float32) * cos + tl.load(k_row + partner).to(
@@ -110,16 +96,10 @@ def _rotary_decode_kernel(
             tl.store(dst, k_new)
             tl.store(dst + stride_c01, v_new)
 
-    heads = head0 + g
-    if DIRECT:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o_ptrs = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
-    else:
-        row = (seq * num_heads + heads) * num_splits + split
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
-        tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
-        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+    store_split(
+        acc, m_i, l_i, seq, head0, split, out_ptr, part_acc_ptr, part_ml_ptr,
+        stride_ob, stride_oh, num_heads, num_splits, HEADS_PER_PROG, BLOCK_G, HEAD_DIM, DIRECT,
+    )  # fmt: skip
 
 
 def rotary_decode_attention(
