@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.model_config import ModelConfig
+from tandem.engine.model_config import ModelConfig
 
 
 def copy_bandwidth_bytes_per_s(nbytes: int = 2 << 30, iters: int = 10) -> float:
@@ -30,16 +30,18 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 @torch.inference_mode()
-def linear_layers_step_s(model: torch.nn.Module, batch: int, iters: int = 50,
-                         engine_ops: bool = False) -> float:
+def linear_layers_step_s(
+    model: torch.nn.Module, batch: int, iters: int = 50, engine_ops: bool = False
+) -> float:
     """Seconds per replay of every matmul of one decode step (no attention, norms or
     activations) over the model's own weights, captured in one CUDA graph: what a
     perfect engine still has to pay. The matmuls are cuBLAS's (torch's F.linear), or
     with `engine_ops` the engine's own (its GEMV kernel at batch 1)."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     dtype, dev = layers[0].weight.dtype, layers[0].weight.device
-    inputs = {m.in_features: torch.randn(batch, m.in_features, dtype=dtype, device=dev)
-              for m in layers}
+    inputs = {
+        m.in_features: torch.randn(batch, m.in_features, dtype=dtype, device=dev) for m in layers
+    }
 
     def step() -> None:
         for m in layers:

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.serve_service import MODES
+from tandem.bench.serve_service import MODES
 
 # Where results go (bench.results writes there too); defined here to keep torch unloaded.
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -36,7 +36,7 @@ def add_bench_parser(
             # Imported here: building the CLI must not load torch (the gateway uses it).
             import importlib
 
-            from engine.engine import Engine
+            from tandem.engine.engine import Engine
 
             module = importlib.import_module(f"bench.{name}")
             module.run(args, Engine(engine_config_from_args(args)))
@@ -53,7 +53,7 @@ def add_bench_parser(
     transfer.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
 
     def transfer_handler(args) -> int:
-        from bench.transfer import run
+        from tandem.bench.transfer import run
 
         run(args)
         return 0
@@ -71,7 +71,7 @@ def add_bench_parser(
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
 
     def serve_handler(args) -> int:
-        from bench.serve import run  # grpc and the gateway's client: only when serving
+        from tandem.bench.serve import run  # grpc and the gateway's client: only when serving
 
         run(args, add_engine_args)
         return 0

@@ -9,15 +9,21 @@ import torch
 
 
 @torch.inference_mode()
-def hf_output_tokens_per_s(model_dir: Path, jobs: list[tuple[list[int], int]],
-                           dtype: torch.dtype, batch_sizes: str, max_requests: int) -> dict:
+def hf_output_tokens_per_s(
+    model_dir: Path,
+    jobs: list[tuple[list[int], int]],
+    dtype: torch.dtype,
+    batch_sizes: str,
+    max_requests: int,
+) -> dict:
     """Best output tokens/s over the batch sizes tried, on the first `max_requests` jobs.
     Same-length jobs in a batch need no padding; mixed lengths are left-padded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(model_dir))
-    if (model_dir / "model.safetensors").exists() or \
-            (model_dir / "model.safetensors.index.json").exists():
+    if (model_dir / "model.safetensors").exists() or (
+        model_dir / "model.safetensors.index.json"
+    ).exists():
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     else:  # a shipped config: random weights, like --load-format dummy
         with torch.device("cuda"):
@@ -44,17 +50,22 @@ def _run(model, jobs: list[tuple[list[int], int]], bs: int) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(0, len(jobs), bs):
-        batch = jobs[i:i + bs]
+        batch = jobs[i : i + bs]
         width = max(len(p) for p, _ in batch)
         new = max(o for _, o in batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, (p, _) in enumerate(batch):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(),
-                             max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=0)
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.cuda(),
+            attention_mask=mask.cuda(),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
         generated += sum(min(o, out.shape[1] - width) for _, o in batch)
     torch.cuda.synchronize()
     return generated / (time.perf_counter() - t0)

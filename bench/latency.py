@@ -15,10 +15,10 @@ import uuid
 
 import torch
 
-from bench.results import write_result
-from core.sampling_params import SamplingParams
-from core.sequence import Sequence
-from engine.engine import Engine
+from tandem.bench.results import write_result
+from tandem.core.sampling_params import SamplingParams
+from tandem.core.sequence import Sequence
+from tandem.engine.engine import Engine
 
 E2E_RUNS = 3
 
@@ -51,15 +51,15 @@ def host_breakdown_ms(engine: Engine, steps: int = 20) -> dict[str, float]:
     return {f"{k}_ms": round(v / max(done, 1) * 1e3, 4) for k, v in totals.items()}
 
 
-def run_batch(engine: Engine, batch: int, input_len: int, output_len: int,
-              seed: int) -> tuple[float, list[float]]:
+def run_batch(
+    engine: Engine, batch: int, input_len: int, output_len: int, seed: int
+) -> tuple[float, list[float]]:
     """Prefill seconds and the list of decode step seconds for one batch."""
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for _ in range(batch):
-        engine.add(Sequence(uuid.uuid4().hex, [rng.randrange(vocab) for _ in range(input_len)],
-                            sp))
+        engine.add(Sequence(uuid.uuid4().hex, [rng.randrange(vocab) for _ in range(input_len)], sp))
     _sync(engine)
     prefill_s = 0.0
     decode_steps: list[float] = []
@@ -106,31 +106,44 @@ def run(args: argparse.Namespace, engine: Engine) -> dict:
         "step_breakdown": breakdown,
     }
     if engine.runner.device.type == "cuda":
-        from bench.ceiling import copy_bandwidth_bytes_per_s, linear_layers_step_s, weight_bytes
+        from tandem.bench.ceiling import (
+            copy_bandwidth_bytes_per_s,
+            linear_layers_step_s,
+            weight_bytes,
+        )
 
         bw = copy_bandwidth_bytes_per_s(nbytes=256 << 20)  # fits beside the KV cache
         wbytes = weight_bytes(engine.model_config, engine.runner.dtype)
         cublas_s = linear_layers_step_s(engine.runner.model, args.batch_size)
         ours_s = linear_layers_step_s(engine.runner.model, args.batch_size, engine_ops=True)
         linear_s = min(cublas_s, ours_s)
-        metrics.update({
-            "copy_bandwidth_tb_s": round(bw / 1e12, 3),
-            "weight_bytes_over_bandwidth_ms": round(wbytes / bw * 1e3, 3),
-            # The issue's ceiling: the linear layers alone as cuBLAS runs them...
-            "linear_layers_graph_ms": round(cublas_s * 1e3, 3),
-            # ...and as the engine runs them (its GEMV at batch 1); the faster counts.
-            "linear_layers_engine_graph_ms": round(ours_s * 1e3, 3),
-            "ceiling_tokens_per_s": round(args.batch_size / linear_s, 2),
-        })
-        print(f"decode step {step_s * 1e3:.2f} ms; ceiling: weights/bandwidth "
-              f"{wbytes / bw * 1e3:.2f} ms, linear layers alone {cublas_s * 1e3:.2f} ms "
-              f"(cuBLAS), {ours_s * 1e3:.2f} ms (engine)")
-    params = {"num_requests": args.batch_size, "batch_size": args.batch_size,
-              "input_len": args.input_len, "output_len": args.output_len,
-              "e2e_batch_size": args.e2e_batch_size, "e2e_input_len": args.e2e_input_len,
-              "e2e_output_len": args.e2e_output_len, "dtype": str(engine.runner.dtype),
-              "load_format": engine.config.load_format,
-              "cuda_graphs": engine.runner.graphs is not None}
+        metrics.update(
+            {
+                "copy_bandwidth_tb_s": round(bw / 1e12, 3),
+                "weight_bytes_over_bandwidth_ms": round(wbytes / bw * 1e3, 3),
+                # The issue's ceiling: the linear layers alone as cuBLAS runs them...
+                "linear_layers_graph_ms": round(cublas_s * 1e3, 3),
+                # ...and as the engine runs them (its GEMV at batch 1); the faster counts.
+                "linear_layers_engine_graph_ms": round(ours_s * 1e3, 3),
+                "ceiling_tokens_per_s": round(args.batch_size / linear_s, 2),
+            }
+        )
+        print(
+            f"decode step {step_s * 1e3:.2f} ms; ceiling: weights/bandwidth "
+            f"{wbytes / bw * 1e3:.2f} ms, linear layers alone {cublas_s * 1e3:.2f} ms "
+            f"(cuBLAS), {ours_s * 1e3:.2f} ms (engine)"
+        )
+    params = {
+        "num_requests": args.batch_size,
+        "batch_size": args.batch_size,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "e2e_batch_size": args.e2e_batch_size,
+        "e2e_input_len": args.e2e_input_len,
+        "e2e_output_len": args.e2e_output_len,
+        "dtype": str(engine.runner.dtype),
+        "load_format": engine.config.load_format,
+        "cuda_graphs": engine.runner.graphs is not None,
+    }
     write_result("latency", engine.name, params, metrics, args.out_dir)
     return metrics
-

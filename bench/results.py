@@ -14,7 +14,6 @@ from typing import Any
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-
 def card_name() -> str:
     import torch
 
@@ -24,30 +23,45 @@ def card_name() -> str:
 def git_commit() -> str:
     """The checkout's commit; on a machine that got the tree without .git, the one
     recorded in .bench_commit by whoever shipped it there."""
-    recorded = Path(__file__).parent.parent / ".bench_commit"
+    recorded = Path(__file__).resolve().parent.parent / ".bench_commit"
     if recorded.exists():
         return recorded.read_text().strip()
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=Path(__file__).parent,
-                               timeout=10).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def _program() -> list[str]:
-    """How this run was invoked: `python -m bench ...` has bench/__main__.py as argv[0]."""
+    """How this run was invoked: `python -m tandem.bench ...` has bench/__main__.py as argv[0]."""
     if Path(sys.argv[0]).name == "__main__.py" and Path(sys.argv[0]).parent.name == "bench":
-        return ["python", "-m", "bench"]
+        return ["python", "-m", "tandem.bench"]
     return ["tandem"]
 
 
-def write_result(benchmark: str, model: str, params: dict[str, Any],
-                 metrics: dict[str, Any], out_dir: Path | None = None,
-                 label: str | None = None, card: str | None = None) -> Path:
+def write_result(
+    benchmark: str,
+    model: str,
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    out_dir: Path | None = None,
+    label: str | None = None,
+    card: str | None = None,
+) -> Path:
     """Write the record; `label` names the workload in the file name (default: the
     params' input_len x output_len); `card` overrides this machine's card (a remote
     service's run)."""

@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.serve_client import Prompt, RequestResult, arrival_times, client_job, make_prompts
-from bench.serve_offline import run_offline_baseline
-from bench.serve_service import (
+from tandem.bench.serve_client import Prompt, RequestResult, arrival_times, client_job, make_prompts
+from tandem.bench.serve_offline import run_offline_baseline
+from tandem.bench.serve_service import (
     DISAGGREGATED,
     LaunchedService,
     ServiceError,
@@ -35,9 +35,9 @@ from bench.serve_service import (
     mode_argv,
     shares_one_gpu,
 )
-from bench.serve_stats import format_table, parse_slos, ratio, summarize_run
-from core.config import WorkerConfig
-from core.models import local_model_dir, model_name
+from tandem.bench.serve_stats import format_table, parse_slos, ratio, summarize_run
+from tandem.core.config import WorkerConfig
+from tandem.core.models import local_model_dir, model_name
 
 Dead = Callable[[], str | None]
 CLIENT_START_LEAD_S = 1.0  # for every client process to be waiting before t0
@@ -86,7 +86,7 @@ def model_vocab_size(model_dir: Path) -> int:
     config = json.loads(config_path.read_text())
     vocab = int(config.get("text_config", config)["vocab_size"])
     if (model_dir / "tokenizer.json").exists():
-        from core.tokenizer import Tokenizer
+        from tandem.core.tokenizer import Tokenizer
 
         vocab = min(vocab, Tokenizer(model_dir).vocab_size)
     return vocab
@@ -197,8 +197,11 @@ def launched(
     overrides = {}
     if shares_one_gpu(mode, args.gpus, on_gpu):
         overrides["gpu_memory_utilization"] = round(args.gpu_memory_utilization / 2, 3)
-    local_prefill = (args.local_prefill_after_ms, args.max_local_prefills,
-                     args.local_prefill_tokens)
+    local_prefill = (
+        args.local_prefill_after_ms,
+        args.max_local_prefills,
+        args.local_prefill_tokens,
+    )
     argv = [
         *engine_argv(args, add_engine_args, **overrides),
         *mode_argv(mode, args.gpus, on_gpu, local_prefill),
@@ -221,8 +224,11 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 
 def run(args: argparse.Namespace, add_engine_args) -> dict:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    local_prefill = (args.local_prefill_after_ms, args.max_local_prefills,
-                     args.local_prefill_tokens)
+    local_prefill = (
+        args.local_prefill_after_ms,
+        args.max_local_prefills,
+        args.local_prefill_tokens,
+    )
     for mode in modes:  # unknown modes fail before anything starts
         mode_argv(mode, args.gpus, False, local_prefill)
     if "1p1d-local" in modes:  # the decode worker's own check, before anything starts
@@ -242,7 +248,7 @@ def run(args: argparse.Namespace, add_engine_args) -> dict:
             "one request per process"
         )
     if args.target is None:
-        from engine.model_registry import resolve_model  # imports no torch
+        from tandem.engine.model_registry import resolve_model  # imports no torch
 
         model_dir = resolve_model(args.model)  # converts the bundled model once, here
     else:
@@ -289,8 +295,7 @@ def run(args: argparse.Namespace, add_engine_args) -> dict:
             continue
         with launched(mode, args, add_engine_args, log_dir) as service:
             target = service.grpc_target() if args.backend == "grpc" else service.http_target()
-            rows = measure(target, runs, args, slos, service.dead, mode,
-                           service.prompts_prefilled)
+            rows = measure(target, runs, args, slos, service.dead, mode, service.prompts_prefilled)
             metrics["modes"][mode] = {"startup_s": round(service.startup_s, 1), "rates": rows}
     _add_ratios(metrics, modes, args.gpus, slos)
     return _write(args, modes, rates, slos, metrics)
@@ -363,7 +368,7 @@ def _write(
     slos: dict[str, float],
     metrics: dict,
 ) -> dict:
-    from bench.results import write_result
+    from tandem.bench.results import write_result
 
     params = {
         "modes": modes,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from gateway.client import AsyncTandemClient, TandemError
+from tandem.gateway.client import AsyncTandemClient, TandemError
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,9 @@ class RequestResult:
     error: str = ""
 
 
-def make_prompts(n: int, input_len: int, output_len: int, vocab_size: int, seed: str,
-                 range_ratio: float = 0.0) -> list[Prompt]:
+def make_prompts(
+    n: int, input_len: int, output_len: int, vocab_size: int, seed: str, range_ratio: float = 0.0
+) -> list[Prompt]:
     """`n` prompts of random token ids; with `range_ratio` r, each length is uniform in
     [len * (1 - r), len * (1 + r)]. A string seed is stable across processes and runs."""
     if not 0.0 <= range_ratio < 1.0:
@@ -76,9 +77,13 @@ def arrival_times(n: int, rate: float, seed: str) -> list[float]:
 Send = Callable[[Prompt, RequestResult], Awaitable[None]]
 
 
-async def run_load(send: Send, prompts: Sequence[Prompt], arrivals: Sequence[float],
-                   max_concurrency: int = 0, t0: float | None = None
-                   ) -> tuple[list[RequestResult], float]:
+async def run_load(
+    send: Send,
+    prompts: Sequence[Prompt],
+    arrivals: Sequence[float],
+    max_concurrency: int = 0,
+    t0: float | None = None,
+) -> tuple[list[RequestResult], float]:
     """Send prompt i at t0 + arrivals[i] (later if `max_concurrency` requests are already
     in flight: its clock starts when it is sent); return the results and the seconds from
     t0 (default: now) to the last completion."""
@@ -150,9 +155,11 @@ class HttpBackend:
             "prompt": prompt.token_ids, "max_tokens": prompt.output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
         }).encode()  # fmt: skip
-        head = (f"POST /v1/completions HTTP/1.0\r\nHost: {self.host}:{self.port}\r\n"
-                "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n")
+        head = (
+            f"POST /v1/completions HTTP/1.0\r\nHost: {self.host}:{self.port}\r\n"
+            "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
         reader, writer = await asyncio.open_connection(self.host, self.port)
         try:
             writer.write(head.encode() + body)
@@ -199,9 +206,15 @@ def open_backend(kind: str, target: str, timeout_s: float) -> GrpcBackend | Http
     raise ValueError(f"unknown backend {kind!r}: grpc or http")
 
 
-def client_job(backend: str, target: str, timeout_s: float, prompts: list[Prompt],
-               arrivals: list[float], max_concurrency: int, t0: float
-               ) -> tuple[list[RequestResult], float]:
+def client_job(
+    backend: str,
+    target: str,
+    timeout_s: float,
+    prompts: list[Prompt],
+    arrivals: list[float],
+    max_concurrency: int,
+    t0: float,
+) -> tuple[list[RequestResult], float]:
     """One client process's share of a run (its own event loop and connection); returns
     its results and the share of one CPU it was busy, which near 1 means the client, not
     the service, set the pace. perf_counter is CLOCK_MONOTONIC, the same in every

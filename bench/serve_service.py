@@ -28,7 +28,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.serve_stats import prompts_prefilled
+from tandem.bench.serve_stats import prompts_prefilled
 
 MODES = ("colocated", "1p1d", "1p1d-local")
 DISAGGREGATED = ("1p1d", "1p1d-local")

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from bench.serve_client import RequestResult
+from tandem.bench.serve_client import RequestResult
 
 SLO_KEYS = ("ttft", "tpot", "e2e")
 
@@ -89,8 +89,9 @@ def parse_slos(items: Sequence[str]) -> dict[str, float]:
     for item in items:
         key, sep, value = item.partition(":")
         if not sep or key not in SLO_KEYS:
-            raise ValueError(f"--goodput takes KEY:MS with KEY in {', '.join(SLO_KEYS)}, "
-                             f"not {item!r}")
+            raise ValueError(
+                f"--goodput takes KEY:MS with KEY in {', '.join(SLO_KEYS)}, not {item!r}"
+            )
         try:
             slos[key] = float(value)
         except ValueError:
@@ -100,8 +101,9 @@ def parse_slos(items: Sequence[str]) -> dict[str, float]:
     return slos
 
 
-def summarize_run(results: Sequence[RequestResult], duration_s: float,
-                  slos_ms: dict[str, float]) -> dict:
+def summarize_run(
+    results: Sequence[RequestResult], duration_s: float, slos_ms: dict[str, float]
+) -> dict:
     """One (mode, rate) row of the results: counts, throughput, goodput, latencies."""
     done = [r for r in results if failure(r) is None]
     errors = Counter(why for r in results if (why := failure(r)) is not None)
@@ -160,8 +162,9 @@ def format_table(rows: Sequence[tuple[str, str, dict]]) -> str:
             _stat(row, "e2e_ms", "p99"),
         ))  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
-                     for line in lines)
+    return "\n".join(
+        "  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines
+    )
 
 
 # The gateway's per-worker gauge that counts the prompts a role prefilled.

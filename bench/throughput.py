@@ -10,14 +10,15 @@ import time
 
 import torch
 
-from bench.results import write_result
-from core.sampling_params import SamplingParams
-from engine.engine import Engine
-from engine.llm import LLM
+from tandem.bench.results import write_result
+from tandem.core.sampling_params import SamplingParams
+from tandem.engine.engine import Engine
+from tandem.engine.llm import LLM
 
 
-def make_workload(n: int, input_len: int, output_len: int, vocab: int, seed: int,
-                  uniform: tuple[int, int] | None) -> list[tuple[list[int], int]]:
+def make_workload(
+    n: int, input_len: int, output_len: int, vocab: int, seed: int, uniform: tuple[int, int] | None
+) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     jobs = []
     for _ in range(n):
@@ -55,23 +56,31 @@ def run(args: argparse.Namespace, engine: Engine) -> dict:
         "requests_per_s": round(len(jobs) / elapsed, 3),
     }
     if args.peer == "hf":
-        from bench.hf_peer import hf_output_tokens_per_s
+        from tandem.bench.hf_peer import hf_output_tokens_per_s
 
         engine.runner.release_gpu_memory()  # the peer needs the room our KV cache had
-        peer = hf_output_tokens_per_s(engine.model_dir, jobs, engine.runner.dtype,
-                                      args.peer_batch_sizes, args.peer_requests)
-        metrics.update({"hf_output_tokens_per_s": round(peer["output_tokens_per_s"], 1),
-                        "hf_batch_size": peer["batch_size"],
-                        "hf_requests": peer["requests"],
-                        "speedup_vs_hf": round(metrics["output_tokens_per_s"]
-                                               / peer["output_tokens_per_s"], 2)})
-    params = {"num_requests": args.num_requests,
-              "input_len": f"{args.min_len}..{args.max_len}" if uniform else args.input_len,
-              "output_len": f"{args.min_len}..{args.max_len}" if uniform else args.output_len,
-              "batch_size": engine.scheduler.config.max_num_seqs,
-              "max_num_batched_tokens": engine.scheduler.config.max_num_batched_tokens,
-              "dtype": str(engine.runner.dtype), "load_format": engine.config.load_format,
-              "peer": args.peer}
+        peer = hf_output_tokens_per_s(
+            engine.model_dir, jobs, engine.runner.dtype, args.peer_batch_sizes, args.peer_requests
+        )
+        metrics.update(
+            {
+                "hf_output_tokens_per_s": round(peer["output_tokens_per_s"], 1),
+                "hf_batch_size": peer["batch_size"],
+                "hf_requests": peer["requests"],
+                "speedup_vs_hf": round(
+                    metrics["output_tokens_per_s"] / peer["output_tokens_per_s"], 2
+                ),
+            }
+        )
+    params = {
+        "num_requests": args.num_requests,
+        "input_len": f"{args.min_len}..{args.max_len}" if uniform else args.input_len,
+        "output_len": f"{args.min_len}..{args.max_len}" if uniform else args.output_len,
+        "batch_size": engine.scheduler.config.max_num_seqs,
+        "max_num_batched_tokens": engine.scheduler.config.max_num_batched_tokens,
+        "dtype": str(engine.runner.dtype),
+        "load_format": engine.config.load_format,
+        "peer": args.peer,
+    }
     write_result("throughput", engine.name, params, metrics, args.out_dir)
     return metrics
-

@@ -38,11 +38,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench.results import write_result
-from bench.transfer_peers import CacheShape, Receiver, nccl_p2p_bytes_per_s
-from core.protocol import ReserveRequest
-from kvtransfer import BlockMove, TransferState, layout_of, make_sender, ship, ship_many
-from kvtransfer.cuda_ipc_copy import CopyCounts, CopyStats
+from tandem.bench.results import write_result
+from tandem.bench.transfer_peers import CacheShape, Receiver, nccl_p2p_bytes_per_s
+from tandem.core.protocol import ReserveRequest
+from tandem.kvtransfer.cuda_ipc_copy import CopyCounts, CopyStats
+from tandem.kvtransfer.transport import (
+    BlockMove,
+    TransferState,
+    layout_of,
+    make_sender,
+    ship,
+    ship_many,
+)
 
 MODEL = "llama-3.1-8b"
 CEILING_OF = {"zmq": "host_memcpy", "cuda_ipc": "device_copy", "nccl": "nccl_p2p"}
@@ -247,7 +254,7 @@ def device_copy_bytes_per_s(
 ) -> tuple[float, str]:
     """Bytes copied per second on the sender's GPU, or from it to the receiver's."""
     if sender == receiver:
-        from bench.ceiling import copy_bandwidth_bytes_per_s
+        from tandem.bench.ceiling import copy_bandwidth_bytes_per_s
 
         with torch.cuda.device(sender):
             return copy_bandwidth_bytes_per_s(nbytes) / 2, f"device copy on {sender}"
@@ -267,7 +274,7 @@ def device_copy_bytes_per_s(
 
 def kernel_bytes_per_s(src: torch.Tensor, blocks: int, iters: int = 20) -> float:
     """The cuda_ipc copy kernel alone, `blocks` random blocks between two local caches."""
-    from kernels.kv_block_transfer import kv_block_transfer
+    from tandem.kernels.kv_block_transfer import kv_block_transfer
 
     dst = torch.empty_like(src[:, :, :blocks])
     ids = torch.stack([torch.randperm(src.shape[2])[:blocks], torch.randperm(blocks)])

@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from core.protocol import KVTransfer, Release, ReserveReply, ReserveRequest, TransferAck
+from tandem.core.protocol import KVTransfer, Release, ReserveReply, ReserveRequest, TransferAck
 
 _START_TIMEOUT_S = 300.0
 
@@ -49,7 +49,7 @@ def _serve(backend: str, device_name: str, num_blocks: int, conn: Connection) ->
     """Decode-like receiver: its own cache, attached before start (cuda_ipc exports it),
     blocks from a free list, payloads (if the backend carries any) scattered and
     synchronised before the ack, so an ack means the bytes are in this cache."""
-    from kvtransfer import make_receiver, unpack_blocks
+    from tandem.kvtransfer.transport import make_receiver, unpack_blocks
 
     device = torch.device(device_name)
     if device.type == "cuda":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from core.block_pool import BlockPool
+from tandem.core.block_pool import BlockPool
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.kv_cache_manager import blocks_needed
-from core.protocol import PrefillTask
+from tandem.core.kv_cache_manager import blocks_needed
+from tandem.core.protocol import PrefillTask
 
 
 def entry_time_ms(entry_id: bytes) -> int:

@@ -12,7 +12,7 @@ from typing import Union
 
 import msgspec
 
-from core.sampling_params import SamplingParams
+from tandem.core.sampling_params import SamplingParams
 
 MAX_CONTROL_FRAME_BYTES = 16 * 1024 * 1024
 

@@ -13,8 +13,8 @@ from typing import TypeVar
 
 import redis
 
-from core.protocol import AbortNotice, PrefillTask, TokenBatch, TokenDelta, decode, encode
-from core.redis_keys import (
+from tandem.core.protocol import AbortNotice, PrefillTask, TokenBatch, TokenDelta, decode, encode
+from tandem.core.redis_keys import (
     ABORT_CHANNEL,
     MESSAGE_FIELD,
     PREFILL_GROUP,

@@ -1,11 +1,11 @@
 """The Redis layout, in one place.
 
-    tandem:{model}:prefill          stream of PrefillTask (field "m"), group "prefill"
-    tandem:{model}:prefill:dead     dead-letter stream for tasks delivered too often
-    tandem:reply:{gateway_id}       stream of TokenBatch (field "m") for one gateway
-    tandem:abort                    pub/sub channel of AbortNotice
-    tandem:abort:{request_id}       short-lived marker, so a task read late is dropped too
-    tandem:worker:{worker_id}       registry entry: field "info" = WorkerInfo, with a TTL
+tandem:{model}:prefill          stream of PrefillTask (field "m"), group "prefill"
+tandem:{model}:prefill:dead     dead-letter stream for tasks delivered too often
+tandem:reply:{gateway_id}       stream of TokenBatch (field "m") for one gateway
+tandem:abort                    pub/sub channel of AbortNotice
+tandem:abort:{request_id}       short-lived marker, so a task read late is dropped too
+tandem:worker:{worker_id}       registry entry: field "info" = WorkerInfo, with a TTL
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import logging
 
 import redis
 
-from core.protocol import WorkerInfo, decode, encode
-from core.redis_keys import WORKER_PREFIX, WORKER_TTL_S, worker_key
+from tandem.core.protocol import WorkerInfo, decode, encode
+from tandem.core.redis_keys import WORKER_PREFIX, WORKER_TTL_S, worker_key
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,11 @@ def list_workers(
 def pick_decode_worker(candidates: list[WorkerInfo], exclude: set[str]) -> WorkerInfo | None:
     """Most free KV blocks first, then fewest running sequences. Only decode workers:
     a colocated worker takes its own tasks and has no place for shipped KV."""
-    usable = [w for w in candidates
-              if w.role == "decode" and w.worker_id not in exclude and not w.draining]
+    usable = [
+        w
+        for w in candidates
+        if w.role == "decode" and w.worker_id not in exclude and not w.draining
+    ]
     if not usable:
         return None
     return max(usable, key=lambda w: (w.free_blocks, -w.running))

@@ -18,9 +18,9 @@ from functools import partial
 
 import redis
 
-from core.protocol import TokenDelta
-from core.redis_client import publish_deltas
-from core.sequence import Sequence
+from tandem.core.protocol import TokenDelta
+from tandem.core.redis_client import publish_deltas
+from tandem.core.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,18 @@ def new_deltas() -> Deltas:
 def token_delta(seq: Sequence, owner: str) -> TokenDelta:
     """The token `seq` just sampled; `owner` is the worker that generates the rest."""
     return TokenDelta(
-        request_id=seq.request_id, token_ids=[seq.output_token_ids[-1]],
+        request_id=seq.request_id,
+        token_ids=[seq.output_token_ids[-1]],
         offset=len(seq.output_token_ids) - 1,
         finish_reason=seq.finish_reason.value if seq.is_finished else None,
-        logprobs=seq.output_logprobs[-1:] or None, worker_id=owner)
+        logprobs=seq.output_logprobs[-1:] or None,
+        worker_id=owner,
+    )
 
 
 def error_delta(request_id: str, code: str, message: str) -> TokenDelta:
     """Ends the client's stream with an error (code: unavailable, deadline, ...)."""
-    return TokenDelta(request_id=request_id, finish_reason="abort", error=message,
-                      error_code=code)
+    return TokenDelta(request_id=request_id, finish_reason="abort", error=message, error_code=code)
 
 
 def publish_safely(client: redis.Redis, deltas: dict[str, list[TokenDelta]]) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from core.config import SchedulerConfig
-from core.kv_cache_manager import KVCacheManager, blocks_needed
-from core.sequence import FinishReason, Sequence, SequenceStatus, check_stop
+from tandem.core.config import SchedulerConfig
+from tandem.core.kv_cache_manager import KVCacheManager, blocks_needed
+from tandem.core.sequence import FinishReason, Sequence, SequenceStatus, check_stop
 
 
 @dataclass

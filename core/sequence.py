@@ -12,7 +12,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-from core.sampling_params import SamplingParams
+from tandem.core.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

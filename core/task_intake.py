@@ -30,10 +30,10 @@ from typing import TypeVar
 
 import redis
 
-from core.config import WorkerConfig
-from core.local_prefill import Backlog, entry_time_ms
-from core.protocol import PrefillTask, encode
-from core.redis_client import (
+from tandem.core.config import WorkerConfig
+from tandem.core.local_prefill import Backlog, entry_time_ms
+from tandem.core.protocol import PrefillTask, encode
+from tandem.core.redis_client import (
     dead_letter,
     delivery_counts,
     ensure_group,
@@ -42,8 +42,8 @@ from core.redis_client import (
     read_tasks,
     reclaim_tasks,
 )
-from core.redis_keys import PREFILL_GROUP, dead_letter_stream, prefill_stream
-from core.replies import error_delta, publish_safely
+from tandem.core.redis_keys import PREFILL_GROUP, dead_letter_stream, prefill_stream
+from tandem.core.replies import error_delta, publish_safely
 
 log = logging.getLogger(__name__)
 

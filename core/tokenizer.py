@@ -62,9 +62,7 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("this model has no chat template")
         if self._template is None:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True
-            )
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_error
             self._template = env.from_string(self.chat_template)
         return self._template.render(

@@ -22,10 +22,10 @@ from collections.abc import Callable
 
 import redis
 
-from core.config import WorkerConfig
-from core.protocol import WorkerInfo
-from core.redis_client import abort_listener, connect
-from core.registry import publish_worker, remove_worker
+from tandem.core.config import WorkerConfig
+from tandem.core.protocol import WorkerInfo
+from tandem.core.redis_client import abort_listener, connect
+from tandem.core.registry import publish_worker, remove_worker
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,9 @@ class WorkerBase:
     @property
     def stopping(self) -> bool:
         """Stop now: a second signal, or the drain finished or timed out."""
-        return self._stop.is_set() or (self._drain.is_set()
-                                       and time.monotonic() > self._drain_deadline)
+        return self._stop.is_set() or (
+            self._drain.is_set() and time.monotonic() > self._drain_deadline
+        )
 
     @property
     def draining(self) -> bool:

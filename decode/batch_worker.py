@@ -23,13 +23,13 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from core.config import WorkerConfig
-from core.protocol import PrefillTask
-from core.replies import Outbox, error_delta, new_deltas, token_delta
-from core.sequence import Sequence
-from core.task_intake import Entry, TaskIntake
-from core.worker_base import WorkerBase
-from engine.engine import Engine
+from tandem.core.config import WorkerConfig
+from tandem.core.protocol import PrefillTask
+from tandem.core.replies import Outbox, error_delta, new_deltas, token_delta
+from tandem.core.sequence import Sequence
+from tandem.core.task_intake import Entry, TaskIntake
+from tandem.core.worker_base import WorkerBase
+from tandem.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -43,10 +43,10 @@ from __future__ import annotations
 import logging
 import os
 
-from core.config import WorkerConfig
-from core.protocol import WorkerInfo
-from decode.batch_worker import BatchWorker
-from engine.engine import Engine, EngineConfig
+from tandem.core.config import WorkerConfig
+from tandem.core.protocol import WorkerInfo
+from tandem.decode.batch_worker import BatchWorker
+from tandem.engine.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 

@@ -62,9 +62,9 @@ from dataclasses import dataclass
 
 import redis
 
-from core.config import WorkerConfig
-from core.local_prefill import LocalPrefillGate, Room
-from core.protocol import (
+from tandem.core.config import WorkerConfig
+from tandem.core.local_prefill import LocalPrefillGate, Room
+from tandem.core.protocol import (
     Handoff,
     KVTransfer,
     PrefillTask,
@@ -74,13 +74,13 @@ from core.protocol import (
     TransferAck,
     WorkerInfo,
 )
-from core.redis_client import add_task, publish_deltas
-from core.replies import error_delta
-from core.sequence import Sequence, SequenceStatus
-from decode.batch_worker import BatchWorker, Request
-from engine.engine import Engine, EngineConfig
-from kvtransfer import make_receiver
-from kvtransfer.pack import layout_of, unpack_blocks
+from tandem.core.redis_client import add_task, publish_deltas
+from tandem.core.replies import error_delta
+from tandem.core.sequence import Sequence, SequenceStatus
+from tandem.decode.batch_worker import BatchWorker, Request
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.kvtransfer.pack import layout_of, unpack_blocks
+from tandem.kvtransfer.transport import make_receiver
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from engine.attention import AttentionMetadata
+from tandem.engine.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,23 @@ _SHORT_SPLIT_TOKENS = 64  # one tile of the decode kernel
 
 def graph_buckets(max_batch: int) -> list[int]:
     small = [1, 2, 4, 8]
-    return [b for b in small if b < max_batch] + list(range(16, max_batch + 1, 16)) \
-        if max_batch >= 16 else [b for b in small if b <= max_batch]
+    return (
+        [b for b in small if b < max_batch] + list(range(16, max_batch + 1, 16))
+        if max_batch >= 16
+        else [b for b in small if b <= max_batch]
+    )
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], max_batch: int,
-                 max_blocks_per_seq: int, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[torch.Tensor],
+        max_batch: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
         self.model, self.kv_caches = model, kv_caches
         self.buckets = graph_buckets(max_batch)
         top = self.buckets[-1]
@@ -43,8 +53,7 @@ class DecodeGraphs:
         self.input_ids = torch.zeros(top, dtype=torch.long, device=device)
         self.positions = torch.zeros(top, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((top,), -1, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros((top, max_blocks_per_seq), dtype=torch.int32,
-                                        device=device)
+        self.block_tables = torch.zeros((top, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.context_lens = torch.zeros(top, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=device)
         # Keyed by (bucket, short context).
@@ -56,7 +65,7 @@ class DecodeGraphs:
         return self.buckets[-1]
 
     def _meta(self, bs: int, short: bool) -> AttentionMetadata:
-        from kernels.decode_attention import (
+        from tandem.kernels.decode_attention import (
             MIN_TOKENS_PER_SPLIT,
             decode_num_splits,
             heads_per_program,
@@ -70,23 +79,37 @@ class DecodeGraphs:
         if short:
             max_context, min_tokens = min(max_context, SHORT_CONTEXT), _SHORT_SPLIT_TOKENS
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
-            context_lens=self.context_lens[:bs], query_start_loc=self.query_start_loc[:bs + 1],
-            query_lens_host=[], context_lens_host=[], block_tables_host=[], max_query_len=1,
-            decode_splits=decode_num_splits(bs, head_blocks, max_context,
-                                            self.input_ids.device, min_tokens))
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            context_lens=self.context_lens[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            query_lens_host=[],
+            context_lens_host=[],
+            block_tables_host=[],
+            max_query_len=1,
+            decode_splits=decode_num_splits(
+                bs, head_blocks, max_context, self.input_ids.device, min_tokens
+            ),
+        )
 
     @torch.inference_mode()
     def capture(self) -> None:
         pool = None
         # Largest bucket first: the later graphs reuse its memory pool.
-        keys = [(bs, short) for bs in reversed(self.buckets) for short in (False, True)
-                if not short or bs <= SHORT_BATCH]
+        keys = [
+            (bs, short)
+            for bs in reversed(self.buckets)
+            for short in (False, True)
+            if not short or bs <= SHORT_BATCH
+        ]
         for key in keys:
             bs = key[0]
             meta = self._meta(*key)
-            run = lambda bs=bs, meta=meta: self.model.compute_logits(  # noqa: E731
-                self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, meta))
+
+            def run(bs: int = bs, meta=meta) -> torch.Tensor:
+                inputs = self.input_ids[:bs], self.positions[:bs], self.kv_caches, meta
+                return self.model.compute_logits(self.model(*inputs))
+
             torch.cuda.synchronize()
             for _ in range(2):  # warm up: autotuning and lazy init stay out of the graph
                 run()
@@ -97,8 +120,12 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[key] = graph
         torch.cuda.synchronize()
-        log.info("captured %d decode CUDA graphs (batch %d..%d)", len(self.graphs),
-                 self.buckets[0], self.buckets[-1])
+        log.info(
+            "captured %d decode CUDA graphs (batch %d..%d)",
+            len(self.graphs),
+            self.buckets[0],
+            self.buckets[-1],
+        )
 
     def bucket_for(self, batch: int) -> int | None:
         for b in self.buckets:
@@ -106,8 +133,9 @@ class DecodeGraphs:
                 return b
         return None
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """Replay the smallest bucket holding this decode batch; returns logits [n, vocab]."""
         n = input_ids.shape[0]
         bs = self.bucket_for(n)

@@ -8,21 +8,21 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from core.config import CacheConfig, SchedulerConfig
-from core.kv_cache_manager import KVCacheManager
-from core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from core.sequence import Sequence
-from core.tokenizer import Tokenizer
-from engine.model_config import ModelConfig
-from engine.model_registry import model_name, resolve_model
-from engine.model_runner import (
+from tandem.core.config import CacheConfig, SchedulerConfig
+from tandem.core.kv_cache_manager import KVCacheManager
+from tandem.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from tandem.core.sequence import Sequence
+from tandem.core.tokenizer import Tokenizer
+from tandem.engine.model_config import ModelConfig
+from tandem.engine.model_registry import model_name, resolve_model
+from tandem.engine.model_runner import (
     ModelRunner,
     PendingStep,
     StepInputs,
     default_device,
     resolve_dtype,
 )
-from engine.warmup import warm_up_kernels
+from tandem.engine.warmup import warm_up_kernels
 
 log = logging.getLogger(__name__)
 
@@ -65,49 +65,65 @@ class Engine:
         self.model_dir = resolve_model(config.model)
         self.name = model_name(config.model)
         self.model_config = ModelConfig.from_dir(self.model_dir, self.name)
-        self.tokenizer = (Tokenizer(self.model_dir)
-                          if (self.model_dir / "tokenizer.json").exists() else None)
+        self.tokenizer = (
+            Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.json").exists() else None
+        )
         device = config.device or default_device()
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         dtype = resolve_dtype(config.dtype, device)
         sched_cfg = config.scheduler
         max_len = min(sched_cfg.max_model_len, self.model_config.max_position_embeddings)
-        self.runner = ModelRunner(self.model_config, self.model_dir, device, dtype,
-                                  config.load_format, config.seed, config.attention_backend,
-                                  max_len)
+        self.runner = ModelRunner(
+            self.model_config,
+            self.model_dir,
+            device,
+            dtype,
+            config.load_format,
+            config.seed,
+            config.attention_backend,
+            max_len,
+        )
         block_size = config.cache.block_size
         num_blocks = config.cache.num_blocks
         cuda = self.runner.device.type == "cuda"
         if not num_blocks and cuda:
             num_blocks = self.runner.profile_num_blocks(
-                block_size, sched_cfg.max_num_batched_tokens, config.gpu_memory_utilization)
+                block_size, sched_cfg.max_num_batched_tokens, config.gpu_memory_utilization
+            )
         elif not num_blocks:
-            num_blocks = max(1, config.kv_cache_bytes // self.runner.kv_bytes_per_block(
-                block_size))
+            num_blocks = max(1, config.kv_cache_bytes // self.runner.kv_bytes_per_block(block_size))
         self.runner.allocate_kv_cache(num_blocks, block_size)
         self.kv = KVCacheManager(num_blocks, block_size)
         if cuda and not config.enforce_eager and self.runner.ops.name == "triton":
             self.runner.capture_graphs(min(sched_cfg.max_num_seqs, 512), max_len)
         if cuda and self.runner.ops.name == "triton":
-            warm_up_kernels(self.runner, sched_cfg.max_num_seqs,
-                            sched_cfg.max_num_batched_tokens, max_len)
+            warm_up_kernels(
+                self.runner, sched_cfg.max_num_seqs, sched_cfg.max_num_batched_tokens, max_len
+            )
         if sched_cfg.max_model_len > self.model_config.max_position_embeddings:
-            sched_cfg = replace(
-                sched_cfg, max_model_len=self.model_config.max_position_embeddings)
+            sched_cfg = replace(sched_cfg, max_model_len=self.model_config.max_position_embeddings)
         eos = self.model_config.eos_token_ids | (
-            self.tokenizer.eos_token_ids if self.tokenizer else frozenset())
+            self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
+        )
         self.eos_token_ids = eos
         self.scheduler = Scheduler(sched_cfg, self.kv, eos, requeue_preempted)
         self._planned: StepInputs | None = None  # inputs prepare_next built ahead
         self._ahead: tuple[SchedulerOutput, PendingStep] | None = None  # launched ahead
         launch_ahead = config.launch_ahead
-        self._launch_ahead = (cuda if launch_ahead is None else launch_ahead) \
-            and config.overlap_scheduling
+        self._launch_ahead = (
+            cuda if launch_ahead is None else launch_ahead
+        ) and config.overlap_scheduling
         self.num_planned_steps = 0  # steps that ran on inputs built during the last one
         self.num_launched_ahead = 0  # ...of which queued before the last one's tokens
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens", self.name, device,
-                 dtype, num_blocks, block_size)
+        log.info(
+            "engine ready: %s on %s (%s), %d KV blocks of %d tokens",
+            self.name,
+            device,
+            dtype,
+            num_blocks,
+            block_size,
+        )
 
     @property
     def max_model_len(self) -> int:
@@ -125,8 +141,9 @@ class Engine:
         """Sequences to run, or a step launched ahead whose results are not taken yet."""
         return self.scheduler.has_work or self._ahead is not None
 
-    def step(self, lock: AbstractContextManager | None = None
-             ) -> tuple[SchedulerOutput, list[Sequence]]:
+    def step(
+        self, lock: AbstractContextManager | None = None
+    ) -> tuple[SchedulerOutput, list[Sequence]]:
         """Schedule and run one step; return the schedule and sequences with a new token.
 
         With `lock`, scheduler state is touched only while holding it and the forward
@@ -175,8 +192,7 @@ class Engine:
         with lock:
             return out, self.scheduler.update(out, sampled, logprobs)
 
-    def _launch(self, inputs: StepInputs, number: int, lock: AbstractContextManager
-                ) -> PendingStep:
+    def _launch(self, inputs: StepInputs, number: int, lock: AbstractContextManager) -> PendingStep:
         """Queue a step on the device, outside the lock; `number` is the KV cache
         manager's for it, so frees of its sequences' blocks wait until it is done."""
         try:
@@ -202,8 +218,12 @@ class Engine:
             seq, sp = chunk.seq, chunk.seq.sampling
             if len(seq.output_token_ids) + 1 >= sp.max_tokens:
                 return False
-            if (sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty
-                    or (sp.seed is not None and not sp.greedy)):
+            if (
+                sp.repetition_penalty != 1.0
+                or sp.presence_penalty
+                or sp.frequency_penalty
+                or (sp.seed is not None and not sp.greedy)
+            ):
                 return False
         return True
 
@@ -219,5 +239,7 @@ def _matches(planned: StepInputs, out: SchedulerOutput) -> bool:
     chunks = out.chunks
     if planned.planned is None or len(planned.planned) != len(chunks):
         return False
-    return all(c.num_tokens == 1 and c.seq.request_id == rid and c.start == pos
-               for c, (rid, pos) in zip(chunks, planned.planned, strict=True))
+    return all(
+        c.num_tokens == 1 and c.seq.request_id == rid and c.start == pos
+        for c, (rid, pos) in zip(chunks, planned.planned, strict=True)
+    )

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from core.sampling_params import SamplingParams
-from core.sequence import Sequence
-from engine.engine import Engine, EngineConfig
+from tandem.core.sampling_params import SamplingParams
+from tandem.core.sequence import Sequence
+from tandem.engine.engine import Engine, EngineConfig
 
 
 @dataclass
@@ -51,13 +51,16 @@ class LLM:
         engine step (staggered arrivals for tests and benchmarks); `progress` shows a bar
         of finished requests on a terminal."""
         n = len(prompts)
-        params = ([sampling or SamplingParams()] * n if not isinstance(sampling, Seq)
-                  else list(sampling))
+        params = (
+            [sampling or SamplingParams()] * n if not isinstance(sampling, Seq) else list(sampling)
+        )
         if len(params) != n:
             raise ValueError("one SamplingParams per prompt, or one for all")
         arrivals = list(arrival_steps) if arrival_steps is not None else [0] * n
-        seqs = [Sequence(uuid.uuid4().hex, self.encode(p), sp)
-                for p, sp in zip(prompts, params, strict=True)]
+        seqs = [
+            Sequence(uuid.uuid4().hex, self.encode(p), sp)
+            for p, sp in zip(prompts, params, strict=True)
+        ]
         pending = sorted(range(n), key=lambda i: arrivals[i])
         step = 0
         bar = tqdm(total=n, desc="requests", unit="req", disable=None if progress else True)

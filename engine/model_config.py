@@ -45,14 +45,18 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], name: str) -> ModelConfig:
         archs = cfg.get("architectures") or []
-        family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES),
-                      None)
+        family = next(
+            (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
+        )
         if family is None:
-            family = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",
-                      "qwen3": "qwen3"}.get(cfg.get("model_type", ""))
+            family = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(
+                cfg.get("model_type", "")
+            )
         if family is None:
-            raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')}; "
-                             f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported architecture {archs or cfg.get('model_type')}; "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
         num_heads = cfg["num_attention_heads"]
         # transformers >= 5 nests rope settings in rope_parameters; older files keep
         # rope_theta at the top level and scaling in rope_scaling.

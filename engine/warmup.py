@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from engine.attention import AttentionMetadata
+from tandem.engine.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def warm_up_batches(
     """(decode rows, prompt chunk length, decode context) of each warm-up pass: every
     query tile with and without decode rows, and decode rows from 1 to max_num_seqs by
     powers of two over a short and a long context (split counts differ with both)."""
+
     def fits(decodes: int, chunk: int, context: int) -> bool:
         blocks = -(-context // block_size) + -(-chunk // block_size)
         return decodes + chunk <= max_tokens and blocks <= num_blocks
@@ -64,13 +65,15 @@ def warm_up_kernels(runner, max_num_seqs: int, max_tokens: int, max_context: int
         runner.model(ids, positions, runner.kv_caches, meta)
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
-    log.info("warmed %d kernel variants' batches in %.1fs", len(batches),
-             time.perf_counter() - start)
+    log.info(
+        "warmed %d kernel variants' batches in %.1fs", len(batches), time.perf_counter() - start
+    )
     return len(batches)
 
 
-def synthetic_step(decodes: int, chunk: int, context: int, block_size: int,
-                   device: torch.device) -> tuple[AttentionMetadata, torch.Tensor]:
+def synthetic_step(
+    decodes: int, chunk: int, context: int, block_size: int, device: torch.device
+) -> tuple[AttentionMetadata, torch.Tensor]:
     """(metadata, positions) of `decodes` one-token rows at the end of a shared
     `context`, then one whole prompt of `chunk` tokens in the blocks after that
     context's (with no decodes and no context: blocks 0.. in order)."""

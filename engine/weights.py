@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from engine.model_config import ModelConfig
+from tandem.engine.model_config import ModelConfig
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -27,15 +27,24 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     single = model_dir / "model.safetensors"
     if single.exists():
         return [single]
-    raise FileNotFoundError(f"no safetensors checkpoint in {model_dir} "
-                            "(use --load-format dummy for random weights)")
+    raise FileNotFoundError(
+        f"no safetensors checkpoint in {model_dir} (use --load-format dummy for random weights)"
+    )
 
 
 def _shard_slices(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
-        cfg.intermediate_size
-    return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv),
-            "gate": (0, inter), "up": (inter, 2 * inter)}
+    q, kv, inter = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    )
+    return {
+        "q": (0, q),
+        "k": (q, q + kv),
+        "v": (q + kv, q + 2 * kv),
+        "gate": (0, inter),
+        "up": (inter, 2 * inter),
+    }
 
 
 @torch.no_grad()
@@ -45,8 +54,13 @@ def load_safetensors(model: nn.Module, model_dir: Path) -> None:
     slices = _shard_slices(cfg)
     filled: dict[str, int] = {}  # parameter -> elements written
     files = checkpoint_files(model_dir)
-    bar = tqdm(total=len(params), desc=f"loading {model_dir.name}", unit="tensor",
-               disable=None, leave=False)  # disable=None: only on a terminal
+    bar = tqdm(
+        total=len(params),
+        desc=f"loading {model_dir.name}",
+        unit="tensor",
+        disable=None,
+        leave=False,
+    )  # disable=None: only on a terminal
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for hf_name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -64,8 +78,10 @@ def load_safetensors(model: nn.Module, model_dir: Path) -> None:
                     lo, hi = slices[shard]
                     target = target[lo:hi]
                 if target.shape != tensor.shape:
-                    raise ValueError(f"{hf_name}: shape {tuple(tensor.shape)} does not fit "
-                                     f"{name} {tuple(target.shape)}")
+                    raise ValueError(
+                        f"{hf_name}: shape {tuple(tensor.shape)} does not fit "
+                        f"{name} {tuple(target.shape)}"
+                    )
                 target.copy_(tensor)
                 filled[name] = filled.get(name, 0) + tensor.numel()
     bar.close()

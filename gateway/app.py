@@ -17,17 +17,17 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from core.tokenizer import Tokenizer
-from gateway.config import GatewayConfig, ModelLimits
-from gateway.execution import Executor
-from gateway.http_api import BodyLimit, build_http_app
-from gateway.http_server import HttpServer
-from gateway.metrics import GatewayMetrics
-from gateway.proto import tandem_pb2 as pb
-from gateway.reply_router import ReplyRouter
-from gateway.server import GenerationService, add_generation_service
-from gateway.token_text import TokenTexts
-from gateway.worker_registry import WorkerRegistry
+from tandem.core.tokenizer import Tokenizer
+from tandem.gateway.config import GatewayConfig, ModelLimits
+from tandem.gateway.execution import Executor
+from tandem.gateway.http_api import BodyLimit, build_http_app
+from tandem.gateway.http_server import HttpServer
+from tandem.gateway.metrics import GatewayMetrics
+from tandem.gateway.proto import tandem_pb2 as pb
+from tandem.gateway.reply_router import ReplyRouter
+from tandem.gateway.server import GenerationService, add_generation_service
+from tandem.gateway.token_text import TokenTexts
+from tandem.gateway.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Python clients of the gateway's gRPC API, and a command line to try it.
 
-    from gateway.client import TandemClient
+    from tandem.gateway.client import TandemClient
 
     with TandemClient("127.0.0.1:50051") as client:
         for chunk in client.generate("Write a haiku about rivers.", max_tokens=40):
@@ -10,7 +10,7 @@
 `AsyncTandemClient` is the same on asyncio (grpc.aio). Sampling follows the proto:
 temperature 0 (the default) is greedy. Failures raise TandemError with the gRPC status.
 
-    python -m gateway.client --target 127.0.0.1:50051 --max-tokens 40 "Hello!"
+    python -m tandem.gateway.client --target 127.0.0.1:50051 --max-tokens 40 "Hello!"
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from gateway.proto import tandem_pb2 as pb
-from gateway.proto import tandem_pb2_grpc as pb_grpc
+from tandem.gateway.proto import tandem_pb2 as pb
+from tandem.gateway.proto import tandem_pb2_grpc as pb_grpc
 
 FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
@@ -213,7 +213,7 @@ class AsyncTandemClient:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.client",
+        prog="python -m tandem.gateway.client",
         description="Send one prompt to a Tandem gateway over gRPC and print the streamed text.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

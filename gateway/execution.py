@@ -27,15 +27,15 @@ import jinja2
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from core import redis_keys
-from core.protocol import AbortNotice, PrefillTask, TokenDelta, encode
-from core.sampling_params import SamplingParams
-from core.tokenizer import Tokenizer
-from gateway.config import GatewayConfig, ModelLimits
-from gateway.detokenizer import TextStream
-from gateway.metrics import GatewayMetrics
-from gateway.reply_router import ReplyRouter, RequestStream
-from gateway.worker_registry import WorkerRegistry
+from tandem.core import redis_keys
+from tandem.core.protocol import AbortNotice, PrefillTask, TokenDelta, encode
+from tandem.core.sampling_params import SamplingParams
+from tandem.core.tokenizer import Tokenizer
+from tandem.gateway.config import GatewayConfig, ModelLimits
+from tandem.gateway.detokenizer import TextStream
+from tandem.gateway.metrics import GatewayMetrics
+from tandem.gateway.reply_router import ReplyRouter, RequestStream
+from tandem.gateway.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -277,13 +277,20 @@ class Generation:
                         self.request_id, len(stream.token_ids),
                         extra={"request_id": self.request_id})  # fmt: skip
             try:
-                await self._ex.redis.xadd(self._ex.prefill_stream, {
-                    redis_keys.MESSAGE_FIELD: encode(self._task(list(stream.token_ids)))})
+                await self._ex.redis.xadd(
+                    self._ex.prefill_stream,
+                    {redis_keys.MESSAGE_FIELD: encode(self._task(list(stream.token_ids)))},
+                )
                 return
             except RedisError as exc:
                 log.warning("migration of %s failed: %s", self.request_id, exc)
-        stream.push(TokenDelta(request_id=self.request_id,
-                               error=f"worker {lost} was lost", error_code="unavailable"))
+        stream.push(
+            TokenDelta(
+                request_id=self.request_id,
+                error=f"worker {lost} was lost",
+                error_code="unavailable",
+            )
+        )
 
     async def __aenter__(self) -> Generation:
         ex = self._ex

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from gateway.execution import Executor, Output
-from gateway.openai_requests import ChoiceSpec
+from tandem.gateway.execution import Executor, Output
+from tandem.gateway.openai_requests import ChoiceSpec
 
 _DONE = object()
 

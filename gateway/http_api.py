@@ -30,10 +30,10 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.execution import Executor, RequestError
-from gateway.fanout import Choices
-from gateway.metrics import CONTENT_TYPE_LATEST
-from gateway.openai_requests import (
+from tandem.gateway.execution import Executor, RequestError
+from tandem.gateway.fanout import Choices
+from tandem.gateway.metrics import CONTENT_TYPE_LATEST
+from tandem.gateway.openai_requests import (
     ChatCompletionRequest,
     ChoiceSpec,
     CompletionRequest,
@@ -41,8 +41,8 @@ from gateway.openai_requests import (
     completion_choices,
     param_of,
 )
-from gateway.openai_responses import ResponseBuilder
-from gateway.token_text import TokenTexts
+from tandem.gateway.openai_responses import ResponseBuilder
+from tandem.gateway.token_text import TokenTexts
 
 log = logging.getLogger(__name__)
 

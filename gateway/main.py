@@ -14,10 +14,10 @@ import signal
 import time
 from pathlib import Path
 
-from core.models import local_model_dir, model_name
-from gateway.app import GatewayApp
-from gateway.config import GatewayConfig, join_host_port
-from gateway.logs import use_json_logs
+from tandem.core.models import local_model_dir, model_name
+from tandem.gateway.app import GatewayApp
+from tandem.gateway.config import GatewayConfig, join_host_port
+from tandem.gateway.logs import use_json_logs
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def run(config: GatewayConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m gateway.main`: the gateway alone, until the CLI delegates here."""
+    """`python -m tandem.gateway.main`: the gateway alone, until the CLI delegates here."""
     parser = argparse.ArgumentParser(
         prog="tandem gateway",
         description=__doc__,

@@ -14,7 +14,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from core.protocol import WorkerInfo
+from tandem.core.protocol import WorkerInfo
 
 __all__ = ["CONTENT_TYPE_LATEST", "ERROR_CODES", "GatewayMetrics"]
 

@@ -14,9 +14,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.sampling_params import SamplingParams
-from gateway.config import GatewayConfig, ModelLimits
-from gateway.validation import Encode, check_sampling, validate_prompt
+from tandem.core.sampling_params import SamplingParams
+from tandem.gateway.config import GatewayConfig, ModelLimits
+from tandem.gateway.validation import Encode, check_sampling, validate_prompt
 
 # Bounds that only keep numbers representable; the real bounds are checked later.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]

@@ -10,8 +10,8 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.execution import Output
-from gateway.token_text import TokenTexts
+from tandem.gateway.execution import Output
+from tandem.gateway.token_text import TokenTexts
 
 
 @dataclass

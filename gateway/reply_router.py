@@ -17,8 +17,8 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from core import redis_keys
-from core.protocol import TokenBatch, TokenDelta, decode
+from tandem.core import redis_keys
+from tandem.core.protocol import TokenBatch, TokenDelta, decode
 
 log = logging.getLogger(__name__)
 

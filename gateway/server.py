@@ -13,10 +13,10 @@ import time
 
 import grpc
 
-from gateway.execution import Executor, Output, RequestError
-from gateway.proto import tandem_pb2 as pb
-from gateway.proto import tandem_pb2_grpc as pb_grpc
-from gateway.validation import MalformedRequest, parse_request, validate_request
+from tandem.gateway.execution import Executor, Output, RequestError
+from tandem.gateway.proto import tandem_pb2 as pb
+from tandem.gateway.proto import tandem_pb2_grpc as pb_grpc
+from tandem.gateway.validation import MalformedRequest, parse_request, validate_request
 
 log = logging.getLogger(__name__)
 

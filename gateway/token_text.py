@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from core.tokenizer import Tokenizer
+from tandem.core.tokenizer import Tokenizer
 
 BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 SPIECE_SPACE = "\u2581"

@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from google.protobuf.message import DecodeError
 
-from core.sampling_params import SamplingParams
-from gateway.config import GatewayConfig, ModelLimits
-from gateway.proto import tandem_pb2 as pb
+from tandem.core.sampling_params import SamplingParams
+from tandem.gateway.config import GatewayConfig, ModelLimits
+from tandem.gateway.proto import tandem_pb2 as pb
 
 Encode = Callable[[str], Awaitable[list[int]]]
 

@@ -14,8 +14,8 @@ import time
 
 import redis.asyncio as aioredis
 
-from core import redis_keys
-from core.protocol import WorkerInfo, decode
+from tandem.core import redis_keys
+from tandem.core.protocol import WorkerInfo, decode
 
 log = logging.getLogger(__name__)
 

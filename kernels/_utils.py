@@ -85,4 +85,3 @@ def check_paged_attention_args(
     if cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
         raise ValueError("cache head_dim and block_tables rows must be contiguous")
     return block_size, num_kv_heads
-

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._utils import next_pow2
+from tandem.kernels._utils import next_pow2
 
 # Tuned on the H100 over Llama-3.1-8B's four shapes (BLOCK_N 2..16, BLOCK_K 256..2048,
 # 4/8 warps, 1/2 stages); the best was the same for all four.
@@ -50,13 +50,21 @@ def _gemv_kernel(
         c = k0 + cols
         if EVEN_K:
             x = tl.load(x_ptr + c)
-            w = tl.load(w_rows + c[None, :], mask=row_mask[:, None], other=0.0,
-                        eviction_policy="evict_first")
+            w = tl.load(
+                w_rows + c[None, :],
+                mask=row_mask[:, None],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
         else:
             col_mask = c < K
             x = tl.load(x_ptr + c, mask=col_mask, other=0.0)
-            w = tl.load(w_rows + c[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                        other=0.0, eviction_policy="evict_first")
+            w = tl.load(
+                w_rows + c[None, :],
+                mask=row_mask[:, None] & col_mask[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
@@ -71,8 +79,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv takes one row, got x {tuple(x.shape)}")
     n, k = weight.shape
     if x.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError(f"x {tuple(x.shape)} does not match weight {tuple(weight.shape)} "
-                         "or is not contiguous along K")
+        raise ValueError(
+            f"x {tuple(x.shape)} does not match weight {tuple(weight.shape)} "
+            "or is not contiguous along K"
+        )
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias {tuple(bias.shape)} must be ({n},)")
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
@@ -85,5 +95,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return y
 
 
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     return F.linear(x, weight, bias)

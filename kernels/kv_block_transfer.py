@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import next_pow2
+from tandem.kernels._utils import next_pow2
 
 _CHUNK_BYTES = 16384  # per program: 4 vectors of 16 B per thread at 8 warps
 _VECTOR_BYTES = 16

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import last_dim_contiguous, next_pow2
+from tandem.kernels._utils import last_dim_contiguous, next_pow2
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import (
+from tandem.kernels._utils import (
     check_out,
     check_paged_attention_args,
     dot,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import next_pow2
+from tandem.kernels._utils import next_pow2
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import next_pow2
+from tandem.kernels._utils import next_pow2
 
 
 @triton.jit

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import check_out, check_paged_attention_args, dot_config
-from kernels.decode_attention import (
+from tandem.kernels._utils import check_out, check_paged_attention_args, dot_config
+from tandem.kernels.decode_attention import (
     _LOG2E,
     SplitPlan,
     attend_cached,
@@ -27,7 +27,7 @@ from kernels.decode_attention import (
     paged_decode_attention_ref,
     store_split,
 )
-from kernels.rotary_store_kv import check_rotary_store_args, rotary_store_kv_ref
+from tandem.kernels.rotary_store_kv import check_rotary_store_args, rotary_store_kv_ref
 
 
 # fmt: off

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import next_pow2
-from kernels.kv_store import store_kv_ref
-from kernels.rotary import apply_rotary_ref
+from tandem.kernels._utils import next_pow2
+from tandem.kernels.kv_store import store_kv_ref
+from tandem.kernels.rotary import apply_rotary_ref
 
 
 @triton.jit
@@ -70,8 +70,13 @@ def _rotary_store_kv_kernel(
     # Round to k's dtype first, as the unfused path does, then to the cache's.
     k1r = (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty).to(cache_ptr.dtype.element_ty)
     k2r = (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty).to(cache_ptr.dtype.element_ty)
-    dst = (cache_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
-           + kv_heads[:, None] * stride_ch + dims[None, :])
+    dst = (
+        cache_ptr
+        + (slot // BLOCK_SIZE) * stride_cb
+        + (slot % BLOCK_SIZE) * stride_cs
+        + kv_heads[:, None] * stride_ch
+        + dims[None, :]
+    )
     tl.store(dst, k1r, mask=kv_mask)
     tl.store(dst + HALF, k2r, mask=kv_mask)
     pv = v_ptr + token * stride_vt + kv_heads[:, None] * stride_vh + dims[None, :]
@@ -128,11 +133,26 @@ def rotary_store_kv(
     if num_tokens == 0:
         return q
     _rotary_store_kv_kernel[(num_tokens,)](
-        q, k, v, positions, slot_mapping, cos_sin_cache, cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q,
+        k,
+        v,
+        positions,
+        slot_mapping,
+        cos_sin_cache,
+        cache,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
         cos_sin_cache.stride(0),
-        cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
-        num_heads, kv_shape[1],
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
+        cache.stride(3),
+        num_heads,
+        kv_shape[1],
         BLOCK_SIZE=cache.shape[2],
         HALF=head_dim // 2,
         BLOCK_HQ=next_pow2(num_heads),

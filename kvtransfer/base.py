@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from core.protocol import ControlMessage, Handoff, ReserveReply, ReserveRequest, TransferAck
-from kvtransfer.pack import pack_blocks
+from tandem.core.protocol import ControlMessage, Handoff, ReserveReply, ReserveRequest, TransferAck
+from tandem.kvtransfer.pack import pack_blocks
 
 
 class TransferError(Exception):
@@ -189,9 +189,16 @@ class KVSender(abc.ABC):
         for move in moves:
             remaining = max(0.0, deadline - time.monotonic())
             try:
-                results.append(self.send_blocks(address, move.request_id, kv_caches,
-                                                move.src_block_ids, move.dst_block_ids,
-                                                remaining))
+                results.append(
+                    self.send_blocks(
+                        address,
+                        move.request_id,
+                        kv_caches,
+                        move.src_block_ids,
+                        move.dst_block_ids,
+                        remaining,
+                    )
+                )
             except TransferError as exc:
                 results.append(exc)
         return results
@@ -235,8 +242,9 @@ def ship(
     )
     remaining = max(0.0, transfer.deadline - time.monotonic())
     try:
-        ack = sender.send_blocks(address, request_id, kv_caches, src_block_ids,
-                                 dst_block_ids, remaining, staging)
+        ack = sender.send_blocks(
+            address, request_id, kv_caches, src_block_ids, dst_block_ids, remaining, staging
+        )
     except TransferError as exc:
         transfer.fail(str(exc) or type(exc).__name__)
         return transfer
@@ -258,11 +266,17 @@ def ship_many(
     Mismatched block lists are caller bugs and raise ValueError."""
     for move in moves:
         if len(move.src_block_ids) != len(move.dst_block_ids):
-            raise ValueError(f"{move.request_id}: {len(move.src_block_ids)} source blocks for "
-                             f"{len(move.dst_block_ids)} destination blocks")
+            raise ValueError(
+                f"{move.request_id}: {len(move.src_block_ids)} source blocks for "
+                f"{len(move.dst_block_ids)} destination blocks"
+            )
     deadline = time.monotonic() + timeout_s
-    transfers = [Transfer(request_id=m.request_id, peer=address, deadline=deadline,
-                          state=TransferState.SENDING) for m in moves]
+    transfers = [
+        Transfer(
+            request_id=m.request_id, peer=address, deadline=deadline, state=TransferState.SENDING
+        )
+        for m in moves
+    ]
     try:
         results = sender.send_blocks_many(address, moves, kv_caches, timeout_s)
     except TransferError as exc:

@@ -51,7 +51,7 @@ import msgspec
 import numpy as np
 import torch
 
-from core.protocol import (
+from tandem.core.protocol import (
     MAX_CONTROL_FRAME_BYTES,
     ControlMessage,
     CudaIpcExport,
@@ -64,12 +64,17 @@ from core.protocol import (
     TransferAck,
     encode,
 )
-from kvtransfer.base import BlockMove, Inbound, TransferError
-from kvtransfer.cuda_ipc_copy import BlockCopier, CopyStats
-from kvtransfer.cuda_ipc_export import export_mismatch, open_export, share_cache, stacked_cache
-from kvtransfer.pack import check_block_ids, dtype_name
-from kvtransfer.wire import MAX_KV_PAYLOAD_BYTES, RECEIVABLE
-from kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
+from tandem.kvtransfer.base import BlockMove, Inbound, TransferError
+from tandem.kvtransfer.cuda_ipc_copy import BlockCopier, CopyStats
+from tandem.kvtransfer.cuda_ipc_export import (
+    export_mismatch,
+    open_export,
+    share_cache,
+    stacked_cache,
+)
+from tandem.kvtransfer.pack import check_block_ids, dtype_name
+from tandem.kvtransfer.wire import MAX_KV_PAYLOAD_BYTES, RECEIVABLE
+from tandem.kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
 
 log = logging.getLogger(__name__)
 
@@ -230,20 +235,25 @@ class CudaIpcKVSender(ZmqKVSender):
         export_id = ""
         for i, move in enumerate(moves):
             if len(move.src_block_ids) != len(move.dst_block_ids):
-                raise ValueError(f"{move.request_id}: {len(move.src_block_ids)} source blocks "
-                                 f"for {len(move.dst_block_ids)}")
+                raise ValueError(
+                    f"{move.request_id}: {len(move.src_block_ids)} source blocks "
+                    f"for {len(move.dst_block_ids)}"
+                )
             src_ids = check_block_ids(move.src_block_ids, src.shape[2])
             with self._state_lock:
                 reserved = self._reserved.pop((address, move.request_id), None)
             if reserved is None:
                 results[i] = TransferError(
-                    f"{move.request_id} was not reserved at {address} through this sender")
+                    f"{move.request_id} was not reserved at {address} through this sender"
+                )
             elif not reserved:
                 results[i] = TransferError(
-                    f"the receiver at {address} exports no KV cache (not a cuda_ipc receiver)")
+                    f"the receiver at {address} exports no KV cache (not a cuda_ipc receiver)"
+                )
             elif export_id and reserved != export_id:
                 results[i] = TransferError(
-                    f"{move.request_id} was reserved in an earlier incarnation of {address}")
+                    f"{move.request_id} was reserved in an earlier incarnation of {address}"
+                )
             else:
                 export_id = reserved
                 going.append((i, src_ids))

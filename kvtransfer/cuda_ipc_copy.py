@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvtransfer.base import TransferError
+from tandem.kvtransfer.base import TransferError
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ class BlockCopier:
     def _launch(self, batch: list[_Job]) -> torch.cuda.Event | None:
         """One kernel launch for the batch; the event that follows it (None on CPU,
         where the copy has finished on return)."""
-        from kernels.kv_block_transfer import kv_block_transfer  # triton: only where used
+        from tandem.kernels.kv_block_transfer import kv_block_transfer  # triton: only where used
 
         buffer = self._buffers[self._turn]
         self._turn ^= 1

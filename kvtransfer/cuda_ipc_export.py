@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from core.protocol import CudaIpcExport
-from kvtransfer.base import TransferError
-from kvtransfer.pack import dtype_from_name, dtype_name
+from tandem.core.protocol import CudaIpcExport
+from tandem.kvtransfer.base import TransferError
+from tandem.kvtransfer.pack import dtype_from_name, dtype_name
 
 
 def stacked_cache(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:

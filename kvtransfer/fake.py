@@ -15,10 +15,10 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from core.protocol import MAX_CONTROL_FRAME_BYTES, ControlMessage, encode
-from kvtransfer.base import Inbound, KVReceiver, TransferError
-from kvtransfer.pack import BufferLike
-from kvtransfer.wire import (
+from tandem.core.protocol import MAX_CONTROL_FRAME_BYTES, ControlMessage, encode
+from tandem.kvtransfer.base import Inbound, KVReceiver, TransferError
+from tandem.kvtransfer.pack import BufferLike
+from tandem.kvtransfer.wire import (
     MAX_KV_PAYLOAD_BYTES,
     AbandonedReplies,
     FramedKVSender,

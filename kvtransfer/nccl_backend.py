@@ -50,9 +50,9 @@ from typing import cast
 import torch
 import torch.distributed as dist
 
-from core.protocol import KVGroupInvite, KVGroupReply, KVTransfer, TransferAck, encode
-from kvtransfer.base import Inbound, TransferError
-from kvtransfer.nccl_group import (
+from tandem.core.protocol import KVGroupInvite, KVGroupReply, KVTransfer, TransferAck, encode
+from tandem.kvtransfer.base import Inbound, TransferError
+from tandem.kvtransfer.nccl_group import (
     MAX_TIMEOUT_S,
     SEND_GRACE_S,
     WILDCARD_HOSTS,
@@ -66,8 +66,8 @@ from kvtransfer.nccl_group import (
     source_address,
     store_answers,
 )
-from kvtransfer.pack import dtype_from_name, dtype_name
-from kvtransfer.wire import (
+from tandem.kvtransfer.pack import dtype_from_name, dtype_name
+from tandem.kvtransfer.wire import (
     RejectedFrame,
     inbound_from,
     kv_header,
@@ -75,9 +75,10 @@ from kvtransfer.wire import (
     parse_header,
     refusal,
 )
-from kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
+from tandem.kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
 
 log = logging.getLogger(__name__)
+
 
 class NcclKVSender(ZmqKVSender):
     """Rank 0 of one group per receiver address; control messages as ZmqKVSender."""

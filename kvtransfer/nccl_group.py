@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from kvtransfer.base import TransferError
+from tandem.kvtransfer.base import TransferError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from core.protocol import KVLayout
+from tandem.core.protocol import KVLayout
 
 # The KV dtypes a transfer may carry. An explicit list (not getattr(torch, name)) so a
 # header cannot name an arbitrary torch attribute.

@@ -18,7 +18,7 @@ from typing import Union, cast
 
 import torch
 
-from core.protocol import (
+from tandem.core.protocol import (
     MAX_CONTROL_FRAME_BYTES,
     ControlMessage,
     ExportReply,
@@ -34,8 +34,8 @@ from core.protocol import (
     decode,
     encode,
 )
-from kvtransfer.base import Inbound, KVSender, TransferError
-from kvtransfer.pack import (
+from tandem.kvtransfer.base import Inbound, KVSender, TransferError
+from tandem.kvtransfer.pack import (
     BufferLike,
     dtype_from_name,
     dtype_name,
@@ -181,8 +181,11 @@ def refusal(msg: ControlMessage, reason: str = "") -> ControlMessage | None:
     if isinstance(msg, KVGroupInvite):
         return KVGroupReply(group_id=msg.group_id, ok=False, reason=reason)
     if isinstance(msg, ExportRequest):
-        return ExportReply(request_id=msg.request_id, ok=False,
-                           reason="this receiver exports no KV cache (not a cuda_ipc receiver)")
+        return ExportReply(
+            request_id=msg.request_id,
+            ok=False,
+            reason="this receiver exports no KV cache (not a cuda_ipc receiver)",
+        )
     return None
 
 

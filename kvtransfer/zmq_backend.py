@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 
 import zmq
 
-from core.protocol import MAX_CONTROL_FRAME_BYTES, ControlMessage, encode
-from kvtransfer.base import Inbound, KVReceiver, TransferError
-from kvtransfer.wire import (
+from tandem.core.protocol import MAX_CONTROL_FRAME_BYTES, ControlMessage, encode
+from tandem.kvtransfer.base import Inbound, KVReceiver, TransferError
+from tandem.kvtransfer.wire import (
     MAX_KV_PAYLOAD_BYTES,
     RECEIVABLE,
     AbandonedReplies,
@@ -211,8 +211,9 @@ class ZmqKVReceiver(KVReceiver):
 
         Runs on the I/O thread; RejectedFrame drops the message and sends its refusal.
         """
-        return parse_inbound(peer, frames, self._max_header_bytes, self._max_payload_bytes,
-                             self.accepts)
+        return parse_inbound(
+            peer, frames, self._max_header_bytes, self._max_payload_bytes, self.accepts
+        )
 
     def _route(self, inbound: Inbound) -> None:
         """Hand a valid message to the worker. On the I/O thread: a subclass may answer

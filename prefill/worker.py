@@ -39,16 +39,17 @@ from dataclasses import dataclass, field
 
 import redis
 
-from core.config import WorkerConfig
-from core.kv_cache_manager import blocks_needed
-from core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
-from core.registry import list_workers, pick_decode_worker
-from core.replies import new_deltas, publish_safely, token_delta
-from core.sequence import Sequence
-from core.task_intake import TaskIntake, tasks_fitting
-from core.worker_base import WorkerBase
-from engine.engine import Engine, EngineConfig
-from kvtransfer import (
+from tandem.core.config import WorkerConfig
+from tandem.core.kv_cache_manager import blocks_needed
+from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
+from tandem.core.registry import list_workers, pick_decode_worker
+from tandem.core.replies import new_deltas, publish_safely, token_delta
+from tandem.core.sequence import Sequence
+from tandem.core.task_intake import TaskIntake, tasks_fitting
+from tandem.core.worker_base import WorkerBase
+from tandem.engine.engine import Engine, EngineConfig
+from tandem.kvtransfer.pack import layout_of
+from tandem.kvtransfer.transport import (
     BlockMove,
     KVSender,
     Transfer,
@@ -58,8 +59,7 @@ from kvtransfer import (
     ship,
     ship_many,
 )
-from kvtransfer.pack import layout_of
-from prefill.shipping import Shipper
+from tandem.prefill.shipping import Shipper
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ class PrefillWorker(WorkerBase):
         super().__init__(config)
         self.engine = Engine(engine_config)
         self.kv = self.engine.kv
-        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name,
-                                self.kv.block_size)
+        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
         self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
         # Reservations go out on the main loop's sender, KV and handoffs on the shipper's.
         self.sender = make_sender(config.kv_transport, self.worker_id)
@@ -108,13 +107,21 @@ class PrefillWorker(WorkerBase):
     def snapshot(self) -> WorkerInfo:
         sched = self.engine.scheduler
         return WorkerInfo(
-            worker_id=self.worker_id, role="prefill", model=self.engine.name, pid=os.getpid(),
-            layout=self.layout, total_blocks=self.kv.pool.num_blocks,
-            free_blocks=self.kv.num_free_blocks, used_blocks=self.kv.num_used_blocks,
-            running=len(sched.running), waiting=len(sched.waiting),
+            worker_id=self.worker_id,
+            role="prefill",
+            model=self.engine.name,
+            pid=os.getpid(),
+            layout=self.layout,
+            total_blocks=self.kv.pool.num_blocks,
+            free_blocks=self.kv.num_free_blocks,
+            used_blocks=self.kv.num_used_blocks,
+            running=len(sched.running),
+            waiting=len(sched.waiting),
             reservations=len(self.inflight) + self.shipper.flights,
             preemptions=sched.num_preemptions,
-            admitted=self.admitted, draining=self.draining)
+            admitted=self.admitted,
+            draining=self.draining,
+        )
 
     # -- main loop ---------------------------------------------------------------------
     def run(self) -> None:
@@ -194,8 +201,12 @@ class PrefillWorker(WorkerBase):
             self.intake.ack(entry_id)
             return True
         try:
-            seq = Sequence(rid, list(task.prompt_token_ids), task.sampling,
-                           output_token_ids=list(task.output_token_ids))
+            seq = Sequence(
+                rid,
+                list(task.prompt_token_ids),
+                task.sampling,
+                output_token_ids=list(task.output_token_ids),
+            )
             self.engine.add(seq)
         except ValueError as exc:
             self.intake.fail(task, "invalid_argument", str(exc))
@@ -226,13 +237,17 @@ class PrefillWorker(WorkerBase):
             except redis.RedisError as exc:
                 log.warning("registry unreadable, using the last view: %s", exc)
                 return self._decoders
-            self._decoders = [w for w in workers
-                              if w.layout is not None and w.layout.mismatch(self.layout) is None]
+            self._decoders = [
+                w
+                for w in workers
+                if w.layout is not None and w.layout.mismatch(self.layout) is None
+            ]
             self._decoders_at = now
         return self._decoders
 
-    def _reserve(self, seq: Sequence, sender: KVSender | None = None
-                 ) -> tuple[str, str, list[int]] | None:
+    def _reserve(
+        self, seq: Sequence, sender: KVSender | None = None
+    ) -> tuple[str, str, list[int]] | None:
         sender = sender or self.sender
         candidates = self._decode_workers()
         tried: set[str] = set()
@@ -241,11 +256,14 @@ class PrefillWorker(WorkerBase):
             if worker is None:
                 return None
             tried.add(worker.worker_id)
-            req = ReserveRequest(request_id=seq.request_id, num_tokens=seq.num_tokens,
-                                 layout=self.layout, lease_s=self.config.reservation_lease_s)
+            req = ReserveRequest(
+                request_id=seq.request_id,
+                num_tokens=seq.num_tokens,
+                layout=self.layout,
+                lease_s=self.config.reservation_lease_s,
+            )
             try:
-                reply = sender.reserve(worker.control_address, req,
-                                       self.config.transfer_timeout_s)
+                reply = sender.reserve(worker.control_address, req, self.config.transfer_timeout_s)
             except TransferError as exc:
                 log.warning("reserve on %s failed: %s", worker.worker_id, exc)
                 continue
@@ -262,7 +280,9 @@ class PrefillWorker(WorkerBase):
         for rid, flight in list(self.inflight.items()):
             if flight.task.deadline and now > flight.task.deadline:
                 self._drop(rid)
-                self.intake.fail(flight.task, "deadline", "request deadline exceeded during prefill")
+                self.intake.fail(
+                    flight.task, "deadline", "request deadline exceeded during prefill"
+                )
 
     def _drop(self, rid: str) -> None:
         """Forget an in-flight request: free local blocks, release its reservation."""
@@ -304,8 +324,9 @@ class PrefillWorker(WorkerBase):
         for flight, failure in outcomes:
             self.kv.free(flight.seq.request_id)
             if failure:
-                self.intake.fail(flight.task, "unavailable",
-                                 f"KV handoff to decode failed: {failure}")
+                self.intake.fail(
+                    flight.task, "unavailable", f"KV handoff to decode failed: {failure}"
+                )
             self.intake.ack(flight.entry_id)
 
     # -- shipping thread ----------------------------------------------------------------
@@ -321,12 +342,17 @@ class PrefillWorker(WorkerBase):
             rid = flight.seq.request_id
             n = blocks_needed(flight.seq.num_tokens - 1, self.kv.block_size)
             by_peer.setdefault(flight.decode_address, []).append(
-                BlockMove(rid, flight.src_blocks[:n], flight.dst_blocks[:n]))
+                BlockMove(rid, flight.src_blocks[:n], flight.dst_blocks[:n])
+            )
         shipped: dict[str, Transfer] = {}
         for address, moves in by_peer.items():
-            for transfer in ship_many(self.ship_sender, address, moves,
-                                      self.engine.runner.kv_caches,
-                                      self.config.transfer_timeout_s):
+            for transfer in ship_many(
+                self.ship_sender,
+                address,
+                moves,
+                self.engine.runner.kv_caches,
+                self.config.transfer_timeout_s,
+            ):
                 shipped[transfer.request_id] = transfer
         return shipped
 
@@ -353,19 +379,32 @@ class PrefillWorker(WorkerBase):
             self.ship_sender.release(flight.decode_address, rid)
         return reason or "no decode worker could take it again"
 
-    def _ship_and_hand_off(self, flight: InFlight, computed: int, n: int,
-                           shipped: Transfer | None) -> str:
+    def _ship_and_hand_off(
+        self, flight: InFlight, computed: int, n: int, shipped: Transfer | None
+    ) -> str:
         """Empty string on success, else why it failed. Ships first unless `shipped`."""
         seq, rid = flight.seq, flight.seq.request_id
-        transfer = shipped or ship(self.ship_sender, flight.decode_address, rid,
-                                   self.engine.runner.kv_caches, flight.src_blocks[:n],
-                                   flight.dst_blocks[:n], self.config.transfer_timeout_s)
+        transfer = shipped or ship(
+            self.ship_sender,
+            flight.decode_address,
+            rid,
+            self.engine.runner.kv_caches,
+            flight.src_blocks[:n],
+            flight.dst_blocks[:n],
+            self.config.transfer_timeout_s,
+        )
         if transfer.state is not TransferState.DONE:
             return transfer.reason or "transfer failed"
         try:
-            ack = self.ship_sender.handoff(flight.decode_address, Handoff(
-                task=flight.task, output_token_ids=list(seq.output_token_ids),
-                num_computed_tokens=computed), self.config.transfer_timeout_s)
+            ack = self.ship_sender.handoff(
+                flight.decode_address,
+                Handoff(
+                    task=flight.task,
+                    output_token_ids=list(seq.output_token_ids),
+                    num_computed_tokens=computed,
+                ),
+                self.config.transfer_timeout_s,
+            )
         except TransferError as exc:
             return str(exc)
         return "" if ack.ok else ack.reason

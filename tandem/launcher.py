@@ -66,7 +66,7 @@ def resolve_worker_counts(args: argparse.Namespace) -> None:
 def _check_local_prefill(args: argparse.Namespace) -> None:
     """The decode workers' own check of their local prefill flags, made here once, so a
     bad value stops `tandem serve` before anything starts."""
-    from core.config import WorkerConfig
+    from tandem.core.config import WorkerConfig
 
     WorkerConfig(
         redis_url="redis://",
@@ -207,9 +207,9 @@ class Service:
         return None
 
     def wait_ready(self, timeout_s: float, interrupted) -> None:
-        from core.redis_client import connect
-        from core.registry import list_workers
-        from engine.model_registry import model_name
+        from tandem.core.redis_client import connect
+        from tandem.core.registry import list_workers
+        from tandem.engine.model_registry import model_name
 
         client = connect(self.redis_url)
         name = model_name(self.args.model)
@@ -256,7 +256,7 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from engine.model_registry import model_name, resolve_model
+    from tandem.engine.model_registry import model_name, resolve_model
 
     resolve_worker_counts(args)
     for port in (args.grpc_port, args.http_port):
@@ -282,7 +282,9 @@ def serve(args: argparse.Namespace) -> int:
             f"decode={args.decode_workers} colocated={args.colocated_workers}",
             flush=True,
         )
-        print(f"  try: .venv/bin/python -m gateway.client --target {grpc} 'Hello!'", flush=True)
+        print(
+            f"  try: .venv/bin/python -m tandem.gateway.client --target {grpc} 'Hello!'", flush=True
+        )
         print(
             f"  or:  curl -s http://{http}/v1/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model": "{model_name(args.model)}", "prompt": "Hello!", '

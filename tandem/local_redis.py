@@ -41,9 +41,20 @@ class LocalRedis:
     def start(self, timeout_s: float = 10.0) -> LocalRedis:
         args = [
             str(redis_server_binary()),
-            "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--protected-mode", "yes",
-            "--dir", "/tmp", "--loglevel", "warning",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--dir",
+            "/tmp",
+            "--loglevel",
+            "warning",
         ]
         if self.password:
             args += ["--requirepass", self.password]

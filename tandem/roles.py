@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from core.config import KV_TRANSPORTS
+from tandem.core.config import KV_TRANSPORTS
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -136,7 +136,7 @@ def gpu_list(text: str) -> list[int]:
 
 
 def worker_config_from_args(args: argparse.Namespace, role: str):
-    from core.config import WorkerConfig
+    from tandem.core.config import WorkerConfig
 
     extra = {}
     if role != "colocated":  # a colocated worker moves no KV
@@ -167,11 +167,11 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
         from tandem.cli import engine_config_from_args
 
         if role == "prefill":
-            from prefill.worker import PrefillWorker as Worker
+            from tandem.prefill.worker import PrefillWorker as Worker
         elif role == "decode":
-            from decode.worker import DecodeWorker as Worker
+            from tandem.decode.worker import DecodeWorker as Worker
         else:
-            from decode.colocated import ColocatedWorker as Worker
+            from tandem.decode.colocated import ColocatedWorker as Worker
         worker = Worker(worker_config_from_args(args, role), engine_config_from_args(args))
         worker.install_signal_handlers()
         worker.run()
@@ -181,7 +181,7 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
-    from gateway.main import config_from_args, run
+    from tandem.gateway.main import config_from_args, run
 
     run(config_from_args(args))
     return 0
@@ -217,7 +217,7 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
             add_local_prefill_args(p)
         p.set_defaults(func=_cmd_worker(role))
 
-    from gateway.main import add_arguments as add_gateway_args
+    from tandem.gateway.main import add_arguments as add_gateway_args
 
     g = sub.add_parser(
         "gateway", help="run the gateway (gRPC and OpenAI-style HTTP)", formatter_class=FMT

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from engine.model_config import ModelConfig
-from engine.models.llama import LlamaForCausalLM
-from engine.ops import TorchOps
+from tandem.engine.model_config import ModelConfig
+from tandem.engine.models.llama import LlamaForCausalLM
+from tandem.engine.ops import TorchOps
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,

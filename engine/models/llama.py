@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata
-from engine.model_config import ModelConfig
-from engine.ops import TorchOps
-from engine.rope import rope_inv_freq
+from tandem.engine.attention import AttentionMetadata
+from tandem.engine.model_config import ModelConfig
+from tandem.engine.ops import TorchOps
+from tandem.engine.rope import rope_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -47,18 +47,23 @@ class Attention(nn.Module):
         super().__init__()
         self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
-                               cfg.attention_bias, ops)
+        self.qkv_proj = Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, ops
+        )
         self.o_proj = Linear(self.q_size, cfg.hidden_size, False, ops)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, rope: tuple, cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple, cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -109,12 +114,16 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, ops)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.inv_freq: torch.Tensor = rope_inv_freq(cfg.head_dim, cfg.rope_theta,
-                                                    cfg.rope_scaling)
+        self.inv_freq: torch.Tensor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.cos_sin_cache: torch.Tensor | None = None  # built by the runner for kernels
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.ops.rope_tables(positions, self.inv_freq, self.cos_sin_cache, x.dtype)
         residual = None

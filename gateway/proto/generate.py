@@ -1,6 +1,6 @@
 """Regenerate the committed gRPC stubs from gateway/tandem.proto.
 
-    .venv/bin/python -m gateway.proto.generate
+    .venv/bin/python -m tandem.gateway.proto.generate
 
 The stubs are committed so that a gateway image needs no grpcio-tools; a test
 regenerates them into a temporary folder and fails when the committed ones are stale.
@@ -19,7 +19,7 @@ STUBS = ("tandem_pb2.py", "tandem_pb2_grpc.py", "tandem_pb2.pyi")
 
 # protoc writes a top-level import; the stubs live in a package.
 _BARE_IMPORT = "import tandem_pb2 as tandem__pb2"
-_PACKAGE_IMPORT = "from gateway.proto import tandem_pb2 as tandem__pb2"
+_PACKAGE_IMPORT = "from tandem.gateway.proto import tandem_pb2 as tandem__pb2"
 
 
 def generate(out_dir: Path = OUT_DIR) -> list[Path]:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from gateway.proto import tandem_pb2 as tandem__pb2
+from tandem.gateway.proto import tandem_pb2 as tandem__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

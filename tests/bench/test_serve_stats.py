@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from bench.serve import _add_ratios, parse_rates, prompts_for
-from bench.serve_client import (
+from tandem.bench.serve import _add_ratios, parse_rates, prompts_for
+from tandem.bench.serve_client import (
     HttpBackend,
     Prompt,
     RequestResult,
@@ -21,8 +21,8 @@ from bench.serve_client import (
     make_prompts,
     run_load,
 )
-from bench.serve_service import engine_argv, mode_argv, shares_one_gpu
-from bench.serve_stats import (
+from tandem.bench.serve_service import engine_argv, mode_argv, shares_one_gpu
+from tandem.bench.serve_stats import (
     failure,
     format_table,
     meets_slos,
@@ -340,17 +340,20 @@ def test_ratios_of_served_to_offline_and_of_1p1d_to_two_colocated():
 
 
 def test_prompts_prefilled_per_role_come_from_the_gateways_worker_gauges():
-    from core.protocol import WorkerInfo
-    from gateway.metrics import GatewayMetrics
+    from tandem.core.protocol import WorkerInfo
+    from tandem.gateway.metrics import GatewayMetrics
 
     metrics = GatewayMetrics("m")
-    metrics.set_workers([
-        WorkerInfo(worker_id="p0", role="prefill", model="m", pid=1, admitted=30),
-        WorkerInfo(worker_id="p1", role="prefill", model="m", pid=2, admitted=12),
-        # A decode worker admits handoffs too: only its local prefills count.
-        WorkerInfo(worker_id="d0", role="decode", model="m", pid=3, admitted=50,
-                   local_prefills=8),
-        WorkerInfo(worker_id="c0", role="colocated", model="m", pid=4, admitted=5),
-    ])
+    metrics.set_workers(
+        [
+            WorkerInfo(worker_id="p0", role="prefill", model="m", pid=1, admitted=30),
+            WorkerInfo(worker_id="p1", role="prefill", model="m", pid=2, admitted=12),
+            # A decode worker admits handoffs too: only its local prefills count.
+            WorkerInfo(
+                worker_id="d0", role="decode", model="m", pid=3, admitted=50, local_prefills=8
+            ),
+            WorkerInfo(worker_id="c0", role="colocated", model="m", pid=4, admitted=5),
+        ]
+    )
     text = metrics.render().decode()
     assert prompts_prefilled(text) == {"prefill": 42, "decode": 8, "colocated": 5}

@@ -1,4 +1,4 @@
-"""`python -m bench transfer` on CPU: the zmq backend with tiny requests, end to end
+"""`python -m tandem.bench transfer` on CPU: the zmq backend with tiny requests, end to end
 (CLI, receiver process, ceiling, result file); figures are not judged, only present."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import transfer
-from kvtransfer import ZmqKVSender
-from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
+from tandem.bench import transfer
+from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVSender
+from tandem.kvtransfer.transport import ZmqKVSender
 
 ROOT = Path(__file__).resolve().parents[2]
 

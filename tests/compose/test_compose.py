@@ -121,7 +121,7 @@ def test_redis_is_private_and_keeps_nothing(services: dict) -> None:
 
 
 def test_healthchecks_and_restart_policies(services: dict) -> None:
-    from gateway.http_api import build_http_app
+    from tandem.gateway.http_api import build_http_app
 
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     for name, svc in services.items():

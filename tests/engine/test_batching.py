@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import random
 
-from core.config import CacheConfig, SchedulerConfig
-from core.sampling_params import SamplingParams
-from engine.engine import EngineConfig
-from engine.llm import LLM
+from tandem.core.config import CacheConfig, SchedulerConfig
+from tandem.core.sampling_params import SamplingParams
+from tandem.engine.engine import EngineConfig
+from tandem.engine.llm import LLM
 
 
 def _llm(path, num_blocks, budget=64, overlap=True):
-    return LLM(config=EngineConfig(
-        model=str(path), device="cpu", cache=CacheConfig(block_size=4, num_blocks=num_blocks),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16,
-                                  max_model_len=512), overlap_scheduling=overlap))
+    return LLM(
+        config=EngineConfig(
+            model=str(path),
+            device="cpu",
+            cache=CacheConfig(block_size=4, num_blocks=num_blocks),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=budget, max_num_seqs=16, max_model_len=512
+            ),
+            overlap_scheduling=overlap,
+        )
+    )
 
 
 def test_staggered_batch_with_preemption_equals_solo_runs(tiny_checkpoints):
@@ -23,13 +30,14 @@ def test_staggered_batch_with_preemption_equals_solo_runs(tiny_checkpoints):
     rng = random.Random(0)
     prompts = [[rng.randrange(2, 320) for _ in range(rng.randrange(1, 40))] for _ in range(16)]
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    seeded = [SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True)
-              for i in range(16)]
+    seeded = [
+        SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True)
+        for i in range(16)
+    ]
     params = [greedy if i % 2 else seeded[i] for i in range(16)]
 
     solo_llm = _llm(path, num_blocks=512, overlap=False)
-    solo = [solo_llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params,
-                                                                       strict=True)]
+    solo = [solo_llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params, strict=True)]
 
     # 40 blocks of 4 tokens cannot hold 16 sequences of up to 63 tokens: forces preemption.
     small = _llm(path, num_blocks=40, budget=32)
@@ -45,7 +53,7 @@ def test_staggered_batch_with_preemption_equals_solo_runs(tiny_checkpoints):
 def test_step_built_ahead_skips_a_sequence_aborted_while_the_step_ran(tiny_checkpoints):
     """A decode worker's control thread may abort a running sequence between a step's
     launch and the building of the next step's inputs: nothing may be allocated for it."""
-    from core.sequence import Sequence
+    from tandem.core.sequence import Sequence
 
     path, _ = tiny_checkpoints["qwen2"]
     engine = _llm(path, num_blocks=64).engine
@@ -65,17 +73,22 @@ def test_step_built_ahead_skips_a_sequence_aborted_while_the_step_ran(tiny_check
     assert engine.kv.num_used_blocks == 0
 
 
-def test_prefill_cap_changes_chunking_not_tokens_and_survives_the_model_len_clamp(
-        tiny_checkpoints):
+def test_prefill_cap_changes_chunking_not_tokens_and_survives_the_model_len_clamp(tiny_checkpoints):
     path, _ = tiny_checkpoints["qwen2"]  # max_position_embeddings 512 < max_model_len
     rng = random.Random(1)
     prompts = [[rng.randrange(2, 320) for _ in range(n)] for n in (3, 29, 41, 17)]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     plain = _llm(path, num_blocks=256).generate(prompts, greedy)
-    capped = LLM(config=EngineConfig(
-        model=str(path), device="cpu", cache=CacheConfig(block_size=4, num_blocks=256),
-        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16,
-                                  max_prefill_tokens=5)))
+    capped = LLM(
+        config=EngineConfig(
+            model=str(path),
+            device="cpu",
+            cache=CacheConfig(block_size=4, num_blocks=256),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=64, max_num_seqs=16, max_prefill_tokens=5
+            ),
+        )
+    )
     config = capped.engine.scheduler.config
     assert (config.max_model_len, config.prefill_budget) == (512, 5)
     outs = capped.generate(prompts, greedy, arrival_steps=[0, 0, 2, 4])

@@ -6,20 +6,24 @@ import random
 
 import pytest
 
-from core.config import CacheConfig, SchedulerConfig
-from core.sampling_params import SamplingParams
-from engine.engine import EngineConfig
-from engine.llm import LLM
+from tandem.core.config import CacheConfig, SchedulerConfig
+from tandem.core.sampling_params import SamplingParams
+from tandem.engine.engine import EngineConfig
+from tandem.engine.llm import LLM
 from tests.engine.conftest import FAMILIES, hf_greedy
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 
 
 def _llm(path, block_size=4, budget=2048, num_blocks=256):
-    return LLM(config=EngineConfig(
-        model=str(path), device="cpu",
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_model_len=512)))
+    return LLM(
+        config=EngineConfig(
+            model=str(path),
+            device="cpu",
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+            scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_model_len=512),
+        )
+    )
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import random
 
-from core.config import CacheConfig, SchedulerConfig
-from core.sampling_params import SamplingParams
-from core.sequence import Sequence
-from engine.engine import EngineConfig
-from engine.llm import LLM
+from tandem.core.config import CacheConfig, SchedulerConfig
+from tandem.core.sampling_params import SamplingParams
+from tandem.core.sequence import Sequence
+from tandem.engine.engine import EngineConfig
+from tandem.engine.llm import LLM
 
 
 def _llm(path, num_blocks=256, launch_ahead=True, budget=64):
-    return LLM(config=EngineConfig(
-        model=str(path), device="cpu", cache=CacheConfig(block_size=4, num_blocks=num_blocks),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16,
-                                  max_model_len=512), launch_ahead=launch_ahead))
+    return LLM(
+        config=EngineConfig(
+            model=str(path),
+            device="cpu",
+            cache=CacheConfig(block_size=4, num_blocks=num_blocks),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=budget, max_num_seqs=16, max_model_len=512
+            ),
+            launch_ahead=launch_ahead,
+        )
+    )
 
 
 def _params(rng: random.Random, i: int, eos: int) -> SamplingParams:
@@ -27,8 +34,9 @@ def _params(rng: random.Random, i: int, eos: int) -> SamplingParams:
     if kind == 1:  # may stop early on a stop token: the launched-ahead token is dropped
         return SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[eos])
     if kind == 2:  # reads the token history: never launched ahead
-        return SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.3,
-                              ignore_eos=True)
+        return SamplingParams(
+            max_tokens=20, temperature=0.0, repetition_penalty=1.3, ignore_eos=True
+        )
     return SamplingParams(max_tokens=20, temperature=0.7, seed=i, ignore_eos=True)
 
 
@@ -38,8 +46,9 @@ def test_launch_ahead_gives_the_same_tokens(tiny_checkpoints):
     prompts = [[rng.randrange(2, 320) for _ in range(rng.randrange(1, 30))] for _ in range(12)]
     reference = _llm(path, launch_ahead=False)
     # A stop token that greedy decoding of these prompts really produces mid-answer.
-    probe = reference.generate(prompts[1:2], SamplingParams(max_tokens=30, temperature=0.0,
-                                                            ignore_eos=True))[0].token_ids
+    probe = reference.generate(
+        prompts[1:2], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    )[0].token_ids
     params = [_params(rng, i, probe[len(probe) // 2]) for i in range(12)]
     expected = [reference.generate([p], sp)[0] for p, sp in zip(prompts, params, strict=True)]
 

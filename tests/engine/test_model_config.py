@@ -1,14 +1,20 @@
 import pytest
 
-from engine.model_config import ModelConfig
-from engine.model_registry import resolve_model, shipped_config_names
-from engine.models import build_model
+from tandem.engine.model_config import ModelConfig
+from tandem.engine.model_registry import resolve_model, shipped_config_names
+from tandem.engine.models import build_model
 from tests.engine.conftest import FAMILIES
 
 
-@pytest.mark.parametrize(("name", "billions"), [
-    ("llama-3.1-8b", 8.03), ("qwen3-0.6b", 0.596), ("qwen2.5-7b", 7.62), ("mistral-7b", 7.25),
-])
+@pytest.mark.parametrize(
+    ("name", "billions"),
+    [
+        ("llama-3.1-8b", 8.03),
+        ("qwen3-0.6b", 0.596),
+        ("qwen2.5-7b", 7.62),
+        ("mistral-7b", 7.25),
+    ],
+)
 def test_shipped_configs_have_the_published_sizes(name, billions):
     assert name in shipped_config_names()
     cfg = ModelConfig.from_dir(resolve_model(name), name)
@@ -36,7 +42,7 @@ def test_unknown_model_is_a_clear_error():
 
 @pytest.mark.parametrize("name", ["qwen3-0.6b", "llama-3.1-8b"])
 def test_shipped_config_gets_a_placeholder_tokenizer_of_its_vocab(tmp_path, name):
-    from core.tokenizer import Tokenizer
+    from tandem.core.tokenizer import Tokenizer
 
     model_dir = resolve_model(name, tmp_path)
     cfg = ModelConfig.from_dir(model_dir, name)

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from core.sampling_params import SamplingParams
-from engine.sampler import SampleRequest, apply_top_k_top_p_min_p, sample
+from tandem.core.sampling_params import SamplingParams
+from tandem.engine.sampler import SampleRequest, apply_top_k_top_p_min_p, sample
 
 
 def reference_keep(logits: list[float], top_k: int, top_p: float, min_p: float) -> set[int]:
@@ -33,16 +33,29 @@ def reference_keep(logits: list[float], top_k: int, top_p: float, min_p: float) 
     return kept_p
 
 
-@pytest.mark.parametrize(("top_k", "top_p", "min_p"), [
-    (0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.5, 0.0), (7, 0.8, 0.0), (0, 1.0, 0.2), (10, 0.9, 0.05),
-    (1, 1.0, 0.0), (0, 0.01, 0.0),
-])
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "min_p"),
+    [
+        (0, 1.0, 0.0),
+        (5, 1.0, 0.0),
+        (0, 0.5, 0.0),
+        (7, 0.8, 0.0),
+        (0, 1.0, 0.2),
+        (10, 0.9, 0.05),
+        (1, 1.0, 0.0),
+        (0, 0.01, 0.0),
+    ],
+)
 def test_masks_match_reference(top_k, top_p, min_p):
     rng = random.Random(top_k * 100 + int(top_p * 10))
     rows = [[rng.gauss(0, 2) for _ in range(40)] for _ in range(3)]
     logits = torch.tensor(rows)
-    masked = apply_top_k_top_p_min_p(logits.clone(), torch.tensor([top_k] * 3),
-                                     torch.tensor([top_p] * 3), torch.tensor([min_p] * 3))
+    masked = apply_top_k_top_p_min_p(
+        logits.clone(),
+        torch.tensor([top_k] * 3),
+        torch.tensor([top_p] * 3),
+        torch.tensor([min_p] * 3),
+    )
     for r, row in enumerate(rows):
         kept = {i for i in range(40) if masked[r, i] != float("-inf")}
         assert kept == reference_keep(row, top_k, top_p, min_p)
@@ -60,8 +73,9 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     others = torch.randn(5, 50)
     batch = torch.cat([others[:2], target, others[2:]])
     params = [SamplingParams(temperature=1.0)] * 2 + [sp] + [SamplingParams(temperature=0.7)] * 3
-    mixed = sample(batch, _rows(params, [[]] * 2 + [[3, 4]] + [[]] * 3),
-                   torch.Generator().manual_seed(99))[0]
+    mixed = sample(
+        batch, _rows(params, [[]] * 2 + [[3, 4]] + [[]] * 3), torch.Generator().manual_seed(99)
+    )[0]
     assert mixed[2] == alone[0]
 
 
@@ -88,7 +102,7 @@ def test_greedy_penalties_and_logprobs():
 @pytest.mark.parametrize("vocab", [128256, 151936, 49152, 1000])
 def test_argmax_ids_in_chunks_is_argmax_ties_included(vocab, monkeypatch):
     """The chunked argmax (GPU only) run on CPU by standing in the device check."""
-    from engine import sampler
+    from tandem.engine import sampler
 
     class FakeCuda:
         type = "cuda"

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from core.sampling_params import SamplingParams
-from engine.llm import LLM
-from engine.model_registry import resolve_model
+from tandem.core.sampling_params import SamplingParams
+from tandem.engine.llm import LLM
+from tandem.engine.model_registry import resolve_model
 from tests.engine.conftest import hf_greedy
 
 PROMPTS = [
@@ -32,15 +32,17 @@ def smollm2():
 def hf_smollm2():
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(resolve_model("smollm2")),
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(resolve_model("smollm2")), dtype=torch.float32
+    ).eval()
 
 
 def test_bundled_model_matches_transformers(smollm2, hf_smollm2):
     chat = smollm2.tokenizer.encode_chat([{"role": "user", "content": "Name three colours."}])
     prompts = [*PROMPTS, chat]
-    outs = smollm2.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0,
-                                                    ignore_eos=True))
+    outs = smollm2.generate(
+        prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    )
     for prompt, out in zip(prompts, outs, strict=True):
         ids = out.prompt_token_ids
         if isinstance(prompt, str):
@@ -57,21 +59,43 @@ def test_eos_finishes_a_chat_answer(smollm2):
 
 
 def test_cli_generate_json(smollm2):
-    cmd = [sys.executable, "-m", "tandem.cli", "generate", "--model", "smollm2", "--json",
-           "--temperature", "0", "--ignore-eos", "--max-tokens", "8", "--device", "cpu",
-           "--prompt", PROMPTS[0], "--prompt", PROMPTS[3]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tandem.cli",
+        "generate",
+        "--model",
+        "smollm2",
+        "--json",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--max-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--prompt",
+        PROMPTS[0],
+        "--prompt",
+        PROMPTS[3],
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     lines = [json.loads(x) for x in res.stdout.splitlines()]
-    expected = smollm2.generate([PROMPTS[0], PROMPTS[3]],
-                                SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    expected = smollm2.generate(
+        [PROMPTS[0], PROMPTS[3]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    )
     assert [x["token_ids"] for x in lines] == [e.token_ids for e in expected]
     assert [x["finish_reason"] for x in lines] == ["length", "length"]
     assert lines[0]["prompt_token_ids"] == expected[0].prompt_token_ids
 
 
 def test_cli_rejects_bad_input_with_one_line():
-    res = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "--prompt", "x",
-                          "--top-p", "2"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "generate", "--prompt", "x", "--top-p", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert "top_p" in res.stderr and "Traceback" not in res.stderr

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from core.protocol import WorkerInfo
-from core.redis_client import connect
-from core.registry import list_workers
-from gateway.proto import tandem_pb2, tandem_pb2_grpc
+from tandem.core.protocol import WorkerInfo
+from tandem.core.redis_client import connect
+from tandem.core.registry import list_workers
+from tandem.gateway.proto import tandem_pb2, tandem_pb2_grpc
 from tandem.local_redis import LocalRedis, free_port
 
 ENGINE_FLAGS = ["--model", "smollm2", "--device", "cpu", "--num-blocks", "256", "--threads", "1"]
@@ -46,24 +46,43 @@ class Cluster:
         log_path = f"/tmp/tandem-fault-{os.getpid()}-{name}.log"
         self.logs[name] = log_path
         with open(log_path, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "--log-level", "INFO",
-                                     *args], stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tandem.cli", "--log-level", "INFO", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
     def start_worker(self, name: str, role: str, *flags: str) -> subprocess.Popen:
-        proc = self._spawn(name, [role, *ENGINE_FLAGS, "--redis-url", self.redis_url,
-                                  "--worker-id", name, *flags])
-        self.wait_for(lambda: any(w.worker_id == name for w in self.workers()),
-                      f"{name} to register", proc=proc)
+        proc = self._spawn(
+            name, [role, *ENGINE_FLAGS, "--redis-url", self.redis_url, "--worker-id", name, *flags]
+        )
+        self.wait_for(
+            lambda: any(w.worker_id == name for w in self.workers()),
+            f"{name} to register",
+            proc=proc,
+        )
         return proc
 
     def start_gateway(self, *flags: str) -> subprocess.Popen:
         self.grpc_port = self.grpc_port or free_port()
-        proc = self._spawn("gateway", ["gateway", "--model", "smollm2", "--redis-url",
-                                       self.redis_url, "--grpc-port", str(self.grpc_port),
-                                       "--http-port", str(free_port()), *flags])
+        proc = self._spawn(
+            "gateway",
+            [
+                "gateway",
+                "--model",
+                "smollm2",
+                "--redis-url",
+                self.redis_url,
+                "--grpc-port",
+                str(self.grpc_port),
+                "--http-port",
+                str(free_port()),
+                *flags,
+            ],
+        )
         self.wait_for(lambda: _port_open(self.grpc_port), "gateway port", proc=proc)
         return proc
 
@@ -102,8 +121,11 @@ class Cluster:
 
     def assert_no_blocks_in_use(self, timeout: float = 10.0) -> None:
         def clean() -> bool:
-            return all(w.used_blocks == 0 and w.running == 0 and w.reservations == 0
-                       for w in self.workers())
+            return all(
+                w.used_blocks == 0 and w.running == 0 and w.reservations == 0
+                for w in self.workers()
+            )
+
         self.wait_for(clean, "every worker to hold no blocks", timeout=timeout)
 
     def close(self) -> None:
@@ -125,8 +147,12 @@ def _port_open(port: int) -> bool:
 
 
 def request(prompt: str, max_tokens: int, **sampling) -> tandem_pb2.GenerateRequest:
-    return tandem_pb2.GenerateRequest(prompt=prompt, sampling=tandem_pb2.SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **sampling))
+    return tandem_pb2.GenerateRequest(
+        prompt=prompt,
+        sampling=tandem_pb2.SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **sampling
+        ),
+    )
 
 
 def collect(stub, req, timeout: float = 120.0) -> list[int]:

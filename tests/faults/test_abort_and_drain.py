@@ -65,8 +65,11 @@ def test_cancel_while_transferring(cluster):
     transfer cannot complete; cancel while it waits; then let the decoder run again."""
     stub = cluster.stub()
     call = stub.Generate(request(LONG_PROMPT * 3, 50), timeout=120)
-    cluster.wait_for(lambda: (w := cluster.worker("decode-0")) is not None
-                     and w.reservations == 1, "the decode worker to reserve blocks", timeout=30)
+    cluster.wait_for(
+        lambda: (w := cluster.worker("decode-0")) is not None and w.reservations == 1,
+        "the decode worker to reserve blocks",
+        timeout=30,
+    )
     cluster.signal("decode-0", signal.SIGSTOP)
     try:
         # The first token is published just before the KV is shipped, so once it arrives
@@ -92,10 +95,14 @@ def test_cancel_while_decoding(cluster):
 
 def test_many_cancels_leave_nothing_behind(cluster):
     stub = cluster.stub()
-    threads = [threading.Thread(target=_cancel_after,
-                                args=(stub, request(f"Story {i}: " + LONG_PROMPT[: 40 + i], 60)),
-                                kwargs={"seconds": 0.2 + 0.15 * (i % 8)})
-               for i in range(16)]
+    threads = [
+        threading.Thread(
+            target=_cancel_after,
+            args=(stub, request(f"Story {i}: " + LONG_PROMPT[: 40 + i], 60)),
+            kwargs={"seconds": 0.2 + 0.15 * (i % 8)},
+        )
+        for i in range(16)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from core.redis_keys import prefill_stream
+from tandem.core.redis_keys import prefill_stream
 from tests.faults.cluster import Cluster, collect, request, stream_in_background
 
 WORKERS = ("colo-a", "colo-b")
@@ -24,8 +24,9 @@ def _start(migrate: bool) -> Cluster:
 
 
 def _busy_worker(cluster: Cluster) -> str:
-    cluster.wait_for(lambda: any(w.running for w in cluster.workers("colocated")),
-                     "a busy colocated worker")
+    cluster.wait_for(
+        lambda: any(w.running for w in cluster.workers("colocated")), "a busy colocated worker"
+    )
     return next(w.worker_id for w in cluster.workers("colocated") if w.running)
 
 

@@ -24,8 +24,7 @@ def test_sigterm_drains_decode_then_exits_and_second_signal_is_immediate():
 
         def long_request() -> None:
             tokens: list[int] = []
-            for msg in stub.Generate(request("Write a long essay about the sea.", 80),
-                                     timeout=120):
+            for msg in stub.Generate(request("Write a long essay about the sea.", 80), timeout=120):
                 tokens += list(msg.token_ids)
                 if len(tokens) >= 3:
                     first_tokens.set()
@@ -35,8 +34,11 @@ def test_sigterm_drains_decode_then_exits_and_second_signal_is_immediate():
         t.start()
         assert first_tokens.wait(60)
         cluster.signal("decode-0", signal.SIGTERM)
-        cluster.wait_for(lambda: (w := cluster.worker("decode-0")) is not None and w.draining,
-                         "decode-0 to report draining", timeout=10)
+        cluster.wait_for(
+            lambda: (w := cluster.worker("decode-0")) is not None and w.draining,
+            "decode-0 to report draining",
+            timeout=10,
+        )
         # A second decode worker takes the new work while decode-0 finishes its own.
         cluster.start_worker("decode-1", "decode")
         assert len(collect(stub, request("A new request", 5))) == 5
@@ -67,11 +69,15 @@ def test_sigterm_drains_a_colocated_worker_and_a_second_signal_is_immediate():
         cluster.start_worker("colo-a", "worker")
         cluster.start_gateway()
         essay, started = stream_in_background(
-            cluster, request("Write a long essay about the sea.", 150), 3)
+            cluster, request("Write a long essay about the sea.", 150), 3
+        )
         assert started.wait(60)
         cluster.signal("colo-a", signal.SIGTERM)
-        cluster.wait_for(lambda: (w := cluster.worker("colo-a")) is not None and w.draining,
-                         "colo-a to report draining", timeout=10)
+        cluster.wait_for(
+            lambda: (w := cluster.worker("colo-a")) is not None and w.draining,
+            "colo-a to report draining",
+            timeout=10,
+        )
         essay["thread"].join(120)
         assert "error" not in essay and len(essay["tokens"]) == 150, "cut short by the drain"
         assert cluster.procs["colo-a"].wait(30) == 0

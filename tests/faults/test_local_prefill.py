@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from core.local_prefill import entry_time_ms
-from core.redis_keys import PREFILL_GROUP, prefill_stream
+from tandem.core.local_prefill import entry_time_ms
+from tandem.core.redis_keys import PREFILL_GROUP, prefill_stream
 from tests.faults.cluster import Cluster, collect, request
 from tests.service.conftest import PROMPTS, solo
 
@@ -36,7 +36,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def engine():
-    from engine.llm import LLM
+    from tandem.engine.llm import LLM
 
     return LLM("smollm2", device="cpu")
 

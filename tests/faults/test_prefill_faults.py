@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
-from core.protocol import PrefillTask, TokenBatch, decode
-from core.redis_client import add_task, ensure_group
-from core.redis_keys import MESSAGE_FIELD, PREFILL_GROUP, dead_letter_stream, prefill_stream
-from core.sampling_params import SamplingParams
+from tandem.core.protocol import PrefillTask, TokenBatch, decode
+from tandem.core.redis_client import add_task, ensure_group
+from tandem.core.redis_keys import MESSAGE_FIELD, PREFILL_GROUP, dead_letter_stream, prefill_stream
+from tandem.core.sampling_params import SamplingParams
 from tests.faults.cluster import Cluster, collect, request
 
 STREAM = prefill_stream("smollm2")
@@ -28,8 +28,9 @@ def test_tasks_of_a_killed_prefill_worker_are_reclaimed_and_complete():
         cluster.start_worker("decode-0", "decode")
         cluster.start_gateway()
         # A slow prefill worker (4 tokens a step) that will die holding a task.
-        cluster.start_worker("prefill-a", "prefill", "--max-num-batched-tokens", "4",
-                             "--reservation-lease", "3")
+        cluster.start_worker(
+            "prefill-a", "prefill", "--max-num-batched-tokens", "4", "--reservation-lease", "3"
+        )
         stub = cluster.stub()
         results: dict[int, list[int]] = {}
 
@@ -41,8 +42,9 @@ def test_tasks_of_a_killed_prefill_worker_are_reclaimed_and_complete():
             t.start()
         # It takes a task at a time (about what one step prefills), so it dies holding
         # one; the others are still in the stream for prefill-b.
-        cluster.wait_for(lambda: _pending_for(cluster, "prefill-a") >= 1,
-                         "prefill-a to take a task")
+        cluster.wait_for(
+            lambda: _pending_for(cluster, "prefill-a") >= 1, "prefill-a to take a task"
+        )
         cluster.kill("prefill-a")
         cluster.start_worker("prefill-b", "prefill", "--reclaim-idle", "2")
         for t in threads:
@@ -63,18 +65,26 @@ def test_task_failing_too_often_goes_to_dead_letter_and_client_gets_error():
         cluster.start_worker("decode-0", "decode")
         ensure_group(cluster.client, STREAM)  # the decode worker may have made it already
         reply = "tandem:reply:test-dead-letter"
-        task = PrefillTask(request_id="poison-1", prompt_token_ids=[1, 2, 3],
-                           sampling=SamplingParams(max_tokens=4), reply_stream=reply,
-                           deadline=time.time() + 120)
+        task = PrefillTask(
+            request_id="poison-1",
+            prompt_token_ids=[1, 2, 3],
+            sampling=SamplingParams(max_tokens=4),
+            reply_stream=reply,
+            deadline=time.time() + 120,
+        )
         entry = add_task(cluster.client, STREAM, task)
         # Three consumers take it in turn and "die" with it: three failed deliveries.
         cluster.client.xreadgroup(PREFILL_GROUP, "ghost-1", {STREAM: ">"}, count=1)
         for ghost in ("ghost-2", "ghost-3"):
-            cluster.client.xautoclaim(STREAM, PREFILL_GROUP, ghost, min_idle_time=0,
-                                      start_id="0-0", count=1)
+            cluster.client.xautoclaim(
+                STREAM, PREFILL_GROUP, ghost, min_idle_time=0, start_id="0-0", count=1
+            )
         cluster.start_worker("prefill-0", "prefill", "--reclaim-idle", "1")
-        cluster.wait_for(lambda: cluster.client.xlen(dead_letter_stream("smollm2")) == 1,
-                         "the task to be dead-lettered", timeout=30)
+        cluster.wait_for(
+            lambda: cluster.client.xlen(dead_letter_stream("smollm2")) == 1,
+            "the task to be dead-lettered",
+            timeout=30,
+        )
         dead = cluster.client.xrange(dead_letter_stream("smollm2"))[0][1]
         assert decode(dead[MESSAGE_FIELD], PrefillTask).request_id == "poison-1"
         assert dead[b"entry"] == entry

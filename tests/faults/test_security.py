@@ -16,8 +16,11 @@ PICKLE = re.compile(r"^\s*(import|from)\s+(c?pickle|cloudpickle|dill|joblib)\b",
 
 
 def test_no_pickle_in_the_source_tree():
-    offenders = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
-                 if ".venv" not in p.parts and PICKLE.search(p.read_text(errors="ignore"))]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in ROOT.rglob("*.py")
+        if ".venv" not in p.parts and PICKLE.search(p.read_text(errors="ignore"))
+    ]
     assert offenders == []
 
 
@@ -32,8 +35,11 @@ def test_password_protected_redis_and_loopback_only_sockets():
         info = cluster.worker("decode-0")
         assert info.control_address.startswith("tcp://127.0.0.1:")
         for proc in (decode, prefill):
-            listening = [c.laddr.ip for c in psutil.Process(proc.pid).net_connections("inet")
-                         if c.status == psutil.CONN_LISTEN]
+            listening = [
+                c.laddr.ip
+                for c in psutil.Process(proc.pid).net_connections("inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
             assert all(ip == "127.0.0.1" for ip in listening), listening
     finally:
         cluster.close()

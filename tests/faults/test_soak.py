@@ -27,8 +27,10 @@ def test_soak_with_cancels_and_worker_loss():
         cluster.start_gateway()
         stub = cluster.stub()
         rng = random.Random(1234)
-        plans = [(rng.randrange(2, 14), rng.random() < 0.2, rng.uniform(0.05, 1.5))
-                 for _ in range(NUM_REQUESTS)]
+        plans = [
+            (rng.randrange(2, 14), rng.random() < 0.2, rng.uniform(0.05, 1.5))
+            for _ in range(NUM_REQUESTS)
+        ]
         done = 0
         lock = threading.Lock()
 

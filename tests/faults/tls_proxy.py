@@ -46,7 +46,8 @@ class TlsProxy:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         server = self._loop.run_until_complete(
-            asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._server_ctx))
+            asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._server_ctx)
+        )
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()

@@ -18,11 +18,11 @@ import grpc
 import pytest
 import redis
 
-from core.tokenizer import Tokenizer
-from engine.model_registry import resolve_model
-from gateway.app import GatewayApp
-from gateway.config import GatewayConfig
-from gateway.proto import tandem_pb2_grpc as pb_grpc
+from tandem.core.tokenizer import Tokenizer
+from tandem.engine.model_registry import resolve_model
+from tandem.gateway.app import GatewayApp
+from tandem.gateway.config import GatewayConfig
+from tandem.gateway.proto import tandem_pb2_grpc as pb_grpc
 from tandem.local_redis import LocalRedis
 from tests.gateway.fake_worker import FakeWorker
 

@@ -16,8 +16,8 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from core import redis_keys
-from core.protocol import (
+from tandem.core import redis_keys
+from tandem.core.protocol import (
     AbortNotice,
     PrefillTask,
     TokenBatch,

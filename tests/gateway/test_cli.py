@@ -63,7 +63,7 @@ def test_port_in_use_is_a_one_line_error(
 ) -> None:
     ports = {"http": "0", "grpc": "0", which: str(busy_port)}
     # The `tandem gateway` command and the module it runs report the same way.
-    module = "tandem.cli" if which == "http" else "gateway.main"
+    module = "tandem.cli" if which == "http" else "tandem.gateway.main"
     command = ("gateway",) if module == "tandem.cli" else ()
     result = run(
         module, *command, "--model-dir", str(model_dir), "--redis-url", redis_server.url,
@@ -78,7 +78,7 @@ def test_port_in_use_is_a_one_line_error(
 
 @pytest.mark.parametrize("model", ["no-such-model", "/nonexistent/checkpoint"])
 def test_unknown_model_is_a_one_line_error(model: str) -> None:
-    result = run("gateway.main", "--model", model, "--http-port", "0", "--grpc-port", "0")
+    result = run("tandem.gateway.main", "--model", model, "--http-port", "0", "--grpc-port", "0")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "model" in lines[0] and "not found" in lines[0], lines
@@ -88,7 +88,7 @@ def test_json_logs_carry_request_ids(
     model_dir: Path, redis_server: LocalRedis, fake_worker: FakeWorker
 ) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.main", "--model-dir", str(model_dir), "--redis-url", redis_server.url, "--grpc-port", "0",
+        [sys.executable, "-m", "tandem.gateway.main", "--model-dir", str(model_dir), "--redis-url", redis_server.url, "--grpc-port", "0",
          "--http-port", "0", "--log-format", "json"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""gateway.client: the sync and asyncio clients and `python -m gateway.client`."""
+"""gateway.client: the sync and asyncio clients and `python -m tandem.gateway.client`."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from core import redis_keys
-from core.tokenizer import Tokenizer
-from gateway.client import AsyncTandemClient, TandemClient, TandemError
+from tandem.core import redis_keys
+from tandem.core.tokenizer import Tokenizer
+from tandem.gateway.client import AsyncTandemClient, TandemClient, TandemError
 from tests.gateway.conftest import Gateway, wait_for
 from tests.gateway.fake_worker import FakeWorker, expected_output
 
@@ -101,7 +101,7 @@ def test_command_line_prints_the_stream(
     gateway: Gateway, fake_worker: FakeWorker, tokenizer: Tokenizer
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.client", "--target", gateway.target, "--max-tokens", "7",
+        [sys.executable, "-m", "tandem.gateway.client", "--target", gateway.target, "--max-tokens", "7",
          "--usage", PROMPT],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -110,7 +110,7 @@ def test_command_line_prints_the_stream(
     assert result.stdout == want + "\n"
     assert "finish=length" in result.stderr and "completion_tokens=7" in result.stderr
     bad = subprocess.run(
-        [sys.executable, "-m", "gateway.client", "--target", gateway.target, "--max-tokens",
+        [sys.executable, "-m", "tandem.gateway.client", "--target", gateway.target, "--max-tokens",
          "99999", "hi"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from core.models import default_cache_dir
-from gateway.config import GatewayConfig, ModelLimits
-from gateway.main import add_arguments, config_from_args
+from tandem.core.models import default_cache_dir
+from tandem.gateway.config import GatewayConfig, ModelLimits
+from tandem.gateway.main import add_arguments, config_from_args
 
 
 def parse(*argv: str) -> GatewayConfig:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from core.tokenizer import Tokenizer
-from gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher, TextStream
+from tandem.core.tokenizer import Tokenizer
+from tandem.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher, TextStream
 
 TEXTS = [
     "plain ascii, nothing special",

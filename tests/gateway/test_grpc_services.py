@@ -9,7 +9,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from core.tokenizer import Tokenizer
+from tandem.core.tokenizer import Tokenizer
 from tests.gateway.conftest import Gateway
 from tests.gateway.fake_worker import FakeWorker, expected_output
 

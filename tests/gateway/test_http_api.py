@@ -10,7 +10,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from core.tokenizer import Tokenizer
+from tandem.core.tokenizer import Tokenizer
 from tests.gateway.conftest import MODEL, Gateway
 from tests.gateway.fake_worker import FakeWorker, expected_output
 

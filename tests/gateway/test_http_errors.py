@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from core import redis_keys
+from tandem.core import redis_keys
 from tests.gateway.conftest import MODEL, Gateway, wait_for
 from tests.gateway.fake_worker import FakeWorker
 
@@ -197,8 +197,7 @@ def test_full_prefill_queue_is_429_at_once(
     gateway = start_gateway(max_queued_tasks=3)
     stream = redis_keys.prefill_stream(MODEL)
     fake_worker.stall = True
-    backlog = [redis_client.xadd(stream, {redis_keys.MESSAGE_FIELD: b"waiting"})
-               for _ in range(3)]
+    backlog = [redis_client.xadd(stream, {redis_keys.MESSAGE_FIELD: b"waiting"}) for _ in range(3)]
     try:
         started = time.monotonic()
         status, payload, headers = post(gateway, "/v1/completions", {"prompt": "hi"})

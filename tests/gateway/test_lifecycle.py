@@ -9,9 +9,9 @@ import grpc
 import pytest
 import redis
 
-from core import redis_keys
-from core.protocol import WorkerInfo, encode
-from gateway.proto import tandem_pb2 as pb
+from tandem.core import redis_keys
+from tandem.core.protocol import WorkerInfo, encode
+from tandem.gateway.proto import tandem_pb2 as pb
 from tests.gateway.conftest import MODEL, Gateway, LoopThread, wait_for
 from tests.gateway.fake_worker import FakeWorker
 

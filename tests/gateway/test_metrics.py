@@ -13,10 +13,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from core import redis_keys
-from core.protocol import PrefillTask, WorkerInfo, encode
-from core.sampling_params import SamplingParams
-from gateway.proto import tandem_pb2 as pb
+from tandem.core import redis_keys
+from tandem.core.protocol import PrefillTask, WorkerInfo, encode
+from tandem.core.sampling_params import SamplingParams
+from tandem.gateway.proto import tandem_pb2 as pb
 from tests.gateway.conftest import MODEL, Gateway
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "compose" / "grafana" / "tandem-dashboard.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.proto import generate as proto_generate
+from tandem.gateway.proto import generate as proto_generate
 from tandem.local_redis import LocalRedis
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,15 +25,15 @@ def test_committed_stubs_are_current(tmp_path: Path) -> None:
     for fresh in proto_generate.generate(tmp_path):
         committed = proto_generate.OUT_DIR / fresh.name
         assert committed.read_text() == fresh.read_text(), (
-            f"{committed} is stale: run .venv/bin/python -m gateway.proto.generate"
+            f"{committed} is stale: run .venv/bin/python -m tandem.gateway.proto.generate"
         )
 
 
 def test_gateway_imports_no_torch() -> None:
     code = (
-        "import sys, gateway.server, gateway.main, gateway.app, gateway.client, "
-        "gateway.http_api, gateway.http_server, gateway.metrics, gateway.execution; "
-        "bad = [m for m in ('torch', 'transformers', 'engine') if m in sys.modules]; "
+        "import sys, tandem.gateway.server, tandem.gateway.main, tandem.gateway.app, tandem.gateway.client, "
+        "tandem.gateway.http_api, tandem.gateway.http_server, tandem.gateway.metrics, tandem.gateway.execution; "
+        "bad = [m for m in ('torch', 'transformers', 'tandem.engine') if m in sys.modules]; "
         "assert not bad, bad"
     )
     result = subprocess.run(
@@ -52,7 +52,7 @@ def test_process_serves_and_exits_on_sigterm(model_dir: Path, redis_server: Loca
     args = [
         sys.executable,
         "-m",
-        "gateway.main",
+        "tandem.gateway.main",
         "--model",
         "smollm2",
         "--model-dir",

@@ -9,10 +9,10 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from core import redis_keys
-from core.protocol import TokenBatch, TokenDelta, encode
-from gateway.proto import tandem_pb2 as pb
-from gateway.reply_router import ReplyRouter, RequestStream
+from tandem.core import redis_keys
+from tandem.core.protocol import TokenBatch, TokenDelta, encode
+from tandem.gateway.proto import tandem_pb2 as pb
+from tandem.gateway.reply_router import ReplyRouter, RequestStream
 from tandem.local_redis import LocalRedis
 from tests.gateway.conftest import Gateway, LoopThread, wait_for
 from tests.gateway.fake_worker import FakeWorker

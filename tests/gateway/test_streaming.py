@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from core.tokenizer import Tokenizer
-from gateway.proto import tandem_pb2 as pb
+from tandem.core.tokenizer import Tokenizer
+from tandem.gateway.proto import tandem_pb2 as pb
 from tests.gateway.conftest import Gateway, wait_for
 from tests.gateway.fake_worker import FakeWorker, expected_output
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from gateway.proto import tandem_pb2 as pb
+from tandem.gateway.proto import tandem_pb2 as pb
 from tests.gateway.conftest import Gateway
 
 SP = pb.SamplingParams

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.protocol import ReserveRequest
-from kvtransfer import TransferState, layout_of, ship
-from kvtransfer.cuda_ipc_backend import CudaIpcKVReceiver, CudaIpcKVSender
+from tandem.core.protocol import ReserveRequest
+from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVReceiver, CudaIpcKVSender
+from tandem.kvtransfer.transport import TransferState, layout_of, ship
 from tests.kvtransfer.decode_stub import DecodeStub
 from tests.service.conftest import generate, start_service, stop_service
 

@@ -73,19 +73,14 @@ def _resource_usage(cubin: bytes) -> str:
 
 def run_all(quick: bool = False) -> None:
     """Every wrapper at several shapes; `quick`: only the bf16 / head_dim 128 model."""
-    from kernels import (
-        apply_rotary,
-        build_cos_sin_cache,
-        fused_add_rms_norm,
-        kv_block_transfer,
-        pack_blocks,
-        paged_decode_attention,
-        paged_prefill_attention,
-        rms_norm,
-        silu_and_mul,
-        store_kv,
-        unpack_blocks,
-    )
+    from tandem.kernels.block_copy import pack_blocks, unpack_blocks
+    from tandem.kernels.decode_attention import paged_decode_attention
+    from tandem.kernels.kv_block_transfer import kv_block_transfer
+    from tandem.kernels.kv_store import store_kv
+    from tandem.kernels.prefill_attention import paged_prefill_attention
+    from tandem.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+    from tandem.kernels.rotary import apply_rotary, build_cos_sin_cache
+    from tandem.kernels.silu_mul import silu_and_mul
 
     bf16 = torch.bfloat16
     models = [

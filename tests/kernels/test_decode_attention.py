@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.decode_attention import (
+from tandem.kernels.decode_attention import (
     decode_num_splits,
     heads_per_program,
     paged_decode_attention,

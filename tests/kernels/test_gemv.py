@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.gemv import gemv, gemv_ref
+from tandem.kernels.gemv import gemv, gemv_ref
 from tests.kernels.helpers import DTYPES, assert_close
 
 
@@ -20,8 +20,12 @@ def test_gemv_matches_linear(device, seed, dtype, n, k, bias):
     b = torch.randn(n).to(dtype).to(device) if bias else None
     got = gemv(x, w, b)
     assert got.shape == (1, n) and got.dtype == dtype
-    assert_close(got, gemv_ref(x.float(), w.float(), None if b is None else b.float()).to(dtype),
-                 seed, f"gemv {n}x{k}")
+    assert_close(
+        got,
+        gemv_ref(x.float(), w.float(), None if b is None else b.float()).to(dtype),
+        seed,
+        f"gemv {n}x{k}",
+    )
 
 
 def test_gemv_reads_strided_weight_rows(device, seed):
@@ -43,8 +47,9 @@ def test_gemv_rejects_what_it_cannot_do(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
-                                 (128256, 4096), (1152, 896)])
+@pytest.mark.parametrize(
+    "n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (1152, 896)]
+)
 def test_gemv_real_shapes(device, seed, n, k):
     x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
     w = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_block_transfer import kv_block_transfer, kv_block_transfer_ref
+from tandem.kernels.kv_block_transfer import kv_block_transfer, kv_block_transfer_ref
 from tests.kernels.helpers import DTYPES, poisoned
 
 

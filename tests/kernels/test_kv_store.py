@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_store import store_kv, store_kv_ref
+from tandem.kernels.kv_store import store_kv, store_kv_ref
 from tests.kernels.helpers import DTYPES, assert_close
 
 

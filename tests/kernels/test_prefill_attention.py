@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from tandem.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from tests.kernels.helpers import DTYPES, assert_close, make_paged_batch, poisoned
 
 # (query_lens, ctx_lens, heads, kv_heads, head_dim, block_size)

@@ -7,27 +7,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata, paged_attention_torch
-from engine.attention import store_kv as engine_store_kv
-from engine.ops import TorchOps, TritonOps
-from engine.rope import rope_inv_freq
-from kernels import (
-    apply_rotary,
-    apply_rotary_ref,
-    build_cos_sin_cache,
-    fused_add_rms_norm_ref,
-    pack_blocks_ref,
-    paged_decode_attention,
-    paged_decode_attention_ref,
-    paged_prefill_attention,
-    paged_prefill_attention_ref,
-    rms_norm_ref,
-    silu_and_mul_ref,
-    store_kv_ref,
-    unpack_blocks_ref,
-)
-from kvtransfer.pack import pack_blocks as transfer_pack
-from kvtransfer.pack import unpack_blocks as transfer_unpack
+from tandem.engine.attention import AttentionMetadata, paged_attention_torch
+from tandem.engine.attention import store_kv as engine_store_kv
+from tandem.engine.ops import TorchOps, TritonOps
+from tandem.engine.rope import rope_inv_freq
+from tandem.kernels.block_copy import pack_blocks_ref, unpack_blocks_ref
+from tandem.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+from tandem.kernels.kv_store import store_kv_ref
+from tandem.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from tandem.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
+from tandem.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
+from tandem.kernels.silu_mul import silu_and_mul_ref
+from tandem.kvtransfer.pack import pack_blocks as transfer_pack
+from tandem.kvtransfer.pack import unpack_blocks as transfer_unpack
 from tests.kernels.helpers import PagedBatch, assert_close, make_paged_batch
 
 LLAMA3_SCALING = dict(
@@ -168,17 +160,34 @@ def _compare_ops(device: str, seed: int) -> None:
         n = sum(query_lens)
         q = torch.randn(n, 4, 64)
         k, v = torch.randn(n, 2, 64), torch.randn(n, 2, 64)
-        positions = torch.tensor([c - q_len + i for q_len, c in zip(query_lens, ctx_lens,
-                                                                    strict=True)
-                                  for i in range(q_len)])
+        positions = torch.tensor(
+            [
+                c - q_len + i
+                for q_len, c in zip(query_lens, ctx_lens, strict=True)
+                for i in range(q_len)
+            ]
+        )
         cache = batch.cache.clone()
         want = torch_ops.rotary_attention(
-            q.clone(), k.clone(), v, torch_ops.rope_tables(positions, inv_freq, None, q.dtype),
-            cache, meta, 0.125)
+            q.clone(),
+            k.clone(),
+            v,
+            torch_ops.rope_tables(positions, inv_freq, None, q.dtype),
+            cache,
+            meta,
+            0.125,
+        )
         got = triton_ops.rotary_attention(
-            q.clone(), k.clone(), v, triton_ops.rope_tables(
-                positions, inv_freq, build_cos_sin_cache(inv_freq, 256), q.dtype),
-            batch.cache, meta, 0.125)
+            q.clone(),
+            k.clone(),
+            v,
+            triton_ops.rope_tables(
+                positions, inv_freq, build_cos_sin_cache(inv_freq, 256), q.dtype
+            ),
+            batch.cache,
+            meta,
+            0.125,
+        )
         assert_close(batch.cache, cache, seed, "KV store")
         assert_close(got, want, seed, f"attention q_lens={query_lens}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
+from tandem.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
 from tests.kernels.helpers import DTYPES, assert_close
 
 

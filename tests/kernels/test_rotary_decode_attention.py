@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rotary import build_cos_sin_cache
-from kernels.rotary_decode_attention import (
+from tandem.kernels.rotary import build_cos_sin_cache
+from tandem.kernels.rotary_decode_attention import (
     rotary_decode_attention,
     rotary_decode_attention_ref,
 )

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rotary import build_cos_sin_cache
-from kernels.rotary_store_kv import rotary_store_kv, rotary_store_kv_ref
+from tandem.kernels.rotary import build_cos_sin_cache
+from tandem.kernels.rotary_store_kv import rotary_store_kv, rotary_store_kv_ref
 from tests.kernels.helpers import DTYPES, assert_close
 
 
@@ -22,8 +22,9 @@ def _case(device, dtype, tokens, heads, kv_heads, head_dim, block_size, blocks, 
     positions = torch.randint(0, max_pos, (tokens,), device=device)
     slots = torch.randperm(blocks * block_size, device=device)[:tokens]
     slots[torch.rand(tokens, device=device) < 0.25] = -1  # padding tokens
-    cache = torch.full((2, blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype,
-                       device=device)
+    cache = torch.full(
+        (2, blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=device
+    )
     return qkv, q, k, v, positions, table, cache, slots
 
 
@@ -43,10 +44,12 @@ def _check(case, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size",
-                         [(4, 2, 64, 16), (3, 3, 128, 8), (8, 1, 16, 4)])
-def test_rotary_store_kv_matches_reference(device, seed, dtype, heads, kv_heads, head_dim,
-                                           block_size):
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size", [(4, 2, 64, 16), (3, 3, 128, 8), (8, 1, 16, 4)]
+)
+def test_rotary_store_kv_matches_reference(
+    device, seed, dtype, heads, kv_heads, head_dim, block_size
+):
     _check(_case(device, dtype, 19, heads, kv_heads, head_dim, block_size, 7, 256), seed)
 
 

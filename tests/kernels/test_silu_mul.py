@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.silu_mul import silu_and_mul, silu_and_mul_ref
+from tandem.kernels.silu_mul import silu_and_mul, silu_and_mul_ref
 from tests.kernels.helpers import DTYPES, assert_close, poisoned
 
 

@@ -11,18 +11,18 @@ import pytest
 import torch
 import zmq
 
-from core.protocol import ReserveReply, TransferAck
-from kvtransfer import (
+from tandem.core.protocol import ReserveReply, TransferAck
+from tandem.kvtransfer import cuda_ipc_backend
+from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVSender
+from tandem.kvtransfer.transport import (
     FakeKVReceiver,
     FakeKVSender,
     KVReceiver,
     KVSender,
     ZmqKVReceiver,
     ZmqKVSender,
-    cuda_ipc_backend,
 )
-from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
-from kvtransfer.wire import parse_reply
+from tandem.kvtransfer.wire import parse_reply
 from tests.kvtransfer.cuda_ipc_fakes import FakeIpc
 
 TRANSPORTS = ["zmq-tcp", "zmq-ipc", "fake"]

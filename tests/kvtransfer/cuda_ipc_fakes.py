@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from core.protocol import (
+from tandem.core.protocol import (
     CudaIpcExport,
     Handoff,
     PrefillTask,
@@ -16,10 +16,10 @@ from core.protocol import (
     ReserveRequest,
     TransferAck,
 )
-from core.sampling_params import SamplingParams
-from kvtransfer import layout_of
-from kvtransfer.cuda_ipc_backend import CudaIpcKVReceiver, CudaIpcKVSender
-from kvtransfer.pack import dtype_name
+from tandem.core.sampling_params import SamplingParams
+from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVReceiver, CudaIpcKVSender
+from tandem.kvtransfer.pack import dtype_name
+from tandem.kvtransfer.transport import layout_of
 from tests.kvtransfer.decode_stub import DecodeStub
 
 LAYERS, BLOCK, HEADS, DIM = 3, 4, 2, 8

@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from core.protocol import (
+from tandem.core.protocol import (
     Handoff,
     KVLayout,
     KVTransfer,
@@ -15,7 +15,7 @@ from core.protocol import (
     ReserveRequest,
     TransferAck,
 )
-from kvtransfer import Inbound, KVReceiver, unpack_blocks
+from tandem.kvtransfer.transport import Inbound, KVReceiver, unpack_blocks
 
 
 class DecodeStub:

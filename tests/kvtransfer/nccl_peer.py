@@ -18,11 +18,11 @@ import signal
 import sys
 import time
 
-from core.protocol import ReserveRequest
-from kvtransfer import TransferState, layout_of, ship
-from kvtransfer.nccl_backend import NcclKVReceiver, NcclKVSender
-from kvtransfer.nccl_group import PairGroup
-from kvtransfer.pack import dtype_from_name
+from tandem.core.protocol import ReserveRequest
+from tandem.kvtransfer.nccl_backend import NcclKVReceiver, NcclKVSender
+from tandem.kvtransfer.nccl_group import PairGroup
+from tandem.kvtransfer.pack import dtype_from_name
+from tandem.kvtransfer.transport import TransferState, layout_of, ship
 from tests.kvtransfer.conftest import BLOCK_SIZE, make_caches
 from tests.kvtransfer.decode_stub import DecodeStub
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import zmq
 
-from core.protocol import (
+from tandem.core.protocol import (
     ControlMessage,
     ExportReply,
     ExportRequest,
@@ -21,15 +21,15 @@ from core.protocol import (
     decode,
     encode,
 )
-from kvtransfer import TransferError, TransferState, ZmqKVReceiver, layout_of, ship
-from kvtransfer import cuda_ipc_backend as ipc
-from kvtransfer.cuda_ipc_backend import (
+from tandem.kvtransfer.cuda_ipc_backend import (
     CudaIpcKVReceiver,
     CudaIpcKVSender,
     export_mismatch,
     stacked_cache,
 )
-from kvtransfer.wire import RejectedFrame, parse_inbound, parse_reply
+from tandem.kvtransfer.transport import TransferError, TransferState, ZmqKVReceiver, layout_of, ship
+from tandem.kvtransfer.transport import cuda_ipc_backend as ipc
+from tandem.kvtransfer.wire import RejectedFrame, parse_inbound, parse_reply
 from tests.kvtransfer.conftest import bits
 from tests.kvtransfer.cuda_ipc_fakes import (
     BLOCK,

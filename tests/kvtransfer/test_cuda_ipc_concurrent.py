@@ -15,9 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from kvtransfer import BlockMove, Transfer, TransferError, TransferState, ship, ship_many
-from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
-from kvtransfer.cuda_ipc_copy import BlockCopier, CopyStats
+from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVSender
+from tandem.kvtransfer.cuda_ipc_copy import BlockCopier, CopyStats
+from tandem.kvtransfer.transport import (
+    BlockMove,
+    Transfer,
+    TransferError,
+    TransferState,
+    ship,
+    ship_many,
+)
 from tests.kvtransfer.conftest import bits, wait_until
 from tests.kvtransfer.cuda_ipc_fakes import Decode, handoff, kv_cache, reserve, untouched
 

@@ -6,8 +6,8 @@ import msgspec
 import pytest
 import torch
 
-from core.protocol import KVTransfer, ReserveReply, ReserveRequest, TransferAck, encode
-from kvtransfer import TransferState, layout_of, ship
+from tandem.core.protocol import KVTransfer, ReserveReply, ReserveRequest, TransferAck, encode
+from tandem.kvtransfer.transport import TransferState, layout_of, ship
 from tests.kvtransfer.conftest import BLOCK_SIZE, Transport, make_caches, wait_until
 from tests.kvtransfer.decode_stub import DecodeStub
 

@@ -17,9 +17,9 @@ import psutil
 import pytest
 import torch
 
-from core.protocol import ReserveRequest
-from kvtransfer import TransferError, TransferState, ZmqKVReceiver, layout_of, ship
-from kvtransfer.nccl_backend import NcclKVReceiver, NcclKVSender
+from tandem.core.protocol import ReserveRequest
+from tandem.kvtransfer.nccl_backend import NcclKVReceiver, NcclKVSender
+from tandem.kvtransfer.transport import TransferError, TransferState, ZmqKVReceiver, layout_of, ship
 from tests.kvtransfer.conftest import BLOCK_SIZE, NUM_LAYERS, bits, make_caches, wait_until
 from tests.kvtransfer.decode_stub import DecodeStub
 

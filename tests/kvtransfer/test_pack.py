@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.protocol import KVLayout
-from kvtransfer import (
+from tandem.core.protocol import KVLayout
+from tandem.kvtransfer.pack import check_block_ids
+from tandem.kvtransfer.transport import (
     LayoutMismatch,
     check_layout,
     dtype_from_name,
@@ -16,7 +17,6 @@ from kvtransfer import (
     tensor_to_frame,
     unpack_blocks,
 )
-from kvtransfer.pack import check_block_ids
 from tests.kvtransfer.conftest import (
     BLOCK_SIZE,
     FLOAT_DTYPES,

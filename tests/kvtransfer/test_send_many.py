@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.protocol import TransferAck
-from kvtransfer import BlockMove, KVSender, TransferError, TransferState, ship_many
+from tandem.core.protocol import TransferAck
+from tandem.kvtransfer.transport import BlockMove, KVSender, TransferError, TransferState, ship_many
 
 
 class _Sender(KVSender):
@@ -25,8 +25,9 @@ class _Sender(KVSender):
         self.sent.append((request_id, list(src), list(dst)))
         if request_id == "lost":
             raise TransferError("peer gone (test)")
-        return TransferAck(request_id=request_id, ok=request_id != "refused",
-                           reason="no room (test)")
+        return TransferAck(
+            request_id=request_id, ok=request_id != "refused", reason="no room (test)"
+        )
 
     def handoff(self, address, msg, timeout_s):  # pragma: no cover - unused
         raise NotImplementedError
@@ -40,12 +41,20 @@ class _Sender(KVSender):
 
 def test_default_sends_each_move_and_fails_only_its_own():
     sender = _Sender()
-    moves = [BlockMove("a", [0, 1], [5, 6]), BlockMove("lost", [2], [7]),
-             BlockMove("refused", [3], [8]), BlockMove("b", [4], [9])]
+    moves = [
+        BlockMove("a", [0, 1], [5, 6]),
+        BlockMove("lost", [2], [7]),
+        BlockMove("refused", [3], [8]),
+        BlockMove("b", [4], [9]),
+    ]
     done = ship_many(sender, "tcp://x", moves, [torch.zeros(1)], 1.0)
     assert [m[0] for m in sender.sent] == ["a", "lost", "refused", "b"]
-    assert [t.state for t in done] == [TransferState.DONE, TransferState.FAILED,
-                                       TransferState.FAILED, TransferState.DONE]
+    assert [t.state for t in done] == [
+        TransferState.DONE,
+        TransferState.FAILED,
+        TransferState.FAILED,
+        TransferState.DONE,
+    ]
     assert "peer gone" in done[1].reason and "no room" in done[2].reason
 
 

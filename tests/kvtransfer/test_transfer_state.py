@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-import kvtransfer
-from kvtransfer import Transfer, TransferState
+from tandem.kvtransfer import transport as kvtransfer
+from tandem.kvtransfer.transport import Transfer, TransferState
 
 S = TransferState
 

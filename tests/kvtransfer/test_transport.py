@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from core.protocol import (
+from tandem.core.protocol import (
     Handoff,
     KVLayout,
     PrefillTask,
@@ -16,8 +16,8 @@ from core.protocol import (
     ReserveRequest,
     TransferAck,
 )
-from core.sampling_params import SamplingParams
-from kvtransfer import TransferError, TransferState, layout_of, ship
+from tandem.core.sampling_params import SamplingParams
+from tandem.kvtransfer.transport import TransferError, TransferState, layout_of, ship
 from tests.kvtransfer.conftest import (
     BLOCK_SIZE,
     FLOAT_DTYPES,

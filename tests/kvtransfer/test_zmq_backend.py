@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from core.protocol import ReserveRequest
-from kvtransfer import TransferState, ZmqKVReceiver, ZmqKVSender, layout_of, ship
+from tandem.core.protocol import ReserveRequest
+from tandem.kvtransfer.transport import TransferState, ZmqKVReceiver, ZmqKVSender, layout_of, ship
 from tests.kvtransfer.conftest import Transport, bits, wait_until
 from tests.kvtransfer.decode_stub import DecodeStub
 

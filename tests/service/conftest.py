@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from core.redis_client import connect
-from core.registry import list_workers
-from core.sampling_params import SamplingParams
-from gateway.proto import tandem_pb2, tandem_pb2_grpc
+from tandem.core.redis_client import connect
+from tandem.core.registry import list_workers
+from tandem.core.sampling_params import SamplingParams
+from tandem.gateway.proto import tandem_pb2, tandem_pb2_grpc
 from tandem.local_redis import free_port
 
 PROMPTS = [
@@ -52,11 +52,27 @@ def start_service(*extra: str, ready_timeout: float = 240.0) -> RunningService:
     """`tandem serve` with free ports; `extra` flags are appended (they may override)."""
     port = free_port()
     http = [] if "--http-port" in extra else ["--http-port", str(free_port())]
-    cmd = [sys.executable, "-m", "tandem.cli", "--log-level", "INFO", "serve", "--model",
-           "smollm2", "--device", "cpu", "--grpc-port", str(port), "--num-blocks", "512",
-           *http, *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "tandem.cli",
+        "--log-level",
+        "INFO",
+        "serve",
+        "--model",
+        "smollm2",
+        "--device",
+        "cpu",
+        "--grpc-port",
+        str(port),
+        "--num-blocks",
+        "512",
+        *http,
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     log: list[str] = []
     ready = threading.Event()
     info: dict[str, str] = {}
@@ -84,7 +100,7 @@ def stop_service(svc: RunningService, sig: int = signal.SIGINT) -> int:
 
 @pytest.fixture(scope="module")
 def engine():
-    from engine.llm import LLM
+    from tandem.engine.llm import LLM
 
     return LLM("smollm2", device="cpu")
 
@@ -97,11 +113,14 @@ def service():
         stop_service(svc)
 
 
-def generate(stub, *, prompt: str = "", ids: list[int] | None = None, max_tokens: int = 16,
-             **sampling) -> tuple[list[int], str, list]:
+def generate(
+    stub, *, prompt: str = "", ids: list[int] | None = None, max_tokens: int = 16, **sampling
+) -> tuple[list[int], str, list]:
     req = tandem_pb2.GenerateRequest(
-        prompt=prompt, prompt_token_ids=ids or [],
-        sampling=tandem_pb2.SamplingParams(max_tokens=max_tokens, **sampling))
+        prompt=prompt,
+        prompt_token_ids=ids or [],
+        sampling=tandem_pb2.SamplingParams(max_tokens=max_tokens, **sampling),
+    )
     tokens: list[int] = []
     text = ""
     messages = list(stub.Generate(req, timeout=120))
@@ -120,23 +139,33 @@ def solo(engine, prompt: str | list[int], max_tokens: int):
 def check_concurrent_streams(svc: RunningService, engine, n: int) -> None:
     """`n` concurrent greedy streams of mixed prompts and lengths equal the engine's."""
     rng = random.Random(3)
-    jobs = [(rng.choice(PROMPTS) + " " * rng.randrange(3) + str(i), rng.randrange(4, 33))
-            for i in range(n)]
+    jobs = [
+        (rng.choice(PROMPTS) + " " * rng.randrange(3) + str(i), rng.randrange(4, 33))
+        for i in range(n)
+    ]
     stub = svc.stub()
     with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(lambda j: generate(stub, prompt=j[0], max_tokens=j[1],
-                                                   temperature=0.0, ignore_eos=True)[0], jobs))
-    want = engine.generate([p for p, _ in jobs],
-                           [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
-                            for _, m in jobs])
+        results = list(
+            pool.map(
+                lambda j: generate(
+                    stub, prompt=j[0], max_tokens=j[1], temperature=0.0, ignore_eos=True
+                )[0],
+                jobs,
+            )
+        )
+    want = engine.generate(
+        [p for p, _ in jobs],
+        [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in jobs],
+    )
     assert results == [w.token_ids for w in want]
 
 
 def check_cancel_frees_every_block(svc: RunningService) -> None:
     """A stream cancelled mid-generation leaves no block or sequence on any worker."""
-    req = tandem_pb2.GenerateRequest(prompt="Tell me a very long story about dragons.",
-                                     sampling=tandem_pb2.SamplingParams(
-                                         max_tokens=400, temperature=0.0, ignore_eos=True))
+    req = tandem_pb2.GenerateRequest(
+        prompt="Tell me a very long story about dragons.",
+        sampling=tandem_pb2.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True),
+    )
     call = svc.stub().Generate(req, timeout=120)
     received = 0
     for msg in call:
@@ -149,8 +178,10 @@ def check_cancel_frees_every_block(svc: RunningService) -> None:
 
     def clean(workers) -> bool:
         # Only entries refreshed after the cancel count: older ones may predate the request.
-        return bool(workers) and all(w.heartbeat > cancelled_at and w.used_blocks == 0
-                                     and w.running == 0 and w.waiting == 0 for w in workers)
+        return bool(workers) and all(
+            w.heartbeat > cancelled_at and w.used_blocks == 0 and w.running == 0 and w.waiting == 0
+            for w in workers
+        )
 
     deadline = time.monotonic() + 30  # generous: CI machines may be loaded
     while time.monotonic() < deadline and not clean(list_workers(redis)):

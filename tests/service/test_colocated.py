@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from core.redis_client import connect
-from core.registry import list_workers
-from gateway.proto import tandem_pb2
+from tandem.core.redis_client import connect
+from tandem.core.registry import list_workers
+from tandem.gateway.proto import tandem_pb2
 from tests.service.conftest import (
     PROMPTS,
     check_cancel_frees_every_block,
@@ -43,8 +43,9 @@ def test_greedy_equals_in_process_engine(deployment, engine):
     _, svc = deployment
     stub = svc.stub()
     want = solo(engine, PROMPTS[0], 20)
-    tokens, text, messages = generate(stub, prompt=PROMPTS[0], max_tokens=20, temperature=0.0,
-                                      ignore_eos=True)
+    tokens, text, messages = generate(
+        stub, prompt=PROMPTS[0], max_tokens=20, temperature=0.0, ignore_eos=True
+    )
     assert (tokens, text) == (want.token_ids, want.text)
     assert len(messages) > 2, "tokens must stream, not arrive at the end"
     assert messages[-1].finish_reason == tandem_pb2.FINISH_REASON_LENGTH

@@ -5,9 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from core.redis_client import connect
-from core.registry import list_workers
-from gateway.proto import tandem_pb2
+from tandem.core.redis_client import connect
+from tandem.core.registry import list_workers
+from tandem.gateway.proto import tandem_pb2
 from tests.service.conftest import (
     PROMPTS,
     check_cancel_frees_every_block,
@@ -23,8 +23,9 @@ def test_grpc_greedy_equals_in_process_engine(service, engine):
     stub = service.stub()
     for prompt in PROMPTS[:3]:
         want = solo(engine, prompt, 24)
-        tokens, text, messages = generate(stub, prompt=prompt, max_tokens=24, temperature=0.0,
-                                          ignore_eos=True)
+        tokens, text, messages = generate(
+            stub, prompt=prompt, max_tokens=24, temperature=0.0, ignore_eos=True
+        )
         assert tokens == want.token_ids
         assert text == want.text
         assert len(messages) > 2, "tokens must stream, not arrive at the end"

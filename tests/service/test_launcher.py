@@ -153,16 +153,24 @@ def test_local_prefill_tokens_cap_the_decode_workers_steps_only(monkeypatch):
     spawned: list[list[str]] = []
     monkeypatch.setattr(launcher.subprocess, "Popen", lambda cmd, **kw: spawned.append(cmd))
     args = _serve_args(
-        "--redis-url", "redis://127.0.0.1:1/0", "--max-prefill-tokens", "4096",
-        "--local-prefill-after-ms", "200", "--local-prefill-tokens", "512",
+        "--redis-url",
+        "redis://127.0.0.1:1/0",
+        "--max-prefill-tokens",
+        "4096",
+        "--local-prefill-after-ms",
+        "200",
+        "--local-prefill-tokens",
+        "512",
     )
     resolve_worker_counts(args)
     launcher.Service(args).start()
     workers = {r: c for c in spawned for r in ("prefill", "decode") if r in c}
     assert _engine_value(workers["prefill"], "--max-prefill-tokens") == "4096"
     assert _engine_value(workers["decode"], "--max-prefill-tokens") == "512"
-    for bad, why in ((["--local-prefill-tokens", "512"], "needs --local-prefill-after-ms"),
-                     (["--local-prefill-after-ms", "1", "--local-prefill-tokens", "-1"], ">= 0")):
+    for bad, why in (
+        (["--local-prefill-tokens", "512"], "needs --local-prefill-after-ms"),
+        (["--local-prefill-after-ms", "1", "--local-prefill-tokens", "-1"], ">= 0"),
+    ):
         with pytest.raises(ValueError, match=why):
             resolve_worker_counts(_serve_args("--redis-url", "redis://127.0.0.1:1/0", *bad))
 
@@ -171,6 +179,14 @@ def test_a_workers_max_prefill_tokens_reaches_its_scheduler():
     from tandem.cli import engine_config_from_args
 
     args = build_parser().parse_args(
-        ["decode", "--redis-url", "redis://127.0.0.1:1/0", "--max-prefill-tokens", "512",
-         "--max-prefill-tokens", "256"])
+        [
+            "decode",
+            "--redis-url",
+            "redis://127.0.0.1:1/0",
+            "--max-prefill-tokens",
+            "512",
+            "--max-prefill-tokens",
+            "256",
+        ]
+    )
     assert engine_config_from_args(args).scheduler.prefill_budget == 256

@@ -11,10 +11,10 @@ import urllib.request
 import openai
 import pytest
 
-from core.redis_client import connect
-from core.registry import list_workers
-from core.sampling_params import SamplingParams
-from engine.llm import LLM
+from tandem.core.redis_client import connect
+from tandem.core.registry import list_workers
+from tandem.core.sampling_params import SamplingParams
+from tandem.engine.llm import LLM
 from tests.service.conftest import start_service, stop_service
 
 PROMPTS = ["The history of the Roman Empire", "def fibonacci(n):"]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from core.config import SchedulerConfig
-from core.kv_cache_manager import KVCacheManager
-from core.sampling_params import SamplingParams
-from core.scheduler import Scheduler
-from core.sequence import Sequence
+from tandem.core.config import SchedulerConfig
+from tandem.core.kv_cache_manager import KVCacheManager
+from tandem.core.sampling_params import SamplingParams
+from tandem.core.scheduler import Scheduler
+from tandem.core.sequence import Sequence
 
 
 def create_scheduler(
@@ -19,9 +19,12 @@ def create_scheduler(
     eos: frozenset[int] = frozenset({0}),
     max_prefill_tokens: int = 0,
 ) -> Scheduler:
-    cfg = SchedulerConfig(max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=max_num_batched_tokens,
-                          max_model_len=max_model_len, max_prefill_tokens=max_prefill_tokens)
+    cfg = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        max_prefill_tokens=max_prefill_tokens,
+    )
     return Scheduler(cfg, KVCacheManager(num_blocks, block_size), eos, requeue_preempted)
 
 

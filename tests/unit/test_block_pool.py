@@ -1,7 +1,7 @@
 import pytest
 
-from core.block_pool import BlockPool
-from core.kv_cache_manager import KVCacheManager, blocks_needed
+from tandem.core.block_pool import BlockPool
+from tandem.core.kv_cache_manager import KVCacheManager, blocks_needed
 
 
 def test_allocate_and_free_restore_the_pool():
@@ -60,14 +60,15 @@ def test_kv_manager_grows_per_request_and_frees():
     assert kv.num_free_blocks == 10
 
 
-@pytest.mark.parametrize(("tokens", "size", "want"), [(0, 16, 0), (1, 16, 1), (16, 16, 1),
-                                                       (17, 16, 2)])
+@pytest.mark.parametrize(
+    ("tokens", "size", "want"), [(0, 16, 0), (1, 16, 1), (16, 16, 1), (17, 16, 2)]
+)
 def test_blocks_needed(tokens, size, want):
     assert blocks_needed(tokens, size) == want
 
 
 def test_frees_during_a_launched_step_are_parked_until_it_is_done():
-    from core.kv_cache_manager import KVCacheManager
+    from tandem.core.kv_cache_manager import KVCacheManager
 
     kv = KVCacheManager(num_blocks=8, block_size=4)
     assert kv.allocate_slots("a", 8) and kv.allocate_slots("b", 4)

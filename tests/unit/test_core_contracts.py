@@ -4,7 +4,7 @@ import sys
 import msgspec
 import pytest
 
-from core.protocol import (
+from tandem.core.protocol import (
     ControlMessage,
     Handoff,
     KVLayout,
@@ -15,15 +15,15 @@ from core.protocol import (
     decode,
     encode,
 )
-from core.sampling_params import SamplingParams
+from tandem.core.sampling_params import SamplingParams
 
 
 def test_core_imports_no_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import core.config, core.protocol, core.scheduler, core.block_pool, "
-        "core.kv_cache_manager, core.sequence, core.redis_keys, core.tokenizer, "
-        "core.replies, core.task_intake, core.local_prefill\n"
+        "import tandem.core.config, tandem.core.protocol, tandem.core.scheduler, tandem.core.block_pool, "
+        "tandem.core.kv_cache_manager, tandem.core.sequence, tandem.core.redis_keys, tandem.core.tokenizer, "
+        "tandem.core.replies, tandem.core.task_intake, tandem.core.local_prefill\n"
         "print('ok')"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from core.config import WorkerConfig
-from core.local_prefill import Backlog, LocalPrefillGate, Room, entry_time_ms
-from core.protocol import PrefillTask
-from core.sampling_params import SamplingParams
+from tandem.core.config import WorkerConfig
+from tandem.core.local_prefill import Backlog, LocalPrefillGate, Room, entry_time_ms
+from tandem.core.protocol import PrefillTask
+from tandem.core.sampling_params import SamplingParams
 
 GATE = LocalPrefillGate(after_ms=200.0, max_prefills=2, block_size=16)
 ROOMY = Room(tasks=1, blocks=100)

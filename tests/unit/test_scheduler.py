@@ -1,7 +1,7 @@
 import pytest
 
-from core.config import SchedulerConfig
-from core.sequence import FinishReason, SequenceStatus
+from tandem.core.config import SchedulerConfig
+from tandem.core.sequence import FinishReason, SequenceStatus
 from tests.unit.helpers import create_requests, create_scheduler, run_step
 
 
@@ -32,7 +32,10 @@ def test_token_budget_chunks_long_prefills_and_decodes_go_first():
     sched.add(c)
     out, _ = run_step(sched)
     assert [(x.seq.request_id, x.num_tokens) for x in out.chunks] == [
-        ("r0", 1), ("r1", 1), ("c0", 8)]
+        ("r0", 1),
+        ("r1", 1),
+        ("c0", 8),
+    ]
     assert not out.chunks[-1].samples
     out, _ = run_step(sched)
     assert out.chunks[-1].seq is c and out.chunks[-1].start == 8
@@ -57,8 +60,9 @@ def test_prefill_cap_limits_prompt_tokens_per_step_but_not_decodes():
         out, _ = run_step(sched)
         decodes = {c.seq.request_id for c in out.chunks if c.num_tokens == 1}
         assert {s.request_id for s in decoders} <= decodes  # every decode, every step
-        prompt_chunks.append([(c.seq.request_id, c.num_tokens)
-                              for c in out.chunks if c.num_tokens > 1])
+        prompt_chunks.append(
+            [(c.seq.request_id, c.num_tokens) for c in out.chunks if c.num_tokens > 1]
+        )
     # The cap chunks the prompts (the last two tokens of p1 are one 2-token chunk).
     assert prompt_chunks == [[("p0", 6)], [("p0", 4), ("p1", 2)], [("p1", 6)], [("p1", 2)]]
 
@@ -104,7 +108,11 @@ def test_decode_worker_mode_hands_preempted_back():
     for _ in range(6):  # at position 12 both need a fourth block: only one fits
         out, _ = run_step(sched)
         preempted += out.preempted
-    assert preempted == [b] and a.status is SequenceStatus.RUNNING and b.status is SequenceStatus.FINISHED
+    assert (
+        preempted == [b]
+        and a.status is SequenceStatus.RUNNING
+        and b.status is SequenceStatus.FINISHED
+    )
     assert b not in sched.waiting and not sched.kv.owns("r1")
 
 
@@ -152,8 +160,7 @@ def test_too_long_request_rejected_up_front():
 
 def test_room_counts_free_slots_and_blocks_beyond_what_is_in_hand():
     # 16 blocks of 4 tokens, 4 sequences at most.
-    sched = create_scheduler(num_blocks=16, block_size=4, max_num_seqs=4,
-                             max_num_batched_tokens=64)
+    sched = create_scheduler(num_blocks=16, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
     assert sched.room() == 4  # slots bound it
     a, b = create_requests(2, prompt_len=19, max_tokens=8)
     sched.add(a)
@@ -193,9 +200,15 @@ def test_room_counts_the_prefill_cap_not_the_whole_budget():
 def test_prefill_cap_is_validated_and_bounded_by_the_budget():
     assert SchedulerConfig(max_num_batched_tokens=512).prefill_budget == 512
     assert SchedulerConfig(max_num_batched_tokens=512, max_prefill_tokens=128).prefill_budget == 128
-    assert SchedulerConfig(max_num_batched_tokens=512, max_prefill_tokens=4096).prefill_budget == 512
+    assert (
+        SchedulerConfig(max_num_batched_tokens=512, max_prefill_tokens=4096).prefill_budget == 512
+    )
     with pytest.raises(ValueError, match="max_prefill_tokens"):
         SchedulerConfig(max_prefill_tokens=-1)
     with pytest.raises(ValueError, match="max_prefill_tokens"):
-        SchedulerConfig(max_num_batched_tokens=8192, max_model_len=8192,
-                        enable_chunked_prefill=False, max_prefill_tokens=512)
+        SchedulerConfig(
+            max_num_batched_tokens=8192,
+            max_model_len=8192,
+            enable_chunked_prefill=False,
+            max_prefill_tokens=512,
+        )

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from prefill.shipping import Shipper
+from tandem.prefill.shipping import Shipper
 
 
 def test_batches_ship_on_their_own_thread_while_the_caller_goes_on():
@@ -48,8 +48,11 @@ def test_a_failing_batch_fails_its_flights_and_the_next_one_still_ships():
     shipper.submit(["y", "late"])
     shipper.close(5)  # finishes both batches first
     assert shipper.collect() == [
-        ("bad", "shipping failed: boom"), ("x", "shipping failed: boom"), ("y", ""),
-        ("late", "refused")]
+        ("bad", "shipping failed: boom"),
+        ("x", "shipping failed: boom"),
+        ("y", ""),
+        ("late", "refused"),
+    ]
     assert shipper.batches == 0
 
 

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from core.config import WorkerConfig
-from core.protocol import PrefillTask, TokenBatch, WorkerInfo, decode, encode
-from core.redis_client import add_task
-from core.redis_keys import MESSAGE_FIELD, PREFILL_GROUP, abort_marker, dead_letter_stream
-from core.registry import pick_decode_worker
-from core.sampling_params import SamplingParams
-from core.task_intake import TaskIntake, tasks_fitting
+from tandem.core.config import WorkerConfig
+from tandem.core.protocol import PrefillTask, TokenBatch, WorkerInfo, decode, encode
+from tandem.core.redis_client import add_task
+from tandem.core.redis_keys import MESSAGE_FIELD, PREFILL_GROUP, abort_marker, dead_letter_stream
+from tandem.core.registry import pick_decode_worker
+from tandem.core.sampling_params import SamplingParams
+from tandem.core.task_intake import TaskIntake, tasks_fitting
 from tandem.local_redis import LocalRedis
 
 REPLY = "tandem:reply:unit"

@@ -6,8 +6,8 @@ the same worker code over the in-memory fake and production runs it over zmq.
 
 from __future__ import annotations
 
-from core.config import KV_TRANSPORTS
-from kvtransfer.base import (
+from tandem.core.config import KV_TRANSPORTS
+from tandem.kvtransfer.base import (
     BlockMove,
     Inbound,
     KVReceiver,
@@ -18,8 +18,8 @@ from kvtransfer.base import (
     ship,
     ship_many,
 )
-from kvtransfer.fake import FakeKVReceiver, FakeKVSender
-from kvtransfer.pack import (
+from tandem.kvtransfer.fake import FakeKVReceiver, FakeKVSender
+from tandem.kvtransfer.pack import (
     LayoutMismatch,
     check_layout,
     dtype_from_name,
@@ -30,7 +30,7 @@ from kvtransfer.pack import (
     tensor_to_frame,
     unpack_blocks,
 )
-from kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
+from tandem.kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
 
 BACKENDS = KV_TRANSPORTS
 
@@ -46,11 +46,11 @@ def make_receiver(backend: str, bind_address: str) -> KVReceiver:
     if backend == "zmq":
         return ZmqKVReceiver(bind_address)
     if backend == "cuda_ipc":
-        from kvtransfer.cuda_ipc_backend import CudaIpcKVReceiver
+        from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVReceiver
 
         return CudaIpcKVReceiver(bind_address)
     if backend == "nccl":
-        from kvtransfer.nccl_backend import NcclKVReceiver
+        from tandem.kvtransfer.nccl_backend import NcclKVReceiver
 
         return NcclKVReceiver(bind_address)
     return FakeKVReceiver(bind_address)
@@ -62,11 +62,11 @@ def make_sender(backend: str, identity: str) -> KVSender:
     if backend == "zmq":
         return ZmqKVSender(identity)
     if backend == "cuda_ipc":
-        from kvtransfer.cuda_ipc_backend import CudaIpcKVSender
+        from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVSender
 
         return CudaIpcKVSender(identity)
     if backend == "nccl":
-        from kvtransfer.nccl_backend import NcclKVSender
+        from tandem.kvtransfer.nccl_backend import NcclKVSender
 
         return NcclKVSender(identity)
     return FakeKVSender(identity)
