@@ -6,7 +6,6 @@ kernel launches and still land every byte."""
 
 from __future__ import annotations
 
-import importlib
 import multiprocessing as mp
 import os
 import random
@@ -20,14 +19,13 @@ import pytest
 import torch
 
 from tandem.core.protocol import ReserveRequest
+from tandem.kernels import kv_block_transfer as kernel
 from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVReceiver, CudaIpcKVSender
 from tandem.kvtransfer.transport import TransferState, layout_of, ship
 from tests.kvtransfer.decode_stub import DecodeStub
 from tests.service.conftest import generate, start_service, stop_service
 
 pytestmark = pytest.mark.gpu
-# The module, not the function that kernels/__init__ exports under the same name.
-kernel = importlib.import_module("kernels.kv_block_transfer")
 
 # Llama-3.1-8B's block shape over fewer layers, so the host-side check stays quick.
 LAYERS, BLOCK, HEADS, DIM = 8, 16, 8, 128

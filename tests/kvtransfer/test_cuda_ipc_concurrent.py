@@ -5,7 +5,6 @@ it (which makes the batches deterministic), or fail one."""
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tandem.kernels import kv_block_transfer as kernel
 from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVSender
 from tandem.kvtransfer.cuda_ipc_copy import BlockCopier, CopyStats
 from tandem.kvtransfer.transport import (
@@ -29,8 +29,6 @@ from tests.kvtransfer.conftest import bits, wait_until
 from tests.kvtransfer.cuda_ipc_fakes import Decode, handoff, kv_cache, reserve, untouched
 
 PER = 3  # blocks per transfer
-# The module, not the function that kernels/__init__ exports under the same name.
-kernel = importlib.import_module("kernels.kv_block_transfer")
 
 
 class Launches:
