@@ -21,6 +21,7 @@ from tandem.core.protocol import (
     decode,
     encode,
 )
+from tandem.kvtransfer import cuda_ipc_backend as ipc
 from tandem.kvtransfer.cuda_ipc_backend import (
     CudaIpcKVReceiver,
     CudaIpcKVSender,
@@ -28,7 +29,6 @@ from tandem.kvtransfer.cuda_ipc_backend import (
     stacked_cache,
 )
 from tandem.kvtransfer.transport import TransferError, TransferState, ZmqKVReceiver, layout_of, ship
-from tandem.kvtransfer.transport import cuda_ipc_backend as ipc
 from tandem.kvtransfer.wire import RejectedFrame, parse_inbound, parse_reply
 from tests.kvtransfer.conftest import bits
 from tests.kvtransfer.cuda_ipc_fakes import (
