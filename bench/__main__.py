@@ -8,14 +8,13 @@ import logging
 import sys
 
 from tandem.bench.cli import add_bench_parser
-from tandem.cli import _add_engine_args, engine_config_from_args
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tandem.bench")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_bench_parser(sub, _add_engine_args, engine_config_from_args)
+    add_bench_parser(sub)
     args = parser.parse_args(
         ["bench", *sys.argv[1:]] if sys.argv[1:2] != ["bench"] else sys.argv[1:]
     )

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 from tandem.bench.serve_service import MODES
+from tandem.engine.engine_args import add_engine_args, engine_config_from_args
 
 # Where results go (bench.results writes there too); defined here to keep torch unloaded.
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def add_bench_parser(
-    sub,
-    add_engine_args: Callable[[argparse.ArgumentParser], None],
-    engine_config_from_args: Callable,
-) -> None:
+def add_bench_parser(sub) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     bench = sub.add_parser(
         "bench", help="benchmarks; results go to bench/results/", formatter_class=fmt
@@ -38,7 +34,7 @@ def add_bench_parser(
 
             from tandem.engine.engine import Engine
 
-            module = importlib.import_module(f"bench.{name}")
+            module = importlib.import_module(f"tandem.bench.{name}")
             module.run(args, Engine(engine_config_from_args(args)))
             return 0
 
@@ -73,7 +69,7 @@ def add_bench_parser(
     def serve_handler(args) -> int:
         from tandem.bench.serve import run  # grpc and the gateway's client: only when serving
 
-        run(args, add_engine_args)
+        run(args)
         return 0
 
     p.set_defaults(func=serve_handler)

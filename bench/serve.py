@@ -38,6 +38,7 @@ from tandem.bench.serve_service import (
 from tandem.bench.serve_stats import format_table, parse_slos, ratio, summarize_run
 from tandem.core.config import WorkerConfig
 from tandem.core.models import local_model_dir, model_name
+from tandem.engine.engine_args import add_engine_args
 
 Dead = Callable[[], str | None]
 CLIENT_START_LEAD_S = 1.0  # for every client process to be waiting before t0
@@ -190,9 +191,7 @@ def measure(
 
 
 @contextlib.contextmanager
-def launched(
-    mode: str, args: argparse.Namespace, add_engine_args, log_dir: Path
-) -> Iterator[LaunchedService]:
+def launched(mode: str, args: argparse.Namespace, log_dir: Path) -> Iterator[LaunchedService]:
     on_gpu = args.device != "cpu"
     overrides = {}
     if shares_one_gpu(mode, args.gpus, on_gpu):
@@ -222,7 +221,7 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt  # unwinds through `launched`, which stops the service
 
 
-def run(args: argparse.Namespace, add_engine_args) -> dict:
+def run(args: argparse.Namespace) -> dict:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     local_prefill = (
         args.local_prefill_after_ms,
@@ -293,7 +292,7 @@ def run(args: argparse.Namespace, add_engine_args) -> dict:
             rows = measure(args.target, runs, args, slos, lambda: None, mode)
             metrics["modes"][mode] = {"rates": rows}
             continue
-        with launched(mode, args, add_engine_args, log_dir) as service:
+        with launched(mode, args, log_dir) as service:
             target = service.grpc_target() if args.backend == "grpc" else service.http_target()
             rows = measure(target, runs, args, slos, service.dead, mode, service.prompts_prefilled)
             metrics["modes"][mode] = {"startup_s": round(service.startup_s, 1), "rates": rows}

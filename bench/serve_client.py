@@ -15,8 +15,9 @@ import random
 import resource
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from tandem.bench.serve_stats import RequestResult
 from tandem.gateway.client import AsyncTandemClient, TandemError
 
 
@@ -24,21 +25,6 @@ from tandem.gateway.client import AsyncTandemClient, TandemError
 class Prompt:
     token_ids: list[int]
     output_len: int
-
-
-@dataclass
-class RequestResult:
-    """What the client saw of one request; times are `time.perf_counter()` seconds."""
-
-    prompt_len: int
-    expected_output_len: int
-    start: float = 0.0
-    end: float = 0.0
-    # (arrival time, tokens in it) of every chunk that carried tokens. Over HTTP a chunk
-    # is one SSE event with text, counted as one token: the event does not say how many.
-    chunks: list[tuple[float, int]] = field(default_factory=list)
-    output_tokens: int = 0
-    error: str = ""
 
 
 def make_prompts(

@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     from tandem.bench.throughput import make_workload, run_ours
-    from tandem.cli import _add_engine_args, engine_config_from_args
+    from tandem.engine.engine_args import add_engine_args, engine_config_from_args
     from tandem.engine.llm import LLM
 
     parser = argparse.ArgumentParser(prog="python -m tandem.bench.serve_offline")
-    _add_engine_args(parser)
+    add_engine_args(parser)
     add_workload_args(parser)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -16,11 +16,24 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-
-from tandem.bench.serve_client import RequestResult
+from dataclasses import dataclass, field
 
 SLO_KEYS = ("ttft", "tpot", "e2e")
+
+
+@dataclass
+class RequestResult:
+    """What the client saw of one request; times are `time.perf_counter()` seconds."""
+
+    prompt_len: int
+    expected_output_len: int
+    start: float = 0.0
+    end: float = 0.0
+    # (arrival time, tokens in it) of every chunk that carried tokens. Over HTTP a chunk
+    # is one SSE event with text, counted as one token: the event does not say how many.
+    chunks: list[tuple[float, int]] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str = ""
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from tandem.core.models import local_model_dir, model_name
-from tandem.gateway.app import GatewayApp
 from tandem.gateway.config import GatewayConfig, join_host_port
 from tandem.gateway.logs import use_json_logs
 
@@ -161,6 +160,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 async def serve_gateway(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then shut down gracefully."""
+    # Imported here: building the CLI's parsers must not need grpc (engine-only benches).
+    from tandem.gateway.app import GatewayApp
+
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed = []

@@ -11,95 +11,7 @@ import json
 import logging
 import sys
 
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="smollm2",
-        help="smollm2, a shipped config name, or a checkpoint directory",
-    )
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)",
-    )
-    p.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "safetensors", "dummy"],
-        help="dummy: random weights (benchmarks with a shipped config)",
-    )
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--num-blocks", type=int, default=0, help="KV blocks (0: from memory)")
-    p.add_argument(
-        "--max-num-seqs", type=int, default=256, help="sequences in one continuous batch"
-    )
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=2048,
-        help="token budget of one step (prefill chunks + decodes)",
-    )
-    p.add_argument(
-        "--max-prefill-tokens",
-        type=int,
-        default=0,
-        help="prompt tokens in one step, decodes not counted (0: the whole "
-        "budget); smaller keeps steps that mix prefill into decodes short",
-    )
-    p.add_argument(
-        "--max-model-len",
-        type=int,
-        default=8192,
-        help="longest prompt + output (capped at the model's)",
-    )
-    p.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="CUDA: share of GPU memory for weights, activations and KV cache",
-    )
-    p.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=["auto", "torch", "triton"],
-        help="auto: triton kernels on CUDA, torch elsewhere",
-    )
-    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
-    p.add_argument(
-        "--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)"
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="random seed (generate: also the per-request sampling seed)",
-    )
-
-
-def engine_config_from_args(args: argparse.Namespace):
-    from tandem.core.config import CacheConfig, SchedulerConfig
-    from tandem.engine.engine import EngineConfig
-
-    return EngineConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        seed=args.seed or 0,
-        num_threads=args.threads,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager,
-        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
-        scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_prefill_tokens=args.max_prefill_tokens,
-            max_model_len=args.max_model_len,
-        ),
-    )
+from tandem.engine.engine_args import add_engine_args, engine_config_from_args
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -160,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the engine in-process on some prompts",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_engine_args(gen)
+    add_engine_args(gen)
     gen.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     gen.add_argument(
         "--prompt-token-ids", action="append", help="a JSON list of token ids (repeatable)"
@@ -179,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem import roles
     from tandem.bench.cli import add_bench_parser
 
-    roles.add_role_parsers(sub, _add_engine_args)
-    add_bench_parser(sub, _add_engine_args, engine_config_from_args)
+    roles.add_role_parsers(sub)
+    add_bench_parser(sub)
     return parser
 
 

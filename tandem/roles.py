@@ -11,6 +11,7 @@ import argparse
 from collections.abc import Callable
 
 from tandem.core.config import KV_TRANSPORTS
+from tandem.engine.engine_args import add_engine_args, engine_config_from_args
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -164,7 +165,6 @@ def worker_config_from_args(args: argparse.Namespace, role: str):
 
 def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from tandem.cli import engine_config_from_args
 
         if role == "prefill":
             from tandem.prefill.worker import PrefillWorker as Worker
@@ -201,7 +201,7 @@ WORKER_HELP = {
 }
 
 
-def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_role_parsers(sub) -> None:
     for command, role in WORKER_COMMANDS.items():
         p = sub.add_parser(
             command,

@@ -33,7 +33,7 @@ from tandem.bench.serve_stats import (
     summarize_ms,
     summarize_run,
 )
-from tandem.cli import _add_engine_args
+from tandem.engine.engine_args import add_engine_args
 
 
 def result(
@@ -248,11 +248,11 @@ def test_mode_command_lines_place_workers_on_gpus():
 
 def test_engine_flags_travel_with_overrides():
     parser = argparse.ArgumentParser()
-    _add_engine_args(parser)
+    add_engine_args(parser)
     args = parser.parse_args(
         ["--model", "llama-3.1-8b", "--load-format", "dummy", "--enforce-eager"]
     )
-    argv = engine_argv(args, _add_engine_args, gpu_memory_utilization=0.45)
+    argv = engine_argv(args, add_engine_args, gpu_memory_utilization=0.45)
     assert argv[argv.index("--model") + 1] == "llama-3.1-8b"
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.45"
     assert "--enforce-eager" in argv and "--device" not in argv  # unset: the child's default

@@ -176,7 +176,7 @@ def test_local_prefill_tokens_cap_the_decode_workers_steps_only(monkeypatch):
 
 
 def test_a_workers_max_prefill_tokens_reaches_its_scheduler():
-    from tandem.cli import engine_config_from_args
+    from tandem.engine.engine_args import engine_config_from_args
 
     args = build_parser().parse_args(
         [
