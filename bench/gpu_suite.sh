@@ -16,37 +16,37 @@ case "${1:-}" in
       tests/gpu/test_cuda_ipc_gpu.py tests/kvtransfer/test_nccl_backend.py
     ;;
   transfer)  # GB/s per backend beside its ceiling
-    $PY -m bench transfer --backends zmq,cuda_ipc --requests 1,16 \
+    $PY -m tandem.bench transfer --backends zmq,cuda_ipc --requests 1,16 \
       --sender-device cuda:0 --receiver-device cuda:0
-    $PY -m bench transfer --backends nccl --requests 1,16 \
+    $PY -m tandem.bench transfer --backends nccl --requests 1,16 \
       --sender-device cuda:0 --receiver-device cuda:1
     ;;
   colocated)  # the whole service vs the in-process engine, 1000 x 256/256 at rate inf
-    $PY -m bench serve "${MODEL[@]}" --max-num-seqs 512 --modes colocated --gpus 1 \
+    $PY -m tandem.bench serve "${MODEL[@]}" --max-num-seqs 512 --modes colocated --gpus 1 \
       --rates inf --num-prompts 1000 --input-len 256 --output-len 256 \
       --offline-baseline --client-processes 4
     ;;
   pd1)  # one GPU shared by 1 prefill + 1 decode (cuda_ipc) vs one colocated worker
-    $PY -m bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 1 --kv-transport cuda_ipc \
+    $PY -m tandem.bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 1 --kv-transport cuda_ipc \
       --rates 1,4,16,inf --duration 12 --min-prompts 12 --num-prompts 150 \
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
   pd2-prefill)  # two GPUs: 1 prefill + 1 decode (nccl), the same with the decode worker
     # prefilling (512 prompt tokens a step) while the prefill worker is backed up, and
     # two colocated workers at the engine's defaults
-    $PY -m bench serve "${MODEL[@]}" --modes 1p1d,1p1d-local,colocated --gpus 2 \
+    $PY -m tandem.bench serve "${MODEL[@]}" --modes 1p1d,1p1d-local,colocated --gpus 2 \
       --kv-transport nccl --local-prefill-after-ms 100 --max-local-prefills 2 \
       --local-prefill-tokens 512 \
       --rates 18,22,26,30,34 --duration 12 --min-prompts 30 --num-prompts 420 \
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
   pd2-prefill-capped)  # two colocated workers with the 1p1d-local decode worker's cap
-    $PY -m bench serve "${MODEL[@]}" --modes colocated --gpus 2 --max-prefill-tokens 512 \
+    $PY -m tandem.bench serve "${MODEL[@]}" --modes colocated --gpus 2 --max-prefill-tokens 512 \
       --rates 18,22,26,30,34 --duration 12 --min-prompts 30 --num-prompts 420 \
       --input-len 2048 --output-len 128 "${SLO[@]}" --client-processes 4
     ;;
   pd2-balanced)
-    $PY -m bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 2 --kv-transport nccl \
+    $PY -m tandem.bench serve "${MODEL[@]}" --modes 1p1d,colocated --gpus 2 --kv-transport nccl \
       --rates 32,48 --duration 12 --min-prompts 30 --num-prompts 600 \
       --input-len 512 --output-len 512 "${SLO[@]}" --client-processes 4
     ;;

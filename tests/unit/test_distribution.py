@@ -78,3 +78,10 @@ def test_the_wheel_installs_exactly_one_top_level_package(tmp_path: Path) -> Non
     ):
         assert path in names, path
     assert not any(n.startswith("tandem/bench/results/") for n in names)
+
+
+def test_the_design_document_lives_in_the_repository() -> None:
+    design = REPO / "docs" / "DESIGN.md"
+    assert design.is_file()
+    readme = (REPO / "README.md").read_text()
+    assert "docs/DESIGN.md" in readme and "shared/DESIGN" not in readme
