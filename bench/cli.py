@@ -256,6 +256,21 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="SLOs for goodput, e.g. ttft:500 tpot:50 (keys ttft, tpot, e2e)",
     )
     p.add_argument(
+        "--slo-sets",
+        nargs="*",
+        default=[],
+        metavar="NAME=KEY:MS,...",
+        help="named SLOs read off the same sweep, e.g. tpot20=ttft:2000,tpot:20; each "
+        "gives DistServe's goodput: the highest rate with --slo-attainment of requests "
+        "within every limit",
+    )
+    p.add_argument(
+        "--slo-attainment",
+        type=float,
+        default=0.9,
+        help="share of requests that must meet an SLO set (0.9: p90 attainment)",
+    )
+    p.add_argument(
         "--warmup-prompts",
         type=int,
         default=8,

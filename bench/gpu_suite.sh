@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the committed results of the transfer/serving work, in parts that
 # each fit a 10-minute slot on a 2 x H100 machine. Run from the repo root:
-#   bash bench/gpu_suite.sh check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced
+#   bash bench/gpu_suite.sh check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192
 # Every benchmark writes its JSON to bench/results/ (card, commit, date, command).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -50,8 +50,21 @@ case "${1:-}" in
       --rates 32,48 --duration 12 --min-prompts 30 --num-prompts 600 \
       --input-len 512 --output-len 512 "${SLO[@]}" --client-processes 4
     ;;
+  pd2-slo-2048|pd2-slo-8192)  # issue 19: three SLO readings of one sweep, DistServe's
+    # p90 attainment, rates low enough to find each layout's goodput under a tight TPOT
+    if [ "$1" = pd2-slo-2048 ]; then
+      shape=(--input-len 2048 --output-len 128 --rates 4,8,12,16,20 --num-prompts 300)
+    else
+      shape=(--input-len 8192 --output-len 256 --rates 1,2,3,4,6 --num-prompts 120)
+    fi
+    $PY -m tandem.bench serve "${MODEL[@]}" --modes 1p1d,1p1d-local,colocated --gpus 2 \
+      --kv-transport nccl --local-prefill-after-ms 100 --max-local-prefills 2 \
+      --local-prefill-tokens 512 --duration 12 --min-prompts 24 "${shape[@]}" \
+      --slo-sets tpot15=ttft:2000,tpot:15 tpot20=ttft:2000,tpot:20 tpot40=ttft:2000,tpot:40 \
+      --slo-attainment 0.9 --client-processes 4
+    ;;
   *)
-    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced" >&2
+    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192" >&2
     exit 2
     ;;
 esac

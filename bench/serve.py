@@ -35,7 +35,14 @@ from tandem.bench.serve_service import (
     mode_argv,
     shares_one_gpu,
 )
-from tandem.bench.serve_stats import format_table, parse_slos, ratio, summarize_run
+from tandem.bench.serve_stats import (
+    attainment_goodput,
+    format_table,
+    parse_slo_sets,
+    parse_slos,
+    ratio,
+    summarize_run,
+)
 from tandem.core.config import WorkerConfig
 from tandem.core.models import local_model_dir, model_name
 from tandem.engine.engine_args import add_engine_args
@@ -168,7 +175,7 @@ def measure(
         before = _settled_counts(prefilled)
         for run in runs:
             results, duration, cpu = _split_run(pool, target, run.prompts, run.arrivals, args, dead)
-            row = rows[run.label] = summarize_run(results, duration, slos)
+            row = rows[run.label] = summarize_run(results, duration, slos, args.slo_set_limits)
             row["client_cpu_share"] = round(cpu, 2)
             if prefilled is not None:
                 after = _settled_counts(prefilled)
@@ -238,6 +245,9 @@ def run(args: argparse.Namespace) -> dict:
             max_local_prefills=args.max_local_prefills,
         )
     slos = parse_slos(args.goodput)
+    args.slo_set_limits = parse_slo_sets(args.slo_sets)
+    if not 0.0 < args.slo_attainment <= 1.0:
+        raise ValueError("--slo-attainment must be in (0, 1]")
     rates = parse_rates(args.rates)
     if args.client_processes < 1:
         raise ValueError("--client-processes must be at least 1")
@@ -297,6 +307,7 @@ def run(args: argparse.Namespace) -> dict:
             rows = measure(target, runs, args, slos, service.dead, mode, service.prompts_prefilled)
             metrics["modes"][mode] = {"startup_s": round(service.startup_s, 1), "rates": rows}
     _add_ratios(metrics, modes, args.gpus, slos)
+    _add_attainment_ratios(metrics, modes, args)
     return _write(args, modes, rates, slos, metrics)
 
 
@@ -342,6 +353,29 @@ def _add_ratios(metrics: dict, modes: list[str], gpus: int, slos: dict[str, floa
         }
 
 
+def _add_attainment_ratios(metrics: dict, modes: list[str], args: argparse.Namespace) -> None:
+    """Per SLO set: each mode's attainment goodput and, beside two colocated workers, each
+    disaggregated mode's ratio and the best of them (`..._by_slo`)."""
+    sets = args.slo_set_limits
+    if not sets:
+        return
+    rows = {mode: metrics["modes"][mode]["rates"] for mode in modes}
+    goodput = {
+        name: {mode: attainment_goodput(rows[mode], name, args.slo_attainment) for mode in modes}
+        for name in sets
+    }
+    metrics["attainment_goodput"] = goodput
+    disaggregated = [m for m in DISAGGREGATED if m in modes]
+    if args.gpus != 2 or "colocated" not in modes or not disaggregated:
+        return
+    for mode in disaggregated:
+        key = f"goodput_ratio_{mode.replace('-', '_')}_vs_2_colocated_by_slo"
+        metrics[key] = {name: ratio(g[mode], g["colocated"]) for name, g in goodput.items()}
+    metrics["goodput_ratio_best_disaggregated_vs_2_colocated_by_slo"] = {
+        name: ratio(max(g[m] for m in disaggregated), g["colocated"]) for name, g in goodput.items()
+    }
+
+
 def p99_goodput(rows: dict, slos: dict[str, float]) -> float | None:
     """Highest achieved req/s among rates where nothing failed and the p99 of each SLO'd
     latency is within its limit; 0.0 when no rate qualifies, None without SLOs."""
@@ -385,6 +419,8 @@ def _write(
         "client_processes": args.client_processes,
         "kv_transport": args.kv_transport or "default",
         "slos_ms": slos,
+        "slo_sets_ms": args.slo_set_limits,
+        "slo_attainment": args.slo_attainment,
         "serve_args": args.serve_args,
         "load_format": args.load_format,
         "max_num_seqs": args.max_num_seqs,
@@ -412,6 +448,7 @@ def _write(
         "served_vs_offline_throughput_ratio",
         "goodput_ratio_1p1d_vs_2_colocated",
         "goodput_ratio_1p1d_local_vs_2_colocated",
+        "goodput_ratio_best_disaggregated_vs_2_colocated_by_slo",
     ):
         if key in metrics:
             print(f"{key}: {metrics[key]}")

@@ -114,8 +114,40 @@ def parse_slos(items: Sequence[str]) -> dict[str, float]:
     return slos
 
 
+def parse_slo_sets(items: Sequence[str]) -> dict[str, dict[str, float]]:
+    """`["tpot15=ttft:2000,tpot:15"]` -> {"tpot15": {"ttft": 2000.0, "tpot": 15.0}}: named
+    SLOs read off one sweep, each for DistServe's attainment goodput."""
+    sets: dict[str, dict[str, float]] = {}
+    for item in items:
+        name, sep, body = item.partition("=")
+        if not sep or not name or name in sets:
+            raise ValueError(f"--slo-sets takes distinct NAME=KEY:MS,KEY:MS, not {item!r}")
+        sets[name] = parse_slos(body.split(","))
+    return sets
+
+
+def slo_attainment(results: Sequence[RequestResult], slos_ms: dict[str, float]) -> float:
+    """Share of all requests sent that completed within every limit (failures miss)."""
+    met = sum(meets_slos(request_times(r), slos_ms) for r in results if failure(r) is None)
+    return met / max(len(results), 1)
+
+
+def attainment_goodput(rows: dict, name: str, attainment: float) -> float:
+    """DistServe's goodput: the highest request rate served with at least `attainment`
+    of requests within SLO set `name`; 0.0 when no rate qualifies."""
+    ok = [
+        row["request_throughput"]
+        for row in rows.values()
+        if row.get("slo_attainment", {}).get(name, 0.0) >= attainment
+    ]
+    return max(ok, default=0.0)
+
+
 def summarize_run(
-    results: Sequence[RequestResult], duration_s: float, slos_ms: dict[str, float]
+    results: Sequence[RequestResult],
+    duration_s: float,
+    slos_ms: dict[str, float],
+    slo_sets: dict[str, dict[str, float]] | None = None,
 ) -> dict:
     """One (mode, rate) row of the results: counts, throughput, goodput, latencies."""
     done = [r for r in results if failure(r) is None]
@@ -136,6 +168,10 @@ def summarize_run(
         "total_token_throughput": round((in_tokens + out_tokens) / duration_s, 1),
         "goodput": None if good is None else round(good / duration_s, 3),
         "goodput_requests": good,
+        "slo_attainment": {
+            name: round(slo_attainment(results, limits), 4)
+            for name, limits in (slo_sets or {}).items()
+        },
         "ttft_ms": summarize_ms(t.ttft for t in times),
         "tpot_ms": summarize_ms(t.tpot for t in times if t.tpot is not None),
         "itl_ms": summarize_ms(x for t in times for x in t.itls),

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tandem.bench.serve import _add_ratios, parse_rates, prompts_for
+from tandem.bench.serve import _add_attainment_ratios, _add_ratios, parse_rates, prompts_for
 from tandem.bench.serve_client import (
     HttpBackend,
     Prompt,
@@ -26,6 +26,7 @@ from tandem.bench.serve_stats import (
     failure,
     format_table,
     meets_slos,
+    parse_slo_sets,
     parse_slos,
     percentile,
     prompts_prefilled,
@@ -357,3 +358,40 @@ def test_prompts_prefilled_per_role_come_from_the_gateways_worker_gauges():
     )
     text = metrics.render().decode()
     assert prompts_prefilled(text) == {"prefill": 42, "decode": 8, "colocated": 5}
+
+
+def test_slo_sets_give_attainment_goodput_and_ratios_by_slo():
+    sets = parse_slo_sets(["tpot15=ttft:2000,tpot:15", "tpot40=ttft:2000,tpot:40"])
+    assert sets == {
+        "tpot15": {"ttft": 2000.0, "tpot": 15.0},
+        "tpot40": {"ttft": 2000.0, "tpot": 40.0},
+    }
+    for bad in (["ttft:2000"], ["a=ttft:1", "a=tpot:2"], ["x=itl:5"]):
+        with pytest.raises(ValueError):
+            parse_slo_sets(bad)
+    fast = result(0.0, [(0.1, 1), (0.11, 1), (0.12, 1)], 0.12)  # tpot 10
+    medium = result(0.0, [(0.1, 1), (0.13, 1), (0.16, 1)], 0.16)  # tpot 30
+    failed = result(0.0, [(0.01, 1)], 0.02, expected=3)
+    row = summarize_run([fast, fast, medium, failed], 1.0, {}, sets)
+    # Failures count against attainment: 2 of 4 within 15 ms, 3 of 4 within 40 ms.
+    assert row["slo_attainment"] == {"tpot15": 0.5, "tpot40": 0.75}
+
+    def rate_row(req_s, tpot15, tpot40):
+        return {"request_throughput": req_s, "slo_attainment": {"tpot15": tpot15, "tpot40": tpot40}}
+
+    metrics = {
+        "modes": {
+            "1p1d": {"rates": {"4": rate_row(4.0, 0.95, 1.0), "8": rate_row(7.9, 0.91, 0.99)}},
+            "1p1d-local": {"rates": {"4": rate_row(4.0, 0.8, 1.0), "8": rate_row(8.0, 0.5, 0.95)}},
+            "colocated": {"rates": {"4": rate_row(4.0, 0.5, 1.0), "8": rate_row(7.8, 0.1, 0.92)}},
+        }
+    }
+    args = argparse.Namespace(slo_set_limits=sets, slo_attainment=0.9, gpus=2)
+    _add_attainment_ratios(metrics, ["1p1d", "1p1d-local", "colocated"], args)
+    assert metrics["attainment_goodput"] == {
+        "tpot15": {"1p1d": 7.9, "1p1d-local": 0.0, "colocated": 0.0},
+        "tpot40": {"1p1d": 7.9, "1p1d-local": 8.0, "colocated": 7.8},
+    }
+    assert metrics["goodput_ratio_1p1d_vs_2_colocated_by_slo"] == {"tpot15": None, "tpot40": 1.013}
+    assert metrics["goodput_ratio_1p1d_local_vs_2_colocated_by_slo"]["tpot40"] == 1.026
+    assert metrics["goodput_ratio_best_disaggregated_vs_2_colocated_by_slo"]["tpot40"] == 1.026
