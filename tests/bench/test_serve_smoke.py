@@ -14,7 +14,7 @@ import pytest
 
 ROW_KEYS = {"num_prompts", "completed", "failed", "errors", "duration_s", "request_throughput",
             "output_throughput", "total_token_throughput", "goodput", "goodput_requests",
-            "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "client_cpu_share"}  # fmt: skip
+            "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "client_cpu_share", "slo_attainment"}  # fmt: skip
 
 
 def bench_serve(tmp_path: Path, *flags: str) -> tuple[dict, str]:
@@ -63,7 +63,9 @@ def assert_nothing_left(stdout: str) -> None:
 
 
 def test_grpc_two_rates_every_request_complete(tmp_path):
-    record, stdout = bench_serve(tmp_path, "--num-prompts", "6", "--rates", "inf,4")
+    record, stdout = bench_serve(
+        tmp_path, "--num-prompts", "6", "--rates", "inf,4", "--slo-sets", "loose=ttft:600000"
+    )
     assert record["benchmark"] == "serve" and record["model"] == "smollm2"
     assert {"card", "commit", "date", "command", "params", "metrics"} <= set(record)
     params = record["params"]
@@ -77,6 +79,7 @@ def test_grpc_two_rates_every_request_complete(tmp_path):
         assert set(row) == ROW_KEYS | {"prompts_prefilled_by_role"}
         # completed means: no error and exactly output-len tokens streamed
         assert (row["completed"], row["failed"]) == (6, 0), row["errors"]
+        assert row["slo_attainment"] == {"loose": 1.0}  # every request within 10 minutes
         # Every prompt of the rate went through the one prefill worker.
         assert row["prompts_prefilled_by_role"] == {"prefill": 6}
         assert row["output_throughput"] * row["duration_s"] == pytest.approx(6 * 8, rel=0.01)
