@@ -183,8 +183,7 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
 def _cmd_gateway(args: argparse.Namespace) -> int:
     from tandem.gateway.main import config_from_args, run
 
-    run(config_from_args(args))
-    return 0
+    return run(config_from_args(args), args.gateway_workers)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
