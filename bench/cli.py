@@ -1,4 +1,4 @@
-"""`tandem bench latency|throughput|transfer|serve`: argument parsing and dispatch."""
+"""`tandem bench latency|throughput|transfer|serve|gateway`: argument parsing and dispatch."""
 
 from __future__ import annotations
 
@@ -59,6 +59,23 @@ def add_bench_parser(
         return 0
 
     transfer.set_defaults(func=transfer_handler)
+
+    gateway = kinds.add_parser(
+        "gateway",
+        formatter_class=fmt,
+        help="one gateway's capacity against a fake worker pool: streamed tokens/s, "
+        "added latency, CPU per 1,000 tokens, over gRPC and HTTP, at 1 and N processes",
+    )
+    _gateway_args(gateway)
+    gateway.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+
+    def gateway_handler(args) -> int:
+        from tandem.bench.gateway_bench import run
+
+        run(args)
+        return 0
+
+    gateway.set_defaults(func=gateway_handler)
 
     p = kinds.add_parser(
         "serve",
@@ -147,6 +164,24 @@ def _throughput_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=256,
         help="requests of the workload run through transformers",
+    )
+
+
+def _gateway_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--apis", default="grpc,http", help="comma-separated: grpc, http")
+    p.add_argument(
+        "--gateway-workers", default="1,2", help="comma-separated gateway process counts"
+    )
+    p.add_argument("--streams", type=int, default=2000, help="concurrent streams, all at once")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per stream")
+    p.add_argument(
+        "--token-delay",
+        type=float,
+        default=0.0,
+        help="seconds between the fake pool's steps (0: as fast as it can)",
+    )
+    p.add_argument(
+        "--client-processes", type=int, default=4, help="processes the streams are split over"
     )
 
 

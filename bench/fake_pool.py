@@ -60,6 +60,7 @@ def stamp_age_s(token_id: int, now: float) -> float:
 @dataclass
 class _Running:
     task: PrefillTask
+    entry_id: bytes  # in the prefill stream, deleted once its first token went out
     output: list[int]
     sent: int = 0
     replayed: bool = False
@@ -163,24 +164,28 @@ class FakeWorker:
             reply = await self._redis.xreadgroup(
                 redis_keys.PREFILL_GROUP, "fake", {stream: ">"}, count=READ_COUNT, block=100
             )
-            entries = [e for _name, batch in reply or () for e in batch]
-            if not entries:
-                continue
-            await self._redis.xack(stream, redis_keys.PREFILL_GROUP, *(e[0] for e in entries))
             errors: dict[str, list[TokenDelta]] = {}
-            for _entry_id, fields in entries:
-                task = decode(fields[redis_keys.MESSAGE_FIELD], PrefillTask)
-                self.tasks.append(task)
-                if self.stall:
-                    continue
-                if self.error is not None:
-                    code, message = self.error
-                    delta = TokenDelta(request_id=task.request_id, error=message, error_code=code)
-                    errors.setdefault(task.reply_stream, []).append(delta)
-                    continue
-                output = expected_output(task.prompt_token_ids, task.sampling.max_tokens)
-                self._running[task.request_id] = _Running(task, output)
-            await self._publish(errors)
+            answered: list[bytes] = []
+            for _name, entries in reply or ():
+                for entry_id, fields in entries:
+                    try:
+                        task = decode(fields[redis_keys.MESSAGE_FIELD], PrefillTask)
+                    except (KeyError, ValueError):
+                        continue  # left in the stream, like a task nobody could take
+                    self.tasks.append(task)
+                    if self.stall:
+                        continue
+                    if self.error is not None:
+                        code, message = self.error
+                        delta = TokenDelta(
+                            request_id=task.request_id, error=message, error_code=code
+                        )
+                        errors.setdefault(task.reply_stream, []).append(delta)
+                        answered.append(entry_id)
+                        continue
+                    output = expected_output(task.prompt_token_ids, task.sampling.max_tokens)
+                    self._running[task.request_id] = _Running(task, entry_id, output)
+            await self._publish(errors, answered)
             self._work.set()
 
     async def _steps(self) -> None:
@@ -200,12 +205,15 @@ class FakeWorker:
                 pipe.exists(redis_keys.abort_marker(job.task.request_id))
             markers = await pipe.execute()
         deltas: dict[str, list[TokenDelta]] = {}
+        started: list[bytes] = []  # entries of requests whose first token goes out now
         now = time.time()
         for job, aborted in zip(running, markers, strict=True):
             rid = job.task.request_id
             if aborted:
                 self.aborted.add(rid)
                 del self._running[rid]
+                if job.sent == 0:
+                    started.append(job.entry_id)
                 continue
             batch = deltas.setdefault(job.task.reply_stream, [])
             i = job.sent
@@ -228,15 +236,24 @@ class FakeWorker:
                 )
             )
             job.sent = self.sent[rid] = i + 1
+            if i == 0:
+                started.append(job.entry_id)
             if finish:
                 del self._running[rid]
-        await self._publish(deltas)
+        await self._publish(deltas, started)
 
-    async def _publish(self, deltas: dict[str, list[TokenDelta]]) -> None:
-        if not deltas:
+    async def _publish(self, deltas: dict[str, list[TokenDelta]], done: list[bytes]) -> None:
+        """Deltas, one TokenBatch per reply stream; and the `done` prefill stream entries
+        acknowledged and deleted, as a decode worker does once a request's first token
+        went out: until then they count in the queue length (XLEN) the gateway admits by."""
+        if not deltas and not done:
             return
         assert self._redis is not None
         async with self._redis.pipeline(transaction=False) as pipe:
+            if done:
+                stream = redis_keys.prefill_stream(self.model)
+                pipe.xack(stream, redis_keys.PREFILL_GROUP, *done)
+                pipe.xdel(stream, *done)
             for stream, batch in deltas.items():
                 pipe.xadd(
                     stream,

@@ -84,12 +84,17 @@ class GatewayApp:
         await self._router.start()
         self._owner_watch = asyncio.get_running_loop().create_task(self.executor.watch_owners())
         self._service = GenerationService(self.executor)
+        pending = 2 * cfg.max_active_requests + 1000
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_send_message_bytes),
                 # A second gateway on our port must fail, loudly; siblings share it.
                 ("grpc.so_reuseport", int(cfg.reuse_port)),
+                # RPCs not yet taken up by the event loop: past 1,000 (the default) grpc
+                # cancels some at random. Our admission limit answers overload instead.
+                ("grpc.server.max_pending_requests", pending),
+                ("grpc.server.max_pending_requests_hard_limit", pending),
             ]
         )
         add_generation_service(self._service, self._server)

@@ -136,8 +136,7 @@ class Executor:
                 param="model",
             )
 
-    async def check_available(self, requests: int = 1) -> None:
-        """Refuse at once what cannot be served now: overload, or no workers."""
+    def check_active(self, requests: int) -> None:
         active = self.router.active
         if active + requests > self.config.max_active_requests:
             raise RequestError(
@@ -145,6 +144,10 @@ class Executor:
                 f"gateway overloaded: {active} requests in flight, the limit is "
                 f"{self.config.max_active_requests}; retry later",
             )
+
+    async def check_available(self, requests: int = 1) -> None:
+        """Refuse at once what cannot be served now: overload, or no workers."""
+        self.check_active(requests)
         if self.config.max_queued_tasks:
             try:
                 queued = await self._queue_length()
@@ -278,6 +281,9 @@ class Generation:
     async def __aenter__(self) -> Generation:
         ex = self._ex
         rid = self.request_id
+        # Checked again where the request takes its slot: a burst can pass the front
+        # end's check all at once, before any of it is registered.
+        ex.check_active(1)
         self._stream = ex.router.register(rid)
         task = self._task([])
         try:
