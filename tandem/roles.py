@@ -288,6 +288,19 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
         help="continue a request on another worker when its decode or colocated worker dies",
     )
     s.add_argument(
+        "--max-active-requests",
+        type=int,
+        default=4096,
+        help="passed to the gateway: requests in flight at once (per gateway process); "
+        "more get HTTP 429 / RESOURCE_EXHAUSTED",
+    )
+    s.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="passed to the gateway: processes sharing its ports (SO_REUSEPORT)",
+    )
+    s.add_argument(
         "--ready-timeout",
         type=float,
         default=600.0,
