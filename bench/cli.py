@@ -183,6 +183,13 @@ def _gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--client-processes", type=int, default=4, help="processes the streams are split over"
     )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="directory with the tokenizer.json and config.json the gateway loads; "
+        "default: smollm2's in the tandem model cache",
+    )
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

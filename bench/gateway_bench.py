@@ -142,8 +142,18 @@ def run_clients(api: str, target: str, streams: int, processes: int, max_tokens:
     return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
 
+def tokenizer_dir(model_dir: Path | None) -> Path:
+    path = model_dir or local_model_dir(MODEL)
+    if not (path / "tokenizer.json").exists() or not (path / "config.json").exists():
+        raise ValueError(
+            f"no tokenizer.json and config.json in {path}: pass --model-dir (any model's "
+            "directory with both; token ids 1000..41000 must be in its vocabulary)"
+        )
+    return path
+
+
 def measure(args, api: str, workers: int, work_dir: Path) -> dict:
-    model_dir = local_model_dir(MODEL)
+    model_dir = tokenizer_dir(args.model_dir)
     with LocalRedis() as redis_server:
         pool = Process(
             pool_command(redis_server.url, args.token_delay, stamp=True),

@@ -37,7 +37,10 @@ class RequestStream:
         self.closed = False  # a finish or an error was delivered: nothing more is
         self.owner: str | None = None  # the worker generating it (decode, colocated)
         self.token_ids: list[int] = []  # every output token delivered (for migration)
-        self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        # Deltas not yet taken, and the reader waiting for them: a plain list and one
+        # future, not an asyncio.Queue and wait_for (a task per wait), on the per-token path.
+        self._pending: list[TokenDelta] = []
+        self._waiter: asyncio.Future[None] | None = None
 
     def push(self, delta: TokenDelta) -> None:
         if self.closed:
@@ -65,17 +68,31 @@ class RequestStream:
         self.next_offset += len(delta.token_ids)
         self.token_ids.extend(delta.token_ids)
         self.closed = ends
-        self._queue.put_nowait(delta)
+        self._pending.append(delta)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def get_many(self, timeout_s: float) -> list[TokenDelta]:
         """Every delta queued now, waiting for one; TimeoutError when none comes in time.
 
         Taking all at once lets a client that fell behind catch up in one message.
         """
-        deltas = [await asyncio.wait_for(self._queue.get(), timeout_s)]
-        while not self._queue.empty():
-            deltas.append(self._queue.get_nowait())
+        if not self._pending:
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            timer = loop.call_later(timeout_s, _expire, self._waiter)
+            try:
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        deltas, self._pending = self._pending, []
         return deltas
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 class ReplyRouter:
