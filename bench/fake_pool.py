@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from tandem.core import redis_keys
 from tandem.core.protocol import (
@@ -126,7 +126,8 @@ class FakeWorker:
             t.cancel()
         await asyncio.wait(self._loops, timeout=2)
         assert self._redis is not None
-        await self._redis.delete(*(redis_keys.worker_key(i) for i in self._ids))
+        with contextlib.suppress(RedisError):  # Redis gone: the entries expire anyway
+            await self._redis.delete(*(redis_keys.worker_key(i) for i in self._ids))
         await self._redis.aclose()
 
     async def _register(self) -> None:

@@ -17,7 +17,7 @@ from tandem.bench.gateway_bench import Process, gateway_command, pool_command, r
 from tandem.bench.gateway_clients import run_streams
 from tandem.core.tokenizer import Tokenizer
 from tandem.local_redis import LocalRedis
-from tests.gateway.conftest import Gateway
+from tests.gateway.conftest import MODEL, Gateway, LoopThread, close_gateway, open_gateway
 from tests.gateway.fake_worker import FakeWorker, expected_output
 
 
@@ -47,6 +47,40 @@ def test_200_concurrent_http_streams_all_complete(
     target = f"127.0.0.1:{gateway.app.http_port}"
     results = asyncio.run(run_streams("http", target, sent, 32))
     check_streams(results, sent, 32, tokenizer, "http")
+
+
+def test_a_busy_redis_pool_makes_requests_wait_not_fail(
+    start_gateway, fake_worker: FakeWorker, tokenizer: Tokenizer
+) -> None:
+    """Two connections for 200 concurrent streams: every request waits its turn."""
+    gateway = start_gateway(redis_max_connections=2)
+    fake_worker.token_delay_s = 0.01
+    sent = prompts(200)
+    target = f"127.0.0.1:{gateway.app.http_port}"
+    results = asyncio.run(run_streams("http", target, sent, 8))
+    check_streams(results, sent, 8, tokenizer, "http")
+
+
+def test_unreachable_redis_is_503_and_unavailable(loop_thread: LoopThread, model_dir: Path) -> None:
+    """Redis gone: refused at once with 503 + Retry-After / UNAVAILABLE, not a wait."""
+    with LocalRedis() as server:
+        worker = loop_thread.run(FakeWorker(server.url, MODEL).start())
+        gateway = open_gateway(server, loop_thread, model_dir, worker_check_ttl_s=0.01)
+        try:
+            server.stop()
+
+            async def both() -> list:
+                return await asyncio.gather(
+                    run_streams("http", f"127.0.0.1:{gateway.app.http_port}", [[5]], 4),
+                    run_streams("grpc", gateway.target, [[5]], 4),
+                )
+
+            http, grpc_ = asyncio.run(asyncio.wait_for(both(), 30))
+        finally:
+            close_gateway(gateway, loop_thread)
+            loop_thread.run(worker.stop(), timeout=30)
+    assert (http[0].status, http[0].retry_after) == (503, "1"), http[0].error
+    assert grpc_[0].status == "UNAVAILABLE", grpc_[0].error
 
 
 @pytest.fixture(scope="module")
