@@ -6,8 +6,9 @@ steps, one token per running request per step, each step's deltas published as o
 TokenBatch per reply stream in one round trip. Without `stamp_tokens` a request's output
 is its prompt's tokens, cycled, so tests know it in advance; with it each token id
 encodes when its step was sent (`stamp_token`/`stamp_age_s`), which is how
-`tandem bench gateway` measures the latency a gateway adds. Before every step it checks
-the abort markers of the requests it runs; it records what it saw, for tests.
+`tandem bench gateway` measures the latency a gateway adds. Aborts stop a request before
+its next token (pub/sub notice, or the marker for one not started yet); it records what
+it saw, for tests.
 
 Tests run it on their event loop; `tandem bench gateway` and the load tests run it as a
 process of its own (`main`), so that it does not take the gateway's CPU.
@@ -95,6 +96,7 @@ class FakeWorker:
         self._redis: aioredis.Redis | None = None
         self._loops: list[asyncio.Task] = []
         self._running: dict[str, _Running] = {}
+        self._notified: set[str] = set()  # running requests whose abort notice came
         self._work = asyncio.Event()
         # redis-py can swallow a cancellation that lands inside a blocking command, so
         # every loop also checks this flag and stop() does not wait forever.
@@ -154,7 +156,10 @@ class FakeWorker:
             while not self._stopping:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
                 if message and message["type"] == "message":
-                    self.notices.append(decode(message["data"], AbortNotice))
+                    notice = decode(message["data"], AbortNotice)
+                    self.notices.append(notice)
+                    if notice.request_id in self._running:
+                        self._notified.add(notice.request_id)
         finally:
             await pubsub.aclose()
 
@@ -201,16 +206,21 @@ class FakeWorker:
         """One token for every running request, minus those aborted since the last step."""
         assert self._redis is not None
         running = list(self._running.values())
+        # As the workers do: a request started before its abort hears the pub/sub
+        # notice; one whose abort came before it was read finds the marker.
+        new = [job for job in running if job.sent == 0]
         async with self._redis.pipeline(transaction=False) as pipe:
-            for job in running:
+            for job in new:
                 pipe.exists(redis_keys.abort_marker(job.task.request_id))
-            markers = await pipe.execute()
+            found = await pipe.execute()
+        marked = {job.task.request_id for job, m in zip(new, found, strict=True) if m}
         deltas: dict[str, list[TokenDelta]] = {}
         started: list[bytes] = []  # entries of requests whose first token goes out now
         now = time.time()
-        for job, aborted in zip(running, markers, strict=True):
+        for job in running:
             rid = job.task.request_id
-            if aborted:
+            if rid in marked or rid in self._notified:
+                self._notified.discard(rid)
                 self.aborted.add(rid)
                 del self._running[rid]
                 if job.sent == 0:
