@@ -44,38 +44,32 @@ def add_bench_parser(
 
         p.set_defaults(func=handler)
 
-    transfer = kinds.add_parser(
-        "transfer",
-        formatter_class=fmt,
-        help="KV transfer GB/s per backend (Llama-3.1-8B-shaped KV) beside its ceiling",
-    )
-    _transfer_args(transfer)
-    transfer.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    # Benchmarks with their own processes and no engine flags: (module, help, arguments).
+    standalone = {
+        "transfer": (
+            "transfer",
+            "KV transfer GB/s per backend (Llama-3.1-8B-shaped KV) beside its ceiling",
+            _transfer_args,
+        ),
+        "gateway": (
+            "gateway_bench",
+            "one gateway's capacity against a fake worker pool: streamed tokens/s, "
+            "added latency, CPU per 1,000 tokens, over gRPC and HTTP, at 1 and N processes",
+            _gateway_args,
+        ),
+    }
+    for name, (module, help_text, add_arguments) in standalone.items():
+        p = kinds.add_parser(name, formatter_class=fmt, help=help_text)
+        add_arguments(p)
+        p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
 
-    def transfer_handler(args) -> int:
-        from tandem.bench.transfer import run
+        def standalone_handler(args, module=module) -> int:
+            import importlib
 
-        run(args)
-        return 0
+            importlib.import_module(f"tandem.bench.{module}").run(args)
+            return 0
 
-    transfer.set_defaults(func=transfer_handler)
-
-    gateway = kinds.add_parser(
-        "gateway",
-        formatter_class=fmt,
-        help="one gateway's capacity against a fake worker pool: streamed tokens/s, "
-        "added latency, CPU per 1,000 tokens, over gRPC and HTTP, at 1 and N processes",
-    )
-    _gateway_args(gateway)
-    gateway.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-
-    def gateway_handler(args) -> int:
-        from tandem.bench.gateway_bench import run
-
-        run(args)
-        return 0
-
-    gateway.set_defaults(func=gateway_handler)
+        p.set_defaults(func=standalone_handler)
 
     p = kinds.add_parser(
         "serve",
