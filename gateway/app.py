@@ -70,12 +70,13 @@ class GatewayApp:
             on_connected=self._redis_state_changed,
         )
         registry = WorkerRegistry(self._redis, cfg.model, cache_ttl_s=cfg.worker_check_ttl_s)
+        texts = TokenTexts(self.tokenizer, cfg.model_dir)
         self.executor = Executor(
-            cfg, self.limits, self.tokenizer, self._redis, self._router, registry, self.metrics
-        )
+            cfg, self.limits, self.tokenizer, texts, self._redis, self._router, registry,
+            self.metrics,
+        )  # fmt: skip
         self.http_app = BodyLimit(
-            build_http_app(self.executor, TokenTexts(self.tokenizer, cfg.model_dir)),
-            cfg.max_receive_message_bytes,
+            build_http_app(self.executor, texts), cfg.max_receive_message_bytes
         )
         self._http = HttpServer(
             self.http_app, cfg.http_host, cfg.http_port, cfg.shutdown_grace_s, cfg.reuse_port

@@ -36,6 +36,7 @@ from tandem.gateway.detokenizer import TextStream
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.redis_batch import RedisBatcher, SingleFlight
 from tandem.gateway.reply_router import ReplyRouter, RequestStream
+from tandem.gateway.token_text import TokenTexts
 from tandem.gateway.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Executor:
         config: GatewayConfig,
         limits: ModelLimits,
         tokenizer: Tokenizer,
+        texts: TokenTexts,
         redis: aioredis.Redis,
         router: ReplyRouter,
         registry: WorkerRegistry,
@@ -86,6 +88,8 @@ class Executor:
         self.config = config
         self.limits = limits
         self.tokenizer = tokenizer
+        # Byte-level vocabularies: output text straight from each token's bytes.
+        self.token_bytes = texts.output_bytes if texts.bytes_are_text else None
         self.redis = redis
         self.router = router
         self.registry = registry
@@ -226,7 +230,7 @@ class Generation:
         self._api = api
         self._arrival = time.monotonic() if arrival is None else arrival
         self._deadline = time.monotonic() + timeout_s
-        self._text = TextStream(executor.tokenizer, prompt_ids, sampling.stop)
+        self._text = TextStream(executor.tokenizer, prompt_ids, sampling.stop, executor.token_bytes)
         self._stream: RequestStream | None = None
         self._completion_tokens = 0
         self._first_token_at: float | None = None
