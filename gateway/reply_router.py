@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -21,6 +22,7 @@ from tandem.core import redis_keys
 from tandem.core.protocol import TokenBatch, TokenDelta, decode
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 READ_COUNT = 512  # entries per XREAD; a batch already holds a step's deltas
 TRIM_INTERVAL_S = 1.0
@@ -37,10 +39,7 @@ class RequestStream:
         self.closed = False  # a finish or an error was delivered: nothing more is
         self.owner: str | None = None  # the worker generating it (decode, colocated)
         self.token_ids: list[int] = []  # every output token delivered (for migration)
-        # Deltas not yet taken, and the reader waiting for them: a plain list and one
-        # future, not an asyncio.Queue and wait_for (a task per wait), on the per-token path.
-        self._pending: list[TokenDelta] = []
-        self._waiter: asyncio.Future[None] | None = None
+        self._mailbox: Mailbox[TokenDelta] = Mailbox()
 
     def push(self, delta: TokenDelta) -> None:
         if self.closed:
@@ -68,26 +67,44 @@ class RequestStream:
         self.next_offset += len(delta.token_ids)
         self.token_ids.extend(delta.token_ids)
         self.closed = ends
-        self._pending.append(delta)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._mailbox.put(delta)
 
     async def get_many(self, timeout_s: float) -> list[TokenDelta]:
         """Every delta queued now, waiting for one; TimeoutError when none comes in time.
 
         Taking all at once lets a client that fell behind catch up in one message.
         """
-        if not self._pending:
+        return await self._mailbox.take(timeout_s)
+
+
+class Mailbox(Generic[T]):
+    """Items for one reader, who takes all there are at once. A list and one future:
+    on the per-token path an asyncio.Queue costs a put and a get per item, and
+    asyncio.wait_for a task per wait."""
+
+    def __init__(self) -> None:
+        self._items: list[T] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self, timeout_s: float | None = None) -> list[T]:
+        """Every item there, waiting for one; TimeoutError when none comes in time."""
+        if not self._items:
             loop = asyncio.get_running_loop()
             self._waiter = loop.create_future()
-            timer = loop.call_later(timeout_s, _expire, self._waiter)
+            timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, self._waiter)
             try:
                 await self._waiter
             finally:
-                timer.cancel()
+                if timer is not None:
+                    timer.cancel()
                 self._waiter = None
-        deltas, self._pending = self._pending, []
-        return deltas
+        items, self._items = self._items, []
+        return items
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
