@@ -1,4 +1,4 @@
-"""`tandem bench latency|throughput|transfer|serve`: argument parsing and dispatch."""
+"""`tandem bench latency|throughput|transfer|serve|gateway`: argument parsing and dispatch."""
 
 from __future__ import annotations
 
@@ -40,21 +40,32 @@ def add_bench_parser(sub) -> None:
 
         p.set_defaults(func=handler)
 
-    transfer = kinds.add_parser(
-        "transfer",
-        formatter_class=fmt,
-        help="KV transfer GB/s per backend (Llama-3.1-8B-shaped KV) beside its ceiling",
-    )
-    _transfer_args(transfer)
-    transfer.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    # Benchmarks with their own processes and no engine flags: (module, help, arguments).
+    standalone = {
+        "transfer": (
+            "transfer",
+            "KV transfer GB/s per backend (Llama-3.1-8B-shaped KV) beside its ceiling",
+            _transfer_args,
+        ),
+        "gateway": (
+            "gateway_bench",
+            "one gateway's capacity against a fake worker pool: streamed tokens/s, "
+            "added latency, CPU per 1,000 tokens, over gRPC and HTTP, at 1 and N processes",
+            _gateway_args,
+        ),
+    }
+    for name, (module, help_text, add_arguments) in standalone.items():
+        p = kinds.add_parser(name, formatter_class=fmt, help=help_text)
+        add_arguments(p)
+        p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
 
-    def transfer_handler(args) -> int:
-        from tandem.bench.transfer import run
+        def standalone_handler(args, module=module) -> int:
+            import importlib
 
-        run(args)
-        return 0
+            importlib.import_module(f"tandem.bench.{module}").run(args)
+            return 0
 
-    transfer.set_defaults(func=transfer_handler)
+        p.set_defaults(func=standalone_handler)
 
     p = kinds.add_parser(
         "serve",
@@ -143,6 +154,31 @@ def _throughput_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=256,
         help="requests of the workload run through transformers",
+    )
+
+
+def _gateway_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--apis", default="grpc,http", help="comma-separated: grpc, http")
+    p.add_argument(
+        "--gateway-workers", default="1,2", help="comma-separated gateway process counts"
+    )
+    p.add_argument("--streams", type=int, default=2000, help="concurrent streams, all at once")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per stream")
+    p.add_argument(
+        "--token-delay",
+        type=float,
+        default=0.0,
+        help="seconds between the fake pool's steps (0: as fast as it can)",
+    )
+    p.add_argument(
+        "--client-processes", type=int, default=4, help="processes the streams are split over"
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="directory with the tokenizer.json and config.json the gateway loads; "
+        "default: smollm2's in the tandem model cache",
     )
 
 

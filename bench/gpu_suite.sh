@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the committed results of the transfer/serving work, in parts that
 # each fit a 10-minute slot on a 2 x H100 machine. Run from the repo root:
-#   bash bench/gpu_suite.sh check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192
+#   bash bench/gpu_suite.sh check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway
 # Every benchmark writes its JSON to bench/results/ (card, commit, date, command).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -63,8 +63,17 @@ case "${1:-}" in
       --slo-sets tpot15=ttft:2000,tpot:15 tpot20=ttft:2000,tpot:20 tpot40=ttft:2000,tpot:40 \
       --slo-attainment 0.9 --client-processes 4
     ;;
+  gateway)  # CPU only (issue 16): one gateway's capacity against the fake pool, gRPC and
+    # HTTP, 1 and 2 gateway processes, pool as fast as it can; then gRPC at ~30k tok/s
+    # offered (2,000 streams, a step every 66 ms) for the added latency. No torch needed;
+    # pass --model-dir DIR (any tokenizer.json + config.json) where smollm2 is not cached.
+    $PY -m tandem.bench gateway --streams 2000 --max-tokens 256 --client-processes 8 \
+      --apis grpc,http --gateway-workers 1,2 "${@:2}"
+    $PY -m tandem.bench gateway --streams 2000 --max-tokens 128 --client-processes 8 \
+      --apis grpc --gateway-workers 1 --token-delay 0.066 "${@:2}"
+    ;;
   *)
-    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192" >&2
+    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway" >&2
     exit 2
     ;;
 esac

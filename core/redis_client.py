@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import redis
+import redis.asyncio as aioredis
 
 from tandem.core.protocol import AbortNotice, PrefillTask, TokenBatch, TokenDelta, decode, encode
 from tandem.core.redis_keys import (
@@ -139,3 +140,18 @@ def abort_listener(client: redis.Redis, stop: Callable[[], bool]) -> Iterator[st
             time.sleep(0.2)
         finally:
             pubsub.close()
+
+
+def connect_async(url: str, timeout_s: float, max_connections: int) -> aioredis.Redis:
+    """An asyncio client whose pool holds at most `max_connections` and makes a caller
+    wait for a free one instead of raising (redis-py's default pool raises "Too many
+    connections" past 100). The wait is bounded all the same: every command holding a
+    connection ends within `timeout_s`, and an unreachable Redis fails the connect."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=None,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
+    return aioredis.Redis.from_pool(pool)

@@ -56,6 +56,10 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def added_tokens(self) -> dict[int, tuple[str, bool]]:
+        """Tokens added beside the vocabulary: id -> (content, special)."""
+        return {i: (t.content, t.special) for i, t in self._tok.get_added_tokens_decoder().items()}
+
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tandem.core.redis_client import connect_async
 from tandem.core.tokenizer import Tokenizer
 from tandem.gateway.config import GatewayConfig, ModelLimits
 from tandem.gateway.execution import Executor
@@ -59,12 +60,8 @@ class GatewayApp:
         """Connect, bind and serve; return the bound gRPC port (HTTP: self.http_port)."""
         cfg = self.config
         # Ports first: one in use fails at once, before waiting for Redis.
-        _check_port_free("gRPC", cfg.grpc_host, cfg.grpc_port)
-        self._redis = aioredis.Redis.from_url(
-            cfg.redis_url,
-            socket_timeout=cfg.redis_timeout_s,
-            socket_connect_timeout=cfg.redis_timeout_s,
-        )
+        _check_port_free("gRPC", cfg.grpc_host, cfg.grpc_port, cfg.reuse_port)
+        self._redis = connect_async(cfg.redis_url, cfg.redis_timeout_s, cfg.redis_max_connections)
         self._router = ReplyRouter(
             cfg.redis_url,
             cfg.gateway_id,
@@ -73,23 +70,32 @@ class GatewayApp:
             on_connected=self._redis_state_changed,
         )
         registry = WorkerRegistry(self._redis, cfg.model, cache_ttl_s=cfg.worker_check_ttl_s)
+        texts = TokenTexts(self.tokenizer, cfg.model_dir)
         self.executor = Executor(
-            cfg, self.limits, self.tokenizer, self._redis, self._router, registry, self.metrics
-        )
+            cfg, self.limits, self.tokenizer, texts, self._redis, self._router, registry,
+            self.metrics,
+        )  # fmt: skip
         self.http_app = BodyLimit(
-            build_http_app(self.executor, TokenTexts(self.tokenizer, cfg.model_dir)),
-            cfg.max_receive_message_bytes,
+            build_http_app(self.executor, texts), cfg.max_receive_message_bytes
         )
-        self._http = HttpServer(self.http_app, cfg.http_host, cfg.http_port, cfg.shutdown_grace_s)
+        self._http = HttpServer(
+            self.http_app, cfg.http_host, cfg.http_port, cfg.shutdown_grace_s, cfg.reuse_port
+        )
         self.http_port = self._http.port
         await self._router.start()
         self._owner_watch = asyncio.get_running_loop().create_task(self.executor.watch_owners())
         self._service = GenerationService(self.executor)
+        pending = 2 * cfg.max_active_requests + 1000
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_send_message_bytes),
-                ("grpc.so_reuseport", 0),  # a second gateway on our port must fail, loudly
+                # A second gateway on our port must fail, loudly; siblings share it.
+                ("grpc.so_reuseport", int(cfg.reuse_port)),
+                # RPCs not yet taken up by the event loop: past 1,000 (the default) grpc
+                # cancels some at random. Our admission limit answers overload instead.
+                ("grpc.server.max_pending_requests", pending),
+                ("grpc.server.max_pending_requests_hard_limit", pending),
             ]
         )
         add_generation_service(self._service, self._server)
@@ -156,13 +162,16 @@ class GatewayApp:
             await self._health.set(name, status)
 
 
-def _check_port_free(what: str, host: str, port: int) -> None:
-    """A clear one-line error for a port in use (gRPC itself only says it cannot bind)."""
+def _check_port_free(what: str, host: str, port: int, reuse_port: bool) -> None:
+    """A clear one-line error for a port in use (gRPC itself only says it cannot bind).
+    With reuse_port, sibling gateways holding it with SO_REUSEPORT do not count."""
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

@@ -33,6 +33,9 @@ class GatewayConfig:
     max_model_len: int = 0  # 0: the model's max_position_embeddings
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     redis_timeout_s: float = 5.0  # socket timeout of every non-blocking Redis call
+    # Connections of the shared pool; past them a call waits for one (it never fails for
+    # want of one). Writes are batched, so a few carry thousands of streams.
+    redis_max_connections: int = 32
     reply_block_ms: int = 1000  # XREAD BLOCK of the reply router
     worker_check_ttl_s: float = 1.0  # how long a "workers are live" answer is trusted
     shutdown_grace_s: float = 5.0  # streams left after this are cancelled
@@ -45,6 +48,9 @@ class GatewayConfig:
     migrate: bool = False
     owner_check_s: float = 1.0
     max_choices: int = 8  # bound on n (times the prompts of a batch) per HTTP request
+    # One of several gateway processes sharing the ports (--gateway-workers): binds with
+    # SO_REUSEPORT, so the kernel spreads connections over them.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -83,6 +89,8 @@ class GatewayConfig:
             raise ValueError("max_active_requests must be >= 1")
         if self.max_queued_tasks < 0:
             raise ValueError("max_queued_tasks must be >= 0 (0: no bound)")
+        if self.redis_max_connections < 1:
+            raise ValueError("redis_max_connections must be >= 1")
         if self.max_choices < 1:
             raise ValueError("max_choices must be >= 1")
 

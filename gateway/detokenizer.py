@@ -12,7 +12,8 @@ that could be the start of one is held back until the next text decides it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import codecs
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -76,6 +77,26 @@ class IncrementalDetokenizer:
         return full[len(prefix) :]
 
 
+class ByteTextDecoder:
+    """IncrementalDetokenizer's job for byte-level BPE vocabularies, whose decoding is
+    only the tokens' bytes joined: each token's bytes come from a table, and an
+    incremental UTF-8 decoder holds back a character split over tokens. No `decode`
+    call per token (two, over a window, in IncrementalDetokenizer)."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self._bytes = token_bytes  # special tokens: b""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.num_output_tokens = 0
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        self.num_output_tokens += len(token_ids)
+        token_bytes = self._bytes
+        return self._utf8.decode(b"".join([token_bytes(t) for t in token_ids]))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
 class StopStringMatcher:
     """Truncates text at the first stop string; holds back a possible partial match."""
 
@@ -130,9 +151,19 @@ class TextStream:
     """Token ids in, client text out: detokenize, then apply stop strings."""
 
     def __init__(
-        self, tokenizer: Decoder, prompt_token_ids: Sequence[int], stop: Sequence[str]
+        self,
+        tokenizer: Decoder,
+        prompt_token_ids: Sequence[int],
+        stop: Sequence[str],
+        token_bytes: Callable[[int], bytes] | None = None,
     ) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_token_ids)
+        """token_bytes: each token's output bytes, where the vocabulary's decoding is
+        only those joined (TokenTexts.bytes_are_text): the cheaper ByteTextDecoder."""
+        self._detok: IncrementalDetokenizer | ByteTextDecoder = (
+            ByteTextDecoder(token_bytes)
+            if token_bytes is not None
+            else IncrementalDetokenizer(tokenizer, prompt_token_ids)
+        )
         self._stops = StopStringMatcher(stop)
 
     @property

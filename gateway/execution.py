@@ -28,13 +28,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tandem.core import redis_keys
-from tandem.core.protocol import AbortNotice, PrefillTask, TokenDelta, encode
+from tandem.core.protocol import PrefillTask, TokenDelta, encode
 from tandem.core.sampling_params import SamplingParams
 from tandem.core.tokenizer import Tokenizer
 from tandem.gateway.config import GatewayConfig, ModelLimits
 from tandem.gateway.detokenizer import TextStream
 from tandem.gateway.metrics import GatewayMetrics
+from tandem.gateway.redis_batch import RedisBatcher, SingleFlight
 from tandem.gateway.reply_router import ReplyRouter, RequestStream
+from tandem.gateway.token_text import TokenTexts
 from tandem.gateway.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class Executor:
         config: GatewayConfig,
         limits: ModelLimits,
         tokenizer: Tokenizer,
+        texts: TokenTexts,
         redis: aioredis.Redis,
         router: ReplyRouter,
         registry: WorkerRegistry,
@@ -85,12 +88,16 @@ class Executor:
         self.config = config
         self.limits = limits
         self.tokenizer = tokenizer
+        # Byte-level vocabularies: output text straight from each token's bytes.
+        self.token_bytes = texts.output_bytes if texts.bytes_are_text else None
         self.redis = redis
         self.router = router
         self.registry = registry
         self.metrics = metrics
         self.prefill_stream = redis_keys.prefill_stream(config.model)
-        self._abort_tasks: set[asyncio.Task[None]] = set()
+        self.writes = RedisBatcher(redis)
+        # A burst of arrivals shares one read of the queue's length.
+        self._queue_length = SingleFlight(lambda: self.redis.xlen(self.prefill_stream))
         self.inflight: dict[str, Generation] = {}
 
     # -- decode or colocated workers that die -------------------------------------------
@@ -133,8 +140,7 @@ class Executor:
                 param="model",
             )
 
-    async def check_available(self, requests: int = 1) -> None:
-        """Refuse at once what cannot be served now: overload, or no workers."""
+    def check_active(self, requests: int) -> None:
         active = self.router.active
         if active + requests > self.config.max_active_requests:
             raise RequestError(
@@ -142,9 +148,13 @@ class Executor:
                 f"gateway overloaded: {active} requests in flight, the limit is "
                 f"{self.config.max_active_requests}; retry later",
             )
+
+    async def check_available(self, requests: int = 1) -> None:
+        """Refuse at once what cannot be served now: overload, or no workers."""
+        self.check_active(requests)
         if self.config.max_queued_tasks:
             try:
-                queued = await self.redis.xlen(self.prefill_stream)
+                queued = await self._queue_length()
             except RedisError:
                 queued = 0  # the registry check below reports Redis being down
             if queued + requests > self.config.max_queued_tasks:
@@ -192,31 +202,12 @@ class Executor:
         return Generation(self, prompt_ids, sampling, timeout, api, arrival)
 
     def abort_later(self, request_id: str, reason: str) -> None:
-        # Not awaited: a handler being cancelled must not lose the abort.
-        task = asyncio.get_running_loop().create_task(self.publish_abort(request_id, reason))
-        self._abort_tasks.add(task)
-        task.add_done_callback(self._abort_tasks.discard)
-
-    async def publish_abort(self, request_id: str, reason: str = "client cancelled") -> None:
-        """Tell every worker to drop the request: a marker for late readers, then pub/sub."""
-        notice = encode(AbortNotice(request_id=request_id, reason=reason))
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                # The marker goes first so that a worker woken by the message finds it.
-                pipe.set(
-                    redis_keys.abort_marker(request_id), notice, ex=redis_keys.ABORT_MARKER_TTL_S
-                )
-                pipe.publish(redis_keys.ABORT_CHANNEL, notice)
-                await pipe.execute()
-        except RedisError as exc:
-            # The task's deadline still bounds how long workers keep it.
-            log.warning("abort of %s not published: %s", request_id, exc,
-                        extra={"request_id": request_id})  # fmt: skip
+        """Tell every worker to drop the request (batched with other requests' writes)."""
+        self.writes.abort(request_id, reason)
 
     async def drain(self) -> None:
         """Wait for aborts still being published (at shutdown)."""
-        if self._abort_tasks:
-            await asyncio.gather(*self._abort_tasks, return_exceptions=True)
+        await self.writes.drain()
 
 
 class Generation:
@@ -239,7 +230,7 @@ class Generation:
         self._api = api
         self._arrival = time.monotonic() if arrival is None else arrival
         self._deadline = time.monotonic() + timeout_s
-        self._text = TextStream(executor.tokenizer, prompt_ids, sampling.stop)
+        self._text = TextStream(executor.tokenizer, prompt_ids, sampling.stop, executor.token_bytes)
         self._stream: RequestStream | None = None
         self._completion_tokens = 0
         self._first_token_at: float | None = None
@@ -277,9 +268,8 @@ class Generation:
                         self.request_id, len(stream.token_ids),
                         extra={"request_id": self.request_id})  # fmt: skip
             try:
-                await self._ex.redis.xadd(
-                    self._ex.prefill_stream,
-                    {redis_keys.MESSAGE_FIELD: encode(self._task(list(stream.token_ids)))},
+                await self._ex.writes.xadd(
+                    self._ex.prefill_stream, encode(self._task(list(stream.token_ids)))
                 )
                 return
             except RedisError as exc:
@@ -295,10 +285,13 @@ class Generation:
     async def __aenter__(self) -> Generation:
         ex = self._ex
         rid = self.request_id
+        # Checked again where the request takes its slot: a burst can pass the front
+        # end's check all at once, before any of it is registered.
+        ex.check_active(1)
         self._stream = ex.router.register(rid)
         task = self._task([])
         try:
-            await ex.redis.xadd(ex.prefill_stream, {redis_keys.MESSAGE_FIELD: encode(task)})
+            await ex.writes.xadd(ex.prefill_stream, encode(task))
         except BaseException as exc:
             ex.router.unregister(rid)
             # Cancelled or cut off mid-XADD, the task may be queued all the same.

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from tandem.gateway.execution import Executor, Output
 from tandem.gateway.openai_requests import ChoiceSpec
+from tandem.gateway.reply_router import Mailbox
 
 _DONE = object()
 
@@ -31,7 +32,8 @@ class Choices:
         self._api = api
         self._arrival = arrival
         self._timeout_s = timeout_s
-        self._queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+        self._mailbox: Mailbox[tuple[int, object]] = Mailbox()
+        self._taken: list[tuple[int, object]] = []  # from the mailbox, not yet returned
         self._tasks: list[asyncio.Task[None]] = []
         self._open = len(specs)
         self.request_ids: list[str] = []
@@ -53,17 +55,20 @@ class Choices:
             self.request_ids.append(gen.request_id)
             async with gen:
                 async for out in gen:
-                    self._queue.put_nowait((spec.index, out))
-            self._queue.put_nowait((spec.index, _DONE))
+                    self._mailbox.put((spec.index, out))
+            self._mailbox.put((spec.index, _DONE))
         except Exception as exc:  # handed to the reader, who raises it
-            self._queue.put_nowait((spec.index, exc))
+            self._mailbox.put((spec.index, exc))
 
     def __aiter__(self) -> Choices:
         return self
 
     async def __anext__(self) -> tuple[int, Output]:
         while self._open:
-            index, item = await self._queue.get()
+            if not self._taken:
+                self._taken = await self._mailbox.take()
+                self._taken.reverse()  # popped from the end, in arrival order
+            index, item = self._taken.pop()
             if item is _DONE:
                 self._open -= 1
                 continue

@@ -117,10 +117,11 @@ def _finite(payload: Any) -> Any:
 
 async def _send_json(send: Send, status: int, payload: Any, headers: list) -> None:
     body = _json_bytes(_finite(payload))
+    retry = [(b"retry-after", b"1")] if status in (429, 503) else []  # as _request_error
     await send({
         "type": "http.response.start", "status": status,
         "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()), *headers],
+                    (b"content-length", str(len(body)).encode()), *retry, *headers],
     })  # fmt: skip
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -27,11 +27,13 @@ class _EmbeddedServer(uvicorn.Server):
         pass
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # sibling gateway processes share the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as exc:
@@ -44,8 +46,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    def __init__(self, app: ASGIApp, host: str, port: int, grace_s: float) -> None:
-        self._sock = bind_socket(host, port)
+    def __init__(
+        self, app: ASGIApp, host: str, port: int, grace_s: float, reuse_port: bool = False
+    ) -> None:
+        self._sock = bind_socket(host, port, reuse_port)
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
             app,

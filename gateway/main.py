@@ -17,6 +17,7 @@ from pathlib import Path
 from tandem.core.models import local_model_dir, model_name
 from tandem.gateway.config import GatewayConfig, join_host_port
 from tandem.gateway.logs import use_json_logs
+from tandem.gateway.workers import serve_workers
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(in compose a worker writes them into the shared model cache on first start)",
     )
     parser.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="gateway processes sharing the ports (SO_REUSEPORT), each with its own reply "
+        "stream; --max-active-requests holds per process",
+    )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT, so that several gateways share the ports "
+        "(--gateway-workers sets it on its processes)",
+    )
+    parser.add_argument(
         "--log-format",
         choices=["text", "json"],
         default="text",
@@ -154,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         migrate=getattr(args, "migrate", False),
         request_timeout_s=args.request_timeout,
         max_model_len=args.max_model_len,
+        reuse_port=getattr(args, "reuse_port", False),
         **extra,
     )
 
@@ -202,9 +217,15 @@ def _default_logging() -> None:
         )
 
 
-def run(config: GatewayConfig) -> None:
+def run(config: GatewayConfig, workers: int = 1) -> int:
+    """Serve in this process, or in `workers` processes sharing the ports; exit status."""
     _default_logging()
+    if workers < 1:
+        raise ValueError("--gateway-workers must be >= 1")
+    if workers > 1:
+        return serve_workers(config, workers)
     asyncio.run(serve_gateway(config))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -218,9 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _default_logging()
     try:
-        run(config_from_args(args))
+        status = run(config_from_args(args), args.gateway_workers)
     except (ValueError, OSError) as exc:
         parser.exit(2, f"tandem gateway: error: {exc}\n")
+    parser.exit(status)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -21,6 +22,7 @@ from tandem.core import redis_keys
 from tandem.core.protocol import TokenBatch, TokenDelta, decode
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 READ_COUNT = 512  # entries per XREAD; a batch already holds a step's deltas
 TRIM_INTERVAL_S = 1.0
@@ -37,7 +39,7 @@ class RequestStream:
         self.closed = False  # a finish or an error was delivered: nothing more is
         self.owner: str | None = None  # the worker generating it (decode, colocated)
         self.token_ids: list[int] = []  # every output token delivered (for migration)
-        self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self._mailbox: Mailbox[TokenDelta] = Mailbox()
 
     def push(self, delta: TokenDelta) -> None:
         if self.closed:
@@ -65,17 +67,49 @@ class RequestStream:
         self.next_offset += len(delta.token_ids)
         self.token_ids.extend(delta.token_ids)
         self.closed = ends
-        self._queue.put_nowait(delta)
+        self._mailbox.put(delta)
 
     async def get_many(self, timeout_s: float) -> list[TokenDelta]:
         """Every delta queued now, waiting for one; TimeoutError when none comes in time.
 
         Taking all at once lets a client that fell behind catch up in one message.
         """
-        deltas = [await asyncio.wait_for(self._queue.get(), timeout_s)]
-        while not self._queue.empty():
-            deltas.append(self._queue.get_nowait())
-        return deltas
+        return await self._mailbox.take(timeout_s)
+
+
+class Mailbox(Generic[T]):
+    """Items for one reader, who takes all there are at once. A list and one future:
+    on the per-token path an asyncio.Queue costs a put and a get per item, and
+    asyncio.wait_for a task per wait."""
+
+    def __init__(self) -> None:
+        self._items: list[T] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self, timeout_s: float | None = None) -> list[T]:
+        """Every item there, waiting for one; TimeoutError when none comes in time."""
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, self._waiter)
+            try:
+                await self._waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._waiter = None
+        items, self._items = self._items, []
+        return items
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 class ReplyRouter:

@@ -39,27 +39,45 @@ def byte_level_alphabet() -> dict[str, int]:
     return table
 
 
-def _is_byte_level(model_dir: Path) -> bool:
+def _decoder_types(model_dir: Path) -> list[str]:
     path = model_dir / "tokenizer.json"
     try:
         decoder = json.loads(path.read_text()).get("decoder") or {}
     except (OSError, ValueError):
-        return False
+        return []
     parts = decoder.get("decoders") or [decoder]
-    return any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in parts)
+    return [p.get("type", "") for p in parts if isinstance(p, dict)]
 
 
 class TokenTexts:
     def __init__(self, tokenizer: Tokenizer, model_dir: Path) -> None:
         self._tok = tokenizer
-        self._byte_level = _is_byte_level(Path(model_dir))
+        decoders = _decoder_types(Path(model_dir))
+        self._byte_level = "ByteLevel" in decoders
+        # Decoding is the tokens' bytes joined, nothing else (no cleanup, no "▁"): then
+        # output text can be built from bytes_of alone (detokenizer.ByteTextDecoder).
+        self.bytes_are_text = decoders == ["ByteLevel"]
         self._alphabet = byte_level_alphabet() if self._byte_level else {}
         self._cache: dict[int, bytes] = {}
+        self._added = tokenizer.added_tokens()
+        self._output: dict[int, bytes] = {}
 
     def bytes_of(self, token_id: int) -> bytes:
         cached = self._cache.get(token_id)
         if cached is None:
             cached = self._cache[token_id] = self._bytes(token_id)
+        return cached
+
+    def output_bytes(self, token_id: int) -> bytes:
+        """What a token adds to output text when special tokens are skipped."""
+        cached = self._output.get(token_id)
+        if cached is None:
+            added = self._added.get(token_id)
+            if added is None:
+                cached = self.bytes_of(token_id)
+            else:  # stored as its text, or nothing for a special token
+                cached = b"" if added[1] else added[0].encode("utf-8")
+            self._output[token_id] = cached
         return cached
 
     def text_of(self, token_id: int) -> str:

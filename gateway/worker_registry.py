@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from tandem.core import redis_keys
 from tandem.core.protocol import WorkerInfo, decode
+from tandem.gateway.redis_batch import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class WorkerRegistry:
         self._model = model
         self._cache_ttl_s = cache_ttl_s
         self._live_until = 0.0  # monotonic time until which "live" is trusted
+        # Requests arriving together, after the cache expired, share one registry scan.
+        self._live_roles = SingleFlight(self._read_live_roles)
 
     async def live_workers(self) -> list[WorkerInfo]:
         """Every registered, non-draining worker of the served model."""
@@ -69,9 +72,12 @@ class WorkerRegistry:
         """
         if time.monotonic() < self._live_until:
             return None
-        roles = {w.role for w in await self.live_workers()}
+        roles = await self._live_roles()
         missing = [r for r in REQUIRED_ROLES if r not in roles]
         if missing and "colocated" not in roles:
             return f"no live {' or '.join(missing)} worker for model {self._model!r}"
         self._live_until = time.monotonic() + self._cache_ttl_s
         return None
+
+    async def _read_live_roles(self) -> set[str]:
+        return {w.role for w in await self.live_workers()}

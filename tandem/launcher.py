@@ -193,6 +193,10 @@ class Service:
                 str(self.args.http_port),
                 *(["--api-key", self.args.api_key] if self.args.api_key else []),
                 *(["--migrate"] if self.args.migrate else []),
+                "--max-active-requests",
+                str(self.args.max_active_requests),
+                "--gateway-workers",
+                str(self.args.gateway_workers),
             ],
         )
 

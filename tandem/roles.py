@@ -183,8 +183,7 @@ def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
 def _cmd_gateway(args: argparse.Namespace) -> int:
     from tandem.gateway.main import config_from_args, run
 
-    run(config_from_args(args))
-    return 0
+    return run(config_from_args(args), args.gateway_workers)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -287,6 +286,19 @@ def add_role_parsers(sub) -> None:
         "--migrate",
         action="store_true",
         help="continue a request on another worker when its decode or colocated worker dies",
+    )
+    s.add_argument(
+        "--max-active-requests",
+        type=int,
+        default=4096,
+        help="passed to the gateway: requests in flight at once (per gateway process); "
+        "more get HTTP 429 / RESOURCE_EXHAUSTED",
+    )
+    s.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="passed to the gateway: processes sharing its ports (SO_REUSEPORT)",
     )
     s.add_argument(
         "--ready-timeout",

@@ -7,7 +7,13 @@ import random
 import pytest
 
 from tandem.core.tokenizer import Tokenizer
-from tandem.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher, TextStream
+from tandem.gateway.detokenizer import (
+    ByteTextDecoder,
+    IncrementalDetokenizer,
+    StopStringMatcher,
+    TextStream,
+)
+from tandem.gateway.token_text import TokenTexts
 
 TEXTS = [
     "plain ascii, nothing special",
@@ -158,3 +164,43 @@ def test_text_stream_flushes_held_text_at_finish(tokenizer: Tokenizer) -> None:
     assert streamed == "value: 42 "  # "<" might begin the stop string
     assert streamed + stream.finish() == "value: 42 <"
     assert not stream.stopped
+
+
+@pytest.fixture(scope="module")
+def texts(tokenizer: Tokenizer, model_dir) -> TokenTexts:
+    return TokenTexts(tokenizer, model_dir)
+
+
+def byte_pieces(texts: TokenTexts, ids: list[int], chunks: list[int]) -> list[str]:
+    decoder = ByteTextDecoder(texts.output_bytes)
+    pieces, i = [], 0
+    for n in chunks:
+        pieces.append(decoder.add(ids[i : i + n]))
+        i += n
+    return [*pieces, decoder.flush()]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_decoder_streams_text_whole(texts: TokenTexts, tokenizer: Tokenizer, text: str):
+    assert texts.bytes_are_text  # SmolLM2 is byte-level BPE
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = byte_pieces(texts, ids, [1] * len(ids))
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_byte_decoder_equals_the_tokenizer_on_any_ids(
+    texts: TokenTexts, tokenizer: Tokenizer, seed: int
+) -> None:
+    """Random ids (broken characters, special and added tokens included), in random
+    chunks: the same text as decoding them all at once, skipping special tokens."""
+    rng = random.Random(seed)
+    ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 60))]
+    ids += rng.sample(sorted(tokenizer.added_tokens()), 3)
+    rng.shuffle(ids)
+    chunks, left = [], len(ids)
+    while left:
+        chunks.append(min(left, rng.randrange(1, 5)))
+        left -= chunks[-1]
+    assert "".join(byte_pieces(texts, ids, chunks)) == tokenizer.decode(ids)
