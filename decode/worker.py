@@ -78,7 +78,7 @@ from tandem.core.redis_client import add_task, publish_deltas
 from tandem.core.replies import error_delta
 from tandem.core.sequence import Sequence, SequenceStatus
 from tandem.decode.batch_worker import BatchWorker, Request
-from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.engine import Engine, EngineConfig, StepFailed
 from tandem.kvtransfer.pack import layout_of, unpack_blocks
 from tandem.kvtransfer.transport import make_receiver
 
@@ -300,7 +300,12 @@ class DecodeWorker(BatchWorker):
 
     # -- one decode step ----------------------------------------------------------------
     def _step(self) -> None:
-        out, got = self.engine.step(self.lock)
+        try:
+            out, got = self.engine.step(self.lock)
+        except StepFailed as failed:
+            with self.lock:
+                self._fail_step(failed)
+            return
         with self.lock:
             # Published first: a requeued request's next token must not overtake these.
             self._publish_step(got)

@@ -29,9 +29,10 @@ from redis.exceptions import RedisError
 
 from tandem.core import redis_keys
 from tandem.core.protocol import AbortNotice, PrefillTask, TokenDelta, encode
+from tandem.core.request_checks import ModelLimits
 from tandem.core.sampling_params import SamplingParams
 from tandem.core.tokenizer import Tokenizer
-from tandem.gateway.config import GatewayConfig, ModelLimits
+from tandem.gateway.config import GatewayConfig
 from tandem.gateway.detokenizer import TextStream
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.reply_router import ReplyRouter, RequestStream

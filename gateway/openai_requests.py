@@ -14,9 +14,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tandem.core.request_checks import ModelLimits, check_sampling
 from tandem.core.sampling_params import SamplingParams
-from tandem.gateway.config import GatewayConfig, ModelLimits
-from tandem.gateway.validation import Encode, check_sampling, validate_prompt
+from tandem.gateway.config import GatewayConfig
+from tandem.gateway.validation import Encode, validate_prompt
 
 # Bounds that only keep numbers representable; the real bounds are checked later.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]

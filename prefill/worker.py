@@ -44,10 +44,11 @@ from tandem.core.kv_cache_manager import blocks_needed
 from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
 from tandem.core.registry import list_workers, pick_decode_worker
 from tandem.core.replies import new_deltas, publish_safely, token_delta
+from tandem.core.request_checks import check_task
 from tandem.core.sequence import Sequence
 from tandem.core.task_intake import TaskIntake, tasks_fitting
 from tandem.core.worker_base import WorkerBase
-from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.engine import Engine, EngineConfig, StepFailed
 from tandem.kvtransfer.pack import layout_of
 from tandem.kvtransfer.transport import (
     BlockMove,
@@ -201,6 +202,7 @@ class PrefillWorker(WorkerBase):
             self.intake.ack(entry_id)
             return True
         try:
+            check_task(task, self.engine.limits)
             seq = Sequence(
                 rid,
                 list(task.prompt_token_ids),
@@ -299,7 +301,15 @@ class PrefillWorker(WorkerBase):
 
     # -- one prefill step ---------------------------------------------------------------
     def _step(self) -> None:
-        _, got = self.engine.step()
+        try:
+            _, got = self.engine.step()
+        except StepFailed as failed:
+            for rid in failed.request_ids:
+                if rid in self.inflight:
+                    task = self.inflight[rid].task
+                    self._drop(rid)
+                    self.intake.fail(task, "internal", failed.reason)
+            return
         if not got:
             return
         deltas = new_deltas()
