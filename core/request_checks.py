@@ -2,8 +2,8 @@
 
 The gateway checks a client's request against them (gateway.validation); every worker
 checks each task again as it takes it in (prefill, colocated and a decode worker's
-local prefill through `check_task`, a decode worker's handoffs through
-`check_handoff`): the prefill stream and the control sockets are written by other
+local prefill through `check_task`, a decode worker's reservations and handoffs
+through `check_reserve` and `check_handoff`): the prefill stream and the control sockets are written by other
 processes, maybe of another version, and one out-of-range field must fail its own
 request, never the worker that reads it.
 """
@@ -14,12 +14,15 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tandem.core.protocol import Handoff, PrefillTask
+from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest
 from tandem.core.redis_keys import REPLY_PREFIX
 from tandem.core.sampling_params import SamplingParams
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_REPLY_STREAM_CHARS = 256
+# A reservation outlives its lease only by this much: a sender's lease is its transfer
+# timeout plus slack (10 s by default); beyond this it would pin blocks for no transfer.
+MAX_LEASE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,13 @@ def check_tokens(
     check_token_ids("output_token_ids", output_ids, limits.vocab_size)
 
 
-def _check_header(task: PrefillTask) -> None:
-    if not (0 < len(task.request_id) <= MAX_REQUEST_ID_CHARS):
+def _check_request_id(request_id: str) -> None:
+    if not (0 < len(request_id) <= MAX_REQUEST_ID_CHARS):
         raise ValueError(f"request_id must be 1..{MAX_REQUEST_ID_CHARS} characters")
+
+
+def _check_header(task: PrefillTask) -> None:
+    _check_request_id(task.request_id)
     stream = task.reply_stream
     if not stream.startswith(REPLY_PREFIX) or len(stream) > MAX_REPLY_STREAM_CHARS:
         raise ValueError(f"reply_stream must be a gateway's reply stream ({REPLY_PREFIX}ID)")
@@ -92,3 +99,13 @@ def check_handoff(msg: Handoff, limits: ModelLimits) -> None:
     expected = len(task.prompt_token_ids) + len(before)
     if msg.num_computed_tokens != expected:
         raise ValueError(f"num_computed_tokens must be {expected}, got {msg.num_computed_tokens}")
+
+
+def check_reserve(req: ReserveRequest, limits: ModelLimits) -> None:
+    """A reservation a decode worker may grant: a sane id, a token count within the
+    context, and a finite lease (NaN once pinned its blocks forever)."""
+    _check_request_id(req.request_id)
+    if not (1 <= req.num_tokens <= limits.max_model_len):
+        raise ValueError(f"num_tokens must be in [1, {limits.max_model_len}]")
+    if not (0.0 < req.lease_s <= MAX_LEASE_S):
+        raise ValueError(f"lease_s must be in (0, {MAX_LEASE_S:g}]")

@@ -65,6 +65,7 @@ import redis
 from tandem.core.config import WorkerConfig
 from tandem.core.local_prefill import LocalPrefillGate, Room
 from tandem.core.protocol import (
+    ControlMessage,
     Handoff,
     KVTransfer,
     PrefillTask,
@@ -76,11 +77,13 @@ from tandem.core.protocol import (
 )
 from tandem.core.redis_client import add_task, publish_deltas
 from tandem.core.replies import error_delta
+from tandem.core.request_checks import check_handoff, check_reserve
 from tandem.core.sequence import Sequence, SequenceStatus
 from tandem.decode.batch_worker import BatchWorker, Request
 from tandem.engine.engine import Engine, EngineConfig, StepFailed
 from tandem.kvtransfer.pack import layout_of, unpack_blocks
 from tandem.kvtransfer.transport import make_receiver
+from tandem.kvtransfer.wire import refusal
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ log = logging.getLogger(__name__)
 class Reservation:
     request_id: str
     expires_at: float  # monotonic
+    num_tokens: int  # the tokens whose KV it holds blocks for
     filled: bool = False
 
 
@@ -182,16 +186,29 @@ class DecodeWorker(BatchWorker):
                     self._handle(item.peer, item.msg, item.payload)
 
     def _handle(self, peer: bytes, msg, payload) -> None:
+        """Answer one control message. Whatever a message holds, the loop lives: a field
+        out of bounds is refused by the checks, and a handler that raises anyway answers
+        with a refusal instead of ending the control thread."""
+        try:
+            reply = self._answer(msg, payload)
+        except Exception:
+            log.exception("control message %s failed", type(msg).__name__)
+            reply = refusal(msg, "the decode worker failed on this message (logged there)")
+        if reply is not None:
+            self.receiver.reply(peer, reply)
+
+    def _answer(self, msg, payload) -> ControlMessage | None:
         if isinstance(msg, ReserveRequest):
-            self.receiver.reply(peer, self._reserve(msg))
-        elif isinstance(msg, KVTransfer):
-            self.receiver.reply(peer, self._fill(msg, payload))
-        elif isinstance(msg, Handoff):
-            self.receiver.reply(peer, self._admit(msg))
-        elif isinstance(msg, Release):
+            return self._reserve(msg)
+        if isinstance(msg, KVTransfer):
+            return self._fill(msg, payload)
+        if isinstance(msg, Handoff):
+            return self._admit(msg)
+        if isinstance(msg, Release):
             self._release(msg.request_id)
         else:
             log.warning("unexpected control message %s", type(msg).__name__)
+        return None
 
     def _reserve(self, req: ReserveRequest) -> ReserveReply:
         rid = req.request_id
@@ -199,6 +216,10 @@ class DecodeWorker(BatchWorker):
         def refuse(reason: str) -> ReserveReply:
             return ReserveReply(request_id=rid, ok=False, reason=reason)
 
+        try:
+            check_reserve(req, self.engine.limits)
+        except ValueError as exc:
+            return refuse(str(exc))
         if self.draining:
             return refuse("draining")
         if self.was_aborted(rid):
@@ -213,7 +234,7 @@ class DecodeWorker(BatchWorker):
             return refuse("too many sequences")
         if not self.kv.allocate_slots(rid, req.num_tokens):
             return refuse("out of KV blocks")
-        self.reservations[rid] = Reservation(rid, time.monotonic() + req.lease_s)
+        self.reservations[rid] = Reservation(rid, time.monotonic() + req.lease_s, req.num_tokens)
         return ReserveReply(request_id=rid, ok=True, block_ids=list(self.kv.block_table(rid)))
 
     def _fill(self, msg: KVTransfer, packed) -> TransferAck:
@@ -244,6 +265,16 @@ class DecodeWorker(BatchWorker):
             if res is not None:
                 self.kv.free(rid)
             return TransferAck(request_id=rid, ok=False, reason="KV not received or aborted")
+        try:
+            check_handoff(msg, self.engine.limits)
+            if msg.num_computed_tokens > res.num_tokens:
+                raise ValueError(
+                    f"num_computed_tokens {msg.num_computed_tokens} exceeds the "
+                    f"{res.num_tokens} tokens reserved"
+                )
+        except ValueError as exc:
+            self.kv.free(rid)
+            return TransferAck(request_id=rid, ok=False, reason=str(exc))
         seq = Sequence(
             rid,
             list(task.prompt_token_ids),
