@@ -8,9 +8,16 @@ which are also what compose runs.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 from tandem.core.config import KV_TRANSPORTS
+from tandem.core.credentials import (
+    API_KEY_ENV,
+    REDIS_URL_ENV,
+    add_secret_args,
+    secret_from_args,
+)
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -20,7 +27,7 @@ WORKER_COMMANDS = {"prefill": "prefill", "decode": "decode", "worker": "colocate
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", required=True, help="Redis shared with the gateway")
+    add_secret_args(p, "redis-url", REDIS_URL_ENV, "Redis shared with the gateway")
     p.add_argument("--worker-id", default="", help="default: ROLE-HOSTNAME-PID")
     p.add_argument(
         "--reclaim-idle",
@@ -153,8 +160,11 @@ def worker_config_from_args(args: argparse.Namespace, role: str):
             local_prefill_after_ms=args.local_prefill_after_ms,
             max_local_prefills=args.max_local_prefills,
         )
+    redis_url = secret_from_args(args, "redis-url", REDIS_URL_ENV)
+    if redis_url is None:
+        raise ValueError(f"give --redis-url, --redis-url-file or {REDIS_URL_ENV}")
     return WorkerConfig(
-        redis_url=args.redis_url,
+        redis_url=redis_url,
         role=role,
         worker_id=args.worker_id,
         reclaim_idle_s=args.reclaim_idle_s,
@@ -190,6 +200,11 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tandem.launcher import serve
 
+    # The gateway child reads the key from its environment, not from its command line.
+    api_key = secret_from_args(args, "api-key", API_KEY_ENV)
+    if api_key is not None:
+        os.environ[API_KEY_ENV] = api_key
+    args.api_key = None
     return serve(args)
 
 
@@ -278,10 +293,11 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
     )
     add_local_prefill_args(s)
     add_local_prefill_tokens_arg(s)
-    s.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' on gRPC and HTTP (not health)",
+    add_secret_args(
+        s,
+        "api-key",
+        API_KEY_ENV,
+        "require 'Authorization: Bearer KEY' on gRPC and HTTP (not health)",
     )
     s.add_argument(
         "--migrate",
