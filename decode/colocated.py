@@ -68,6 +68,7 @@ class ColocatedWorker(BatchWorker):
             role="colocated",
             model=self.engine.name,
             pid=os.getpid(),
+            max_model_len=self.engine.max_model_len,
             total_blocks=self.kv.pool.num_blocks,
             free_blocks=self.kv.num_free_blocks,
             used_blocks=self.kv.num_used_blocks,

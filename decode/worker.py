@@ -123,6 +123,7 @@ class DecodeWorker(BatchWorker):
             role="decode",
             model=self.engine.name,
             pid=os.getpid(),
+            max_model_len=self.engine.max_model_len,
             control_address=address,
             layout=self.layout,
             total_blocks=self.kv.pool.num_blocks,

@@ -21,7 +21,7 @@ import hmac
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jinja2
 import redis.asyncio as aioredis
@@ -84,7 +84,7 @@ class Executor:
         metrics: GatewayMetrics,
     ) -> None:
         self.config = config
-        self.limits = limits
+        self._limits = limits
         self.tokenizer = tokenizer
         self.redis = redis
         self.router = router
@@ -93,6 +93,15 @@ class Executor:
         self.prefill_stream = redis_keys.prefill_stream(config.model)
         self._abort_tasks: set[asyncio.Task[None]] = set()
         self.inflight: dict[str, Generation] = {}
+
+    @property
+    def limits(self) -> ModelLimits:
+        """The model's limits, with the context the workers registered when it is smaller
+        (config.json may allow 128k tokens where the workers were started with 8k)."""
+        served = self.registry.max_model_len
+        if 0 < served < self._limits.max_model_len:
+            return replace(self._limits, max_model_len=served)
+        return self._limits
 
     # -- decode or colocated workers that die -------------------------------------------
     async def watch_owners(self) -> None:

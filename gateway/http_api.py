@@ -381,6 +381,6 @@ async def _refresh_pool_metrics(ex: Executor) -> None:
             depth if isinstance(depth, int) else 0,
             pending.get("pending", 0) if isinstance(pending, dict) else 0,
         )
-        ex.metrics.set_workers(await ex.registry.workers())
+        ex.metrics.set_workers(await ex.registry.workers(max_age_s=ex.config.worker_check_ttl_s))
     except (RedisError, OSError) as exc:
         log.warning("metrics: pool figures unavailable: %s", exc)

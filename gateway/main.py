@@ -102,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-model-len",
         type=int,
         default=0,
-        help="context limit for prompt + max_tokens; 0: the model's",
+        help="context limit for prompt + max_tokens; 0: the model's (the smallest context "
+        "a live worker registered wins when it is lower)",
     )
     parser.add_argument(
         "--model-wait",

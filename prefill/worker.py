@@ -112,6 +112,7 @@ class PrefillWorker(WorkerBase):
             role="prefill",
             model=self.engine.name,
             pid=os.getpid(),
+            max_model_len=self.engine.max_model_len,
             layout=self.layout,
             total_blocks=self.kv.pool.num_blocks,
             free_blocks=self.kv.num_free_blocks,
