@@ -17,11 +17,15 @@ an abort, so the workers drop the request and free its blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import jinja2
 import redis.asyncio as aioredis
@@ -39,9 +43,11 @@ from tandem.gateway.reply_router import ReplyRouter, RequestStream
 from tandem.gateway.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# Tokenizing is fast, but a megabyte prompt would stall every other stream on the loop.
-TOKENIZE_IN_THREAD_CHARS = 4096
+# Threads that template and tokenize prompts: off the event loop, so a huge prompt never
+# stalls other streams, and few, so a flood of them cannot take every core.
+TOKENIZER_THREADS = 2
 
 
 class RequestError(Exception):
@@ -93,6 +99,8 @@ class Executor:
         self.prefill_stream = redis_keys.prefill_stream(config.model)
         self._abort_tasks: set[asyncio.Task[None]] = set()
         self.inflight: dict[str, Generation] = {}
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, "tokenize")
+        self._preparing = 0  # requests admitted and being templated or tokenized
 
     @property
     def limits(self) -> ModelLimits:
@@ -143,15 +151,30 @@ class Executor:
                 param="model",
             )
 
-    async def check_available(self, requests: int = 1) -> None:
-        """Refuse at once what cannot be served now: overload, or no workers."""
-        active = self.router.active
+    def _check_capacity(self, requests: int) -> None:
+        active = self.router.active + self._preparing
         if active + requests > self.config.max_active_requests:
             raise RequestError(
                 "resource_exhausted",
                 f"gateway overloaded: {active} requests in flight, the limit is "
                 f"{self.config.max_active_requests}; retry later",
             )
+
+    @contextlib.contextmanager
+    def admitted(self, requests: int = 1) -> Iterator[None]:
+        """Hold `requests` places among max_active_requests while a request is templated
+        and tokenized (after its cheap checks, before that work): a flood of huge
+        prompts is refused at once instead of queueing for the tokenizer threads."""
+        self._check_capacity(requests)
+        self._preparing += requests
+        try:
+            yield
+        finally:
+            self._preparing -= requests
+
+    async def check_available(self, requests: int = 1) -> None:
+        """Refuse at once what cannot be served now: overload, or no workers."""
+        self._check_capacity(requests)
         if self.config.max_queued_tasks:
             try:
                 queued = await self.redis.xlen(self.prefill_stream)
@@ -170,18 +193,16 @@ class Executor:
         if reason is not None:
             raise RequestError("unavailable", reason)
 
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+
     async def encode(self, prompt: str) -> list[int]:
-        if len(prompt) > TOKENIZE_IN_THREAD_CHARS:
-            return await asyncio.to_thread(self.tokenizer.encode, prompt, True)
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return await self._off_loop(self.tokenizer.encode, prompt, True)
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat template applied and tokenized; ValueError when the template refuses."""
-        size = sum(len(m.get("content", "")) for m in messages)
         try:
-            if size > TOKENIZE_IN_THREAD_CHARS:
-                return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
-            return self.tokenizer.encode_chat(messages)
+            return await self._off_loop(self.tokenizer.encode_chat, messages)
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template failed on these messages: {exc}") from exc
 
@@ -224,9 +245,10 @@ class Executor:
                         extra={"request_id": request_id})  # fmt: skip
 
     async def drain(self) -> None:
-        """Wait for aborts still being published (at shutdown)."""
+        """Wait for aborts still being published, stop the tokenizer threads (at shutdown)."""
         if self._abort_tasks:
             await asyncio.gather(*self._abort_tasks, return_exceptions=True)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Generation:

@@ -324,7 +324,8 @@ def build_http_app(executor: Executor, texts: TokenTexts) -> FastAPI:
         arrival = time.monotonic()
         ex.check_model(body.model)
         try:
-            specs, prompt_lens = await completion_choices(body, cfg, ex.limits, ex.encode)
+            with ex.admitted():
+                specs, prompt_lens = await completion_choices(body, cfg, ex.limits, ex.encode)
         except ValueError as exc:
             raise RequestError("invalid_argument", str(exc), param_of(str(exc), body)) from exc
         await ex.check_available(len(specs))
@@ -336,7 +337,8 @@ def build_http_app(executor: Executor, texts: TokenTexts) -> FastAPI:
         arrival = time.monotonic()
         ex.check_model(body.model)
         try:
-            specs, prompt_lens = await chat_choices(body, cfg, ex.limits, ex.encode_chat)
+            with ex.admitted():
+                specs, prompt_lens = await chat_choices(body, cfg, ex.limits, ex.encode_chat)
         except ValueError as exc:
             raise RequestError("invalid_argument", str(exc), param_of(str(exc), body)) from exc
         await ex.check_available(len(specs))

@@ -36,10 +36,18 @@ def parse_request(data: bytes) -> pb.GenerateRequest | MalformedRequest:
         return MalformedRequest(f"malformed GenerateRequest (strings must be UTF-8): {exc}")
 
 
-def check_prompt_shape(request: pb.GenerateRequest, config: GatewayConfig) -> None:
-    """Cheap checks done before tokenizing, so a huge prompt costs no tokenizer time."""
+def check_prompt_shape(
+    request: pb.GenerateRequest, config: GatewayConfig, limits: ModelLimits
+) -> None:
+    """Cheap checks done before tokenizing or copying ids, so a huge prompt costs no
+    tokenizer time and millions of ids are not walked."""
     has_text = bool(request.prompt)
-    has_ids = len(request.prompt_token_ids) > 0
+    num_ids = len(request.prompt_token_ids)
+    has_ids = num_ids > 0
+    if num_ids > limits.max_model_len:
+        raise ValueError(
+            f"prompt_token_ids has {num_ids} ids; the model context is {limits.max_model_len}"
+        )
     if has_text and has_ids:
         raise ValueError("set exactly one of prompt and prompt_token_ids, not both")
     if not has_text and not has_ids:
@@ -88,7 +96,7 @@ async def validate_request(
     does); it is awaited only once the cheap checks pass, so that a long prompt can be
     tokenized off the event loop.
     """
-    check_prompt_shape(request, config)
+    check_prompt_shape(request, config, limits)
     sampling = sampling_from_proto(request.sampling, config)
     token_ids = await validate_prompt(
         request.prompt or None, list(request.prompt_token_ids), sampling, limits, encode
