@@ -107,6 +107,7 @@ class CudaIpcKVReceiver(ZmqKVReceiver):
     def attach_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
         if self._export is not None:
             raise RuntimeError("the KV cache is already attached and exported")
+        super().attach_kv_caches(kv_caches)
         cache = stacked_cache(kv_caches)
         self._export = share_cache(cache, uuid.uuid4().hex)
         self._cache = cache

@@ -201,6 +201,7 @@ class NcclKVReceiver(ZmqKVReceiver):
         self._groups_lock = threading.Lock()
 
     def attach_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        super().attach_kv_caches(kv_caches)
         first = kv_caches[0]
         self._device = first.device
         self._gpu_uuid = gpu_uuid(first.device)

@@ -15,8 +15,12 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import zmq
+
+if TYPE_CHECKING:
+    import torch
 
 from tandem.core.protocol import MAX_CONTROL_FRAME_BYTES, ControlMessage, encode
 from tandem.kvtransfer.base import Inbound, KVReceiver, TransferError
@@ -31,6 +35,7 @@ from tandem.kvtransfer.wire import (
     await_reply,
     drain,
     parse_inbound,
+    refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,9 @@ _TCP_ADDRESS = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^:/]+)(?::(?P<port>\d+|\
 _RECV_BATCH = 64  # messages taken per wake-up, so replies are flushed between batches
 _JOIN_TIMEOUT_S = 5.0
 _CHECK_EVERY_S = 0.01  # how often a request waiting for its reply runs its abort_if check
+# Messages waiting for the worker's control loop; past this, new ones get a refusal
+# instead of memory (a peer flooding the socket cannot grow the process without bound).
+MAX_INBOX = 4096
 
 
 def _bind(sock: zmq.Socket, address: str) -> str:
@@ -81,7 +89,7 @@ class ZmqKVReceiver(KVReceiver):
         self._wake_tx = self._ctx.socket(zmq.PAIR)
         self._wake_tx.connect(wake_endpoint)
         self._wake_lock = threading.Lock()  # reply() may be called from several threads
-        self._inbox: queue.Queue[Inbound] = queue.Queue()
+        self._inbox: queue.Queue[Inbound] = queue.Queue(MAX_INBOX)
         self._outbox: queue.Queue[tuple[bytes, bytes]] = queue.Queue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,6 +99,15 @@ class ZmqKVReceiver(KVReceiver):
     @property
     def address(self) -> str:
         return self._address
+
+    def attach_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        """No legitimate transfer is larger than the whole cache: payloads are capped at
+        its size, and so is libzmq's message size, so a larger frame costs no memory."""
+        cache_bytes = sum(cache.numel() * cache.element_size() for cache in kv_caches)
+        self._max_payload_bytes = min(self._max_payload_bytes, cache_bytes)
+        self._router.setsockopt(
+            zmq.MAXMSGSIZE, max(self._max_header_bytes, self._max_payload_bytes)
+        )
 
     def start(self) -> None:
         if self._thread is not None:
@@ -218,7 +235,13 @@ class ZmqKVReceiver(KVReceiver):
     def _route(self, inbound: Inbound) -> None:
         """Hand a valid message to the worker. On the I/O thread: a subclass may answer
         transport-level messages here itself (queue replies on _outbox) instead."""
-        self._inbox.put(inbound)
+        try:
+            self._inbox.put_nowait(inbound)
+        except queue.Full:
+            self.rejected += 1
+            busy = refusal(inbound.msg, f"receiver busy: {MAX_INBOX} messages waiting")
+            if busy is not None:
+                self._outbox.put((inbound.peer, encode(busy)))
 
 
 class _Peer:
