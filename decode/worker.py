@@ -76,6 +76,7 @@ from tandem.core.protocol import (
     WorkerInfo,
 )
 from tandem.core.redis_client import add_task, publish_deltas
+from tandem.core.registry import list_workers, worker_of_sender
 from tandem.core.replies import error_delta
 from tandem.core.request_checks import check_handoff, check_reserve
 from tandem.core.sequence import Sequence, SequenceStatus
@@ -86,6 +87,8 @@ from tandem.kvtransfer.transport import make_receiver
 from tandem.kvtransfer.wire import refusal
 
 log = logging.getLogger(__name__)
+
+PEER_RECHECK_S = 0.5
 
 
 @dataclass
@@ -103,6 +106,9 @@ class DecodeWorker(BatchWorker):
         host = config.bind_host
         self.receiver = make_receiver(config.kv_transport, f"tcp://{host}:0")
         self.receiver.attach_kv_caches(self.engine.runner.kv_caches)
+        self.receiver.admits_peer = self._registered_prefill
+        self._prefill_ids: set[str] = set()  # registered prefill workers, as last read
+        self._prefill_ids_at = float("-inf")
         self.reservations: dict[str, Reservation] = {}
         self.admitted = 0  # handoffs
         self.lock = threading.Lock()
@@ -137,6 +143,22 @@ class DecodeWorker(BatchWorker):
             local_prefills=self.from_stream,
             draining=self.draining,
         )
+
+    def _registered_prefill(self, peer: bytes) -> bool:
+        """On the receiver's I/O thread: whether a sender asking for a cuda_ipc export
+        or an nccl group is a prefill worker of this model in the registry (read again
+        on a miss, at most every PEER_RECHECK_S)."""
+        worker_id = worker_of_sender(peer.decode(errors="replace"))
+        now = time.monotonic()
+        if worker_id not in self._prefill_ids and now - self._prefill_ids_at > PEER_RECHECK_S:
+            self._prefill_ids_at = now
+            try:
+                workers = list_workers(self.redis, "prefill", self.engine.name)
+            except redis.RedisError as exc:
+                log.warning("registry unreadable; refusing %r: %s", worker_id, exc)
+                return False
+            self._prefill_ids = {w.worker_id for w in workers}
+        return worker_id in self._prefill_ids
 
     # -- main loop ---------------------------------------------------------------------
     def run(self) -> None:

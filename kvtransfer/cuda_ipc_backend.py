@@ -74,7 +74,7 @@ from tandem.kvtransfer.cuda_ipc_export import (
 )
 from tandem.kvtransfer.pack import check_block_ids, dtype_name
 from tandem.kvtransfer.wire import MAX_KV_PAYLOAD_BYTES, RECEIVABLE
-from tandem.kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
+from tandem.kvtransfer.zmq_backend import NOT_ADMITTED, ZmqKVReceiver, ZmqKVSender
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,9 @@ class CudaIpcKVReceiver(ZmqKVReceiver):
     def _route(self, inbound: Inbound) -> None:
         msg = inbound.msg
         if isinstance(msg, ExportRequest):
-            if self._export is None:
+            if self.refuses_peer(inbound.peer):
+                reply = ExportReply(request_id=msg.request_id, ok=False, reason=NOT_ADMITTED)
+            elif self._export is None:
                 reply = ExportReply(request_id=msg.request_id, ok=False, reason="no KV cache yet")
             else:
                 reply = ExportReply(request_id=msg.request_id, ok=True, export=self._export)

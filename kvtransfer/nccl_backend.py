@@ -75,7 +75,7 @@ from tandem.kvtransfer.wire import (
     parse_header,
     refusal,
 )
-from tandem.kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
+from tandem.kvtransfer.zmq_backend import NOT_ADMITTED, ZmqKVReceiver, ZmqKVSender
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class NcclKVReceiver(ZmqKVReceiver):
         return inbound_from(peer, msg, frames, self._max_payload_bytes)
 
     def _join(self, peer: bytes, invite: KVGroupInvite) -> None:
-        reason = self._refuse(invite)
+        reason = NOT_ADMITTED if self.refuses_peer(peer) else self._refuse(invite)
         if reason:
             self.reply(peer, KVGroupReply(group_id=invite.group_id, ok=False, reason=reason))
             return

@@ -47,6 +47,7 @@ _CHECK_EVERY_S = 0.01  # how often a request waiting for its reply runs its abor
 # Messages waiting for the worker's control loop; past this, new ones get a refusal
 # instead of memory (a peer flooding the socket cannot grow the process without bound).
 MAX_INBOX = 4096
+NOT_ADMITTED = "this sender is not a registered prefill worker of the receiver's model"
 
 
 def _bind(sock: zmq.Socket, address: str) -> str:
@@ -99,6 +100,9 @@ class ZmqKVReceiver(KVReceiver):
     @property
     def address(self) -> str:
         return self._address
+
+    def refuses_peer(self, peer: bytes) -> bool:
+        return self.admits_peer is not None and not self.admits_peer(peer)
 
     def attach_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
         """No legitimate transfer is larger than the whole cache: payloads are capped at

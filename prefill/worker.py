@@ -42,7 +42,7 @@ import redis
 from tandem.core.config import WorkerConfig
 from tandem.core.kv_cache_manager import blocks_needed
 from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
-from tandem.core.registry import list_workers, pick_decode_worker
+from tandem.core.registry import SHIP_SENDER_SUFFIX, list_workers, pick_decode_worker
 from tandem.core.replies import new_deltas, publish_safely, token_delta
 from tandem.core.request_checks import check_task
 from tandem.core.sequence import Sequence
@@ -93,7 +93,7 @@ class PrefillWorker(WorkerBase):
         self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
         # Reservations go out on the main loop's sender, KV and handoffs on the shipper's.
         self.sender = make_sender(config.kv_transport, self.worker_id)
-        self.ship_sender = make_sender(config.kv_transport, f"{self.worker_id}/ship")
+        self.ship_sender = make_sender(config.kv_transport, self.worker_id + SHIP_SENDER_SUFFIX)
         self.shipper: Shipper[InFlight] = Shipper(self._ship_batch)
         self.inflight: dict[str, InFlight] = {}
         # Tasks no decode worker had room for, oldest first: (entry id, task, first try).

@@ -14,13 +14,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tandem.core.protocol import (
+    ControlMessage,
     Handoff,
+    KVGroupInvite,
+    KVGroupReply,
     KVTransfer,
     PrefillTask,
     Release,
     ReserveRequest,
+    WorkerInfo,
+    decode,
     encode,
 )
+from tandem.core.registry import publish_worker
 from tandem.core.sampling_params import SamplingParams
 from tandem.kvtransfer.transport import make_sender
 from tests.faults.cluster import Cluster
@@ -29,7 +35,7 @@ FUZZ_IDS = [f"fuzz-{i}" for i in range(4)]
 
 
 @pytest.fixture(scope="module")
-def decode():
+def decode_worker():
     c = Cluster()
     try:
         c.start_worker("decode-0", "decode")
@@ -80,8 +86,8 @@ def _assert_serving(cluster: Cluster, info, sender) -> None:
 
 
 @pytest.mark.parametrize("lease_s", [math.nan, math.inf, -1.0, 0.0, 1e9])
-def test_a_reservation_with_a_bad_lease_is_refused(decode, sender, lease_s):
-    cluster, info = decode
+def test_a_reservation_with_a_bad_lease_is_refused(decode_worker, sender, lease_s):
+    cluster, info = decode_worker
     reply = sender.reserve(info.control_address, _reserve(info, "lease", lease_s=lease_s), 10.0)
     assert not reply.ok
     assert "lease_s" in reply.reason
@@ -89,8 +95,8 @@ def test_a_reservation_with_a_bad_lease_is_refused(decode, sender, lease_s):
 
 
 @pytest.mark.parametrize("num_tokens", [0, -5, 10**12])
-def test_a_reservation_with_a_bad_token_count_is_refused(decode, sender, num_tokens):
-    cluster, info = decode
+def test_a_reservation_with_a_bad_token_count_is_refused(decode_worker, sender, num_tokens):
+    cluster, info = decode_worker
     req = _reserve(info, "tokens", num_tokens=num_tokens)
     reply = sender.reserve(info.control_address, req, 10.0)
     assert not reply.ok
@@ -109,9 +115,9 @@ def test_a_reservation_with_a_bad_token_count_is_refused(decode, sender, num_tok
     ],
 )
 def test_a_bad_handoff_is_refused_its_blocks_freed_and_the_loop_lives(
-    decode, sender, prompt, output, computed, why
+    decode_worker, sender, prompt, output, computed, why
 ):
-    cluster, info = decode
+    cluster, info = decode_worker
     reply = sender.reserve(info.control_address, _reserve(info, "handoff"), 10.0)
     assert reply.ok, reply.reason
     _fill(sender, info, "handoff", reply.block_ids)
@@ -167,8 +173,8 @@ def frames(draw, bases: list[dict]) -> list[bytes]:
     return [msgspec.msgpack.encode(msg), *extra]
 
 
-def test_random_and_malformed_frames_never_stop_the_decode_worker(decode, sender):
-    cluster, info = decode
+def test_random_and_malformed_frames_never_stop_the_decode_worker(decode_worker, sender):
+    cluster, info = decode_worker
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -194,3 +200,37 @@ def test_random_and_malformed_frames_never_stop_the_decode_worker(decode, sender
     finally:
         sock.close()
         ctx.term()
+
+
+def test_only_registered_prefill_workers_may_open_a_kv_group():
+    c = Cluster()
+    ctx = zmq.Context()
+    try:
+        c.start_worker("decode-0", "decode", "--kv-transport", "nccl")
+        address = c.worker("decode-0").control_address
+
+        def invite(identity: bytes) -> KVGroupReply:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, identity)
+            sock.connect(address)
+            try:
+                # A store nobody serves: an admitted invite is answered, then not joined.
+                sock.send(encode(KVGroupInvite(group_id=identity.hex(), store_host="127.0.0.1",
+                                               store_port=9, backend="gloo", timeout_s=1.0)))  # fmt: skip
+                assert sock.poll(10_000)
+                return decode(sock.recv(), ControlMessage)
+            finally:
+                sock.close()
+
+        refused = invite(b"stranger")
+        assert not refused.ok and "not a registered prefill worker" in refused.reason
+        info = WorkerInfo(worker_id="prefill-x", role="prefill", model="smollm2", pid=1)
+        publish_worker(c.client, info, ttl_s=30)
+        time.sleep(0.6)  # the registry is read again on a miss at most every 0.5 s
+        admitted = invite(b"prefill-x/ship")
+        assert admitted.ok, admitted.reason
+        assert c.procs["decode-0"].poll() is None, c.tail()
+    finally:
+        ctx.term()
+        c.close()
