@@ -82,6 +82,7 @@ from tandem.core.request_checks import check_handoff, check_reserve
 from tandem.core.sequence import Sequence, SequenceStatus
 from tandem.decode.batch_worker import BatchWorker, Request
 from tandem.engine.engine import Engine, EngineConfig, StepFailed
+from tandem.kvtransfer.curve import curve_keys
 from tandem.kvtransfer.pack import layout_of, unpack_blocks
 from tandem.kvtransfer.transport import make_receiver
 from tandem.kvtransfer.wire import refusal
@@ -104,7 +105,9 @@ class DecodeWorker(BatchWorker):
         super().__init__(config, Engine(engine_config, requeue_preempted=False))
         self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
         host = config.bind_host
-        self.receiver = make_receiver(config.kv_transport, f"tcp://{host}:0")
+        self.receiver = make_receiver(
+            config.kv_transport, f"tcp://{host}:0", curve_keys(config.kv_curve_dir)
+        )
         self.receiver.attach_kv_caches(self.engine.runner.kv_caches)
         self.receiver.admits_peer = self._registered_prefill
         self._prefill_ids: set[str] = set()  # registered prefill workers, as last read

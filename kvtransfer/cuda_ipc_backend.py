@@ -72,6 +72,7 @@ from tandem.kvtransfer.cuda_ipc_export import (
     share_cache,
     stacked_cache,
 )
+from tandem.kvtransfer.curve import CurveKeys
 from tandem.kvtransfer.pack import check_block_ids, dtype_name
 from tandem.kvtransfer.wire import MAX_KV_PAYLOAD_BYTES, RECEIVABLE
 from tandem.kvtransfer.zmq_backend import NOT_ADMITTED, ZmqKVReceiver, ZmqKVSender
@@ -93,9 +94,13 @@ class CudaIpcKVReceiver(ZmqKVReceiver):
         *,
         max_header_bytes: int = MAX_CONTROL_FRAME_BYTES,
         max_payload_bytes: int = MAX_KV_PAYLOAD_BYTES,
+        curve: CurveKeys | None = None,
     ):
         super().__init__(
-            bind_address, max_header_bytes=max_header_bytes, max_payload_bytes=max_payload_bytes
+            bind_address,
+            max_header_bytes=max_header_bytes,
+            max_payload_bytes=max_payload_bytes,
+            curve=curve,
         )
         self._cache: torch.Tensor | None = None  # held for life: peers map its memory
         self._export: CudaIpcExport | None = None
@@ -157,8 +162,8 @@ class _Mapping:
 
 
 class CudaIpcKVSender(ZmqKVSender):
-    def __init__(self, identity: str):
-        super().__init__(identity)
+    def __init__(self, identity: str, curve: CurveKeys | None = None):
+        super().__init__(identity, curve)
         self._state_lock = threading.Lock()
         # (address, request_id) -> export id of the cache that granted the reservation.
         self._reserved: OrderedDict[tuple[str, str], str] = OrderedDict()

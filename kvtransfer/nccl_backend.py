@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 from tandem.core.protocol import KVGroupInvite, KVGroupReply, KVTransfer, TransferAck, encode
 from tandem.kvtransfer.base import Inbound, TransferError
+from tandem.kvtransfer.curve import CurveKeys
 from tandem.kvtransfer.nccl_group import (
     MAX_TIMEOUT_S,
     SEND_GRACE_S,
@@ -83,8 +84,8 @@ log = logging.getLogger(__name__)
 class NcclKVSender(ZmqKVSender):
     """Rank 0 of one group per receiver address; control messages as ZmqKVSender."""
 
-    def __init__(self, identity: str):
-        super().__init__(identity)
+    def __init__(self, identity: str, curve: CurveKeys | None = None):
+        super().__init__(identity, curve)
         self._groups: dict[str, PairGroup] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._groups_lock = threading.Lock()
@@ -189,8 +190,8 @@ class NcclKVSender(ZmqKVSender):
 class NcclKVReceiver(ZmqKVReceiver):
     """Rank 1 of one group per sender; control messages as ZmqKVReceiver."""
 
-    def __init__(self, bind_address: str = "tcp://127.0.0.1:0", **limits: int):
-        super().__init__(bind_address, **limits)  # max_header_bytes, max_payload_bytes
+    def __init__(self, bind_address: str = "tcp://127.0.0.1:0", **options):
+        super().__init__(bind_address, **options)  # max_*_bytes, curve
         self._device = torch.device("cpu")
         self._gpu_uuid = ""
         # (dtype, layers, num_blocks, block_size, kv_heads, head_dim) of the worker's cache

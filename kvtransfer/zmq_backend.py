@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 from tandem.core.protocol import MAX_CONTROL_FRAME_BYTES, ControlMessage, encode
 from tandem.kvtransfer.base import Inbound, KVReceiver, TransferError
+from tandem.kvtransfer.curve import CurveKeys
 from tandem.kvtransfer.wire import (
     MAX_KV_PAYLOAD_BYTES,
     RECEIVABLE,
@@ -70,11 +71,13 @@ class ZmqKVReceiver(KVReceiver):
         *,
         max_header_bytes: int = MAX_CONTROL_FRAME_BYTES,
         max_payload_bytes: int = MAX_KV_PAYLOAD_BYTES,
+        curve: CurveKeys | None = None,
     ):
         self._max_header_bytes = max_header_bytes
         self._max_payload_bytes = max_payload_bytes
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
+        self._auth = curve.serve(self._ctx, self._router) if curve is not None else None
         self._router.setsockopt(zmq.LINGER, 0)
         # A prefill worker that reconnects (restart, or after a timeout) keeps its
         # identity; handover routes replies to the new connection instead of refusing it.
@@ -136,6 +139,8 @@ class ZmqKVReceiver(KVReceiver):
             self._wake_rx.close(linger=0)
         with self._wake_lock:
             self._wake_tx.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
 
     @property
@@ -259,8 +264,9 @@ class _Peer:
 
 
 class ZmqKVSender(FramedKVSender):
-    def __init__(self, identity: str):
+    def __init__(self, identity: str, curve: CurveKeys | None = None):
         self._identity = identity.encode()
+        self._curve = curve
         self._ctx = zmq.Context()
         self._peers: dict[str, _Peer] = {}
         self._peers_lock = threading.Lock()
@@ -298,6 +304,8 @@ class ZmqKVSender(FramedKVSender):
         if peer.socket is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, self._identity)
+            if self._curve is not None:
+                self._curve.connect_as_client(sock)
             sock.setsockopt(zmq.LINGER, 0)
             try:
                 sock.connect(address)

@@ -49,6 +49,7 @@ from tandem.core.sequence import Sequence
 from tandem.core.task_intake import TaskIntake, tasks_fitting
 from tandem.core.worker_base import WorkerBase
 from tandem.engine.engine import Engine, EngineConfig, StepFailed
+from tandem.kvtransfer.curve import curve_keys
 from tandem.kvtransfer.pack import layout_of
 from tandem.kvtransfer.transport import (
     BlockMove,
@@ -92,8 +93,11 @@ class PrefillWorker(WorkerBase):
         self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
         self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
         # Reservations go out on the main loop's sender, KV and handoffs on the shipper's.
-        self.sender = make_sender(config.kv_transport, self.worker_id)
-        self.ship_sender = make_sender(config.kv_transport, self.worker_id + SHIP_SENDER_SUFFIX)
+        curve = curve_keys(config.kv_curve_dir)
+        self.sender = make_sender(config.kv_transport, self.worker_id, curve)
+        self.ship_sender = make_sender(
+            config.kv_transport, self.worker_id + SHIP_SENDER_SUFFIX, curve
+        )
         self.shipper: Shipper[InFlight] = Shipper(self._ship_batch)
         self.inflight: dict[str, InFlight] = {}
         # Tasks no decode worker had room for, oldest first: (entry id, task, first try).

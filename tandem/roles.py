@@ -56,6 +56,13 @@ def _add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
         help="address other workers use to reach this one (default: --bind-host)",
     )
     p.add_argument(
+        "--kv-curve-dir",
+        default=None,
+        metavar="DIR",
+        help="authenticate and encrypt the internal plane with the ZMQ CURVE keys in DIR "
+        "(see kvtransfer/curve.py); None: TANDEM_KV_CURVE_DIR, else off",
+    )
+    p.add_argument(
         "--reservation-lease",
         type=float,
         default=10.0,
@@ -144,6 +151,7 @@ def gpu_list(text: str) -> list[int]:
 
 def worker_config_from_args(args: argparse.Namespace, role: str):
     from tandem.core.config import WorkerConfig
+    from tandem.kvtransfer.curve import curve_dir_for
 
     extra = {}
     if role != "colocated":  # a colocated worker moves no KV
@@ -154,6 +162,7 @@ def worker_config_from_args(args: argparse.Namespace, role: str):
             reservation_lease_s=args.reservation_lease_s,
             transfer_timeout_s=args.transfer_timeout_s,
             decode_wait_s=args.decode_wait_s,
+            kv_curve_dir=curve_dir_for(role, args.kv_curve_dir),
         )
     if role == "decode":
         extra.update(
@@ -198,8 +207,12 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from tandem.kvtransfer.curve import CURVE_DIR_ENV
     from tandem.launcher import serve
 
+    # Workers read the CURVE directory from the environment too.
+    if args.kv_curve_dir:
+        os.environ[CURVE_DIR_ENV] = args.kv_curve_dir
     # The gateway child reads the key from its environment, not from its command line.
     api_key = secret_from_args(args, "api-key", API_KEY_ENV)
     if api_key is not None:
@@ -290,6 +303,12 @@ def add_role_parsers(sub, add_engine_args: Callable[[argparse.ArgumentParser], N
         default="zmq",
         choices=[t for t in KV_TRANSPORTS if t != "fake"],
         help="how KV blocks move between workers",
+    )
+    s.add_argument(
+        "--kv-curve-dir",
+        default=None,
+        metavar="DIR",
+        help="passed to the prefill and decode workers (through the environment)",
     )
     add_local_prefill_args(s)
     add_local_prefill_tokens_arg(s)

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 import torch
 import zmq
+import zmq.auth
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,8 +29,8 @@ from tandem.core.protocol import (
 )
 from tandem.core.registry import publish_worker
 from tandem.core.sampling_params import SamplingParams
-from tandem.kvtransfer.transport import make_sender
-from tests.faults.cluster import Cluster
+from tandem.kvtransfer.transport import TransferError, make_sender
+from tests.faults.cluster import Cluster, collect, request
 
 FUZZ_IDS = [f"fuzz-{i}" for i in range(4)]
 
@@ -233,4 +234,23 @@ def test_only_registered_prefill_workers_may_open_a_kv_group():
         assert c.procs["decode-0"].poll() is None, c.tail()
     finally:
         ctx.term()
+        c.close()
+
+
+def test_a_service_with_curve_keys_serves_and_refuses_unkeyed_peers(tmp_path, sender):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for role in ("decode", "prefill"):
+        zmq.auth.create_certificates(str(keys), role)
+    c = Cluster()
+    try:
+        c.start_worker("decode-0", "decode", "--kv-curve-dir", str(keys))
+        c.start_worker("prefill-0", "prefill", "--kv-curve-dir", str(keys))
+        c.start_gateway()
+        assert len(collect(c.stub(), request("Hello over CURVE", 4))) == 4
+        info = c.worker("decode-0")
+        with pytest.raises(TransferError):  # `sender` holds no key
+            sender.reserve(info.control_address, _reserve(info, "unkeyed"), 2.0)
+        assert c.procs["decode-0"].poll() is None, c.tail()
+    finally:
         c.close()
