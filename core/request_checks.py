@@ -2,10 +2,10 @@
 
 The gateway checks a client's request against them (gateway.validation); every worker
 checks each task again as it takes it in (prefill, colocated and a decode worker's
-local prefill through `check_task`, a decode worker's reservations and handoffs
-through `check_reserve` and `check_handoff`): the prefill stream and the control sockets are written by other
-processes, maybe of another version, and one out-of-range field must fail its own
-request, never the worker that reads it.
+local prefill through `check_task`; a decode worker's reservations and handoffs
+through `check_reserve` and `check_handoff`): the prefill stream and the control
+sockets are written by other processes, maybe of another version, and one
+out-of-range field must fail its own request, never the worker that reads it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from tandem.core.sampling_params import SamplingParams
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_REPLY_STREAM_CHARS = 256
-# A reservation outlives its lease only by this much: a sender's lease is its transfer
-# timeout plus slack (10 s by default); beyond this it would pin blocks for no transfer.
+# The longest lease a decode worker grants (prefill workers ask --reservation-lease,
+# 10 s by default): a longer one would pin blocks for a transfer that is not coming.
 MAX_LEASE_S = 600.0
 
 
