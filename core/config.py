@@ -77,6 +77,8 @@ class WorkerConfig:
     heartbeat_s: float = 1.0
     registry_ttl_s: float = 3.0  # a worker silent this long is gone from the registry
     drain_timeout_s: float = 30.0
+    # ZMQ CURVE keys of the internal plane (kvtransfer.curve); "": no authentication.
+    kv_curve_dir: str = ""
     reservation_lease_s: float = 10.0
     transfer_timeout_s: float = 10.0
     # Prefill only: how long a task may wait for a decode worker with room (reserve

@@ -194,6 +194,7 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     pid: int
     control_address: str = ""  # decode: where prefill workers connect
     layout: KVLayout | None = None
+    max_model_len: int = 0  # the context the worker serves (0: not told, older workers)
     total_blocks: int = 0
     free_blocks: int = 0
     used_blocks: int = 0

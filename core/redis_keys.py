@@ -15,6 +15,7 @@ MESSAGE_FIELD = b"m"
 ABORT_CHANNEL = "tandem:abort"
 ABORT_MARKER_TTL_S = 120
 WORKER_PREFIX = "tandem:worker:"
+REPLY_PREFIX = "tandem:reply:"
 WORKER_TTL_S = 3
 REPLY_STREAM_MAXLEN = 100_000
 
@@ -28,7 +29,7 @@ def dead_letter_stream(model: str) -> str:
 
 
 def reply_stream(gateway_id: str) -> str:
-    return f"tandem:reply:{gateway_id}"
+    return f"{REPLY_PREFIX}{gateway_id}"
 
 
 def abort_marker(request_id: str) -> str:

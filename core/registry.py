@@ -16,6 +16,16 @@ from tandem.core.redis_keys import WORKER_PREFIX, WORKER_TTL_S, worker_key
 log = logging.getLogger(__name__)
 
 
+# A prefill worker sends KV through two senders: one named by its worker id, one (on
+# its shipping thread) by the id and this suffix.
+SHIP_SENDER_SUFFIX = "/ship"
+
+
+def worker_of_sender(identity: str) -> str:
+    """The worker id behind a KV sender's identity."""
+    return identity.removesuffix(SHIP_SENDER_SUFFIX)
+
+
 def publish_worker(client: redis.Redis, info: WorkerInfo, ttl_s: float = WORKER_TTL_S) -> None:
     key = worker_key(info.worker_id)
     pipe = client.pipeline(transaction=False)

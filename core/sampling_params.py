@@ -36,7 +36,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         return self.temperature == 0.0
 
     def validate(self, max_model_len: int | None = None, prompt_len: int = 0) -> None:
-        """Raise ValueError with a client-facing message when a field is out of bounds."""
+        """Raise ValueError with a client-facing message when a field is out of bounds.
+
+        Every float bound is a range test, which NaN fails, and no range is open to
+        infinity: non-finite values are refused too."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if max_model_len is not None and prompt_len + self.max_tokens > max_model_len:
@@ -70,6 +73,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
 
-    def validate_token_ids(self, vocab_size: int) -> None:
+    def validate_vocab(self, vocab_size: int) -> None:
+        """Bounds that depend on the model's vocabulary (the sampler indexes and builds
+        int64 tensors from these; a larger top_k once overflowed inside the worker)."""
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size {vocab_size}")
         if any(not (0 <= t < vocab_size) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab_size})")

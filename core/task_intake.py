@@ -42,7 +42,7 @@ from tandem.core.redis_client import (
     read_tasks,
     reclaim_tasks,
 )
-from tandem.core.redis_keys import PREFILL_GROUP, dead_letter_stream, prefill_stream
+from tandem.core.redis_keys import PREFILL_GROUP, REPLY_PREFIX, dead_letter_stream, prefill_stream
 from tandem.core.replies import error_delta, publish_safely
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,11 @@ class TaskIntake:
             log.warning("XACK failed (the task may be redelivered): %s", exc)
 
     def fail(self, task: PrefillTask, code: str, message: str) -> None:
-        """End the client's stream with an error."""
+        """End the client's stream with an error (never written to a key that is no
+        gateway's reply stream: a task's fields are not trusted)."""
+        if not task.reply_stream.startswith(REPLY_PREFIX):
+            log.warning("task %.128r failed with no reply stream: %s", task.request_id, message)
+            return
         publish_safely(
             self.client, {task.reply_stream: [error_delta(task.request_id, code, message)]}
         )

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from tandem.core.config import WorkerConfig
 from tandem.core.protocol import PrefillTask
 from tandem.core.replies import Outbox, error_delta, new_deltas, token_delta
+from tandem.core.request_checks import check_task
 from tandem.core.sequence import Sequence
 from tandem.core.task_intake import Entry, TaskIntake
 from tandem.core.worker_base import WorkerBase
-from tandem.engine.engine import Engine
+from tandem.engine.engine import Engine, StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class BatchWorker(WorkerBase):
             self.outbox.call(self.intake.ack, entry_id)
             return
         try:
+            check_task(task, self.engine.limits)
             seq = Sequence(
                 rid,
                 list(task.prompt_token_ids),
@@ -122,6 +124,15 @@ class BatchWorker(WorkerBase):
         if req.entry_id is not None:
             self.outbox.call(self.intake.ack, req.entry_id)
         return req
+
+    def _fail_step(self, failed: StepFailed) -> None:
+        """The requests of a step that raised end with an error; the rest run on."""
+        deltas = new_deltas()
+        for rid in failed.request_ids:
+            if rid in self.requests:
+                task = self._drop(rid).task
+                deltas[task.reply_stream].append(error_delta(rid, "internal", failed.reason))
+        self.outbox.publish(deltas)
 
     def _abort_requests(self, request_ids: set[str]) -> None:
         for rid in request_ids:

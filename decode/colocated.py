@@ -46,7 +46,7 @@ import os
 from tandem.core.config import WorkerConfig
 from tandem.core.protocol import WorkerInfo
 from tandem.decode.batch_worker import BatchWorker
-from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.engine import Engine, EngineConfig, StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class ColocatedWorker(BatchWorker):
             role="colocated",
             model=self.engine.name,
             pid=os.getpid(),
+            max_model_len=self.engine.max_model_len,
             total_blocks=self.kv.pool.num_blocks,
             free_blocks=self.kv.num_free_blocks,
             used_blocks=self.kv.num_used_blocks,
@@ -95,7 +96,11 @@ class ColocatedWorker(BatchWorker):
                 self._share_state(room)
                 if self.engine.has_work:
                     # Decodes first, then chunked prefill under the token budget.
-                    _, got = self.engine.step()
+                    try:
+                        _, got = self.engine.step()
+                    except StepFailed as failed:
+                        self._fail_step(failed)
+                        continue
                     self._publish_step(got)
                 elif self.draining and self._intake_settled() and not self.requests:
                     break

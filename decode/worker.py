@@ -65,6 +65,7 @@ import redis
 from tandem.core.config import WorkerConfig
 from tandem.core.local_prefill import LocalPrefillGate, Room
 from tandem.core.protocol import (
+    ControlMessage,
     Handoff,
     KVTransfer,
     PrefillTask,
@@ -75,20 +76,27 @@ from tandem.core.protocol import (
     WorkerInfo,
 )
 from tandem.core.redis_client import add_task, publish_deltas
+from tandem.core.registry import list_workers, worker_of_sender
 from tandem.core.replies import error_delta
+from tandem.core.request_checks import check_handoff, check_reserve
 from tandem.core.sequence import Sequence, SequenceStatus
 from tandem.decode.batch_worker import BatchWorker, Request
-from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.engine import Engine, EngineConfig, StepFailed
+from tandem.kvtransfer.curve import curve_keys
 from tandem.kvtransfer.pack import layout_of, unpack_blocks
 from tandem.kvtransfer.transport import make_receiver
+from tandem.kvtransfer.wire import refusal
 
 log = logging.getLogger(__name__)
+
+PEER_RECHECK_S = 0.5
 
 
 @dataclass
 class Reservation:
     request_id: str
     expires_at: float  # monotonic
+    num_tokens: int  # the tokens whose KV it holds blocks for
     filled: bool = False
 
 
@@ -97,8 +105,13 @@ class DecodeWorker(BatchWorker):
         super().__init__(config, Engine(engine_config, requeue_preempted=False))
         self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
         host = config.bind_host
-        self.receiver = make_receiver(config.kv_transport, f"tcp://{host}:0")
+        self.receiver = make_receiver(
+            config.kv_transport, f"tcp://{host}:0", curve_keys(config.kv_curve_dir)
+        )
         self.receiver.attach_kv_caches(self.engine.runner.kv_caches)
+        self.receiver.admits_peer = self._registered_prefill
+        self._prefill_ids: set[str] = set()  # registered prefill workers, as last read
+        self._prefill_ids_at = float("-inf")
         self.reservations: dict[str, Reservation] = {}
         self.admitted = 0  # handoffs
         self.lock = threading.Lock()
@@ -119,6 +132,7 @@ class DecodeWorker(BatchWorker):
             role="decode",
             model=self.engine.name,
             pid=os.getpid(),
+            max_model_len=self.engine.max_model_len,
             control_address=address,
             layout=self.layout,
             total_blocks=self.kv.pool.num_blocks,
@@ -132,6 +146,22 @@ class DecodeWorker(BatchWorker):
             local_prefills=self.from_stream,
             draining=self.draining,
         )
+
+    def _registered_prefill(self, peer: bytes) -> bool:
+        """On the receiver's I/O thread: whether a sender asking for a cuda_ipc export
+        or an nccl group is a prefill worker of this model in the registry (read again
+        on a miss, at most every PEER_RECHECK_S)."""
+        worker_id = worker_of_sender(peer.decode(errors="replace"))
+        now = time.monotonic()
+        if worker_id not in self._prefill_ids and now - self._prefill_ids_at > PEER_RECHECK_S:
+            self._prefill_ids_at = now
+            try:
+                workers = list_workers(self.redis, "prefill", self.engine.name)
+            except redis.RedisError as exc:
+                log.warning("registry unreadable; refusing %r: %s", worker_id, exc)
+                return False
+            self._prefill_ids = {w.worker_id for w in workers}
+        return worker_id in self._prefill_ids
 
     # -- main loop ---------------------------------------------------------------------
     def run(self) -> None:
@@ -182,16 +212,29 @@ class DecodeWorker(BatchWorker):
                     self._handle(item.peer, item.msg, item.payload)
 
     def _handle(self, peer: bytes, msg, payload) -> None:
+        """Answer one control message. Whatever a message holds, the loop lives: a field
+        out of bounds is refused by the checks, and a handler that raises anyway answers
+        with a refusal instead of ending the control thread."""
+        try:
+            reply = self._answer(msg, payload)
+        except Exception:
+            log.exception("control message %s failed", type(msg).__name__)
+            reply = refusal(msg, "the decode worker failed on this message (logged there)")
+        if reply is not None:
+            self.receiver.reply(peer, reply)
+
+    def _answer(self, msg, payload) -> ControlMessage | None:
         if isinstance(msg, ReserveRequest):
-            self.receiver.reply(peer, self._reserve(msg))
-        elif isinstance(msg, KVTransfer):
-            self.receiver.reply(peer, self._fill(msg, payload))
-        elif isinstance(msg, Handoff):
-            self.receiver.reply(peer, self._admit(msg))
-        elif isinstance(msg, Release):
+            return self._reserve(msg)
+        if isinstance(msg, KVTransfer):
+            return self._fill(msg, payload)
+        if isinstance(msg, Handoff):
+            return self._admit(msg)
+        if isinstance(msg, Release):
             self._release(msg.request_id)
         else:
             log.warning("unexpected control message %s", type(msg).__name__)
+        return None
 
     def _reserve(self, req: ReserveRequest) -> ReserveReply:
         rid = req.request_id
@@ -199,6 +242,10 @@ class DecodeWorker(BatchWorker):
         def refuse(reason: str) -> ReserveReply:
             return ReserveReply(request_id=rid, ok=False, reason=reason)
 
+        try:
+            check_reserve(req, self.engine.limits)
+        except ValueError as exc:
+            return refuse(str(exc))
         if self.draining:
             return refuse("draining")
         if self.was_aborted(rid):
@@ -213,7 +260,7 @@ class DecodeWorker(BatchWorker):
             return refuse("too many sequences")
         if not self.kv.allocate_slots(rid, req.num_tokens):
             return refuse("out of KV blocks")
-        self.reservations[rid] = Reservation(rid, time.monotonic() + req.lease_s)
+        self.reservations[rid] = Reservation(rid, time.monotonic() + req.lease_s, req.num_tokens)
         return ReserveReply(request_id=rid, ok=True, block_ids=list(self.kv.block_table(rid)))
 
     def _fill(self, msg: KVTransfer, packed) -> TransferAck:
@@ -244,6 +291,16 @@ class DecodeWorker(BatchWorker):
             if res is not None:
                 self.kv.free(rid)
             return TransferAck(request_id=rid, ok=False, reason="KV not received or aborted")
+        try:
+            check_handoff(msg, self.engine.limits)
+            if msg.num_computed_tokens > res.num_tokens:
+                raise ValueError(
+                    f"num_computed_tokens {msg.num_computed_tokens} exceeds the "
+                    f"{res.num_tokens} tokens reserved"
+                )
+        except ValueError as exc:
+            self.kv.free(rid)
+            return TransferAck(request_id=rid, ok=False, reason=str(exc))
         seq = Sequence(
             rid,
             list(task.prompt_token_ids),
@@ -300,7 +357,12 @@ class DecodeWorker(BatchWorker):
 
     # -- one decode step ----------------------------------------------------------------
     def _step(self) -> None:
-        out, got = self.engine.step(self.lock)
+        try:
+            out, got = self.engine.step(self.lock)
+        except StepFailed as failed:
+            with self.lock:
+                self._fail_step(failed)
+            return
         with self.lock:
             # Published first: a requeued request's next token must not overtake these.
             self._publish_step(got)

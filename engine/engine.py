@@ -10,6 +10,7 @@ import torch
 
 from tandem.core.config import CacheConfig, SchedulerConfig
 from tandem.core.kv_cache_manager import KVCacheManager
+from tandem.core.request_checks import ModelLimits, check_tokens
 from tandem.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from tandem.core.sequence import Sequence
 from tandem.core.tokenizer import Tokenizer
@@ -27,6 +28,16 @@ from tandem.engine.warmup import warm_up_kernels
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 1 << 30
+
+
+class StepFailed(Exception):
+    """A step raised; `request_ids` are the sequences it ran, still in the scheduler."""
+
+    reason = "the worker failed to compute this request (its log says why)"  # for clients
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__(f"a step of {len(request_ids)} sequence(s) failed")
+        self.request_ids = request_ids
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,7 @@ class Engine:
         self.scheduler = Scheduler(sched_cfg, self.kv, eos, requeue_preempted)
         self._planned: StepInputs | None = None  # inputs prepare_next built ahead
         self._ahead: tuple[SchedulerOutput, PendingStep] | None = None  # launched ahead
+        self._stepping: SchedulerOutput | None = None  # the step being run, for StepFailed
         launch_ahead = config.launch_ahead
         self._launch_ahead = (
             cuda if launch_ahead is None else launch_ahead
@@ -129,11 +141,12 @@ class Engine:
     def max_model_len(self) -> int:
         return self.scheduler.config.max_model_len
 
+    @property
+    def limits(self) -> ModelLimits:
+        return ModelLimits(self.max_model_len, self.model_config.vocab_size)
+
     def add(self, seq: Sequence) -> None:
-        seq.sampling.validate(self.max_model_len, len(seq.prompt_token_ids))
-        seq.sampling.validate_token_ids(self.model_config.vocab_size)
-        if any(not (0 <= t < self.model_config.vocab_size) for t in seq.prompt_token_ids):
-            raise ValueError("prompt token ids must be in the vocabulary")
+        check_tokens(seq.prompt_token_ids, seq.output_token_ids, seq.sampling, self.limits)
         self.scheduler.add(seq)
 
     @property
@@ -144,6 +157,35 @@ class Engine:
     def step(
         self, lock: AbstractContextManager | None = None
     ) -> tuple[SchedulerOutput, list[Sequence]]:
+        """`_step`, and if it raises, StepFailed naming the sequences it ran: the caller
+        fails their requests (and frees their blocks) while the engine serves on."""
+        lock = lock or nullcontext()
+        self._stepping = None
+        try:
+            return self._step(lock)
+        except Exception as exc:
+            with lock:
+                failed = self._abandon_step()
+            log.exception("a step of %d sequence(s) failed", len(failed))
+            raise StepFailed(failed) from exc
+
+    def _abandon_step(self) -> list[str]:
+        """After a step raised: drop what was planned or launched ahead (its blocks are
+        released once it is done on the device) and name the sequences the step ran, or
+        every running one if it failed before it had a schedule."""
+        self._planned = None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            try:
+                ahead[1].result()
+            except Exception:
+                log.warning("the step launched ahead failed too")
+            self.kv.step_done(ahead[1].step)
+        if self._stepping is None:
+            return [seq.request_id for seq in self.scheduler.running]
+        return [chunk.seq.request_id for chunk in self._stepping.chunks]
+
+    def _step(self, lock: AbstractContextManager) -> tuple[SchedulerOutput, list[Sequence]]:
         """Schedule and run one step; return the schedule and sequences with a new token.
 
         With `lock`, scheduler state is touched only while holding it and the forward
@@ -154,11 +196,11 @@ class Engine:
         safe to assume it (see _may_launch_ahead), and the next call returns its
         results without scheduling.
         """
-        lock = lock or nullcontext()
         with lock:
             ahead, self._ahead = self._ahead, None
             if ahead is None:
                 out = self.scheduler.schedule()
+                self._stepping = out
                 planned, self._planned = self._planned, None
                 if not out:
                     return out, []
@@ -172,6 +214,7 @@ class Engine:
             pending = self._launch(inputs, number, lock)
         else:
             out, pending = ahead
+            self._stepping = out
         if self.config.overlap_scheduling:
             with lock:
                 nxt = self.runner.prepare_next(out, pending.inputs, pending, self.kv)

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tandem.core.redis_client import connect_async
 from tandem.core.tokenizer import Tokenizer
-from tandem.gateway.config import GatewayConfig, ModelLimits
+from tandem.gateway.config import GatewayConfig, load_model_limits
 from tandem.gateway.execution import Executor
 from tandem.gateway.http_api import BodyLimit, build_http_app
 from tandem.gateway.http_server import HttpServer
@@ -40,7 +40,7 @@ class GatewayApp:
     def __init__(self, config: GatewayConfig, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer or Tokenizer(config.model_dir)
-        self.limits = ModelLimits.load(config, self.tokenizer.vocab_size)
+        self.limits = load_model_limits(config, self.tokenizer.vocab_size)
         self.metrics = GatewayMetrics(config.model)
         self.port = 0  # bound gRPC port once started
         self.http_port = 0  # bound HTTP port once started

@@ -7,6 +7,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tandem.core.request_checks import ModelLimits
+
 DEFAULT_MAX_TOKENS = 16  # proto max_tokens 0; the completions default of OpenAI and vLLM
 MiB = 1024 * 1024
 
@@ -107,31 +109,24 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-@dataclass(frozen=True)
-class ModelLimits:
-    """What validation needs from the model: context length and vocabulary size."""
-
-    max_model_len: int
-    vocab_size: int
-
-    @classmethod
-    def load(cls, config: GatewayConfig, tokenizer_vocab_size: int) -> ModelLimits:
-        hf = json.loads((config.model_dir / "config.json").read_text())
-        # Multimodal checkpoints nest the language model's settings.
-        hf = hf.get("text_config", hf)
-        context = int(hf.get("max_position_embeddings") or 0)
-        if config.max_model_len:
-            if context and config.max_model_len > context:
-                raise ValueError(
-                    f"max_model_len {config.max_model_len} exceeds the model's "
-                    f"max_position_embeddings {context}"
-                )
-            context = config.max_model_len
-        if context < 1:
+def load_model_limits(config: GatewayConfig, tokenizer_vocab_size: int) -> ModelLimits:
+    """The model's limits as its config.json (and --max-model-len) give them."""
+    hf = json.loads((config.model_dir / "config.json").read_text())
+    # Multimodal checkpoints nest the language model's settings.
+    hf = hf.get("text_config", hf)
+    context = int(hf.get("max_position_embeddings") or 0)
+    if config.max_model_len:
+        if context and config.max_model_len > context:
             raise ValueError(
-                f"{config.model_dir}/config.json has no max_position_embeddings; set max_model_len"
+                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"max_position_embeddings {context}"
             )
-        # The embedding table bounds what a worker can look up; the tokenizer may be
-        # larger (added tokens) or smaller (padded embeddings): ids must fit both.
-        vocab = int(hf.get("vocab_size") or tokenizer_vocab_size)
-        return cls(max_model_len=context, vocab_size=min(vocab, tokenizer_vocab_size))
+        context = config.max_model_len
+    if context < 1:
+        raise ValueError(
+            f"{config.model_dir}/config.json has no max_position_embeddings; set max_model_len"
+        )
+    # The embedding table bounds what a worker can look up; the tokenizer may be
+    # larger (added tokens) or smaller (padded embeddings): ids must fit both.
+    vocab = int(hf.get("vocab_size") or tokenizer_vocab_size)
+    return ModelLimits(max_model_len=context, vocab_size=min(vocab, tokenizer_vocab_size))

@@ -17,11 +17,15 @@ an abort, so the workers drop the request and free its blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import jinja2
 import redis.asyncio as aioredis
@@ -29,9 +33,10 @@ from redis.exceptions import RedisError
 
 from tandem.core import redis_keys
 from tandem.core.protocol import PrefillTask, TokenDelta, encode
+from tandem.core.request_checks import ModelLimits
 from tandem.core.sampling_params import SamplingParams
 from tandem.core.tokenizer import Tokenizer
-from tandem.gateway.config import GatewayConfig, ModelLimits
+from tandem.gateway.config import GatewayConfig
 from tandem.gateway.detokenizer import TextStream
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.redis_batch import RedisBatcher, SingleFlight
@@ -40,9 +45,11 @@ from tandem.gateway.token_text import TokenTexts
 from tandem.gateway.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# Tokenizing is fast, but a megabyte prompt would stall every other stream on the loop.
-TOKENIZE_IN_THREAD_CHARS = 4096
+# Threads that template and tokenize prompts: off the event loop, so a huge prompt never
+# stalls other streams, and few, so a flood of them cannot take every core.
+TOKENIZER_THREADS = 2
 
 
 class RequestError(Exception):
@@ -86,7 +93,7 @@ class Executor:
         metrics: GatewayMetrics,
     ) -> None:
         self.config = config
-        self.limits = limits
+        self._limits = limits
         self.tokenizer = tokenizer
         # Byte-level vocabularies: output text straight from each token's bytes.
         self.token_bytes = texts.output_bytes if texts.bytes_are_text else None
@@ -99,6 +106,17 @@ class Executor:
         # A burst of arrivals shares one read of the queue's length.
         self._queue_length = SingleFlight(lambda: self.redis.xlen(self.prefill_stream))
         self.inflight: dict[str, Generation] = {}
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, "tokenize")
+        self._preparing = 0  # requests admitted and being templated or tokenized
+
+    @property
+    def limits(self) -> ModelLimits:
+        """The model's limits, with the context the workers registered when it is smaller
+        (config.json may allow 128k tokens where the workers were started with 8k)."""
+        served = self.registry.max_model_len
+        if 0 < served < self._limits.max_model_len:
+            return replace(self._limits, max_model_len=served)
+        return self._limits
 
     # -- decode or colocated workers that die -------------------------------------------
     async def watch_owners(self) -> None:
@@ -141,13 +159,25 @@ class Executor:
             )
 
     def check_active(self, requests: int) -> None:
-        active = self.router.active
+        active = self.router.active + self._preparing
         if active + requests > self.config.max_active_requests:
             raise RequestError(
                 "resource_exhausted",
                 f"gateway overloaded: {active} requests in flight, the limit is "
                 f"{self.config.max_active_requests}; retry later",
             )
+
+    @contextlib.contextmanager
+    def admitted(self, requests: int = 1) -> Iterator[None]:
+        """Hold `requests` places among max_active_requests while a request is templated
+        and tokenized (after its cheap checks, before that work): a flood of huge
+        prompts is refused at once instead of queueing for the tokenizer threads."""
+        self.check_active(requests)
+        self._preparing += requests
+        try:
+            yield
+        finally:
+            self._preparing -= requests
 
     async def check_available(self, requests: int = 1) -> None:
         """Refuse at once what cannot be served now: overload, or no workers."""
@@ -170,18 +200,16 @@ class Executor:
         if reason is not None:
             raise RequestError("unavailable", reason)
 
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+
     async def encode(self, prompt: str) -> list[int]:
-        if len(prompt) > TOKENIZE_IN_THREAD_CHARS:
-            return await asyncio.to_thread(self.tokenizer.encode, prompt, True)
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return await self._off_loop(self.tokenizer.encode, prompt, True)
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat template applied and tokenized; ValueError when the template refuses."""
-        size = sum(len(m.get("content", "")) for m in messages)
         try:
-            if size > TOKENIZE_IN_THREAD_CHARS:
-                return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
-            return self.tokenizer.encode_chat(messages)
+            return await self._off_loop(self.tokenizer.encode_chat, messages)
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template failed on these messages: {exc}") from exc
 
@@ -206,8 +234,9 @@ class Executor:
         self.writes.abort(request_id, reason)
 
     async def drain(self) -> None:
-        """Wait for aborts still being published (at shutdown)."""
+        """Wait for aborts still being published, stop the tokenizer threads (at shutdown)."""
         await self.writes.drain()
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Generation:

@@ -325,7 +325,8 @@ def build_http_app(executor: Executor, texts: TokenTexts) -> FastAPI:
         arrival = time.monotonic()
         ex.check_model(body.model)
         try:
-            specs, prompt_lens = await completion_choices(body, cfg, ex.limits, ex.encode)
+            with ex.admitted():
+                specs, prompt_lens = await completion_choices(body, cfg, ex.limits, ex.encode)
         except ValueError as exc:
             raise RequestError("invalid_argument", str(exc), param_of(str(exc), body)) from exc
         await ex.check_available(len(specs))
@@ -337,7 +338,8 @@ def build_http_app(executor: Executor, texts: TokenTexts) -> FastAPI:
         arrival = time.monotonic()
         ex.check_model(body.model)
         try:
-            specs, prompt_lens = await chat_choices(body, cfg, ex.limits, ex.encode_chat)
+            with ex.admitted():
+                specs, prompt_lens = await chat_choices(body, cfg, ex.limits, ex.encode_chat)
         except ValueError as exc:
             raise RequestError("invalid_argument", str(exc), param_of(str(exc), body)) from exc
         await ex.check_available(len(specs))
@@ -382,6 +384,6 @@ async def _refresh_pool_metrics(ex: Executor) -> None:
             depth if isinstance(depth, int) else 0,
             pending.get("pending", 0) if isinstance(pending, dict) else 0,
         )
-        ex.metrics.set_workers(await ex.registry.workers())
+        ex.metrics.set_workers(await ex.registry.workers(max_age_s=ex.config.worker_check_ttl_s))
     except (RedisError, OSError) as exc:
         log.warning("metrics: pool figures unavailable: %s", exc)

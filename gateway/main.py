@@ -14,6 +14,7 @@ import signal
 import time
 from pathlib import Path
 
+from tandem.core.credentials import API_KEY_ENV, REDIS_URL_ENV, add_secret_args, secret_from_args
 from tandem.core.models import local_model_dir, model_name
 from tandem.gateway.config import GatewayConfig, join_host_port
 from tandem.gateway.logs import use_json_logs
@@ -39,8 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="directory with tokenizer.json and config.json; None: found from --model",
     )
-    parser.add_argument(
-        "--redis-url", default=defaults["redis_url"].default, help="Redis shared with the workers"
+    add_secret_args(
+        parser,
+        "redis-url",
+        REDIS_URL_ENV,
+        f"Redis shared with the workers; None: {defaults['redis_url'].default}",
     )
     parser.add_argument(
         "--grpc-host", default=defaults["grpc_host"].default, help="interface of the gRPC API"
@@ -58,10 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--http-port", type=int, default=defaults["http_port"].default,
         help="port of the OpenAI-style HTTP API and /metrics (0: any free port)",
     )  # fmt: skip
-    parser.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' on /v1 (HTTP) and in gRPC 'authorization' "
+    add_secret_args(
+        parser,
+        "api-key",
+        API_KEY_ENV,
+        "require 'Authorization: Bearer KEY' on /v1 (HTTP) and in gRPC 'authorization' "
         "metadata; None: no key",
     )
     parser.add_argument(
@@ -97,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-model-len",
         type=int,
         default=0,
-        help="context limit for prompt + max_tokens; 0: the model's",
+        help="context limit for prompt + max_tokens; 0: the model's (the smallest context "
+        "a live worker registered wins when it is lower)",
     )
     parser.add_argument(
         "--model-wait",
@@ -157,12 +163,13 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         model=name,
         model_dir=model_dir,
-        redis_url=args.redis_url,
+        redis_url=secret_from_args(args, "redis-url", REDIS_URL_ENV)
+        or GatewayConfig.__dataclass_fields__["redis_url"].default,
         grpc_host=args.grpc_host,
         grpc_port=args.grpc_port,
         http_host=getattr(args, "http_host", "127.0.0.1"),
         http_port=getattr(args, "http_port", 8000),
-        api_key=getattr(args, "api_key", None),
+        api_key=secret_from_args(args, "api-key", API_KEY_ENV),
         max_active_requests=getattr(args, "max_active_requests", 4096),
         max_queued_tasks=getattr(args, "max_queued_tasks", 2048),
         migrate=getattr(args, "migrate", False),

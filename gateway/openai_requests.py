@@ -14,15 +14,35 @@ from typing import Annotated, Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tandem.core.request_checks import ModelLimits, check_sampling
 from tandem.core.sampling_params import SamplingParams
-from tandem.gateway.config import GatewayConfig, ModelLimits
-from tandem.gateway.validation import Encode, check_sampling, validate_prompt
+from tandem.gateway.config import GatewayConfig
+from tandem.gateway.validation import Encode, validate_prompt
 
 # Bounds that only keep numbers representable; the real bounds are checked later.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 TokenId = Annotated[int, Field(ge=-(2**31), le=2**32)]
 
 SEED_MODULUS = 2**64
+# Counts checked on the parsed JSON before any field is validated: validating (and, for
+# a chat, templating) is linear in them, and runs before the request is admitted.
+MAX_CHAT_MESSAGES = 2048
+MAX_PROMPT_TOKEN_IDS = 1 << 18  # every prompt of a request together; above any context
+
+
+def _check_counts(data: Any) -> None:
+    if not isinstance(data, dict):
+        return
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > MAX_CHAT_MESSAGES:
+        raise ValueError(f"messages: at most {MAX_CHAT_MESSAGES} messages")
+    prompt = data.get("prompt")
+    if isinstance(prompt, list):
+        ids = len(prompt)
+        if ids <= MAX_PROMPT_TOKEN_IDS:
+            ids += sum(len(p) for p in prompt if isinstance(p, list))
+        if ids > MAX_PROMPT_TOKEN_IDS:
+            raise ValueError(f"prompt: at most {MAX_PROMPT_TOKEN_IDS} token ids in all")
 
 
 def _check_unicode(data: Any) -> Any:
@@ -73,7 +93,8 @@ class _GenerationRequest(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def check_unicode(cls, data: Any) -> Any:
+    def check_counts_and_unicode(cls, data: Any) -> Any:
+        _check_counts(data)
         return _check_unicode(data)
 
     @property

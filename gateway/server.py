@@ -64,7 +64,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise RequestError("invalid_argument", request.reason)
         ex.check_model(request.model)
         try:
-            prompt_ids, sampling = await validate_request(request, ex.config, ex.limits, ex.encode)
+            with ex.admitted():
+                prompt_ids, sampling = await validate_request(
+                    request, ex.config, ex.limits, ex.encode
+                )
         except ValueError as exc:
             raise RequestError("invalid_argument", str(exc)) from exc
         await ex.check_available()

@@ -1,9 +1,9 @@
 """Turn a gRPC GenerateRequest into prompt token ids and core SamplingParams.
 
 Every failure is a ValueError whose message is shown to the client as INVALID_ARGUMENT
-(HTTP 400), so messages name the field and the bound. Bounds on sampling fields live in
-core.sampling_params, shared with the workers; `validate_prompt` is shared with the HTTP
-front end (gateway.openai_requests).
+(HTTP 400), so messages name the field and the bound. The bounds themselves live in
+core.request_checks, where the workers check each task again; `validate_prompt` is
+shared with the HTTP front end (gateway.openai_requests).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from google.protobuf.message import DecodeError
 
+from tandem.core.request_checks import ModelLimits, check_sampling, check_tokens
 from tandem.core.sampling_params import SamplingParams
-from tandem.gateway.config import GatewayConfig, ModelLimits
+from tandem.gateway.config import GatewayConfig
 from tandem.gateway.proto import tandem_pb2 as pb
 
 Encode = Callable[[str], Awaitable[list[int]]]
@@ -35,10 +36,18 @@ def parse_request(data: bytes) -> pb.GenerateRequest | MalformedRequest:
         return MalformedRequest(f"malformed GenerateRequest (strings must be UTF-8): {exc}")
 
 
-def check_prompt_shape(request: pb.GenerateRequest, config: GatewayConfig) -> None:
-    """Cheap checks done before tokenizing, so a huge prompt costs no tokenizer time."""
+def check_prompt_shape(
+    request: pb.GenerateRequest, config: GatewayConfig, limits: ModelLimits
+) -> None:
+    """Cheap checks done before tokenizing or copying ids, so a huge prompt costs no
+    tokenizer time and millions of ids are not walked."""
     has_text = bool(request.prompt)
-    has_ids = len(request.prompt_token_ids) > 0
+    num_ids = len(request.prompt_token_ids)
+    has_ids = num_ids > 0
+    if num_ids > limits.max_model_len:
+        raise ValueError(
+            f"prompt_token_ids has {num_ids} ids; the model context is {limits.max_model_len}"
+        )
     if has_text and has_ids:
         raise ValueError("set exactly one of prompt and prompt_token_ids, not both")
     if not has_text and not has_ids:
@@ -75,14 +84,6 @@ def sampling_from_proto(sp: pb.SamplingParams, config: GatewayConfig) -> Samplin
     )
 
 
-def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
-    for i, tid in enumerate(token_ids):
-        if not (0 <= tid < vocab_size):
-            raise ValueError(
-                f"prompt_token_ids[{i}] = {tid} is outside the vocabulary [0, {vocab_size})"
-            )
-
-
 async def validate_request(
     request: pb.GenerateRequest,
     config: GatewayConfig,
@@ -95,19 +96,12 @@ async def validate_request(
     does); it is awaited only once the cheap checks pass, so that a long prompt can be
     tokenized off the event loop.
     """
-    check_prompt_shape(request, config)
+    check_prompt_shape(request, config, limits)
     sampling = sampling_from_proto(request.sampling, config)
     token_ids = await validate_prompt(
         request.prompt or None, list(request.prompt_token_ids), sampling, limits, encode
     )
     return token_ids, sampling
-
-
-def check_sampling(sampling: SamplingParams, limits: ModelLimits) -> None:
-    """Field bounds, before any tokenizing: a bad temperature is reported even when the
-    prompt is long."""
-    sampling.validate()
-    sampling.validate_token_ids(limits.vocab_size)
 
 
 async def validate_prompt(
@@ -129,8 +123,5 @@ async def validate_prompt(
             raise ValueError("prompt encodes to no tokens")
     else:
         token_ids = list(prompt_token_ids)
-        if not token_ids:
-            raise ValueError("a prompt is required: set prompt or prompt_token_ids")
-        check_token_ids(token_ids, limits.vocab_size)
-    sampling.validate(max_model_len=limits.max_model_len, prompt_len=len(token_ids))
+    check_tokens(token_ids, [], sampling, limits)
     return token_ids

@@ -32,13 +32,29 @@ class WorkerRegistry:
         self._live_until = 0.0  # monotonic time until which "live" is trusted
         # Requests arriving together, after the cache expired, share one registry scan.
         self._live_roles = SingleFlight(self._read_live_roles)
+        self._scanned: list[WorkerInfo] = []  # the last scan's workers...
+        self._scanned_at = float("-inf")  # ...and when it was made (monotonic)
+        # The smallest context any live worker registered; 0 while none has.
+        self.max_model_len = 0
 
     async def live_workers(self) -> list[WorkerInfo]:
         """Every registered, non-draining worker of the served model."""
         return [w for w in await self.workers() if not w.draining]
 
-    async def workers(self) -> list[WorkerInfo]:
-        """Every registered worker of the served model, draining ones included."""
+    async def workers(self, max_age_s: float = 0.0) -> list[WorkerInfo]:
+        """Every registered worker of the served model, draining ones included. The last
+        scan is reused while younger than `max_age_s`: SCAN walks the whole keyspace, so
+        a frequent reader (/metrics) must not make one per call."""
+        if time.monotonic() - self._scanned_at < max_age_s:
+            return self._scanned
+        workers = await self._scan()
+        self._scanned, self._scanned_at = workers, time.monotonic()
+        contexts = [w.max_model_len for w in workers if w.max_model_len and not w.draining]
+        if contexts:
+            self.max_model_len = min(contexts)
+        return workers
+
+    async def _scan(self) -> list[WorkerInfo]:
         keys = [
             k
             async for k in self._redis.scan_iter(

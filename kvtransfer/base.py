@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +96,9 @@ class KVReceiver(abc.ABC):
     rejected: int = 0
     # Whether senders write this receiver's cache directly (in_place KVTransfers).
     in_place: bool = False
+    # Who may open a path into the worker's memory (a cuda_ipc export, an nccl group),
+    # by sender identity; None: anyone. Called on the receiver's I/O thread.
+    admits_peer: Callable[[bytes], bool] | None = None
 
     def attach_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
         """Called once, before start(), with the worker's KV cache tensors.

@@ -72,9 +72,10 @@ from tandem.kvtransfer.cuda_ipc_export import (
     share_cache,
     stacked_cache,
 )
+from tandem.kvtransfer.curve import CurveKeys
 from tandem.kvtransfer.pack import check_block_ids, dtype_name
 from tandem.kvtransfer.wire import MAX_KV_PAYLOAD_BYTES, RECEIVABLE
-from tandem.kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
+from tandem.kvtransfer.zmq_backend import NOT_ADMITTED, ZmqKVReceiver, ZmqKVSender
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,13 @@ class CudaIpcKVReceiver(ZmqKVReceiver):
         *,
         max_header_bytes: int = MAX_CONTROL_FRAME_BYTES,
         max_payload_bytes: int = MAX_KV_PAYLOAD_BYTES,
+        curve: CurveKeys | None = None,
     ):
         super().__init__(
-            bind_address, max_header_bytes=max_header_bytes, max_payload_bytes=max_payload_bytes
+            bind_address,
+            max_header_bytes=max_header_bytes,
+            max_payload_bytes=max_payload_bytes,
+            curve=curve,
         )
         self._cache: torch.Tensor | None = None  # held for life: peers map its memory
         self._export: CudaIpcExport | None = None
@@ -107,6 +112,7 @@ class CudaIpcKVReceiver(ZmqKVReceiver):
     def attach_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
         if self._export is not None:
             raise RuntimeError("the KV cache is already attached and exported")
+        super().attach_kv_caches(kv_caches)
         cache = stacked_cache(kv_caches)
         self._export = share_cache(cache, uuid.uuid4().hex)
         self._cache = cache
@@ -125,7 +131,9 @@ class CudaIpcKVReceiver(ZmqKVReceiver):
     def _route(self, inbound: Inbound) -> None:
         msg = inbound.msg
         if isinstance(msg, ExportRequest):
-            if self._export is None:
+            if self.refuses_peer(inbound.peer):
+                reply = ExportReply(request_id=msg.request_id, ok=False, reason=NOT_ADMITTED)
+            elif self._export is None:
                 reply = ExportReply(request_id=msg.request_id, ok=False, reason="no KV cache yet")
             else:
                 reply = ExportReply(request_id=msg.request_id, ok=True, export=self._export)
@@ -154,8 +162,8 @@ class _Mapping:
 
 
 class CudaIpcKVSender(ZmqKVSender):
-    def __init__(self, identity: str):
-        super().__init__(identity)
+    def __init__(self, identity: str, curve: CurveKeys | None = None):
+        super().__init__(identity, curve)
         self._state_lock = threading.Lock()
         # (address, request_id) -> export id of the cache that granted the reservation.
         self._reserved: OrderedDict[tuple[str, str], str] = OrderedDict()

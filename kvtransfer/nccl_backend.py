@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 from tandem.core.protocol import KVGroupInvite, KVGroupReply, KVTransfer, TransferAck, encode
 from tandem.kvtransfer.base import Inbound, TransferError
+from tandem.kvtransfer.curve import CurveKeys
 from tandem.kvtransfer.nccl_group import (
     MAX_TIMEOUT_S,
     SEND_GRACE_S,
@@ -75,7 +76,7 @@ from tandem.kvtransfer.wire import (
     parse_header,
     refusal,
 )
-from tandem.kvtransfer.zmq_backend import ZmqKVReceiver, ZmqKVSender
+from tandem.kvtransfer.zmq_backend import NOT_ADMITTED, ZmqKVReceiver, ZmqKVSender
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ log = logging.getLogger(__name__)
 class NcclKVSender(ZmqKVSender):
     """Rank 0 of one group per receiver address; control messages as ZmqKVSender."""
 
-    def __init__(self, identity: str):
-        super().__init__(identity)
+    def __init__(self, identity: str, curve: CurveKeys | None = None):
+        super().__init__(identity, curve)
         self._groups: dict[str, PairGroup] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._groups_lock = threading.Lock()
@@ -189,8 +190,8 @@ class NcclKVSender(ZmqKVSender):
 class NcclKVReceiver(ZmqKVReceiver):
     """Rank 1 of one group per sender; control messages as ZmqKVReceiver."""
 
-    def __init__(self, bind_address: str = "tcp://127.0.0.1:0", **limits: int):
-        super().__init__(bind_address, **limits)  # max_header_bytes, max_payload_bytes
+    def __init__(self, bind_address: str = "tcp://127.0.0.1:0", **options):
+        super().__init__(bind_address, **options)  # max_*_bytes, curve
         self._device = torch.device("cpu")
         self._gpu_uuid = ""
         # (dtype, layers, num_blocks, block_size, kv_heads, head_dim) of the worker's cache
@@ -201,6 +202,7 @@ class NcclKVReceiver(ZmqKVReceiver):
         self._groups_lock = threading.Lock()
 
     def attach_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        super().attach_kv_caches(kv_caches)
         first = kv_caches[0]
         self._device = first.device
         self._gpu_uuid = gpu_uuid(first.device)
@@ -227,7 +229,7 @@ class NcclKVReceiver(ZmqKVReceiver):
         return inbound_from(peer, msg, frames, self._max_payload_bytes)
 
     def _join(self, peer: bytes, invite: KVGroupInvite) -> None:
-        reason = self._refuse(invite)
+        reason = NOT_ADMITTED if self.refuses_peer(peer) else self._refuse(invite)
         if reason:
             self.reply(peer, KVGroupReply(group_id=invite.group_id, ok=False, reason=reason))
             return

@@ -18,6 +18,7 @@ from tandem.kvtransfer.base import (
     ship,
     ship_many,
 )
+from tandem.kvtransfer.curve import CurveKeys
 from tandem.kvtransfer.fake import FakeKVReceiver, FakeKVSender
 from tandem.kvtransfer.pack import (
     LayoutMismatch,
@@ -40,35 +41,40 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"unknown KV transport {backend!r}; use one of {BACKENDS}")
 
 
-def make_receiver(backend: str, bind_address: str) -> KVReceiver:
-    """A decode-side receiver bound to `bind_address` (not started yet)."""
+def make_receiver(backend: str, bind_address: str, curve: CurveKeys | None = None) -> KVReceiver:
+    """A decode-side receiver bound to `bind_address` (not started yet); with `curve`,
+    only CURVE clients holding the prefill key get through (kvtransfer.curve)."""
     _check_backend(backend)
     if backend == "zmq":
-        return ZmqKVReceiver(bind_address)
+        return ZmqKVReceiver(bind_address, curve=curve)
     if backend == "cuda_ipc":
         from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVReceiver
 
-        return CudaIpcKVReceiver(bind_address)
+        return CudaIpcKVReceiver(bind_address, curve=curve)
     if backend == "nccl":
         from tandem.kvtransfer.nccl_backend import NcclKVReceiver
 
-        return NcclKVReceiver(bind_address)
+        return NcclKVReceiver(bind_address, curve=curve)
+    if curve is not None:
+        raise ValueError("the fake transport has no sockets to authenticate")
     return FakeKVReceiver(bind_address)
 
 
-def make_sender(backend: str, identity: str) -> KVSender:
+def make_sender(backend: str, identity: str, curve: CurveKeys | None = None) -> KVSender:
     """A prefill-side sender; `identity` (the worker id) names it to receivers."""
     _check_backend(backend)
     if backend == "zmq":
-        return ZmqKVSender(identity)
+        return ZmqKVSender(identity, curve)
     if backend == "cuda_ipc":
         from tandem.kvtransfer.cuda_ipc_backend import CudaIpcKVSender
 
-        return CudaIpcKVSender(identity)
+        return CudaIpcKVSender(identity, curve)
     if backend == "nccl":
         from tandem.kvtransfer.nccl_backend import NcclKVSender
 
-        return NcclKVSender(identity)
+        return NcclKVSender(identity, curve)
+    if curve is not None:
+        raise ValueError("the fake transport has no sockets to authenticate")
     return FakeKVSender(identity)
 
 

@@ -15,11 +15,16 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import zmq
 
+if TYPE_CHECKING:
+    import torch
+
 from tandem.core.protocol import MAX_CONTROL_FRAME_BYTES, ControlMessage, encode
 from tandem.kvtransfer.base import Inbound, KVReceiver, TransferError
+from tandem.kvtransfer.curve import CurveKeys
 from tandem.kvtransfer.wire import (
     MAX_KV_PAYLOAD_BYTES,
     RECEIVABLE,
@@ -31,6 +36,7 @@ from tandem.kvtransfer.wire import (
     await_reply,
     drain,
     parse_inbound,
+    refusal,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,10 @@ _TCP_ADDRESS = re.compile(r"^tcp://(?P<host>\[[^\]]*\]|[^:/]+)(?::(?P<port>\d+|\
 _RECV_BATCH = 64  # messages taken per wake-up, so replies are flushed between batches
 _JOIN_TIMEOUT_S = 5.0
 _CHECK_EVERY_S = 0.01  # how often a request waiting for its reply runs its abort_if check
+# Messages waiting for the worker's control loop; past this, new ones get a refusal
+# instead of memory (a peer flooding the socket cannot grow the process without bound).
+MAX_INBOX = 4096
+NOT_ADMITTED = "this sender is not a registered prefill worker of the receiver's model"
 
 
 def _bind(sock: zmq.Socket, address: str) -> str:
@@ -61,11 +71,13 @@ class ZmqKVReceiver(KVReceiver):
         *,
         max_header_bytes: int = MAX_CONTROL_FRAME_BYTES,
         max_payload_bytes: int = MAX_KV_PAYLOAD_BYTES,
+        curve: CurveKeys | None = None,
     ):
         self._max_header_bytes = max_header_bytes
         self._max_payload_bytes = max_payload_bytes
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
+        self._auth = curve.serve(self._ctx, self._router) if curve is not None else None
         self._router.setsockopt(zmq.LINGER, 0)
         # A prefill worker that reconnects (restart, or after a timeout) keeps its
         # identity; handover routes replies to the new connection instead of refusing it.
@@ -81,7 +93,7 @@ class ZmqKVReceiver(KVReceiver):
         self._wake_tx = self._ctx.socket(zmq.PAIR)
         self._wake_tx.connect(wake_endpoint)
         self._wake_lock = threading.Lock()  # reply() may be called from several threads
-        self._inbox: queue.Queue[Inbound] = queue.Queue()
+        self._inbox: queue.Queue[Inbound] = queue.Queue(MAX_INBOX)
         self._outbox: queue.Queue[tuple[bytes, bytes]] = queue.Queue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,6 +103,18 @@ class ZmqKVReceiver(KVReceiver):
     @property
     def address(self) -> str:
         return self._address
+
+    def refuses_peer(self, peer: bytes) -> bool:
+        return self.admits_peer is not None and not self.admits_peer(peer)
+
+    def attach_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        """No legitimate transfer is larger than the whole cache: payloads are capped at
+        its size, and so is libzmq's message size, so a larger frame costs no memory."""
+        cache_bytes = sum(cache.numel() * cache.element_size() for cache in kv_caches)
+        self._max_payload_bytes = min(self._max_payload_bytes, cache_bytes)
+        self._router.setsockopt(
+            zmq.MAXMSGSIZE, max(self._max_header_bytes, self._max_payload_bytes)
+        )
 
     def start(self) -> None:
         if self._thread is not None:
@@ -115,6 +139,8 @@ class ZmqKVReceiver(KVReceiver):
             self._wake_rx.close(linger=0)
         with self._wake_lock:
             self._wake_tx.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
 
     @property
@@ -218,7 +244,13 @@ class ZmqKVReceiver(KVReceiver):
     def _route(self, inbound: Inbound) -> None:
         """Hand a valid message to the worker. On the I/O thread: a subclass may answer
         transport-level messages here itself (queue replies on _outbox) instead."""
-        self._inbox.put(inbound)
+        try:
+            self._inbox.put_nowait(inbound)
+        except queue.Full:
+            self.rejected += 1
+            busy = refusal(inbound.msg, f"receiver busy: {MAX_INBOX} messages waiting")
+            if busy is not None:
+                self._outbox.put((inbound.peer, encode(busy)))
 
 
 class _Peer:
@@ -232,8 +264,9 @@ class _Peer:
 
 
 class ZmqKVSender(FramedKVSender):
-    def __init__(self, identity: str):
+    def __init__(self, identity: str, curve: CurveKeys | None = None):
         self._identity = identity.encode()
+        self._curve = curve
         self._ctx = zmq.Context()
         self._peers: dict[str, _Peer] = {}
         self._peers_lock = threading.Lock()
@@ -271,6 +304,8 @@ class ZmqKVSender(FramedKVSender):
         if peer.socket is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, self._identity)
+            if self._curve is not None:
+                self._curve.connect_as_client(sock)
             sock.setsockopt(zmq.LINGER, 0)
             try:
                 sock.connect(address)

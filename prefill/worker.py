@@ -42,12 +42,14 @@ import redis
 from tandem.core.config import WorkerConfig
 from tandem.core.kv_cache_manager import blocks_needed
 from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
-from tandem.core.registry import list_workers, pick_decode_worker
+from tandem.core.registry import SHIP_SENDER_SUFFIX, list_workers, pick_decode_worker
 from tandem.core.replies import new_deltas, publish_safely, token_delta
+from tandem.core.request_checks import check_task
 from tandem.core.sequence import Sequence
 from tandem.core.task_intake import TaskIntake, tasks_fitting
 from tandem.core.worker_base import WorkerBase
-from tandem.engine.engine import Engine, EngineConfig
+from tandem.engine.engine import Engine, EngineConfig, StepFailed
+from tandem.kvtransfer.curve import curve_keys
 from tandem.kvtransfer.pack import layout_of
 from tandem.kvtransfer.transport import (
     BlockMove,
@@ -91,8 +93,11 @@ class PrefillWorker(WorkerBase):
         self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
         self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
         # Reservations go out on the main loop's sender, KV and handoffs on the shipper's.
-        self.sender = make_sender(config.kv_transport, self.worker_id)
-        self.ship_sender = make_sender(config.kv_transport, f"{self.worker_id}/ship")
+        curve = curve_keys(config.kv_curve_dir)
+        self.sender = make_sender(config.kv_transport, self.worker_id, curve)
+        self.ship_sender = make_sender(
+            config.kv_transport, self.worker_id + SHIP_SENDER_SUFFIX, curve
+        )
         self.shipper: Shipper[InFlight] = Shipper(self._ship_batch)
         self.inflight: dict[str, InFlight] = {}
         # Tasks no decode worker had room for, oldest first: (entry id, task, first try).
@@ -111,6 +116,7 @@ class PrefillWorker(WorkerBase):
             role="prefill",
             model=self.engine.name,
             pid=os.getpid(),
+            max_model_len=self.engine.max_model_len,
             layout=self.layout,
             total_blocks=self.kv.pool.num_blocks,
             free_blocks=self.kv.num_free_blocks,
@@ -201,6 +207,7 @@ class PrefillWorker(WorkerBase):
             self.intake.ack(entry_id)
             return True
         try:
+            check_task(task, self.engine.limits)
             seq = Sequence(
                 rid,
                 list(task.prompt_token_ids),
@@ -299,7 +306,15 @@ class PrefillWorker(WorkerBase):
 
     # -- one prefill step ---------------------------------------------------------------
     def _step(self) -> None:
-        _, got = self.engine.step()
+        try:
+            _, got = self.engine.step()
+        except StepFailed as failed:
+            for rid in failed.request_ids:
+                if rid in self.inflight:
+                    task = self.inflight[rid].task
+                    self._drop(rid)
+                    self.intake.fail(task, "internal", failed.reason)
+            return
         if not got:
             return
         deltas = new_deltas()

@@ -8,9 +8,16 @@ which are also what compose runs.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 from tandem.core.config import KV_TRANSPORTS
+from tandem.core.credentials import (
+    API_KEY_ENV,
+    REDIS_URL_ENV,
+    add_secret_args,
+    secret_from_args,
+)
 from tandem.engine.engine_args import add_engine_args, engine_config_from_args
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
@@ -21,7 +28,7 @@ WORKER_COMMANDS = {"prefill": "prefill", "decode": "decode", "worker": "colocate
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", required=True, help="Redis shared with the gateway")
+    add_secret_args(p, "redis-url", REDIS_URL_ENV, "Redis shared with the gateway")
     p.add_argument("--worker-id", default="", help="default: ROLE-HOSTNAME-PID")
     p.add_argument(
         "--reclaim-idle",
@@ -48,6 +55,13 @@ def _add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
         "--advertise-host",
         default="",
         help="address other workers use to reach this one (default: --bind-host)",
+    )
+    p.add_argument(
+        "--kv-curve-dir",
+        default=None,
+        metavar="DIR",
+        help="authenticate and encrypt the internal plane with the ZMQ CURVE keys in DIR "
+        "(see kvtransfer/curve.py); None: TANDEM_KV_CURVE_DIR, else off",
     )
     p.add_argument(
         "--reservation-lease",
@@ -138,6 +152,7 @@ def gpu_list(text: str) -> list[int]:
 
 def worker_config_from_args(args: argparse.Namespace, role: str):
     from tandem.core.config import WorkerConfig
+    from tandem.kvtransfer.curve import curve_dir_for
 
     extra = {}
     if role != "colocated":  # a colocated worker moves no KV
@@ -148,14 +163,18 @@ def worker_config_from_args(args: argparse.Namespace, role: str):
             reservation_lease_s=args.reservation_lease_s,
             transfer_timeout_s=args.transfer_timeout_s,
             decode_wait_s=args.decode_wait_s,
+            kv_curve_dir=curve_dir_for(role, args.kv_curve_dir),
         )
     if role == "decode":
         extra.update(
             local_prefill_after_ms=args.local_prefill_after_ms,
             max_local_prefills=args.max_local_prefills,
         )
+    redis_url = secret_from_args(args, "redis-url", REDIS_URL_ENV)
+    if redis_url is None:
+        raise ValueError(f"give --redis-url, --redis-url-file or {REDIS_URL_ENV}")
     return WorkerConfig(
-        redis_url=args.redis_url,
+        redis_url=redis_url,
         role=role,
         worker_id=args.worker_id,
         reclaim_idle_s=args.reclaim_idle_s,
@@ -187,8 +206,17 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from tandem.kvtransfer.curve import CURVE_DIR_ENV
     from tandem.launcher import serve
 
+    # Workers read the CURVE directory from the environment too.
+    if args.kv_curve_dir:
+        os.environ[CURVE_DIR_ENV] = args.kv_curve_dir
+    # The gateway child reads the key from its environment, not from its command line.
+    api_key = secret_from_args(args, "api-key", API_KEY_ENV)
+    if api_key is not None:
+        os.environ[API_KEY_ENV] = api_key
+    args.api_key = None
     return serve(args)
 
 
@@ -275,12 +303,19 @@ def add_role_parsers(sub) -> None:
         choices=[t for t in KV_TRANSPORTS if t != "fake"],
         help="how KV blocks move between workers",
     )
+    s.add_argument(
+        "--kv-curve-dir",
+        default=None,
+        metavar="DIR",
+        help="passed to the prefill and decode workers (through the environment)",
+    )
     add_local_prefill_args(s)
     add_local_prefill_tokens_arg(s)
-    s.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' on gRPC and HTTP (not health)",
+    add_secret_args(
+        s,
+        "api-key",
+        API_KEY_ENV,
+        "require 'Authorization: Bearer KEY' on gRPC and HTTP (not health)",
     )
     s.add_argument(
         "--migrate",

@@ -28,6 +28,7 @@ class Cluster:
     # Picked when the gateway first starts, not before: workers started in between bind
     # random ports of their own and once took this one (a ZMQ socket answered gRPC).
     grpc_port: int = 0
+    http_port: int = 0  # the gateway's OpenAI-style HTTP API, picked with grpc_port
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
     # What the service's processes are given; "" means the private server's own URL.
@@ -68,6 +69,7 @@ class Cluster:
 
     def start_gateway(self, *flags: str) -> subprocess.Popen:
         self.grpc_port = self.grpc_port or free_port()
+        self.http_port = self.http_port or free_port()
         proc = self._spawn(
             "gateway",
             [
@@ -79,11 +81,15 @@ class Cluster:
                 "--grpc-port",
                 str(self.grpc_port),
                 "--http-port",
-                str(free_port()),
+                str(self.http_port),
                 *flags,
             ],
         )
-        self.wait_for(lambda: _port_open(self.grpc_port), "gateway port", proc=proc)
+        self.wait_for(
+            lambda: _port_open(self.grpc_port) and _port_open(self.http_port),
+            "gateway ports",
+            proc=proc,
+        )
         return proc
 
     def workers(self, role: str | None = None) -> list[WorkerInfo]:

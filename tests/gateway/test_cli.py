@@ -34,7 +34,7 @@ def run(module: str, *args: str, timeout: float = 60) -> subprocess.CompletedPro
     ("command", "expected"),
     [
         ("gateway", ["--http-port HTTP_PORT", "(default: 8000)", "(default: 50051)",
-                     "(default: redis://127.0.0.1:6379/0)", "--api-key", "(default: text)"]),
+                     "redis://127.0.0.1:6379/0", "--api-key-file", "(default: text)"]),
         ("serve", ["--http-port HTTP_PORT", "(default: 8000)", "(default: 127.0.0.1)"]),
     ],
 )  # fmt: skip

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tandem.core.models import default_cache_dir
-from tandem.gateway.config import GatewayConfig, ModelLimits
+from tandem.core.request_checks import ModelLimits
+from tandem.gateway.config import GatewayConfig, load_model_limits
 from tandem.gateway.main import add_arguments, config_from_args
 
 
@@ -26,7 +27,7 @@ def test_flags_build_a_config(model_dir: Path) -> None:
     )  # fmt: skip
     assert (cfg.model, cfg.model_dir, cfg.redis_url) == ("smollm2", model_dir, "redis://r:6380/1")
     assert (cfg.grpc_address, cfg.gateway_id, cfg.request_timeout_s) == ("0.0.0.0:6000", "gw-1", 30)
-    assert ModelLimits.load(cfg, 49152) == ModelLimits(max_model_len=2048, vocab_size=49152)
+    assert load_model_limits(cfg, 49152) == ModelLimits(max_model_len=2048, vocab_size=49152)
 
 
 def test_defaults_are_loopback_and_the_model_cache(model_dir: Path) -> None:
@@ -36,7 +37,7 @@ def test_defaults_are_loopback_and_the_model_cache(model_dir: Path) -> None:
         len(cfg.gateway_id) == 12
         and cfg.gateway_id != parse("--model-dir", str(model_dir)).gateway_id
     )
-    assert ModelLimits.load(cfg, 49152) == ModelLimits(max_model_len=8192, vocab_size=49152)
+    assert load_model_limits(cfg, 49152) == ModelLimits(max_model_len=8192, vocab_size=49152)
     if (default_cache_dir() / "smollm2" / "tokenizer.json").exists():
         assert parse().model_dir == default_cache_dir() / "smollm2"
 
@@ -67,4 +68,4 @@ def test_bad_settings_are_refused(model_dir: Path, overrides: dict, message: str
 def test_max_model_len_cannot_exceed_the_model(model_dir: Path) -> None:
     cfg = GatewayConfig(model="smollm2", model_dir=model_dir, max_model_len=9000)
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings 8192"):
-        ModelLimits.load(cfg, 49152)
+        load_model_limits(cfg, 49152)

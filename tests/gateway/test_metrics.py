@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def test_pool_metrics_come_from_the_registry(gateway: Gateway, redis_client: red
     assert value(m, "tandem_workers", model=MODEL, role="prefill") == 0  # draining
     assert not any(labels and ("worker_id", "decode-z") in labels for _, labels in m)
     assert value(m, "tandem_prefill_queue_depth", model=MODEL) == 3
-    # The worker left: its figures go with it.
+    # The worker left: its figures go with it, once the cached registry scan is renewed.
+    time.sleep(gateway.config.worker_check_ttl_s + 0.1)
     m = scrape(gateway)
     assert value(m, "tandem_worker_running", **d) == 0
     assert not any(("worker_id", "decode-a") in labels for _, labels in m)

@@ -292,3 +292,23 @@ def test_in_place_header_naming_another_export_is_refused_by_the_receiver(fake_i
         sock.close()
         ctx.term()
         decode_.close()
+
+
+def test_an_export_is_refused_to_a_sender_the_receiver_does_not_admit(fake_ipc, ipc_address):
+    decode_ = Decode(ipc_address, torch.float32)
+    decode_.receiver.admits_peer = lambda peer: peer == b"prefill-0"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"stranger")
+    try:
+        sock.connect(ipc_address)
+        sock.send(encode(ExportRequest(request_id="t")))
+        assert sock.poll(5000)
+        reply = parse_reply(sock.recv())
+        assert not reply.ok and reply.export is None
+        assert "not a registered prefill worker" in reply.reason
+    finally:
+        sock.close()
+        ctx.term()
+        decode_.close()

@@ -323,3 +323,21 @@ def test_one_gpu_on_both_sides_is_refused_with_the_reason(host):
             sender.send_blocks(hosted.receiver.address, "r0", src, [0], [1], SHORT_TIMEOUT_S)
     finally:
         sender.close()
+
+
+def test_an_invite_from_a_sender_the_receiver_does_not_admit_is_refused(host):
+    hosted = host()
+    hosted.receiver.admits_peer = lambda peer: peer == b"prefill-0"
+    stranger, known = NcclKVSender("stranger"), NcclKVSender("prefill-0")
+    src = make_caches(torch.float32, seed=5)
+    address = hosted.receiver.address
+    try:
+        with pytest.raises(TransferError, match="not a registered prefill worker"):
+            stranger.send_blocks(address, "r0", src, [0], [0], SHORT_TIMEOUT_S)
+        assert hosted.groups() == set()
+        dst = _reserve(known, hosted, "r1", 1)
+        transfer = ship(known, address, "r1", src, [2], dst, SHORT_TIMEOUT_S)
+        assert transfer.state is TransferState.DONE, transfer.reason
+    finally:
+        stranger.close()
+        known.close()

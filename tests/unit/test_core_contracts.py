@@ -96,4 +96,7 @@ def test_sampling_params_context_and_vocab_bounds():
     with pytest.raises(ValueError, match="exceeds"):
         SamplingParams(max_tokens=11).validate(max_model_len=20, prompt_len=10)
     with pytest.raises(ValueError):
-        SamplingParams(stop_token_ids=(100,)).validate_token_ids(100)
+        SamplingParams(stop_token_ids=(100,)).validate_vocab(100)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=101).validate_vocab(100)
+    SamplingParams(top_k=100).validate_vocab(100)
