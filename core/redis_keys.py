@@ -6,6 +6,7 @@ tandem:reply:{gateway_id}       stream of TokenBatch (field "m") for one gateway
 tandem:abort                    pub/sub channel of AbortNotice
 tandem:abort:{request_id}       short-lived marker, so a task read late is dropped too
 tandem:worker:{worker_id}       registry entry: field "info" = WorkerInfo, with a TTL
+tandem:{model}:pool             PoolStatus of a supervising `tandem serve`, with a TTL
 """
 
 from __future__ import annotations
@@ -37,3 +38,7 @@ def abort_marker(request_id: str) -> str:
 
 def worker_key(worker_id: str) -> str:
     return f"{WORKER_PREFIX}{worker_id}"
+
+
+def pool_status_key(model: str) -> str:
+    return f"tandem:{model}:pool"
