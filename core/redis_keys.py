@@ -2,7 +2,7 @@
 
 tandem:{model}:prefill          stream of PrefillTask (field "m"), group "prefill"
 tandem:{model}:prefill:dead     dead-letter stream for tasks delivered too often
-tandem:reply:{gateway_id}       stream of TokenBatch (field "m") for one gateway
+tandem:reply:{gateway_id}       stream of TokenBatch (field "m") for one gateway, with a TTL
 tandem:abort                    pub/sub channel of AbortNotice
 tandem:abort:{request_id}       short-lived marker, so a task read late is dropped too
 tandem:worker:{worker_id}       registry entry: field "info" = WorkerInfo, with a TTL
@@ -18,6 +18,7 @@ ABORT_MARKER_TTL_S = 120
 WORKER_PREFIX = "tandem:worker:"
 WORKER_TTL_S = 3
 REPLY_STREAM_MAXLEN = 100_000
+REPLY_STREAM_TTL_S = 900  # renewed by each write; longer than any request's deadline
 
 
 def prefill_stream(model: str) -> str:

@@ -41,6 +41,7 @@ class FakeWorker:
         self.error: tuple[str, str] | None = None  # (error_code, message) instead of tokens
         self.replay_after: int | None = None  # re-send the output from 0 after n tokens
         self.stall = False  # take tasks, never answer
+        self.owned = False  # name its decode worker as the owner in every delta
         # What happened, read by tests.
         self.tasks: list[PrefillTask] = []
         self.sent: dict[str, int] = {}  # request id -> tokens sent
@@ -50,6 +51,7 @@ class FakeWorker:
             f"fake-prefill-{os.getpid()}-{id(self)}",
             f"fake-decode-{os.getpid()}-{id(self)}",
         )
+        self.decode_id = self._ids[1]
         self._redis: aioredis.Redis | None = None
         self._tasks: list[asyncio.Task] = []
         self._answering: set[asyncio.Task] = set()
@@ -173,6 +175,7 @@ class FakeWorker:
                     offset=i,
                     finish_reason=finish,
                     logprobs=logprobs,
+                    worker_id=self.decode_id if self.owned else None,
                 ),
             )
             self.sent[rid] = i + 1

@@ -1,5 +1,6 @@
 """The bundled redis-server: with a state directory its queued tasks survive a SIGKILL
-and restart; and it never outlives the process that started it, even one SIGKILLed."""
+and restart; it never outlives the process that started it, even one SIGKILLed; and
+what workers write into it (reply streams) does not outlive its reader."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import time
 import psutil
 import redis
 
-from tandem.core.redis_client import ensure_group
-from tandem.core.redis_keys import PREFILL_GROUP
+from tandem.core.protocol import TokenDelta
+from tandem.core.redis_client import ensure_group, publish_deltas
+from tandem.core.redis_keys import PREFILL_GROUP, REPLY_STREAM_TTL_S, reply_stream
 from tandem.local_redis import LocalRedis, free_port
 
 STREAM = "tandem:m:prefill"
@@ -77,3 +79,16 @@ def test_dies_with_a_sigkilled_parent() -> None:
         if parent.poll() is None:
             parent.kill()
         parent.stdout.close()
+
+
+def test_reply_streams_expire_once_nobody_writes_to_them() -> None:
+    """A dead gateway's reply stream is not kept forever: every write renews a TTL."""
+    with LocalRedis() as server:
+        client = redis.Redis.from_url(server.url, socket_timeout=5)
+        stream = reply_stream("gone-gateway")
+        publish_deltas(client, {stream: [TokenDelta(request_id="r", token_ids=[1])]})
+        assert 0 < client.ttl(stream) <= REPLY_STREAM_TTL_S
+        client.expire(stream, 1)
+        publish_deltas(client, {stream: [TokenDelta(request_id="r", token_ids=[2], offset=1)]})
+        assert client.ttl(stream) > 1 and client.xlen(stream) == 2
+        client.close()
