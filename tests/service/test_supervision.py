@@ -47,8 +47,8 @@ def child(svc: RunningService, word: str) -> psutil.Process:
     the program's name)."""
     for proc in psutil.Process(svc.proc.pid).children(recursive=True):
         try:
-            cmd = proc.cmdline()
-            named = any(part == word or part.endswith("/" + word) for part in cmd)
+            # redis-server rewrites its command line ("redis-server HOST:PORT"): by name.
+            named = word in proc.cmdline() or proc.name() == word
             if named and proc.status() != psutil.STATUS_ZOMBIE:
                 return proc
         except psutil.NoSuchProcess:
