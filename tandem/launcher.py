@@ -30,7 +30,7 @@ from tandem.core.pool_status import POOL_STATUS_TTL_S, PoolStatus, encode_status
 from tandem.core.redis_keys import pool_status_key
 from tandem.local_redis import LocalRedis, die_with_parent
 from tandem.roles import WORKER_COMMANDS, local_prefill_flags
-from tandem.supervisor import RestartPolicy, Supervisor
+from tandem.supervisor import Supervisor
 
 log = logging.getLogger("tandem.serve")
 
@@ -151,10 +151,10 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
 
 
 class Service:
-    def __init__(self, args: argparse.Namespace, policy: RestartPolicy | None = None) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.redis: LocalRedis | None = None
-        self.supervisor = Supervisor(policy)
+        self.supervisor = Supervisor()
         self.redis_url = args.redis_url or ""
         self._published_at = 0.0
         self._status_client: redis.Redis | None = None
