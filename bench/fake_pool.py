@@ -83,6 +83,7 @@ class FakeWorker:
         self.error: tuple[str, str] | None = None  # (error_code, message) instead of tokens
         self.replay_after: int | None = None  # re-send the output from 0 after n tokens
         self.stall = False  # take tasks, never answer
+        self.owned = False  # name its decode worker as the owner in every delta
         # What happened, read by tests.
         self.tasks: list[PrefillTask] = []
         self.sent: dict[str, int] = {}  # request id -> tokens sent
@@ -93,6 +94,7 @@ class FakeWorker:
             f"fake-prefill-{os.getpid()}-{id(self)}",
             f"fake-decode-{os.getpid()}-{id(self)}",
         )
+        self.decode_id = self._ids[1]
         self._redis: aioredis.Redis | None = None
         self._loops: list[asyncio.Task] = []
         self._running: dict[str, _Running] = {}
@@ -244,6 +246,7 @@ class FakeWorker:
                     offset=i,
                     finish_reason=finish,
                     logprobs=logprobs,
+                    worker_id=self.decode_id if self.owned else None,
                 )
             )
             job.sent = self.sent[rid] = i + 1

@@ -80,10 +80,14 @@ class WorkerConfig:
     # ZMQ CURVE keys of the internal plane (kvtransfer.curve); "": no authentication.
     kv_curve_dir: str = ""
     reservation_lease_s: float = 10.0
-    transfer_timeout_s: float = 10.0
+    transfer_timeout_s: float = 2.0
     # Prefill only: how long a task may wait for a decode worker with room (reserve
     # retried meanwhile) before it fails UNAVAILABLE.
     decode_wait_s: float = 30.0
+    # Peers take over a task whose stream entry sat this long untouched. A worker touches
+    # its own every reclaim_idle_s / 2, and a prefill worker's loop may wait one
+    # transfer_timeout_s (a reservation) in between: hence reclaim_idle_s >
+    # 2 * transfer_timeout_s, checked below, or live work gets taken over.
     reclaim_idle_s: float = 5.0
     max_deliveries: int = 3
     # Decode only: also prefill tasks from the prefill stream once the oldest task no
@@ -111,6 +115,12 @@ class WorkerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.role == "prefill" and self.reclaim_idle_s <= 2 * self.transfer_timeout_s:
+            raise ValueError(
+                f"reclaim_idle_s ({self.reclaim_idle_s:g}) must exceed twice "
+                f"transfer_timeout_s ({self.transfer_timeout_s:g}): a prefill worker "
+                "waiting on a transfer would otherwise lose its tasks to peers"
+            )
         if self.registry_ttl_s < 2 * self.heartbeat_s:
             raise ValueError("registry_ttl_s must be at least two heartbeats")
         if self.max_deliveries < 1:

@@ -20,6 +20,7 @@ from tandem.core.redis_keys import (
     MESSAGE_FIELD,
     PREFILL_GROUP,
     REPLY_STREAM_MAXLEN,
+    REPLY_STREAM_TTL_S,
     abort_marker,
 )
 
@@ -116,6 +117,9 @@ def publish_deltas(client: redis.Redis, deltas: dict[str, list[TokenDelta]]) -> 
             maxlen=REPLY_STREAM_MAXLEN,
             approximate=True,
         )
+        # The stream of a gateway that died goes away once nobody writes to it; a live
+        # gateway's is renewed by every write, and recreated by the next one if idle.
+        pipe.expire(stream, REPLY_STREAM_TTL_S)
     pipe.execute()
 
 

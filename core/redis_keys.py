@@ -2,10 +2,11 @@
 
 tandem:{model}:prefill          stream of PrefillTask (field "m"), group "prefill"
 tandem:{model}:prefill:dead     dead-letter stream for tasks delivered too often
-tandem:reply:{gateway_id}       stream of TokenBatch (field "m") for one gateway
+tandem:reply:{gateway_id}       stream of TokenBatch (field "m") for one gateway, with a TTL
 tandem:abort                    pub/sub channel of AbortNotice
 tandem:abort:{request_id}       short-lived marker, so a task read late is dropped too
 tandem:worker:{worker_id}       registry entry: field "info" = WorkerInfo, with a TTL
+tandem:{model}:pool             PoolStatus of a supervising `tandem serve`, with a TTL
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ WORKER_PREFIX = "tandem:worker:"
 REPLY_PREFIX = "tandem:reply:"
 WORKER_TTL_S = 3
 REPLY_STREAM_MAXLEN = 100_000
+REPLY_STREAM_TTL_S = 900  # renewed by each write; longer than any request's deadline
 
 
 def prefill_stream(model: str) -> str:
@@ -38,3 +40,7 @@ def abort_marker(request_id: str) -> str:
 
 def worker_key(worker_id: str) -> str:
     return f"{WORKER_PREFIX}{worker_id}"
+
+
+def pool_status_key(model: str) -> str:
+    return f"tandem:{model}:pool"

@@ -49,6 +49,11 @@ class GatewayConfig:
     # it with UNAVAILABLE, True re-queues it (prompt + tokens so far) for another worker.
     migrate: bool = False
     owner_check_s: float = 1.0
+    # With migrate: an owner must stay out of the registry this long before its requests
+    # are re-queued. A live worker re-registers within a heartbeat (1 s) even after a
+    # restarted Redis lost every entry, and a request re-queued while its worker still
+    # generates would run twice.
+    owner_grace_s: float = 2.0
     max_choices: int = 8  # bound on n (times the prompts of a batch) per HTTP request
     # One of several gateway processes sharing the ports (--gateway-workers): binds with
     # SO_REUSEPORT, so the kernel spreads connections over them.
@@ -76,6 +81,8 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
+        if self.owner_grace_s < 0:
+            raise ValueError("owner_grace_s must be >= 0")
         for name in ("max_receive_message_bytes", "max_send_message_bytes", "max_prompt_bytes"):
             if getattr(self, name) < 1024:
                 raise ValueError(f"{name} must be at least 1024")

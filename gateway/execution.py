@@ -41,6 +41,7 @@ from tandem.gateway.detokenizer import TextStream
 from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.redis_batch import RedisBatcher, SingleFlight
 from tandem.gateway.reply_router import ReplyRouter, RequestStream
+from tandem.gateway.task_watch import VanishedTasks
 from tandem.gateway.token_text import TokenTexts
 from tandem.gateway.worker_registry import WorkerRegistry
 
@@ -123,18 +124,34 @@ class Executor:
         """Every `owner_check_s`: a request whose owner (the decode or colocated worker
         named by its deltas) left the registry (its entry expires a few seconds after its
         last heartbeat) is migrated or failed, so no stream waits on a dead worker until
-        its deadline."""
+        its deadline. With migrate only once it stayed out for owner_grace_s. A request
+        whose queued task vanished (gateway.task_watch) fails the same way."""
+        grace = self.config.owner_grace_s if self.config.migrate else 0.0
+        missing_since: dict[str, float] = {}  # owner -> first check that missed it
+        vanished = VanishedTasks(self.redis, self.prefill_stream)
         while True:
             await asyncio.sleep(self.config.owner_check_s)
+            waiting = {g.request_id: g.queued_entry for g in self.inflight.values()}
+            try:
+                for rid in await vanished.check({r: e for r, e in waiting.items() if e}):
+                    if (gen := self.inflight.get(rid)) is not None:
+                        gen.task_lost()
+            except RedisError:
+                continue
             orphans = [g for g in self.inflight.values() if g.owner is not None]
             if not orphans:
+                missing_since.clear()
                 continue
             try:
                 live = {w.worker_id for w in await self.registry.workers()}
             except RedisError:
                 continue  # Redis is down: the router's reconnect path handles that
+            now = time.monotonic()
+            missing_since = {
+                owner: missing_since.get(owner, now) for owner in {g.owner for g in orphans} - live
+            }
             for gen in orphans:
-                if gen.owner not in live:
+                if gen.owner in missing_since and now - missing_since[gen.owner] >= grace:
                     await gen.owner_lost(self.config.migrate)
 
     # -- checks shared by both front ends -----------------------------------------------
@@ -261,6 +278,7 @@ class Generation:
         self._deadline = time.monotonic() + timeout_s
         self._text = TextStream(executor.tokenizer, prompt_ids, sampling.stop, executor.token_bytes)
         self._stream: RequestStream | None = None
+        self._entry: bytes | None = None  # its task's entry in the prefill stream
         self._completion_tokens = 0
         self._first_token_at: float | None = None
         self._last_output_at = 0.0
@@ -284,6 +302,21 @@ class Generation:
     def owner(self) -> str | None:
         return self._stream.owner if self._stream is not None and not self._done else None
 
+    @property
+    def queued_entry(self) -> bytes | None:
+        """Its task's stream entry while no worker has answered it yet, else None."""
+        stream = self._stream
+        if stream is None or stream.closed or stream.owner is not None or self._done:
+            return None
+        return self._entry
+
+    def task_lost(self) -> None:
+        if self._stream is not None:
+            self._stream.push(TokenDelta(
+                request_id=self.request_id, error_code="unavailable",
+                error="its queued task was lost (Redis restarted without it); retry",
+            ))  # fmt: skip
+
     async def owner_lost(self, migrate: bool) -> None:
         stream = self._stream
         if stream is None or stream.closed:
@@ -297,7 +330,7 @@ class Generation:
                         self.request_id, len(stream.token_ids),
                         extra={"request_id": self.request_id})  # fmt: skip
             try:
-                await self._ex.writes.xadd(
+                self._entry = await self._ex.writes.xadd(
                     self._ex.prefill_stream, encode(self._task(list(stream.token_ids)))
                 )
                 return
@@ -320,7 +353,7 @@ class Generation:
         self._stream = ex.router.register(rid)
         task = self._task([])
         try:
-            await ex.writes.xadd(ex.prefill_stream, encode(task))
+            self._entry = await ex.writes.xadd(ex.prefill_stream, encode(task))
         except BaseException as exc:
             ex.router.unregister(rid)
             # Cancelled or cut off mid-XADD, the task may be queued all the same.

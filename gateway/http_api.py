@@ -355,14 +355,19 @@ def build_http_app(executor: Executor, texts: TokenTexts) -> FastAPI:
     @app.get("/ready", summary="Readiness: Redis answers and workers are live",
              responses={503: {"model": ErrorResponse}})  # fmt: skip
     async def ready() -> JSONResponse:
+        pool = None
         try:
             await ex.redis.ping()
             reason = await ex.registry.unavailable_reason()
+            pool = await ex.registry.pool_status()
         except (RedisError, OSError) as exc:
             reason = f"redis unreachable: {exc}"
         if reason is not None:
             payload = error_payload(503, reason, None, "unavailable")
             return JSONResponse({"status": "not ready", **payload}, status_code=503)
+        if pool is not None and pool.degraded:  # still 200: the rest of the pool serves
+            return JSONResponse({"status": "degraded", "model": cfg.model,
+                                 "given_up": pool.given_up})  # fmt: skip
         return JSONResponse({"status": "ready", "model": cfg.model})
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -385,5 +390,6 @@ async def _refresh_pool_metrics(ex: Executor) -> None:
             pending.get("pending", 0) if isinstance(pending, dict) else 0,
         )
         ex.metrics.set_workers(await ex.registry.workers(max_age_s=ex.config.worker_check_ttl_s))
+        ex.metrics.set_pool_status(await ex.registry.pool_status())
     except (RedisError, OSError) as exc:
         log.warning("metrics: pool figures unavailable: %s", exc)

@@ -14,6 +14,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from tandem.core.pool_status import PoolStatus
 from tandem.core.protocol import WorkerInfo
 
 __all__ = ["CONTENT_TYPE_LATEST", "ERROR_CODES", "GatewayMetrics"]
@@ -131,6 +132,11 @@ class GatewayMetrics:
             "1 while the worker drains (takes no new work)",
             ["worker_id", "role"], registry=r,
         )  # fmt: skip
+        self.given_up = Gauge(
+            "tandem_given_up_processes",
+            "Processes `tandem serve` stopped restarting as crash-looping (pool degraded)",
+            ["model", "role"], registry=r,
+        )  # fmt: skip
         for code in ERROR_CODES:
             for api in ("grpc", "http"):
                 self.errors.labels(code=code, api=api)
@@ -164,6 +170,12 @@ class GatewayMetrics:
             if w.heartbeat:
                 self.worker_heartbeat_age.labels(**labels).set(max(0.0, now - w.heartbeat))
             self.worker_draining.labels(**labels).set(1 if w.draining else 0)
+
+    def set_pool_status(self, status: PoolStatus | None) -> None:
+        """The supervising launcher's given-up processes (none without a launcher)."""
+        self.given_up.clear()
+        for role, count in (status.given_up if status else {}).items():
+            self.given_up.labels(model=self.model, role=role).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

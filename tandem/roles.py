@@ -73,9 +73,10 @@ def _add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--transfer-timeout",
         type=float,
-        default=10.0,
+        default=2.0,
         dest="transfer_timeout_s",
-        help="seconds a prefill worker waits for each reserve/transfer/handoff",
+        help="seconds a prefill worker waits for each reserve/transfer/handoff "
+        "(under half of --reclaim-idle)",
     )
     p.add_argument(
         "--decode-wait",
@@ -268,6 +269,13 @@ def add_role_parsers(sub) -> None:
         "--redis-url",
         default=None,
         help="use this Redis instead of starting a private redis-server",
+    )
+    s.add_argument(
+        "--state-dir",
+        default=None,
+        help="where the private redis-server keeps its append-only file, so queued "
+        "tasks survive its restart; None: $XDG_STATE_HOME/tandem/serve-GRPC_PORT "
+        "(~/.local/state/...)",
     )
     s.add_argument(
         "--prefill-workers",

@@ -46,7 +46,9 @@ def test_tasks_of_a_killed_prefill_worker_are_reclaimed_and_complete():
             lambda: _pending_for(cluster, "prefill-a") >= 1, "prefill-a to take a task"
         )
         cluster.kill("prefill-a")
-        cluster.start_worker("prefill-b", "prefill", "--reclaim-idle", "2")
+        cluster.start_worker(
+            "prefill-b", "prefill", "--reclaim-idle", "2", "--transfer-timeout", "0.9"
+        )
         for t in threads:
             t.join(120)
         assert sorted(results) == list(range(len(PROMPTS)))
@@ -79,7 +81,9 @@ def test_task_failing_too_often_goes_to_dead_letter_and_client_gets_error():
             cluster.client.xautoclaim(
                 STREAM, PREFILL_GROUP, ghost, min_idle_time=0, start_id="0-0", count=1
             )
-        cluster.start_worker("prefill-0", "prefill", "--reclaim-idle", "1")
+        cluster.start_worker(
+            "prefill-0", "prefill", "--reclaim-idle", "1", "--transfer-timeout", "0.45"
+        )
         cluster.wait_for(
             lambda: cluster.client.xlen(dead_letter_stream("smollm2")) == 1,
             "the task to be dead-lettered",

@@ -21,7 +21,9 @@ def test_soak_with_cancels_and_worker_loss():
     cluster = Cluster()
     try:
         for name in ("prefill-0", "prefill-1"):
-            cluster.start_worker(name, "prefill", "--reclaim-idle", "2")
+            cluster.start_worker(
+                name, "prefill", "--reclaim-idle", "2", "--transfer-timeout", "0.9"
+            )
         for name in ("decode-0", "decode-1"):
             cluster.start_worker(name, "decode")
         cluster.start_gateway()
@@ -60,7 +62,9 @@ def test_soak_with_cancels_and_worker_loss():
             cluster.kill("decode-0")
             cluster.kill("prefill-0")
             cluster.start_worker("decode-2", "decode")
-            cluster.start_worker("prefill-2", "prefill", "--reclaim-idle", "2")
+            cluster.start_worker(
+                "prefill-2", "prefill", "--reclaim-idle", "2", "--transfer-timeout", "0.9"
+            )
             killer_done.set()
 
         killer = threading.Thread(target=kill_and_replace)

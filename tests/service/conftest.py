@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,7 @@ from tandem.core.redis_client import connect
 from tandem.core.registry import list_workers
 from tandem.core.sampling_params import SamplingParams
 from tandem.gateway.proto import tandem_pb2, tandem_pb2_grpc
-from tandem.local_redis import free_port
+from tandem.local_redis import die_with_parent, free_port
 
 PROMPTS = [
     "The history of the Roman Empire",
@@ -38,6 +40,7 @@ class RunningService:
     redis_url: str
     log: list[str]
     http: str = ""  # HOST:PORT of the OpenAI-style HTTP API
+    state_dir: str = ""  # --state-dir: the bundled Redis's append-only file
 
     @property
     def http_url(self) -> str:
@@ -49,8 +52,10 @@ class RunningService:
 
 
 def start_service(*extra: str, ready_timeout: float = 240.0) -> RunningService:
-    """`tandem serve` with free ports; `extra` flags are appended (they may override)."""
+    """`tandem serve` with free ports and a state directory of its own; `extra` flags are
+    appended (they may override). Whatever happens, stop_service() removes it all."""
     port = free_port()
+    state = tempfile.mkdtemp(prefix="tandem-state-")
     http = [] if "--http-port" in extra else ["--http-port", str(free_port())]
     cmd = [
         sys.executable,
@@ -67,11 +72,18 @@ def start_service(*extra: str, ready_timeout: float = 240.0) -> RunningService:
         str(port),
         "--num-blocks",
         "512",
+        "--state-dir",
+        state,
         *http,
         *extra,
     ]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=die_with_parent,  # a killed test run leaves no service behind
     )
     log: list[str] = []
     ready = threading.Event()
@@ -86,16 +98,28 @@ def start_service(*extra: str, ready_timeout: float = 240.0) -> RunningService:
 
     threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + ready_timeout
+    svc = RunningService(proc, "", "", log, state_dir=state)
     while not ready.wait(0.2):
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            stop_service(svc, signal.SIGTERM)
             raise RuntimeError("service did not start:\n" + "".join(log[-60:]))
-    return RunningService(proc, info["grpc"], info["redis"], log, info.get("http", ""))
+    svc.target, svc.redis_url, svc.http = info["grpc"], info["redis"], info.get("http", "")
+    return svc
 
 
-def stop_service(svc: RunningService, sig: int = signal.SIGINT) -> int:
-    os.kill(svc.proc.pid, sig)
-    return svc.proc.wait(60)
+def stop_service(svc: RunningService, sig: int = signal.SIGINT) -> int | None:
+    """Signal the launcher (it stops its children), SIGKILL it if it hangs (its children
+    then die with it), and remove its state directory; its exit status."""
+    if svc.proc.poll() is None:
+        os.kill(svc.proc.pid, sig)
+    try:
+        return svc.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        svc.proc.kill()
+        svc.proc.wait()
+        return None
+    finally:
+        shutil.rmtree(svc.state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +132,9 @@ def engine():
 @pytest.fixture(scope="module")
 def service():
     svc = start_service("--decode-workers", "2")
-    yield svc
-    if svc.proc.poll() is None:
+    try:
+        yield svc
+    finally:
         stop_service(svc)
 
 
@@ -174,18 +199,26 @@ def check_cancel_frees_every_block(svc: RunningService) -> None:
             call.cancel()
             break
     cancelled_at = time.time()
+    assert received >= 5
+    assert_every_worker_clean(svc, cancelled_at)
+
+
+def assert_every_worker_clean(svc: RunningService, since: float) -> None:
+    """Every worker, of every role, holds no block, sequence or waiting request, as its
+    registry entries refreshed after `since` show. Older entries prove nothing: a
+    worker's last entry may predate its own cleanup by up to a heartbeat, so a test that
+    waited on some roles and then asserted on all once read a prefill worker's stale
+    entry from while it shipped the request."""
     redis = connect(svc.redis_url)
 
     def clean(workers) -> bool:
-        # Only entries refreshed after the cancel count: older ones may predate the request.
         return bool(workers) and all(
-            w.heartbeat > cancelled_at and w.used_blocks == 0 and w.running == 0 and w.waiting == 0
+            w.heartbeat > since and w.used_blocks == 0 and w.running == 0 and w.waiting == 0
             for w in workers
         )
 
     deadline = time.monotonic() + 30  # generous: CI machines may be loaded
     while time.monotonic() < deadline and not clean(list_workers(redis)):
         time.sleep(0.2)
-    assert received >= 5
     workers = list_workers(redis)
     assert clean(workers), workers

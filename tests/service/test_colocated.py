@@ -34,8 +34,9 @@ ROLES = {
 def deployment(request):
     # One torch thread per worker: workers, gateway and this test share CI's few cores.
     svc = start_service(*DEPLOYMENTS[request.param], "--threads", "1")
-    yield request.param, svc
-    if svc.proc.poll() is None:
+    try:
+        yield request.param, svc
+    finally:
         assert stop_service(svc) == 0
 
 

@@ -41,8 +41,9 @@ def test_grpc_greedy_equals_in_process_engine(service, engine):
 @pytest.fixture
 def nccl_service():
     svc = start_service("--kv-transport", "nccl")
-    yield svc
-    if svc.proc.poll() is None:
+    try:
+        yield svc
+    finally:
         stop_service(svc)
 
 

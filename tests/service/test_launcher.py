@@ -17,13 +17,15 @@ from tests.service.conftest import generate, start_service, stop_service
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stop_signal_leaves_no_process_behind(sig):
     svc = start_service()
-    children = psutil.Process(svc.proc.pid).children(recursive=True)
-    roles = " ".join(" ".join(c.cmdline()) for c in children)
-    for role in ("redis-server", " prefill ", " decode ", " gateway "):
-        assert role in roles, f"{role.strip()} not started: {roles}"
-    tokens, _, _ = generate(svc.stub(), prompt="Hello", max_tokens=3)
-    assert len(tokens) == 3
-    assert stop_service(svc, sig) == 0
+    try:
+        children = psutil.Process(svc.proc.pid).children(recursive=True)
+        roles = " ".join(" ".join(c.cmdline()) for c in children)
+        for role in ("redis-server", " prefill ", " decode ", " gateway "):
+            assert role in roles, f"{role.strip()} not started: {roles}"
+        tokens, _, _ = generate(svc.stub(), prompt="Hello", max_tokens=3)
+        assert len(tokens) == 3
+    finally:
+        assert stop_service(svc, sig) == 0
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(
         c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children

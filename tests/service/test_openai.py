@@ -15,7 +15,7 @@ from tandem.core.redis_client import connect
 from tandem.core.registry import list_workers
 from tandem.core.sampling_params import SamplingParams
 from tandem.engine.llm import LLM
-from tests.service.conftest import start_service, stop_service
+from tests.service.conftest import assert_every_worker_clean, start_service, stop_service
 
 PROMPTS = ["The history of the Roman Empire", "def fibonacci(n):"]
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -24,8 +24,9 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def svc():
     service = start_service()
-    yield service
-    if service.proc.poll() is None:
+    try:
+        yield service
+    finally:
         stop_service(service)
 
 
@@ -121,14 +122,7 @@ def test_disconnect_mid_stream_frees_the_blocks(svc) -> None:
     while received.count(b"data: ") < 5:
         received += sock.recv(4096)
     sock.close()
-    redis = connect(svc.redis_url)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        workers = list_workers(redis, role="decode")
-        if workers and all(w.used_blocks == 0 and w.running == 0 for w in workers):
-            break
-        time.sleep(0.2)
-    assert all(w.used_blocks == 0 and w.running == 0 for w in list_workers(redis))
+    assert_every_worker_clean(svc, time.time())
 
 
 def test_ready_and_metrics_show_the_pool(svc, client: openai.OpenAI) -> None:
