@@ -279,6 +279,7 @@ class Generation:
         self._text = TextStream(executor.tokenizer, prompt_ids, sampling.stop, executor.token_bytes)
         self._stream: RequestStream | None = None
         self._entry: bytes | None = None  # its task's entry in the prefill stream
+        self._deltas_before_entry = 0  # the stream's delta count when that entry was made
         self._completion_tokens = 0
         self._first_token_at: float | None = None
         self._last_output_at = 0.0
@@ -304,11 +305,12 @@ class Generation:
 
     @property
     def queued_entry(self) -> bytes | None:
-        """Its task's stream entry while no worker has answered it yet, else None."""
+        """Its task's stream entry while no worker has answered it yet, else None. Any
+        delta is an answer: workers delete the entry only after publishing one."""
         stream = self._stream
-        if stream is None or stream.closed or stream.owner is not None or self._done:
+        if stream is None or stream.closed or self._done:
             return None
-        return self._entry
+        return self._entry if stream.deltas == self._deltas_before_entry else None
 
     def task_lost(self) -> None:
         if self._stream is not None:
@@ -329,6 +331,7 @@ class Generation:
             log.warning("worker %s lost; migrating %s after %d tokens", lost,
                         self.request_id, len(stream.token_ids),
                         extra={"request_id": self.request_id})  # fmt: skip
+            self._entry, self._deltas_before_entry = None, stream.deltas
             try:
                 self._entry = await self._ex.writes.xadd(
                     self._ex.prefill_stream, encode(self._task(list(stream.token_ids)))

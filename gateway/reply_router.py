@@ -39,11 +39,13 @@ class RequestStream:
         self.closed = False  # a finish or an error was delivered: nothing more is
         self.owner: str | None = None  # the worker generating it (decode, colocated)
         self.token_ids: list[int] = []  # every output token delivered (for migration)
+        self.deltas = 0  # deltas that arrived: a worker answered (execution.queued_entry)
         self._mailbox: Mailbox[TokenDelta] = Mailbox()
 
     def push(self, delta: TokenDelta) -> None:
         if self.closed:
             return
+        self.deltas += 1
         ends = delta.finish_reason is not None or delta.error is not None
         seen = self.next_offset - delta.offset
         if seen > 0:

@@ -102,3 +102,15 @@ def test_a_queued_task_lost_with_redis_data_fails_instead_of_waiting(
         list(call)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "queued task was lost" in info.value.details()
+
+
+def test_a_task_deleted_after_its_first_token_is_not_taken_for_lost(
+    start_gateway, fake_worker: FakeWorker
+) -> None:
+    """Workers delete a task's entry once its first delta is out; a request answered by a
+    worker that names no owner (a prefill worker's first token) must not then be failed
+    as "queued task lost" by the vanished-task check."""
+    fake_worker.token_delay_s = 0.05  # 60 tokens: ~3 s, several checks past the grace
+    gateway = start_gateway(owner_check_s=0.05)
+    tokens = [t for msg in gateway.stub.Generate(_request(), timeout=30) for t in msg.token_ids]
+    assert tokens == expected_output(PROMPT_IDS, TOKENS)
