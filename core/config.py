@@ -13,6 +13,9 @@ from dataclasses import dataclass
 class CacheConfig:
     block_size: int = 16
     num_blocks: int = 0  # 0: size from memory (CPU: from max_kv_tokens)
+    # Keep computed full blocks findable by content hash and share them with later
+    # requests that start with the same tokens (core/kv_cache_manager.py).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

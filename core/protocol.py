@@ -12,26 +12,10 @@ from typing import Union
 
 import msgspec
 
+from tandem.core.kv_layout import KVLayout
 from tandem.core.sampling_params import SamplingParams
 
 MAX_CONTROL_FRAME_BYTES = 16 * 1024 * 1024
-
-
-class KVLayout(msgspec.Struct, frozen=True):
-    model: str
-    dtype: str  # torch dtype name without prefix: "float32", "bfloat16", ...
-    block_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    def mismatch(self, other: KVLayout) -> str | None:
-        """Why two workers cannot exchange KV blocks, or None when they can."""
-        for name in self.__struct_fields__:
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                return f"KV layout differs in {name}: {mine!r} != {theirs!r}"
-        return None
 
 
 # -- Redis: gateway -> prefill pool --------------------------------------------------------
@@ -57,6 +41,7 @@ class TokenDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     error_code: str | None = None  # "unavailable" | "deadline" | "internal" | ...
     logprobs: list[dict[int, float]] | None = None
     worker_id: str | None = None  # the decode worker that owns the request now
+    cached_tokens: int = 0  # on the first token: prompt tokens found in the prefix cache
 
 
 class TokenBatch(msgspec.Struct):
@@ -93,7 +78,7 @@ class KVTransfer(msgspec.Struct, tag=True, kw_only=True):
     request_id: str
     block_ids: list[int]  # destination blocks on the receiver, in order
     dtype: str
-    shape: list[int]  # [layers, 2, n, block_size, kv_heads, head_dim]
+    shape: list[int]  # KVLayout.cache_shape(n)
     # True when the sender already wrote the blocks (cuda_ipc): no payload follows.
     in_place: bool = False
     # in_place: the export the sender wrote through; the receiver refuses any other.
@@ -133,7 +118,7 @@ class CudaIpcExport(msgspec.Struct, frozen=True, kw_only=True):
     ref_counter: bytes  # torch's shared-memory ref counter file for the handle
     ref_counter_offset: int
     dtype: str
-    shape: list[int]  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
+    shape: list[int]  # KVLayout.cache_shape(num_blocks)
     stride: list[int]  # in elements
     offset: int  # the view's first element within the storage
 

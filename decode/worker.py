@@ -79,7 +79,6 @@ from tandem.core.replies import error_delta
 from tandem.core.sequence import Sequence, SequenceStatus
 from tandem.decode.batch_worker import BatchWorker, Request
 from tandem.engine.engine import Engine, EngineConfig
-from tandem.kvtransfer.pack import layout_of, unpack_blocks
 from tandem.kvtransfer.transport import make_receiver
 
 log = logging.getLogger(__name__)
@@ -95,10 +94,10 @@ class Reservation:
 class DecodeWorker(BatchWorker):
     def __init__(self, config: WorkerConfig, engine_config: EngineConfig) -> None:
         super().__init__(config, Engine(engine_config, requeue_preempted=False))
-        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
+        self.layout = self.engine.kv_cache.layout
         host = config.bind_host
         self.receiver = make_receiver(config.kv_transport, f"tcp://{host}:0")
-        self.receiver.attach_kv_caches(self.engine.runner.kv_caches)
+        self.receiver.attach_kv_caches(self.engine.kv_cache.layers)
         self.reservations: dict[str, Reservation] = {}
         self.admitted = 0  # handoffs
         self.lock = threading.Lock()
@@ -211,10 +210,11 @@ class DecodeWorker(BatchWorker):
         busy = len(sched.running) + len(sched.waiting) + len(self.reservations)
         if rid not in self.reservations and busy >= sched.config.max_num_seqs:
             return refuse("too many sequences")
-        if not self.kv.allocate_slots(rid, req.num_tokens):
+        block_ids = self.kv.reserve(rid, req.num_tokens)
+        if block_ids is None:
             return refuse("out of KV blocks")
         self.reservations[rid] = Reservation(rid, time.monotonic() + req.lease_s)
-        return ReserveReply(request_id=rid, ok=True, block_ids=list(self.kv.block_table(rid)))
+        return ReserveReply(request_id=rid, ok=True, block_ids=block_ids)
 
     def _fill(self, msg: KVTransfer, packed) -> TransferAck:
         rid = msg.request_id
@@ -228,7 +228,7 @@ class DecodeWorker(BatchWorker):
             return TransferAck(request_id=rid, ok=False, reason="blocks do not match reservation")
         if packed is not None:
             try:
-                unpack_blocks(self.engine.runner.kv_caches, msg.block_ids, packed)
+                self.engine.kv_cache.unpack(msg.block_ids, packed)
             except (ValueError, RuntimeError) as exc:
                 return TransferAck(request_id=rid, ok=False, reason=f"bad KV payload: {exc}")
         res.filled = True

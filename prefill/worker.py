@@ -48,7 +48,6 @@ from tandem.core.sequence import Sequence
 from tandem.core.task_intake import TaskIntake, tasks_fitting
 from tandem.core.worker_base import WorkerBase
 from tandem.engine.engine import Engine, EngineConfig
-from tandem.kvtransfer.pack import layout_of
 from tandem.kvtransfer.transport import (
     BlockMove,
     KVSender,
@@ -88,7 +87,7 @@ class PrefillWorker(WorkerBase):
         super().__init__(config)
         self.engine = Engine(engine_config)
         self.kv = self.engine.kv
-        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
+        self.layout = self.engine.kv_cache.layout
         self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
         # Reservations go out on the main loop's sender, KV and handoffs on the shipper's.
         self.sender = make_sender(config.kv_transport, self.worker_id)
@@ -350,7 +349,7 @@ class PrefillWorker(WorkerBase):
                 self.ship_sender,
                 address,
                 moves,
-                self.engine.runner.kv_caches,
+                self.engine.kv_cache.layers,
                 self.config.transfer_timeout_s,
             ):
                 shipped[transfer.request_id] = transfer
@@ -388,7 +387,7 @@ class PrefillWorker(WorkerBase):
             self.ship_sender,
             flight.decode_address,
             rid,
-            self.engine.runner.kv_caches,
+            self.engine.kv_cache.layers,
             flight.src_blocks[:n],
             flight.dst_blocks[:n],
             self.config.transfer_timeout_s,
