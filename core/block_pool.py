@@ -28,6 +28,7 @@ class BlockPool:
         # Unreferenced cached blocks, least recently released first.
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self.num_evictions = 0
+        self._watchers: list[deque[tuple[bool, bytes]]] = []
 
     @property
     def num_free(self) -> int:
@@ -58,8 +59,10 @@ class BlockPool:
                 block = self._free.popleft()
             else:
                 block, _ = self._evictable.popitem(last=False)
-                del self._block_of[self._hash_of.pop(block)]
+                gone = self._hash_of.pop(block)
+                del self._block_of[gone]
                 self.num_evictions += 1
+                self._notify(False, gone)
             self._refcount[block] = 1
             blocks.append(block)
         return blocks
@@ -109,7 +112,15 @@ class BlockPool:
             return
         self._hash_of[block] = block_hash
         self._block_of[block_hash] = block
+        self._notify(True, block_hash)
 
-    def cached_hashes(self) -> list[bytes]:
-        """Every hash the pool can serve now (what a worker publishes for routing)."""
-        return list(self._block_of)
+    def watch(self) -> deque[tuple[bool, bytes]]:
+        """A queue of (cached, hash) changes from now on: True when a hash becomes
+        findable, False when it is evicted (what a worker publishes for routing)."""
+        events: deque[tuple[bool, bytes]] = deque()
+        self._watchers.append(events)
+        return events
+
+    def _notify(self, cached: bool, block_hash: bytes) -> None:
+        for events in self._watchers:
+            events.append((cached, block_hash))

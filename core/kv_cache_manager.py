@@ -15,10 +15,11 @@ those blocks (reference counts) and computes only the rest.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
 
 from tandem.core.block_pool import BlockPool
-from tandem.core.prefix_hash import extend_chain, root_hash
+from tandem.core.prefix_hash import extend_chain, prefix_hashes, root_hash
 from tandem.core.sequence import Sequence
 
 
@@ -70,6 +71,20 @@ class KVCacheManager:
     def num_used_blocks(self) -> int:
         return self.pool.num_used
 
+    def figures(self) -> dict[str, int]:
+        """What a worker publishes about its cache (WorkerInfo's fields)."""
+        pool = self.pool
+        return {
+            "total_blocks": pool.num_blocks,
+            "free_blocks": pool.num_free,
+            "used_blocks": pool.num_used,
+            "cached_blocks": pool.num_cached,
+            "evictable_blocks": pool.num_evictable,
+            "evictions": pool.num_evictions,
+            "prefix_queried_tokens": self.prefix_stats.queried_tokens,
+            "prefix_hit_tokens": self.prefix_stats.hit_tokens,
+        }
+
     def allocate_slots(self, request_id: str, total_tokens: int) -> bool:
         """Grow the request's blocks to hold `total_tokens` tokens; False if out of blocks."""
         owned = self._blocks.setdefault(request_id, [])
@@ -83,12 +98,44 @@ class KVCacheManager:
         owned.extend(self.pool.allocate(extra))
         return True
 
-    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+    def reserve(
+        self, request_id: str, num_tokens: int, chain: Sequence_[bytes] = ()
+    ) -> tuple[list[int], int] | None:
         """Blocks for `num_tokens` tokens of KV that another process will write (a
-        decode worker's reservation); None when they do not fit."""
+        decode worker's reservation), and how many leading ones already hold it: the
+        cached blocks of `chain` (the hashes of the request's full blocks, as the sender
+        computed them), shared, at least one block always left to fill. None when
+        they do not fit."""
+        shared: list[int] = []
+        if self.enable_prefix_caching and not self._blocks.get(request_id):
+            usable = min(len(chain), max(0, (num_tokens - 1) // self.block_size))
+            for block_hash in chain[:usable]:
+                block = self.pool.cached_block(block_hash)
+                if block is None:
+                    break
+                self.pool.share(block)
+                shared.append(block)
+            if shared:
+                self._blocks[request_id] = list(shared)
+                self._chains[request_id] = list(chain[: len(shared)])
+                self._num_recorded[request_id] = len(shared)
         if not self.allocate_slots(request_id, num_tokens):
+            self.free(request_id)
             return None
-        return list(self._blocks[request_id])
+        return list(self._blocks[request_id]), len(shared)
+
+    def holds_prefix_of(self, seq: Sequence, num_blocks: int) -> bool:
+        """Whether the first `num_blocks` blocks `seq` owns were shared for exactly its
+        tokens (a reservation matched them by hashes its sender computed)."""
+        if not num_blocks:
+            return True
+        mine = prefix_hashes(
+            seq.all_token_ids[: num_blocks * self.block_size],
+            self.block_size,
+            self.salt,
+            seq.sampling.cache_salt,
+        )
+        return self._chains.get(seq.request_id, [])[:num_blocks] == mine
 
     def block_table(self, request_id: str) -> list[int]:
         return self._blocks.get(request_id, [])
@@ -124,6 +171,15 @@ class KVCacheManager:
         self.prefix_stats.queried_tokens += len(tokens)
         self.prefix_stats.hit_tokens += hit
         return hit
+
+    def num_cached_leading(self, chain: list[bytes]) -> int:
+        """How many of the leading blocks of `chain` are cached here (no sharing)."""
+        n = 0
+        for block_hash in chain:
+            if self.pool.cached_block(block_hash) is None:
+                break
+            n += 1
+        return n
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Record every full block of `seq` whose KV is computed (call after its

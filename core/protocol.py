@@ -59,12 +59,17 @@ class ReserveRequest(msgspec.Struct, tag=True, kw_only=True):
     num_tokens: int  # tokens whose KV will be shipped
     layout: KVLayout
     lease_s: float  # released by the decode worker if not filled in time
+    # Prefix hashes of the request's full blocks (core/prefix_hash.py): the decode
+    # worker shares those it holds instead of receiving them again.
+    block_hashes: list[bytes] = []
 
 
 class ReserveReply(msgspec.Struct, tag=True, kw_only=True):
     request_id: str
     ok: bool
     block_ids: list[int] = []
+    # The first cached_blocks of block_ids already hold the request's KV: not sent.
+    cached_blocks: int = 0
     reason: str = ""
     # cuda_ipc: the receiver's cache export these block ids index (CudaIpcExport.export_id);
     # a sender writes them only through a mapping of that same export.
@@ -179,9 +184,17 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     pid: int
     control_address: str = ""  # decode: where prefill workers connect
     layout: KVLayout | None = None
+    # KVCacheManager.figures(): blocks, and the prefix cache's counters since start.
     total_blocks: int = 0
-    free_blocks: int = 0
-    used_blocks: int = 0
+    free_blocks: int = 0  # free or evictable: what an allocation can take
+    used_blocks: int = 0  # referenced by a request
+    cached_blocks: int = 0  # findable by prefix hash, referenced or evictable
+    evictable_blocks: int = 0
+    evictions: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    routed_to_peers: int = 0  # tasks left for a peer holding a longer cached prefix
+    kv_bytes_sent: int = 0  # prefill: KV bytes shipped to decode workers since start
     running: int = 0
     waiting: int = 0
     reservations: int = 0

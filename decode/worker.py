@@ -89,6 +89,7 @@ class Reservation:
     request_id: str
     expires_at: float  # monotonic
     filled: bool = False
+    cached: int = 0  # leading blocks that already held its KV (prefix cache): not sent
 
 
 class DecodeWorker(BatchWorker):
@@ -120,9 +121,7 @@ class DecodeWorker(BatchWorker):
             pid=os.getpid(),
             control_address=address,
             layout=self.layout,
-            total_blocks=self.kv.pool.num_blocks,
-            free_blocks=self.kv.num_free_blocks,
-            used_blocks=self.kv.num_used_blocks,
+            **self.kv.figures(),
             running=len(sched.running),
             waiting=len(self.reservations) + len(sched.waiting),
             reservations=len(self.reservations),
@@ -210,18 +209,21 @@ class DecodeWorker(BatchWorker):
         busy = len(sched.running) + len(sched.waiting) + len(self.reservations)
         if rid not in self.reservations and busy >= sched.config.max_num_seqs:
             return refuse("too many sequences")
-        block_ids = self.kv.reserve(rid, req.num_tokens)
-        if block_ids is None:
+        held = self.reservations.get(rid)
+        reserved = self.kv.reserve(rid, req.num_tokens, req.block_hashes)
+        if reserved is None:
             return refuse("out of KV blocks")
-        self.reservations[rid] = Reservation(rid, time.monotonic() + req.lease_s)
-        return ReserveReply(request_id=rid, ok=True, block_ids=block_ids)
+        block_ids, cached = reserved
+        cached = held.cached if held is not None else cached
+        self.reservations[rid] = Reservation(rid, time.monotonic() + req.lease_s, cached=cached)
+        return ReserveReply(request_id=rid, ok=True, block_ids=block_ids, cached_blocks=cached)
 
     def _fill(self, msg: KVTransfer, packed) -> TransferAck:
         rid = msg.request_id
         res = self.reservations.get(rid)
         if res is None:
             return TransferAck(request_id=rid, ok=False, reason="no reservation (expired?)")
-        owned = self.kv.block_table(rid)
+        owned = self.kv.block_table(rid)[res.cached :]  # the cached ones are not sent
         if msg.in_place and not self.receiver.in_place:
             return TransferAck(request_id=rid, ok=False, reason="this transport carries KV")
         if msg.block_ids != owned[: len(msg.block_ids)] or (packed is None) != msg.in_place:
@@ -252,6 +254,8 @@ class DecodeWorker(BatchWorker):
             num_computed_tokens=msg.num_computed_tokens,
         )
         try:
+            if not self.kv.holds_prefix_of(seq, res.cached):
+                raise ValueError("the cached blocks reserved are not this prompt's")
             self.engine.scheduler.add_running(seq)
         except (ValueError, MemoryError) as exc:
             self.kv.free(rid)

@@ -41,6 +41,8 @@ import redis
 
 from tandem.core.config import WorkerConfig
 from tandem.core.kv_cache_manager import blocks_needed
+from tandem.core.prefix_hash import prefix_hashes
+from tandem.core.prefix_routing import HashPublisher, PrefixRouter
 from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
 from tandem.core.registry import list_workers, pick_decode_worker
 from tandem.core.replies import new_deltas, publish_safely, token_delta
@@ -67,6 +69,7 @@ INTAKE_BATCH = 16  # tasks read from Redis at once, at most
 PROMPT_AVERAGING = 0.2  # weight of each new task in the running mean of prompt lengths
 RESERVE_RETRY_S = 0.02  # how often tasks waiting for decode room try again
 SHIP_WAIT_S = 0.02  # how long the loop waits at once for the shipping thread
+ROUTE_LOOK_S = 0.01  # idle with routing on: look at the stream again after this
 
 
 @dataclass
@@ -77,9 +80,14 @@ class InFlight:
     decode_id: str
     decode_address: str
     dst_blocks: list[int]
+    dst_cached: int  # leading dst_blocks the decode worker already had: not shipped
     # Its local blocks, copied off the KV manager when it leaves the main loop for the
     # shipping thread (which reads no main-loop state).
     src_blocks: list[int] = field(default_factory=list)
+
+    def blocks_to_ship(self, n: int) -> tuple[list[int], list[int]]:
+        """(source, destination) ids of the first `n` blocks the decode worker lacks."""
+        return self.src_blocks[self.dst_cached : n], self.dst_blocks[self.dst_cached : n]
 
 
 class PrefillWorker(WorkerBase):
@@ -89,6 +97,7 @@ class PrefillWorker(WorkerBase):
         self.kv = self.engine.kv
         self.layout = self.engine.kv_cache.layout
         self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
+        self.router = self._prefix_router()
         # Reservations go out on the main loop's sender, KV and handoffs on the shipper's.
         self.sender = make_sender(config.kv_transport, self.worker_id)
         self.ship_sender = make_sender(config.kv_transport, f"{self.worker_id}/ship")
@@ -100,8 +109,26 @@ class PrefillWorker(WorkerBase):
         self._decoders: list[WorkerInfo] = []
         self._decoders_at = 0.0
         self.admitted = 0
+        self.kv_bytes_sent = 0  # KV shipped to decode workers since start
         # A running mean of the prompts taken; until one is seen, one task fills a step.
         self._typical_prompt = float(self.engine.scheduler.config.prefill_budget)
+
+    def _prefix_router(self) -> PrefixRouter | None:
+        """Publish this worker's cached blocks and route by them (None: caching or
+        routing off)."""
+        if not self.kv.enable_prefix_caching or not self.config.prefix_route_wait_ms:
+            return None
+        self.hash_publisher = HashPublisher(
+            self.redis, self.engine.name, self.worker_id, self.kv, self.config.registry_ttl_s
+        )
+        return PrefixRouter(
+            self.redis,
+            self.engine.name,
+            self.worker_id,
+            self.kv,
+            self.config.prefix_route_wait_ms,
+            self.config.heartbeat_s,
+        )
 
     def snapshot(self) -> WorkerInfo:
         sched = self.engine.scheduler
@@ -111,9 +138,9 @@ class PrefillWorker(WorkerBase):
             model=self.engine.name,
             pid=os.getpid(),
             layout=self.layout,
-            total_blocks=self.kv.pool.num_blocks,
-            free_blocks=self.kv.num_free_blocks,
-            used_blocks=self.kv.num_used_blocks,
+            **self.kv.figures(),
+            routed_to_peers=self.router.num_deferred if self.router else 0,
+            kv_bytes_sent=self.kv_bytes_sent,
             running=len(sched.running),
             waiting=len(sched.waiting),
             reservations=len(self.inflight) + self.shipper.flights,
@@ -141,6 +168,7 @@ class PrefillWorker(WorkerBase):
                     while self.shipper.full:
                         self._settle_shipped(self.shipper.collect(SHIP_WAIT_S))
                     self._step()
+                    self._publish_cached_blocks()
                 elif self.shipper.batches:
                     self._settle_shipped(self.shipper.collect(SHIP_WAIT_S))
         finally:
@@ -163,6 +191,13 @@ class PrefillWorker(WorkerBase):
         # Busy: just look. Idle: wait briefly for work (no BLOCK means return at once).
         busy = self.engine.has_work or self.waiting_room or self.shipper.batches
         block_ms = None if busy else 50
+        if self.router is not None and room:
+            # Look before reading, and never block in the read: a blocked reader gets
+            # the next task whoever holds its prefix.
+            block_ms = None
+            room = self._routed_room(room)
+            if not room and not busy:
+                time.sleep(ROUTE_LOOK_S)
         held = {rid: f.entry_id for rid, f in self.inflight.items()}
         held.update((task.request_id, entry_id) for entry_id, task, _ in self.waiting_room)
         for entry_id, task in self.intake.poll(room, block_ms, held):
@@ -170,9 +205,39 @@ class PrefillWorker(WorkerBase):
             self._typical_prompt += PROMPT_AVERAGING * (tokens - self._typical_prompt)
             if not self._take(entry_id, task, time.monotonic()):
                 self.waiting_room.append((entry_id, task, time.monotonic()))
+        self._publish_cached_blocks()
         if self.waiting_room and not self.engine.has_work:
             # Nothing to compute until decode has room: sleep to the next retry, not spin.
             time.sleep(max(0.0, min(RESERVE_RETRY_S, self._retry_at - time.monotonic())))
+
+    def _publish_cached_blocks(self) -> None:
+        """Blocks this step cached and the tasks held now, to Redis at once: a peer
+        deciding where the next request with this prefix goes must see them (the
+        heartbeat would be late)."""
+        publisher = self.hash_publisher
+        if publisher is None:
+            return
+        try:
+            publisher.set_load(self._load())
+            if publisher.pending:
+                publisher.flush()
+        except redis.RedisError as exc:  # the heartbeat sends the blocks later
+            log.warning("could not publish cached blocks: %s", exc)
+
+    def _load(self) -> int:
+        return len(self.inflight) + len(self.waiting_room)
+
+    def _routed_room(self, room: int) -> int:
+        """`room`, or 0 when this worker reads nothing now: no task waits (a read
+        would take one that arrives meanwhile unjudged; it still reads when a dead
+        peer's tasks may be due for reclaim), or the oldest task is left for a peer
+        that holds more of its prefix. Only the oldest is judged: the rest of a
+        batch read behind it are not (under load, taking work matters more than
+        where it goes)."""
+        backlog = self.intake.backlog()
+        if backlog is None:
+            return room if self.intake.reclaim_due else 0
+        return 0 if self.router.defers(backlog, self._load()) else room
 
     def _retry_waiting_room(self) -> None:
         """Tasks that found every decode worker full try again, oldest first, as answers
@@ -221,8 +286,7 @@ class PrefillWorker(WorkerBase):
             self.intake.fail(task, "unavailable", "no decode worker could take the request")
             self.intake.ack(entry_id)
             return True
-        decode_id, address, blocks = placed
-        self.inflight[rid] = InFlight(entry_id, task, seq, decode_id, address, blocks)
+        self.inflight[rid] = InFlight(entry_id, task, seq, *placed)
         self.admitted += 1
         return True
 
@@ -246,7 +310,9 @@ class PrefillWorker(WorkerBase):
 
     def _reserve(
         self, seq: Sequence, sender: KVSender | None = None
-    ) -> tuple[str, str, list[int]] | None:
+    ) -> tuple[str, str, list[int], int] | None:
+        """(decode worker id, its address, the block ids reserved there, how many of
+        them already hold this prompt's KV), or None when no decode worker has room."""
         sender = sender or self.sender
         candidates = self._decode_workers()
         tried: set[str] = set()
@@ -260,6 +326,7 @@ class PrefillWorker(WorkerBase):
                 num_tokens=seq.num_tokens,
                 layout=self.layout,
                 lease_s=self.config.reservation_lease_s,
+                block_hashes=self._block_hashes(seq),
             )
             try:
                 reply = sender.reserve(worker.control_address, req, self.config.transfer_timeout_s)
@@ -270,9 +337,19 @@ class PrefillWorker(WorkerBase):
                 # Count it locally until the next registry read, so a burst spreads out.
                 worker.free_blocks -= len(reply.block_ids)
                 worker.running += 1
-                return worker.worker_id, worker.control_address, list(reply.block_ids)
+                cached = min(max(0, reply.cached_blocks), len(reply.block_ids))
+                return worker.worker_id, worker.control_address, list(reply.block_ids), cached
             log.info("decode %s refused %s: %s", worker.worker_id, seq.request_id, reply.reason)
         return None
+
+    def _block_hashes(self, seq: Sequence) -> list[bytes]:
+        """The prefix hashes of the full blocks this request will ship (none with
+        prefix caching off): a decode worker holding some keeps them."""
+        if not self.kv.enable_prefix_caching:
+            return []
+        return prefix_hashes(
+            seq.all_token_ids, self.kv.block_size, self.kv.salt, seq.sampling.cache_salt
+        )
 
     def _expire_deadlines(self) -> None:
         now = time.time()
@@ -326,6 +403,10 @@ class PrefillWorker(WorkerBase):
                 self.intake.fail(
                     flight.task, "unavailable", f"KV handoff to decode failed: {failure}"
                 )
+            else:
+                blocks = blocks_needed(flight.seq.num_tokens - 1, self.kv.block_size)
+                shipped = blocks - flight.dst_cached
+                self.kv_bytes_sent += shipped * self.layout.bytes_per_block
             self.intake.ack(flight.entry_id)
 
     # -- shipping thread ----------------------------------------------------------------
@@ -341,7 +422,7 @@ class PrefillWorker(WorkerBase):
             rid = flight.seq.request_id
             n = blocks_needed(flight.seq.num_tokens - 1, self.kv.block_size)
             by_peer.setdefault(flight.decode_address, []).append(
-                BlockMove(rid, flight.src_blocks[:n], flight.dst_blocks[:n])
+                BlockMove(rid, *flight.blocks_to_ship(n))
             )
         shipped: dict[str, Transfer] = {}
         for address, moves in by_peer.items():
@@ -370,7 +451,9 @@ class PrefillWorker(WorkerBase):
                 placed = self._reserve(seq, self.ship_sender)
                 if placed is None:
                     break
-                flight.decode_id, flight.decode_address, flight.dst_blocks = placed
+                flight.decode_id, flight.decode_address, flight.dst_blocks, flight.dst_cached = (
+                    placed
+                )
             reason = self._ship_and_hand_off(flight, computed, n, None if attempt else shipped)
             if not reason:
                 return ""
@@ -388,8 +471,7 @@ class PrefillWorker(WorkerBase):
             flight.decode_address,
             rid,
             self.engine.kv_cache.layers,
-            flight.src_blocks[:n],
-            flight.dst_blocks[:n],
+            *flight.blocks_to_ship(n),
             self.config.transfer_timeout_s,
         )
         if transfer.state is not TransferState.DONE:

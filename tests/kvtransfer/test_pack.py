@@ -222,14 +222,14 @@ def test_any_declared_layout_packs_ships_and_unpacks_bit_exact(kind, heads, dtyp
         torch.randint(0, 120, src.tensor.view(torch.uint8).shape, dtype=torch.uint8)
     )
     assert layout_of(src.layers, "m", 4, kind=kind) == layout
-    blocks = src.blocks.reserve("r", 9)
+    blocks, _ = src.blocks.reserve("r", 9)
     packed = src.pack(blocks)
     assert tuple(packed.shape) == layout.cache_shape(3)
     header = kv_header("r", blocks, packed)
     assert kv_payload_nbytes(header) == 3 * layout.bytes_per_block
     frame = tensor_to_frame(packed)
     received = tensor_from_frame(frame, header.dtype, header.shape)
-    targets = dst.blocks.reserve("r", 9)
+    targets, _ = dst.blocks.reserve("r", 9)
     dst.unpack(targets, received)
     for s, d in zip(blocks, targets, strict=True):
         assert torch.equal(bits(dst.tensor[:, :, d]), bits(src.tensor[:, :, s]))

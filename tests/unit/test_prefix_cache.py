@@ -168,3 +168,38 @@ def test_caching_off_shares_nothing():
     kv = KVCacheManager(8, BS)
     seq = _seq("a", list(range(1, 10)))
     assert kv.match_prefix(seq) == 0 and not kv.owns("a")
+
+
+def test_reservation_shares_the_cached_leading_blocks_and_leaves_one_to_fill():
+    sched = _sched()
+    kv = sched.kv
+    prompt = list(range(1, 18))  # 4 full blocks + 1
+    sched.add(_seq("turn1", prompt))
+    _run_to_end(sched)
+    chain = prefix_hashes(prompt + [7], BS, kv.salt)  # what the sender hashes
+    blocks, cached = kv.reserve("turn2", 18, chain)
+    assert cached == 4 and len(blocks) == 5  # 18 tokens: 4 shared + 1 to fill
+    assert all(kv.pool.refcount(b) == 1 for b in blocks)
+    assert kv.holds_prefix_of(_seq("turn2", prompt + [7]), cached)
+    assert not kv.holds_prefix_of(_seq("turn2", [99, *prompt[1:], 7]), cached)
+    kv.free("turn2")
+    # A whole-block prompt still gets its last block to fill; a stranger's hashes
+    # match nothing; a salted request shares nothing.
+    _, cached = kv.reserve("exact", 16, chain)
+    assert cached == 3
+    kv.free("exact")
+    assert kv.reserve("other", 18, prefix_hashes([50] * 18, BS, kv.salt))[1] == 0
+    kv.free("other")
+    assert kv.reserve("salted", 18, prefix_hashes(prompt, BS, kv.salt, "t"))[1] == 0
+    kv.free("salted")
+    assert kv.num_used_blocks == 0
+
+
+def test_a_reservation_that_does_not_fit_keeps_nothing():
+    sched = _sched(num_blocks=6)
+    kv = sched.kv
+    prompt = list(range(1, 18))
+    sched.add(_seq("turn1", prompt))
+    _run_to_end(sched)
+    assert kv.reserve("big", 40, prefix_hashes(prompt, BS, kv.salt)) is None
+    assert not kv.owns("big") and kv.num_used_blocks == 0
