@@ -79,9 +79,12 @@ def test_http_usage_reports_cached_tokens(svc, uncached):
             )  # fmt: skip
             for _ in range(2)
         ]
-    assert [a.choices[0].text for a in answers] == [want.text] * 2
+        salted = client.completions.create(model="smollm2", prompt=prompt, max_tokens=10,
+                                           temperature=0, extra_body={"cache_salt": "b"})  # fmt: skip
+    assert [a.choices[0].text for a in (*answers, salted)] == [want.text] * 3
     second = answers[1].usage.prompt_tokens_details.cached_tokens
     assert second == (len(want.prompt_token_ids) - 1) // 16 * 16 > 0
+    assert salted.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_no_prefix_caching_flag_turns_it_off(uncached):
