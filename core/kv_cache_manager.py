@@ -124,17 +124,20 @@ class KVCacheManager:
             return None
         return list(self._blocks[request_id]), len(shared)
 
+    def prefix_chain(self, token_ids: Sequence_[int], cache_salt: str) -> list[bytes]:
+        """The hashes of every full block of `token_ids` here (none with caching off):
+        what a peer or a router looks up."""
+        if not self.enable_prefix_caching:
+            return []
+        return prefix_hashes(token_ids, self.block_size, self.salt, cache_salt)
+
     def holds_prefix_of(self, seq: Sequence, num_blocks: int) -> bool:
         """Whether the first `num_blocks` blocks `seq` owns were shared for exactly its
         tokens (a reservation matched them by hashes its sender computed)."""
         if not num_blocks:
             return True
-        mine = prefix_hashes(
-            seq.all_token_ids[: num_blocks * self.block_size],
-            self.block_size,
-            self.salt,
-            seq.sampling.cache_salt,
-        )
+        tokens = seq.all_token_ids[: num_blocks * self.block_size]
+        mine = self.prefix_chain(tokens, seq.sampling.cache_salt)
         return self._chains.get(seq.request_id, [])[:num_blocks] == mine
 
     def block_table(self, request_id: str) -> list[int]:

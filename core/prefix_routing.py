@@ -31,9 +31,9 @@ import redis
 
 from tandem.core.kv_cache_manager import KVCacheManager
 from tandem.core.local_prefill import Backlog
-from tandem.core.prefix_hash import prefix_hashes
 from tandem.core.redis_keys import cached_blocks_key, routing_load_key
 from tandem.core.registry import list_workers
+from tandem.core.task_intake import TaskIntake
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ class PrefixRouter:
         self.peers_ttl_s = peers_ttl_s
         self._peers: list = []
         self._peers_at = float("-inf")
-        self._decided: tuple[bytes, bool] | None = None  # (entry id, defer) of the last look
+        # (entry id, defer, when) of the last look: reused until the view of the peers
+        # is refreshed, so a holder that died meanwhile stops being waited for.
+        self._decided: tuple[bytes, bool, float] | None = None
         self.num_deferred = 0  # tasks left for a peer with a longer cached prefix
 
     def defers(self, backlog: Backlog | None, my_load: int) -> bool:
@@ -126,19 +128,21 @@ class PrefixRouter:
         no more tasks than `my_load` (the tasks this worker holds)."""
         if backlog is None or backlog.task is None or backlog.age_ms >= self.wait_ms:
             return False
-        if self._decided is not None and self._decided[0] == backlog.entry_id:
-            return self._decided[1]
+        now = time.monotonic()
+        last = self._decided
+        same = last is not None and last[0] == backlog.entry_id
+        if same and now - last[2] < self.peers_ttl_s:
+            return last[1]
         defer = self._peer_holds_more(backlog, my_load)
-        self._decided = (backlog.entry_id, defer)
-        self.num_deferred += defer
+        self._decided = (backlog.entry_id, defer, now)
+        self.num_deferred += defer and not (same and last[1])  # once per task left
         return defer
 
     def _peer_holds_more(self, backlog: Backlog, my_load: int) -> bool:
         task = backlog.task
         tokens = task.prompt_token_ids + task.output_token_ids
         usable = (len(tokens) - 1) // self.kv.block_size
-        chain = prefix_hashes(tokens, self.kv.block_size, self.kv.salt, task.sampling.cache_salt)
-        chain = chain[:usable]
+        chain = self.kv.prefix_chain(tokens, task.sampling.cache_salt)[:usable]
         if not chain:
             return False
         mine = self.kv.num_cached_leading(chain)
@@ -172,6 +176,53 @@ class PrefixRouter:
             ]
             self._peers_at = now
         return self._peers
+
+
+class WorkerRouting:
+    """A prefill worker's side of routing: what it publishes, and whether it reads."""
+
+    LOOK_S = 0.01  # idle with nothing to read: look at the stream again after this
+
+    def __init__(
+        self, client: redis.Redis, model: str, worker_id: str, kv: KVCacheManager, config
+    ) -> None:
+        self.publisher = HashPublisher(client, model, worker_id, kv, config.registry_ttl_s)
+        self.router = PrefixRouter(
+            client, model, worker_id, kv, config.prefix_route_wait_ms, config.heartbeat_s
+        )
+
+    @classmethod
+    def of(
+        cls, client: redis.Redis, model: str, worker_id: str, kv: KVCacheManager, config
+    ) -> WorkerRouting | None:
+        """None when prefix caching or routing (`config.prefix_route_wait_ms`) is off."""
+        if not kv.enable_prefix_caching or not config.prefix_route_wait_ms:
+            return None
+        return cls(client, model, worker_id, kv, config)
+
+    def room(self, intake: TaskIntake, room: int, load: int) -> int:
+        """`room`, or 0 when the worker reads nothing now: no task waits (a read
+        would take one that arrives meanwhile unjudged; it still reads when a dead
+        peer's tasks may be due for reclaim), or the oldest task is left for a peer
+        that holds more of its prefix. Only the oldest is judged: the rest of a batch
+        read behind it are not (under load, taking work matters more than where it
+        goes). The read that follows must not block: a blocked reader gets the next
+        task whoever holds its prefix."""
+        backlog = intake.backlog()
+        if backlog is None:
+            return room if intake.reclaim_due else 0
+        return 0 if self.router.defers(backlog, load) else room
+
+    def publish(self, load: int) -> None:
+        """Blocks cached since the last call and the tasks held now, to Redis at once
+        (main loop, after a step or a read): a peer deciding where the next request
+        with this prefix goes must see them; the heartbeat would be late."""
+        try:
+            self.publisher.set_load(load)
+            if self.publisher.pending:
+                self.publisher.flush()
+        except redis.RedisError as exc:  # the heartbeat sends the blocks later
+            log.warning("could not publish cached blocks: %s", exc)
 
 
 def _leading(found: list) -> int:

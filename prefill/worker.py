@@ -41,8 +41,7 @@ import redis
 
 from tandem.core.config import WorkerConfig
 from tandem.core.kv_cache_manager import blocks_needed
-from tandem.core.prefix_hash import prefix_hashes
-from tandem.core.prefix_routing import HashPublisher, PrefixRouter
+from tandem.core.prefix_routing import WorkerRouting
 from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
 from tandem.core.registry import list_workers, pick_decode_worker
 from tandem.core.replies import new_deltas, publish_safely, token_delta
@@ -69,7 +68,6 @@ INTAKE_BATCH = 16  # tasks read from Redis at once, at most
 PROMPT_AVERAGING = 0.2  # weight of each new task in the running mean of prompt lengths
 RESERVE_RETRY_S = 0.02  # how often tasks waiting for decode room try again
 SHIP_WAIT_S = 0.02  # how long the loop waits at once for the shipping thread
-ROUTE_LOOK_S = 0.01  # idle with routing on: look at the stream again after this
 
 
 @dataclass
@@ -97,7 +95,12 @@ class PrefillWorker(WorkerBase):
         self.kv = self.engine.kv
         self.layout = self.engine.kv_cache.layout
         self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
-        self.router = self._prefix_router()
+        # KV-aware routing (None: caching or routing off); its publisher also rides
+        # the heartbeat.
+        self.routing = WorkerRouting.of(
+            self.redis, self.engine.name, self.worker_id, self.kv, config
+        )
+        self.hash_publisher = self.routing.publisher if self.routing else None
         # Reservations go out on the main loop's sender, KV and handoffs on the shipper's.
         self.sender = make_sender(config.kv_transport, self.worker_id)
         self.ship_sender = make_sender(config.kv_transport, f"{self.worker_id}/ship")
@@ -113,23 +116,6 @@ class PrefillWorker(WorkerBase):
         # A running mean of the prompts taken; until one is seen, one task fills a step.
         self._typical_prompt = float(self.engine.scheduler.config.prefill_budget)
 
-    def _prefix_router(self) -> PrefixRouter | None:
-        """Publish this worker's cached blocks and route by them (None: caching or
-        routing off)."""
-        if not self.kv.enable_prefix_caching or not self.config.prefix_route_wait_ms:
-            return None
-        self.hash_publisher = HashPublisher(
-            self.redis, self.engine.name, self.worker_id, self.kv, self.config.registry_ttl_s
-        )
-        return PrefixRouter(
-            self.redis,
-            self.engine.name,
-            self.worker_id,
-            self.kv,
-            self.config.prefix_route_wait_ms,
-            self.config.heartbeat_s,
-        )
-
     def snapshot(self) -> WorkerInfo:
         sched = self.engine.scheduler
         return WorkerInfo(
@@ -139,7 +125,7 @@ class PrefillWorker(WorkerBase):
             pid=os.getpid(),
             layout=self.layout,
             **self.kv.figures(),
-            routed_to_peers=self.router.num_deferred if self.router else 0,
+            routed_to_peers=self.routing.router.num_deferred if self.routing else 0,
             kv_bytes_sent=self.kv_bytes_sent,
             running=len(sched.running),
             waiting=len(sched.waiting),
@@ -191,13 +177,11 @@ class PrefillWorker(WorkerBase):
         # Busy: just look. Idle: wait briefly for work (no BLOCK means return at once).
         busy = self.engine.has_work or self.waiting_room or self.shipper.batches
         block_ms = None if busy else 50
-        if self.router is not None and room:
-            # Look before reading, and never block in the read: a blocked reader gets
-            # the next task whoever holds its prefix.
-            block_ms = None
-            room = self._routed_room(room)
+        if self.routing is not None and room:
+            block_ms = None  # see WorkerRouting.room
+            room = self.routing.room(self.intake, room, self._load())
             if not room and not busy:
-                time.sleep(ROUTE_LOOK_S)
+                time.sleep(WorkerRouting.LOOK_S)
         held = {rid: f.entry_id for rid, f in self.inflight.items()}
         held.update((task.request_id, entry_id) for entry_id, task, _ in self.waiting_room)
         for entry_id, task in self.intake.poll(room, block_ms, held):
@@ -211,33 +195,12 @@ class PrefillWorker(WorkerBase):
             time.sleep(max(0.0, min(RESERVE_RETRY_S, self._retry_at - time.monotonic())))
 
     def _publish_cached_blocks(self) -> None:
-        """Blocks this step cached and the tasks held now, to Redis at once: a peer
-        deciding where the next request with this prefix goes must see them (the
-        heartbeat would be late)."""
-        publisher = self.hash_publisher
-        if publisher is None:
-            return
-        try:
-            publisher.set_load(self._load())
-            if publisher.pending:
-                publisher.flush()
-        except redis.RedisError as exc:  # the heartbeat sends the blocks later
-            log.warning("could not publish cached blocks: %s", exc)
+        if self.routing is not None:
+            self.routing.publish(self._load())
 
     def _load(self) -> int:
+        """Tasks held and not handed off yet (what routing compares)."""
         return len(self.inflight) + len(self.waiting_room)
-
-    def _routed_room(self, room: int) -> int:
-        """`room`, or 0 when this worker reads nothing now: no task waits (a read
-        would take one that arrives meanwhile unjudged; it still reads when a dead
-        peer's tasks may be due for reclaim), or the oldest task is left for a peer
-        that holds more of its prefix. Only the oldest is judged: the rest of a
-        batch read behind it are not (under load, taking work matters more than
-        where it goes)."""
-        backlog = self.intake.backlog()
-        if backlog is None:
-            return room if self.intake.reclaim_due else 0
-        return 0 if self.router.defers(backlog, self._load()) else room
 
     def _retry_waiting_room(self) -> None:
         """Tasks that found every decode worker full try again, oldest first, as answers
@@ -326,7 +289,8 @@ class PrefillWorker(WorkerBase):
                 num_tokens=seq.num_tokens,
                 layout=self.layout,
                 lease_s=self.config.reservation_lease_s,
-                block_hashes=self._block_hashes(seq),
+                # A decode worker that holds some of these blocks keeps them.
+                block_hashes=self.kv.prefix_chain(seq.all_token_ids, seq.sampling.cache_salt),
             )
             try:
                 reply = sender.reserve(worker.control_address, req, self.config.transfer_timeout_s)
@@ -341,15 +305,6 @@ class PrefillWorker(WorkerBase):
                 return worker.worker_id, worker.control_address, list(reply.block_ids), cached
             log.info("decode %s refused %s: %s", worker.worker_id, seq.request_id, reply.reason)
         return None
-
-    def _block_hashes(self, seq: Sequence) -> list[bytes]:
-        """The prefix hashes of the full blocks this request will ship (none with
-        prefix caching off): a decode worker holding some keeps them."""
-        if not self.kv.enable_prefix_caching:
-            return []
-        return prefix_hashes(
-            seq.all_token_ids, self.kv.block_size, self.kv.salt, seq.sampling.cache_salt
-        )
 
     def _expire_deadlines(self) -> None:
         now = time.time()

@@ -122,9 +122,13 @@ def test_router_leaves_a_task_to_the_live_peer_holding_its_prefix(client):
     stale = WorkerInfo(worker_id="holder", role="prefill", model="m", pid=1, waiting=4)
     publish_worker(client, stale, 30)
     assert router.defers(Backlog(b"6-1", task, age_ms=5), my_load=0)
-    # A dead holder (registry entry gone) gets nothing.
+    # A task left for the holder is taken once the holder is gone (its registry entry
+    # expired), even though it was already left for it once.
+    assert router.defers(Backlog(b"7-0", task, age_ms=5), my_load=0)
+    deferred = router.num_deferred
     remove_worker(client, "holder")
     assert not router.defers(Backlog(b"7-0", task, age_ms=5), my_load=0)
+    assert router.num_deferred == deferred
 
 
 def _fields(struct) -> dict:
