@@ -38,7 +38,8 @@ from tandem.core.task_intake import TaskIntake
 log = logging.getLogger(__name__)
 
 PUBLISHED_HASH_BYTES = 8  # a prefix of the 16-byte hash: compact, collisions only misroute
-ROUTING_ROLES = ("prefill", "colocated")
+# The roles that publish their cached blocks, hence the peers a task can be left for.
+ROUTING_ROLES = ("prefill",)
 
 
 class HashPublisher:
@@ -146,7 +147,7 @@ class PrefixRouter:
         if not chain:
             return False
         mine = self.kv.num_cached_leading(chain)
-        peers = self._live_peers()
+        peers = self.live_peers()
         if not peers or mine == len(chain):
             return False
         short = [h[:PUBLISHED_HASH_BYTES] for h in chain]
@@ -163,7 +164,9 @@ class PrefixRouter:
         )  # fmt: skip
         return best > mine
 
-    def _live_peers(self) -> list:
+    def live_peers(self) -> list:
+        """Live workers that publish their cached blocks, this one aside (refreshed
+        at most every peers_ttl_s)."""
         now = time.monotonic()
         if now - self._peers_at > self.peers_ttl_s:
             self._peers = [
@@ -200,6 +203,18 @@ class WorkerRouting:
             return None
         return cls(client, model, worker_id, kv, config)
 
+    @property
+    def active(self) -> bool:
+        """Whether there is a live peer to leave tasks for. Without one the worker
+        reads as it would without routing (blocking when idle): a worker that only
+        peeks loses every new task to a peer blocked in its read (a colocated
+        worker), which would leave it idle. False while Redis is unreachable."""
+        try:
+            return bool(self.router.live_peers())
+        except redis.RedisError as exc:
+            log.warning("routing off while the registry is unreadable: %s", exc)
+            return False
+
     def room(self, intake: TaskIntake, room: int, load: int) -> int:
         """`room`, or 0 when the worker reads nothing now: no task waits (a read
         would take one that arrives meanwhile unjudged; it still reads when a dead
@@ -211,7 +226,11 @@ class WorkerRouting:
         backlog = intake.backlog()
         if backlog is None:
             return room if intake.reclaim_due else 0
-        return 0 if self.router.defers(backlog, load) else room
+        try:
+            return 0 if self.router.defers(backlog, load) else room
+        except redis.RedisError as exc:  # read as if routing were off
+            log.warning("could not look up the peers' cached blocks: %s", exc)
+            return room
 
     def publish(self, load: int) -> None:
         """Blocks cached since the last call and the tasks held now, to Redis at once

@@ -177,7 +177,7 @@ class PrefillWorker(WorkerBase):
         # Busy: just look. Idle: wait briefly for work (no BLOCK means return at once).
         busy = self.engine.has_work or self.waiting_room or self.shipper.batches
         block_ms = None if busy else 50
-        if self.routing is not None and room:
+        if self.routing is not None and room and self.routing.active:
             block_ms = None  # see WorkerRouting.room
             room = self.routing.room(self.intake, room, self._load())
             if not room and not busy:
