@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from tandem.bench.serve_service import MODES
+from tandem.bench.serve_workloads import add_workload_args
 from tandem.engine.engine_args import add_engine_args, engine_config_from_args
 
 # Where results go (bench.results writes there too); defined here to keep torch unloaded.
@@ -256,8 +257,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "[--min-prompts, --num-prompts]; 0: --num-prompts at every rate",
     )
     p.add_argument("--min-prompts", type=int, default=20)
-    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument(
+        "--input-len",
+        type=int,
+        default=1024,
+        help="prompt tokens (shared-prefix: after the shared part; multi-turn: new per turn)",
+    )
     p.add_argument("--output-len", type=int, default=128)
+    add_workload_args(p)
     p.add_argument(
         "--range-ratio",
         type=float,

@@ -2,6 +2,7 @@
 # The GPU runs behind the committed results of the transfer/serving work, in parts that
 # each fit a 10-minute slot on a 2 x H100 machine. Run from the repo root:
 #   bash bench/gpu_suite.sh check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway
+#   bash bench/gpu_suite.sh prefix-shared|prefix-shared-off|prefix-chat|prefix-chat-off  (one H200)
 # Every benchmark writes its JSON to bench/results/ (card, commit, date, command).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -9,6 +10,8 @@ PY=${PYTHON:-python3}
 MODEL=(--model llama-3.1-8b --load-format dummy)
 # Prefill-heavy and balanced workloads of the two-GPU comparison; the SLOs of issue 8.
 SLO=(--goodput ttft:2000 tpot:40)
+# The prefix parts' -off variants: the same run with prefix caching off.
+CACHING_OFF=$([[ "${1:-}" == *-off ]] && echo --no-prefix-caching)
 
 case "${1:-}" in
   check)  # the transports' GPU tests (cuda_ipc on one GPU and across two; nccl on two)
@@ -72,8 +75,22 @@ case "${1:-}" in
     $PY -m tandem.bench gateway --streams 2000 --max-tokens 128 --client-processes 8 \
       --apis grpc --gateway-workers 1 --token-delay 0.066 "${@:2}"
     ;;
+  prefix-shared|prefix-shared-off)  # one H200: 2,000 shared + 100 own prompt tokens, 128
+    # out; colocated and 1p1d (cuda_ipc) with prefix caching on (off: the -off part)
+    $PY -m tandem.bench serve "${MODEL[@]}" --modes colocated,1p1d --gpus 1 --kv-transport cuda_ipc \
+      --workload shared-prefix --shared-prefix-len 2000 --input-len 100 --output-len 128 \
+      --rates 4,16,64,inf --duration 10 --min-prompts 24 --num-prompts 320 \
+      "${SLO[@]}" --client-processes 4 ${CACHING_OFF}
+    ;;
+  prefix-chat|prefix-chat-off)  # one H200: 6-turn conversations, +200 prompt tokens and
+    # 128 out a turn; colocated and 1p1d (cuda_ipc), caching on (off: the -off part)
+    $PY -m tandem.bench serve "${MODEL[@]}" --modes colocated,1p1d --gpus 1 --kv-transport cuda_ipc \
+      --workload multi-turn --turns 6 --turn-gap 2 --input-len 200 --output-len 128 \
+      --rates 6,24 --duration 15 --min-prompts 36 --num-prompts 360 \
+      "${SLO[@]}" --client-processes 4 ${CACHING_OFF}
+    ;;
   *)
-    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway" >&2
+    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway|prefix-shared[-off]|prefix-chat[-off]" >&2
     exit 2
     ;;
 esac

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandem.bench.serve_client import Prompt, RequestResult, arrival_times, client_job, make_prompts
+from tandem.bench.serve_client import Prompt, RequestResult, client_job, make_prompts
 from tandem.bench.serve_offline import run_offline_baseline
 from tandem.bench.serve_service import (
     DISAGGREGATED,
@@ -36,13 +36,16 @@ from tandem.bench.serve_service import (
     shares_one_gpu,
 )
 from tandem.bench.serve_stats import (
+    PREFILL_COUNTERS,
     attainment_goodput,
     format_table,
     parse_slo_sets,
     parse_slos,
+    prefix_figures,
     ratio,
     summarize_run,
 )
+from tandem.bench.serve_workloads import workload_prompts
 from tandem.core.config import WorkerConfig
 from tandem.core.models import local_model_dir, model_name
 from tandem.engine.engine_args import add_engine_args
@@ -58,6 +61,7 @@ class RateRun:
     label: str  # "4", "0.5", "inf": the key of the rate in the results
     prompts: list[Prompt]
     arrivals: list[float]
+    ideal_hit_rate: float  # share of prompt tokens a perfect prefix cache would serve
 
 
 def parse_rates(text: str) -> list[tuple[str, float]]:
@@ -177,11 +181,15 @@ def measure(
             results, duration, cpu = _split_run(pool, target, run.prompts, run.arrivals, args, dead)
             row = rows[run.label] = summarize_run(results, duration, slos, args.slo_set_limits)
             row["client_cpu_share"] = round(cpu, 2)
+            row["ideal_hit_rate"] = round(run.ideal_hit_rate, 4)
             if prefilled is not None:
                 after = _settled_counts(prefilled)
                 row["prompts_prefilled_by_role"] = {
-                    role: after[role] - before.get(role, 0) for role in after if after[role]
+                    role: after[role] - before.get(role, 0)
+                    for role in PREFILL_COUNTERS
+                    if after[role]
                 }
+                row.update(prefix_figures(before, after, row["completed"]))
                 before = after
             print(
                 f"{mode} rate {run.label}: {row['completed']}/{row['num_prompts']} completed "
@@ -266,12 +274,9 @@ def run(args: argparse.Namespace) -> dict:
     args.vocab_size = args.vocab_size or model_vocab_size(model_dir)
     runs = []
     for label, rate in rates:
-        n = prompts_for(rate, args)
         seed = prompt_seed(args, label)
-        prompts = make_prompts(
-            n, args.input_len, args.output_len, args.vocab_size, seed, args.range_ratio
-        )
-        runs.append(RateRun(label, prompts, arrival_times(n, rate, seed)))
+        prompts, arrivals, ideal = workload_prompts(args, prompts_for(rate, args), rate, seed)
+        runs.append(RateRun(label, prompts, arrivals, ideal))
     signal.signal(signal.SIGTERM, _raise_interrupt)
     metrics: dict = {"modes": {}}
     if args.offline_baseline:
@@ -413,6 +418,11 @@ def _write(
         "input_len": args.input_len,
         "output_len": args.output_len,
         "range_ratio": args.range_ratio,
+        "workload": args.workload,
+        "shared_prefix_len": args.shared_prefix_len if args.workload == "shared-prefix" else None,
+        "turns": args.turns if args.workload == "multi-turn" else None,
+        "turn_gap_s": args.turn_gap if args.workload == "multi-turn" else None,
+        "prefix_caching": args.prefix_caching,
         "prompt_seed": args.prompt_seed,
         "vocab_size": args.vocab_size,
         "max_concurrency": args.max_concurrency or None,

@@ -52,10 +52,13 @@ def engine_argv(
     argv: list[str] = []
     for action in parser._actions:
         value = overrides.get(action.dest, getattr(args, action.dest, None))
-        if value is None or value is False:
-            continue
         flag = action.option_strings[-1]
-        argv += [flag] if value is True else [flag, str(value)]
+        if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+            if value is not None and value != action.default:
+                argv.append(flag)
+            continue
+        if value is not None:
+            argv += [flag, str(value)]
     return argv
 
 

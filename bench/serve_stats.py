@@ -224,15 +224,38 @@ PREFILL_COUNTERS = {
 }
 
 
+# Pool-wide sums of per-worker counters (prefix cache and KV transfer).
+POOL_COUNTERS = {
+    "prefix_hit_tokens": "tandem_worker_prefix_hit_tokens",
+    "prefix_queried_tokens": "tandem_worker_prefix_queried_tokens",
+    "kv_bytes_sent": "tandem_worker_kv_bytes_sent",
+}
+
+
 def prompts_prefilled(metrics_text: str) -> dict[str, int]:
-    """Prompts each role prefilled since its workers started, summed over workers, from
-    the gateway's /metrics text (heartbeat counters: up to a heartbeat old)."""
+    """Prompts each role prefilled since its workers started, summed over workers, and
+    the POOL_COUNTERS summed over every worker, from the gateway's /metrics text
+    (heartbeat counters: up to a heartbeat old)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    totals = dict.fromkeys(PREFILL_COUNTERS, 0)
+    totals = dict.fromkeys([*PREFILL_COUNTERS, *POOL_COUNTERS], 0)
+    pool = {metric: key for key, metric in POOL_COUNTERS.items()}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             role = sample.labels.get("role", "")
             if PREFILL_COUNTERS.get(role) == sample.name:
                 totals[role] += int(sample.value)
+            if sample.name in pool:
+                totals[pool[sample.name]] += int(sample.value)
     return totals
+
+
+def prefix_figures(before: dict[str, int], after: dict[str, int], completed: int) -> dict:
+    """A run's prefix cache hit rate (tokens) and KV bytes shipped per completed request,
+    from the counters before and after it."""
+    delta = {key: after.get(key, 0) - before.get(key, 0) for key in POOL_COUNTERS}
+    queried = delta["prefix_queried_tokens"]
+    return {
+        "prefix_hit_rate": round(delta["prefix_hit_tokens"] / queried, 4) if queried else None,
+        "kv_bytes_per_request": round(delta["kv_bytes_sent"] / completed) if completed else None,
+    }

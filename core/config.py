@@ -13,6 +13,9 @@ from dataclasses import dataclass
 class CacheConfig:
     block_size: int = 16
     num_blocks: int = 0  # 0: size from memory (CPU: from max_kv_tokens)
+    # Keep computed full blocks findable by content hash and share them with later
+    # requests that start with the same tokens (core/kv_cache_manager.py).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -94,6 +97,9 @@ class WorkerConfig:
     # worker has taken has waited this long (None: never), at most this many at a time.
     local_prefill_after_ms: float | None = None
     max_local_prefills: int = 1
+    # Prefill: leave the oldest task this long for a live peer that holds a longer
+    # cached prefix of it (core/prefix_routing.py); 0: take tasks in stream order.
+    prefix_route_wait_ms: float = 200.0
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
@@ -125,6 +131,8 @@ class WorkerConfig:
             raise ValueError("registry_ttl_s must be at least two heartbeats")
         if self.max_deliveries < 1:
             raise ValueError("max_deliveries must be >= 1")
+        if self.prefix_route_wait_ms < 0:
+            raise ValueError("prefix_route_wait_ms must be >= 0")
         if self.max_local_prefills < 1:
             raise ValueError("max_local_prefills must be >= 1")
         if self.local_prefill_after_ms is None:

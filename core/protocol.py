@@ -12,26 +12,10 @@ from typing import Union
 
 import msgspec
 
+from tandem.core.kv_layout import KVLayout
 from tandem.core.sampling_params import SamplingParams
 
 MAX_CONTROL_FRAME_BYTES = 16 * 1024 * 1024
-
-
-class KVLayout(msgspec.Struct, frozen=True):
-    model: str
-    dtype: str  # torch dtype name without prefix: "float32", "bfloat16", ...
-    block_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    def mismatch(self, other: KVLayout) -> str | None:
-        """Why two workers cannot exchange KV blocks, or None when they can."""
-        for name in self.__struct_fields__:
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                return f"KV layout differs in {name}: {mine!r} != {theirs!r}"
-        return None
 
 
 # -- Redis: gateway -> prefill pool --------------------------------------------------------
@@ -57,6 +41,7 @@ class TokenDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     error_code: str | None = None  # "unavailable" | "deadline" | "internal" | ...
     logprobs: list[dict[int, float]] | None = None
     worker_id: str | None = None  # the decode worker that owns the request now
+    cached_tokens: int = 0  # on the first token: prompt tokens found in the prefix cache
 
 
 class TokenBatch(msgspec.Struct):
@@ -74,12 +59,17 @@ class ReserveRequest(msgspec.Struct, tag=True, kw_only=True):
     num_tokens: int  # tokens whose KV will be shipped
     layout: KVLayout
     lease_s: float  # released by the decode worker if not filled in time
+    # Prefix hashes of the request's full blocks (core/prefix_hash.py): the decode
+    # worker shares those it holds instead of receiving them again.
+    block_hashes: list[bytes] = []
 
 
 class ReserveReply(msgspec.Struct, tag=True, kw_only=True):
     request_id: str
     ok: bool
     block_ids: list[int] = []
+    # The first cached_blocks of block_ids already hold the request's KV: not sent.
+    cached_blocks: int = 0
     reason: str = ""
     # cuda_ipc: the receiver's cache export these block ids index (CudaIpcExport.export_id);
     # a sender writes them only through a mapping of that same export.
@@ -93,7 +83,7 @@ class KVTransfer(msgspec.Struct, tag=True, kw_only=True):
     request_id: str
     block_ids: list[int]  # destination blocks on the receiver, in order
     dtype: str
-    shape: list[int]  # [layers, 2, n, block_size, kv_heads, head_dim]
+    shape: list[int]  # KVLayout.cache_shape(n)
     # True when the sender already wrote the blocks (cuda_ipc): no payload follows.
     in_place: bool = False
     # in_place: the export the sender wrote through; the receiver refuses any other.
@@ -133,7 +123,7 @@ class CudaIpcExport(msgspec.Struct, frozen=True, kw_only=True):
     ref_counter: bytes  # torch's shared-memory ref counter file for the handle
     ref_counter_offset: int
     dtype: str
-    shape: list[int]  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
+    shape: list[int]  # KVLayout.cache_shape(num_blocks)
     stride: list[int]  # in elements
     offset: int  # the view's first element within the storage
 
@@ -195,9 +185,17 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     control_address: str = ""  # decode: where prefill workers connect
     layout: KVLayout | None = None
     max_model_len: int = 0  # the context the worker serves (0: not told, older workers)
+    # KVCacheManager.figures(): blocks, and the prefix cache's counters since start.
     total_blocks: int = 0
-    free_blocks: int = 0
-    used_blocks: int = 0
+    free_blocks: int = 0  # free or evictable: what an allocation can take
+    used_blocks: int = 0  # referenced by a request
+    cached_blocks: int = 0  # findable by prefix hash, referenced or evictable
+    evictable_blocks: int = 0
+    evictions: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    routed_to_peers: int = 0  # tasks left for a peer holding a longer cached prefix
+    kv_bytes_sent: int = 0  # prefill: KV bytes shipped to decode workers since start
     running: int = 0
     waiting: int = 0
     reservations: int = 0

@@ -38,6 +38,16 @@ def abort_marker(request_id: str) -> str:
     return f"tandem:abort:{request_id}"
 
 
+def cached_blocks_key(model: str, worker_id: str) -> str:
+    """The hashes of the KV blocks a worker can serve from its prefix cache (a set)."""
+    return f"tandem:{model}:kvblocks:{worker_id}"
+
+
+def routing_load_key(model: str, worker_id: str) -> str:
+    """How many tasks a prefill worker holds now, for routing (a string, with a TTL)."""
+    return f"tandem:{model}:kvload:{worker_id}"
+
+
 def worker_key(worker_id: str) -> str:
     return f"{WORKER_PREFIX}{worker_id}"
 

@@ -41,6 +41,7 @@ def token_delta(seq: Sequence, owner: str) -> TokenDelta:
         finish_reason=seq.finish_reason.value if seq.is_finished else None,
         logprobs=seq.output_logprobs[-1:] or None,
         worker_id=owner,
+        cached_tokens=seq.num_cached_tokens if len(seq.output_token_ids) == 1 else 0,
     )
 
 

@@ -13,6 +13,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
+MAX_CACHE_SALT_CHARS = 256
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -30,6 +31,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token
+    # Prefix caching: requests share cached KV blocks only when their salts are equal
+    # (tenants who must not share, e.g. against timing side channels, set their own).
+    # Not a sampling setting, but the per-request options that travel with a request
+    # through every hop (tasks, retries, migration, preemption) live here.
+    cache_salt: str = ""
 
     @property
     def greedy(self) -> bool:
@@ -72,6 +78,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if len(self.cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise ValueError(f"cache_salt must be at most {MAX_CACHE_SALT_CHARS} characters")
 
     def validate_vocab(self, vocab_size: int) -> None:
         """Bounds that depend on the model's vocabulary (the sampler indexes and builds

@@ -72,6 +72,7 @@ class Scheduler:
         self._check_fits(seq)
         if not self.kv.allocate_slots(seq.request_id, seq.num_computed_tokens):
             raise MemoryError("add_running needs blocks reserved for the computed tokens")
+        self.kv.cache_full_blocks(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
@@ -170,12 +171,15 @@ class Scheduler:
         budget = min(budget, prefill_budget)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            matched = self._match_prefix(seq)
             n = seq.num_uncomputed_tokens
             if n > budget:
                 if not self.config.enable_chunked_prefill:
+                    self._unmatch(seq, matched)
                     break
                 n = budget
             if not self.kv.allocate_slots(seq.request_id, seq.num_computed_tokens + n):
+                self._unmatch(seq, matched)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -183,6 +187,24 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
         return out
+
+    def _match_prefix(self, seq: Sequence) -> bool:
+        """Start a sequence that has nothing computed from the longest cached prefix
+        of its tokens; True when it found one."""
+        if seq.num_computed_tokens or self.kv.owns(seq.request_id):
+            return False
+        hit = self.kv.match_prefix(seq)
+        if not seq.output_token_ids:
+            seq.num_cached_tokens = hit
+        seq.num_computed_tokens = hit
+        return hit > 0
+
+    def _unmatch(self, seq: Sequence, matched: bool) -> None:
+        """Give back a prefix taken for a sequence that stays waiting, so a waiting
+        sequence holds no blocks (its blocks stay cached and are found again)."""
+        if matched:
+            self.kv.free(seq.request_id)
+            seq.num_computed_tokens = 0
 
     def _reserve_or_preempt(
         self, seq: Sequence, n: int, scheduled: set[int], out: SchedulerOutput
@@ -228,6 +250,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.kv.cache_full_blocks(seq)
             if not chunk.samples:
                 continue
             seq.append_token(sampled[seq.request_id], (logprobs or {}).get(seq.request_id))

@@ -42,6 +42,8 @@ class Sequence:
     # Top-n logprobs per output token when requested: list of {token_id: logprob}.
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_preemptions: int = 0
+    # Prompt tokens the first prefill found in the prefix cache (usage.cached_tokens).
+    num_cached_tokens: int = 0
     arrival: int = field(default_factory=lambda: next(_arrival_counter))
 
     def __post_init__(self) -> None:

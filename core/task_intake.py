@@ -84,6 +84,11 @@ class TaskIntake:
         """
         return self._surviving(lambda: self._poll(count, block_ms, held), [])
 
+    @property
+    def reclaim_due(self) -> bool:
+        """Whether the next poll looks for a dead worker's tasks to take over."""
+        return time.monotonic() - self._last_reclaim > self.config.reclaim_idle_s / 2
+
     def backlog(self) -> Backlog | None:
         """The oldest task that no worker has been given yet (None: there is none)."""
         return self._surviving(self._backlog, None)
@@ -132,9 +137,8 @@ class TaskIntake:
         self, count: int, block_ms: int | None, held: Mapping[str, bytes | None]
     ) -> list[Entry]:
         entries: list[tuple[bytes, PrefillTask | None]] = []
-        now = time.monotonic()
-        if now - self._last_reclaim > self.config.reclaim_idle_s / 2:
-            self._last_reclaim = now
+        if self.reclaim_due:
+            self._last_reclaim = time.monotonic()
             self._touch([e for e in held.values() if e is not None])
             if count > 0:
                 entries += self._reclaim(count, held)

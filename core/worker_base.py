@@ -23,6 +23,7 @@ from collections.abc import Callable
 import redis
 
 from tandem.core.config import WorkerConfig
+from tandem.core.prefix_routing import HashPublisher
 from tandem.core.protocol import WorkerInfo
 from tandem.core.redis_client import abort_listener, connect
 from tandem.core.registry import publish_worker, remove_worker
@@ -43,6 +44,9 @@ class WorkerBase:
         self._drain = threading.Event()
         self._drain_deadline = float("inf")
         self._threads: list[threading.Thread] = []
+        # Set by a worker that prefills: its cached block hashes, refreshed with each
+        # heartbeat and expiring with its registry entry (core/prefix_routing.py).
+        self.hash_publisher: HashPublisher | None = None
 
     @property
     def stopping(self) -> bool:
@@ -89,6 +93,8 @@ class WorkerBase:
                 info = snapshot()
                 info.heartbeat = time.time()
                 publish_worker(self.redis, info, ttl_s=self.config.registry_ttl_s)
+                if self.hash_publisher is not None:
+                    self.hash_publisher.flush()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:  # a bad snapshot must not silence the heartbeat for good
@@ -122,5 +128,7 @@ class WorkerBase:
         self._stop.set()
         with contextlib.suppress(redis.RedisError):
             remove_worker(self.redis, self.worker_id)
+            if self.hash_publisher is not None:
+                self.redis.delete(self.hash_publisher.key, self.hash_publisher.load_key)
         for t in self._threads:
             t.join(timeout=2)

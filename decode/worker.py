@@ -83,7 +83,6 @@ from tandem.core.sequence import Sequence, SequenceStatus
 from tandem.decode.batch_worker import BatchWorker, Request
 from tandem.engine.engine import Engine, EngineConfig, StepFailed
 from tandem.kvtransfer.curve import curve_keys
-from tandem.kvtransfer.pack import layout_of, unpack_blocks
 from tandem.kvtransfer.transport import make_receiver
 from tandem.kvtransfer.wire import refusal
 
@@ -98,17 +97,18 @@ class Reservation:
     expires_at: float  # monotonic
     num_tokens: int  # the tokens whose KV it holds blocks for
     filled: bool = False
+    cached: int = 0  # leading blocks that already held its KV (prefix cache): not sent
 
 
 class DecodeWorker(BatchWorker):
     def __init__(self, config: WorkerConfig, engine_config: EngineConfig) -> None:
         super().__init__(config, Engine(engine_config, requeue_preempted=False))
-        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
+        self.layout = self.engine.kv_cache.layout
         host = config.bind_host
         self.receiver = make_receiver(
             config.kv_transport, f"tcp://{host}:0", curve_keys(config.kv_curve_dir)
         )
-        self.receiver.attach_kv_caches(self.engine.runner.kv_caches)
+        self.receiver.attach_kv_caches(self.engine.kv_cache.layers)
         self.receiver.admits_peer = self._registered_prefill
         self._prefill_ids: set[str] = set()  # registered prefill workers, as last read
         self._prefill_ids_at = float("-inf")
@@ -135,9 +135,7 @@ class DecodeWorker(BatchWorker):
             max_model_len=self.engine.max_model_len,
             control_address=address,
             layout=self.layout,
-            total_blocks=self.kv.pool.num_blocks,
-            free_blocks=self.kv.num_free_blocks,
-            used_blocks=self.kv.num_used_blocks,
+            **self.kv.figures(),
             running=len(sched.running),
             waiting=len(self.reservations) + len(sched.waiting),
             reservations=len(self.reservations),
@@ -258,24 +256,30 @@ class DecodeWorker(BatchWorker):
         busy = len(sched.running) + len(sched.waiting) + len(self.reservations)
         if rid not in self.reservations and busy >= sched.config.max_num_seqs:
             return refuse("too many sequences")
-        if not self.kv.allocate_slots(rid, req.num_tokens):
+        held = self.reservations.get(rid)
+        reserved = self.kv.reserve(rid, req.num_tokens, req.block_hashes)
+        if reserved is None:
             return refuse("out of KV blocks")
-        self.reservations[rid] = Reservation(rid, time.monotonic() + req.lease_s, req.num_tokens)
-        return ReserveReply(request_id=rid, ok=True, block_ids=list(self.kv.block_table(rid)))
+        block_ids, cached = reserved
+        cached = held.cached if held is not None else cached
+        self.reservations[rid] = Reservation(
+            rid, time.monotonic() + req.lease_s, req.num_tokens, cached=cached
+        )
+        return ReserveReply(request_id=rid, ok=True, block_ids=block_ids, cached_blocks=cached)
 
     def _fill(self, msg: KVTransfer, packed) -> TransferAck:
         rid = msg.request_id
         res = self.reservations.get(rid)
         if res is None:
             return TransferAck(request_id=rid, ok=False, reason="no reservation (expired?)")
-        owned = self.kv.block_table(rid)
+        owned = self.kv.block_table(rid)[res.cached :]  # the cached ones are not sent
         if msg.in_place and not self.receiver.in_place:
             return TransferAck(request_id=rid, ok=False, reason="this transport carries KV")
         if msg.block_ids != owned[: len(msg.block_ids)] or (packed is None) != msg.in_place:
             return TransferAck(request_id=rid, ok=False, reason="blocks do not match reservation")
         if packed is not None:
             try:
-                unpack_blocks(self.engine.runner.kv_caches, msg.block_ids, packed)
+                self.engine.kv_cache.unpack(msg.block_ids, packed)
             except (ValueError, RuntimeError) as exc:
                 return TransferAck(request_id=rid, ok=False, reason=f"bad KV payload: {exc}")
         res.filled = True
@@ -309,6 +313,8 @@ class DecodeWorker(BatchWorker):
             num_computed_tokens=msg.num_computed_tokens,
         )
         try:
+            if not self.kv.holds_prefix_of(seq, res.cached):
+                raise ValueError("the cached blocks reserved are not this prompt's")
             self.engine.scheduler.add_running(seq)
         except (ValueError, MemoryError) as exc:
             self.kv.free(rid)

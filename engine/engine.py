@@ -9,11 +9,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from tandem.core.config import CacheConfig, SchedulerConfig
-from tandem.core.kv_cache_manager import KVCacheManager
 from tandem.core.request_checks import ModelLimits, check_tokens
 from tandem.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from tandem.core.sequence import Sequence
 from tandem.core.tokenizer import Tokenizer
+from tandem.engine.kv_cache import KVCache
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.model_registry import model_name, resolve_model
 from tandem.engine.model_runner import (
@@ -61,6 +61,12 @@ class EngineConfig:
     # runs inside the launch, so launching ahead would only delay step N's tokens).
     launch_ahead: bool | None = None
 
+    @property
+    def weights_salt(self) -> str:
+        """What besides the model name decides the weights, hence the KV: the seed of
+        dummy weights (prefix hashes must differ when the weights do)."""
+        return f"dummy:{self.seed}" if self.load_format == "dummy" else ""
+
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError("load_format must be auto, safetensors or dummy")
@@ -103,9 +109,18 @@ class Engine:
                 block_size, sched_cfg.max_num_batched_tokens, config.gpu_memory_utilization
             )
         elif not num_blocks:
-            num_blocks = max(1, config.kv_cache_bytes // self.runner.kv_bytes_per_block(block_size))
-        self.runner.allocate_kv_cache(num_blocks, block_size)
-        self.kv = KVCacheManager(num_blocks, block_size)
+            layout = self.runner.kv_layout(block_size)
+            num_blocks = max(1, config.kv_cache_bytes // layout.bytes_per_block)
+        # The one owner of the cache's tensors and blocks; `kv` is its block owner.
+        self.kv_cache = KVCache(
+            self.runner.kv_layout(block_size),
+            num_blocks,
+            self.runner.device,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
+            weights_salt=config.weights_salt,
+        )
+        self.kv = self.kv_cache.blocks
+        self.runner.attach_kv_cache(self.kv_cache)
         if cuda and not config.enforce_eager and self.runner.ops.name == "triton":
             self.runner.capture_graphs(min(sched_cfg.max_num_seqs, 512), max_len)
         if cuda and self.runner.ops.name == "triton":

@@ -27,6 +27,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-blocks", type=int, default=0, help="KV blocks (0: from memory)")
     p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="recompute every prompt: no sharing of cached KV blocks between requests",
+    )
+    p.add_argument(
         "--max-num-seqs", type=int, default=256, help="sequences in one continuous batch"
     )
     p.add_argument(
@@ -86,7 +92,11 @@ def engine_config_from_args(args: argparse.Namespace):
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
-        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_blocks,
+            enable_prefix_caching=args.prefix_caching,
+        ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

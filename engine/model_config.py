@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tandem.core.kv_layout import KVLayout
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
@@ -41,6 +43,19 @@ class ModelConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
+
+    def kv_layout(self, dtype: str, block_size: int) -> KVLayout:
+        """The KV cache this model's attention reads and writes: K and V of every KV
+        head, per layer (MHA / GQA). A latent-attention model would declare kind
+        "latent" here, and nothing downstream would change."""
+        return KVLayout(
+            model=self.name,
+            dtype=dtype,
+            block_size=block_size,
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+        )
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], name: str) -> ModelConfig:

@@ -1,5 +1,6 @@
-"""The only code that touches the device: loads the model, owns the KV cache tensors,
-turns a SchedulerOutput into tensors, runs the forward pass and samples."""
+"""The only code that touches the device: loads the model, runs the forward pass over
+the engine's KV cache (engine/kv_cache.py), turns a SchedulerOutput into tensors and
+samples."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 import torch
 
 from tandem.core.kv_cache_manager import KVCacheManager
+from tandem.core.kv_layout import KVLayout
 from tandem.core.scheduler import SchedulerOutput
 from tandem.core.sequence import Sequence
 from tandem.engine.attention import AttentionMetadata
 from tandem.engine.cuda_graphs import DecodeGraphs
+from tandem.engine.kv_cache import KVCache
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.models import build_model
 from tandem.engine.ops import make_ops
@@ -21,6 +24,7 @@ from tandem.engine.rope import rope_inv_freq
 from tandem.engine.sampler import SampleRequest, sample_tokens, top_logprobs
 from tandem.engine.warmup import synthetic_step
 from tandem.engine.weights import init_dummy, load_safetensors
+from tandem.kvtransfer.pack import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +165,18 @@ class ModelRunner:
             )
             model.cos_sin_cache = build_cos_sin_cache(model.inv_freq, positions, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.kv_cache: torch.Tensor | None = None  # [layers, 2, blocks, block, heads, dim]
-        self.kv_caches: list[torch.Tensor] = []  # its per-layer views
+        self.kv_cache: KVCache | None = None  # the engine's, once attached
         self.block_size = 16
         self.graphs: DecodeGraphs | None = None
 
     # -- KV cache ----------------------------------------------------------------------
-    def kv_bytes_per_block(self, block_size: int) -> int:
-        c = self.cfg
-        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim
-        return per_token * block_size * torch.tensor([], dtype=self.dtype).element_size()
+    def kv_layout(self, block_size: int) -> KVLayout:
+        """The cache the model declares, in the dtype it runs in."""
+        return self.cfg.kv_layout(dtype_name(self.dtype), block_size)
+
+    def attach_kv_cache(self, kv_cache: KVCache) -> None:
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
 
     @torch.inference_mode()
     def profile_num_blocks(self, block_size: int, max_tokens: int, utilization: float) -> int:
@@ -178,19 +184,19 @@ class ModelRunner:
         activations of a forward pass over `max_tokens` tokens."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.allocate_kv_cache(-(-max_tokens // block_size), block_size)
+        layout = self.kv_layout(block_size)
+        scratch = KVCache(layout, -(-max_tokens // block_size), self.device)
         meta, pos = synthetic_step(0, max_tokens, 0, block_size, self.device)
         ids = torch.zeros(max_tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        hidden = self.model(ids, pos, scratch.layers, meta)
         self.model.compute_logits(hidden[-256:])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device)
-        self.kv_caches = []
-        self.kv_cache = None
+        scratch.release()
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = int(total * utilization) - peak
-        per_block = self.kv_bytes_per_block(block_size)
+        per_block = layout.bytes_per_block
         if budget < per_block:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache (peak {peak / 2**30:.1f} "
@@ -207,27 +213,19 @@ class ModelRunner:
     def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(
-            self.model, self.kv_caches, max_batch, max_blocks, self.block_size, self.device
+            self.model, self.kv_cache.layers, max_batch, max_blocks, self.block_size, self.device
         )
         self.graphs.capture()
 
     def release_gpu_memory(self) -> None:
         """Drop the KV cache, graphs and weights (the runner is unusable afterwards)."""
         self.graphs = None
-        self.kv_caches = []
+        if self.kv_cache is not None:
+            self.kv_cache.release()
         self.kv_cache = None
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        c = self.cfg
-        shape = (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        self.block_size = block_size
-        # One allocation, one view per layer: a transfer backend can then reach every
-        # layer's blocks through a single tensor (one IPC handle, one copy kernel).
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.kv_caches = list(self.kv_cache.unbind(0))
 
     # -- one step ----------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput, kv: KVCacheManager) -> StepInputs:
@@ -291,7 +289,7 @@ class ModelRunner:
             if len(samplers) != meta.num_seqs:  # a 1-token prefill chunk mid-prompt
                 logits = logits[_to_device(inputs.sample_indices, torch.long, self.device)]
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.layers, meta)
             if samplers:
                 idx = _to_device(inputs.sample_indices, torch.long, self.device)
                 logits = self.model.compute_logits(hidden[idx])

@@ -55,14 +55,14 @@ def warm_up_batches(
 @torch.inference_mode()
 def warm_up_kernels(runner, max_num_seqs: int, max_tokens: int, max_context: int) -> int:
     """Run one forward pass per warm_up_batches() entry; returns how many ran."""
-    num_blocks = runner.kv_cache.shape[2]
+    num_blocks = runner.kv_cache.num_blocks
     bs = runner.block_size
     batches = warm_up_batches(max_num_seqs, max_tokens, max_context, num_blocks, bs)
     start = time.perf_counter()
     for decodes, chunk, context in batches:
         meta, positions = synthetic_step(decodes, chunk, context, bs, runner.device)
         ids = torch.zeros(positions.shape[0], dtype=torch.long, device=runner.device)
-        runner.model(ids, positions, runner.kv_caches, meta)
+        runner.model(ids, positions, runner.kv_cache.layers, meta)
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     log.info(

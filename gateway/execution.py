@@ -77,6 +77,7 @@ class Output:
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last output
     prompt_tokens: int = 0
     completion_tokens: int = 0  # output tokens so far, this output's included
+    cached_tokens: int = 0  # prompt tokens the prefill found in the prefix cache
 
 
 class Executor:
@@ -281,6 +282,7 @@ class Generation:
         self._entry: bytes | None = None  # its task's entry in the prefill stream
         self._deltas_before_entry = 0  # the stream's delta count when that entry was made
         self._completion_tokens = 0
+        self._cached_tokens = 0
         self._first_token_at: float | None = None
         self._last_output_at = 0.0
         self._done = False  # finished or failed: no more outputs
@@ -407,6 +409,7 @@ class Generation:
                     self._fail()
                     raise RequestError(delta.error_code or "internal", delta.error)
                 out.token_ids.extend(delta.token_ids)
+                self._cached_tokens = max(self._cached_tokens, delta.cached_tokens)
                 if delta.logprobs:
                     out.logprobs.extend(delta.logprobs)
                 pieces.append(self._text.add(delta.token_ids))
@@ -421,6 +424,7 @@ class Generation:
             out.text = "".join(pieces)
             self._completion_tokens += len(out.token_ids)
             out.completion_tokens = self._completion_tokens
+            out.cached_tokens = self._cached_tokens
             self._observe(out)
             if out.finish_reason is not None:
                 # A stop string ends the request here; the workers do not know yet.

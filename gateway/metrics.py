@@ -46,6 +46,22 @@ WORKER_FIGURES = {
     "kv_blocks_used": ("used_blocks", "KV cache blocks in use"),
     "kv_blocks_free": ("free_blocks", "free KV cache blocks"),
     "kv_blocks_total": ("total_blocks", "KV cache blocks in all"),
+    "kv_blocks_cached": ("cached_blocks", "KV blocks findable by prefix hash"),
+    "kv_blocks_evictable": ("evictable_blocks", "cached KV blocks no request references"),
+    "kv_evictions": ("evictions", "cached KV blocks evicted since the worker started"),
+    "prefix_queried_tokens": (
+        "prefix_queried_tokens",
+        "tokens of the requests that looked up a cached prefix, since start",
+    ),
+    "prefix_hit_tokens": (
+        "prefix_hit_tokens",
+        "tokens found in the prefix cache since start (hit rate: hit / queried)",
+    ),
+    "kv_bytes_sent": ("kv_bytes_sent", "prefill: KV bytes shipped to decode since start"),
+    "routed_to_peers": (
+        "routed_to_peers",
+        "prefill: tasks left for a peer holding a longer cached prefix, since start",
+    ),
     "preemptions": ("preemptions", "sequences preempted since the worker started"),
     "reservations": ("reservations", "KV block reservations held for incoming transfers"),
     "admitted": ("admitted", "requests taken since the worker started"),

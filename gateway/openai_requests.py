@@ -90,6 +90,8 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Prefix caching: only requests with equal salts share cached KV (vLLM's field).
+    cache_salt: str | None = Field(None, max_length=256)
 
     @model_validator(mode="before")
     @classmethod
@@ -187,6 +189,7 @@ def _sampling(req: _GenerationRequest, max_tokens: int, logprobs: int | None) ->
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        cache_salt=req.cache_salt or "",
     )
 
 

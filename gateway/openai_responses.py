@@ -19,6 +19,7 @@ class _Choice:
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of its prompt, found in the prefix cache
     # completions: the four parallel lists of the legacy logprobs object
     tokens: list[str] = field(default_factory=list)
     token_logprobs: list[float | None] = field(default_factory=list)
@@ -105,6 +106,7 @@ class ResponseBuilder:
         choice = self._choices[index]
         choice.text.append(out.text)
         choice.completion_tokens = out.completion_tokens
+        choice.cached_tokens = out.cached_tokens
         if out.finish_reason is not None:
             choice.finish_reason = out.finish_reason
         return choice, self._logprobs(choice, out)
@@ -113,13 +115,14 @@ class ResponseBuilder:
         """Non-streaming: keep an output for the final answer."""
         self._take(index, out)
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         prompt = sum(self.prompt_lens)
         completion = sum(c.completion_tokens for c in self._choices)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in self._choices)},
         }
 
     def _envelope(self, obj: str) -> dict[str, Any]:

@@ -89,6 +89,7 @@ def _response(request_id: str, out: Output) -> pb.GenerateResponse:
         response.finish_reason = FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
         response.usage.prompt_tokens = out.prompt_tokens
         response.usage.completion_tokens = out.completion_tokens
+        response.usage.cached_tokens = out.cached_tokens
     return response
 
 

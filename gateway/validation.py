@@ -81,6 +81,7 @@ def sampling_from_proto(sp: pb.SamplingParams, config: GatewayConfig) -> Samplin
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
         logprobs=sp.logprobs if sp.HasField("logprobs") else None,
+        cache_salt=sp.cache_salt,
     )
 
 

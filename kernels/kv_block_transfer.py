@@ -1,10 +1,11 @@
 """Copy KV blocks of every layer from one paged cache into another, in one launch.
 
-Both caches are `[layers, 2, num_blocks, block_size, kv_heads, head_dim]`; their
-num_blocks may differ. Block `src_ids[i]` of every (layer, K/V) plane of `src` lands in
-block `dst_ids[i]` of the same plane of `dst`. A block is one contiguous run of
-block_size * kv_heads * head_dim elements, so the copy is a gather/scatter of contiguous
-runs: program (p, c) copies chunk c of plane-block p = (layer * 2 + kv) * n + i.
+Both caches are `KVLayout.cache_shape(num_blocks)`, `[layers, planes, num_blocks,
+block_size, heads, dim]` (planes: K and V, or one latent plane); their num_blocks may
+differ. Block `src_ids[i]` of every (layer, plane) of `src` lands in block `dst_ids[i]`
+of the same plane of `dst`. A block is one contiguous run of block_size * heads * dim
+elements, so the copy is a gather/scatter of contiguous runs: program (p, c) copies
+chunk c of plane-block p = (layer * planes + plane) * n + i.
 
 This is the cuda_ipc transport's data path: `dst` is another process's cache mapped
 through CUDA IPC, on this GPU or a peer one over NVLink, and a whole request (every
@@ -20,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.core.kv_layout import KV_PLANES
 from tandem.kernels._utils import next_pow2
 
 _CHUNK_BYTES = 16384  # per program: 4 vectors of 16 B per thread at 8 warps
@@ -42,13 +44,14 @@ def _kv_block_transfer_kernel(
     CHUNK: tl.constexpr,
     VEC: tl.constexpr,  # elements per 16-byte vector that every block start is aligned to
     EVEN: tl.constexpr,  # block_numel is a multiple of CHUNK: no mask
+    PLANES: tl.constexpr,  # 2: K and V; 1: a latent cache
 ):
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     i = pid % n
     layer_kv = pid // n
-    layer = (layer_kv // 2).to(tl.int64)
-    kv = (layer_kv % 2).to(tl.int64)
+    layer = (layer_kv // PLANES).to(tl.int64)
+    kv = (layer_kv % PLANES).to(tl.int64)
     src_block = tl.load(ids_ptr + i).to(tl.int64)
     dst_block = tl.load(ids_ptr + n + i).to(tl.int64)
     # Offsets built from loaded ids carry no alignment facts; without these hints every
@@ -69,10 +72,10 @@ def _kv_block_transfer_kernel(
 
 
 def _check_cache(name: str, cache: torch.Tensor) -> None:
-    if cache.dim() != 6 or cache.shape[1] != 2:
+    if cache.dim() != 6 or cache.shape[1] not in KV_PLANES:
         raise ValueError(
-            f"{name} is {tuple(cache.shape)}; need [layers, 2, blocks, block_size, "
-            "kv_heads, head_dim]"
+            f"{name} is {tuple(cache.shape)}; need KVLayout.cache_shape: [layers, planes, "
+            "blocks, block_size, heads, dim]"
         )
     _, _, _, block_size, heads, dim = cache.shape
     if cache.stride()[3:] != (heads * dim, dim, 1):
@@ -126,7 +129,8 @@ def kv_block_transfer(src: torch.Tensor, dst: torch.Tensor, block_ids: torch.Ten
     chunk = min(next_pow2(block_numel), max(1, _CHUNK_BYTES // itemsize))
     # One warp moves 32 full vectors per access; more warps than the chunk fills would idle.
     num_warps = max(1, min(8, chunk * itemsize // (32 * _VECTOR_BYTES)))
-    grid = (layers * 2 * n, triton.cdiv(block_numel, chunk))
+    planes = src.shape[1]
+    grid = (layers * planes * n, triton.cdiv(block_numel, chunk))
     _kv_block_transfer_kernel[grid](
         src,
         dst,
@@ -142,6 +146,7 @@ def kv_block_transfer(src: torch.Tensor, dst: torch.Tensor, block_ids: torch.Ten
         CHUNK=chunk,
         VEC=_vector_elements(itemsize, (src, dst)),
         EVEN=block_numel % chunk == 0,
+        PLANES=planes,
         num_warps=num_warps,
     )
 

@@ -1,8 +1,8 @@
 """KV transfer over CUDA IPC: prefill writes decode's reserved blocks directly, GPU to GPU.
 
 How it works
-- Decode (CudaIpcKVReceiver): attach_kv_caches() finds the one `[layers, 2, blocks,
-  block_size, kv_heads, head_dim]` tensor behind the engine's per-layer views and
+- Decode (CudaIpcKVReceiver): attach_kv_caches() finds the one `KVLayout.cache_shape(
+  blocks)` tensor behind the engine's per-layer views and
   exports its storage once as a CUDA IPC handle (torch's `UntypedStorage._share_cuda_`)
   under a random export id, the receiver's incarnation. Control messages travel over
   the zmq backend; on its I/O thread the receiver answers ExportRequest itself, stamps

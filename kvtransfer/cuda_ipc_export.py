@@ -11,20 +11,21 @@ from collections.abc import Sequence
 
 import torch
 
+from tandem.core.kv_layout import KV_PLANES
 from tandem.core.protocol import CudaIpcExport
 from tandem.kvtransfer.base import TransferError
 from tandem.kvtransfer.pack import dtype_from_name, dtype_name
 
 
 def stacked_cache(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The one contiguous `[layers, 2, blocks, block_size, kv_heads, head_dim]` tensor
+    """The one contiguous `KVLayout.cache_shape(blocks)` tensor
     whose per-layer views are `kv_caches`; ValueError unless they are consecutive views
     of one storage (the engine allocates its cache that way: one handle, one launch)."""
     if not kv_caches:
         raise ValueError("no KV cache layers")
     first = kv_caches[0]
-    if first.dim() != 5 or first.shape[0] != 2:
-        raise ValueError(f"KV cache layer is {tuple(first.shape)}; expected [2, blocks, ...]")
+    if first.dim() != 5 or first.shape[0] not in KV_PLANES:
+        raise ValueError(f"KV cache layer is {tuple(first.shape)}; expected [planes, blocks, ...]")
     base = first.untyped_storage().data_ptr()
     for layer, view in enumerate(kv_caches):
         if (
@@ -36,7 +37,7 @@ def stacked_cache(kv_caches: Sequence[torch.Tensor]) -> torch.Tensor:
             or view.storage_offset() != first.storage_offset() + layer * first.numel()
         ):
             raise ValueError(
-                f"KV cache layer {layer} is not the next slice of one [layers, 2, ...] tensor"
+                f"KV cache layer {layer} is not the next slice of one [layers, planes, ...] tensor"
             )
     return first.as_strided(
         (len(kv_caches), *first.shape), (first.numel(), *first.stride()), first.storage_offset()
@@ -133,10 +134,11 @@ def export_mismatch(export: CudaIpcExport, local: torch.Tensor) -> str | None:
     shape = list(export.shape)
     if dtype != local.dtype:
         return f"receiver's KV cache is {export.dtype}, ours is {dtype_name(local.dtype)}"
-    if len(shape) != 6 or shape[1] != 2 or shape[2] < 1 or any(d < 1 for d in shape):
-        return f"receiver's KV cache shape {shape} is not [layers, 2, blocks, bs, heads, dim]"
-    for i, name in ((0, "layers"), (3, "block_size"), (4, "kv_heads"), (5, "head_dim")):
-        if shape[i] != local.shape[i]:
+    if len(shape) != 6 or shape[1] not in KV_PLANES or any(d < 1 for d in shape):
+        return f"receiver's KV cache shape {shape} is not [layers, planes, blocks, bs, heads, dim]"
+    # Everything but the number of blocks (dim 2) must match.
+    for i, name in enumerate(("layers", "planes", "", "block_size", "kv_heads", "head_dim")):
+        if name and shape[i] != local.shape[i]:
             return f"KV layout differs in {name}: {shape[i]} (receiver) != {local.shape[i]}"
     contiguous = [1] * 6
     for i in range(4, -1, -1):

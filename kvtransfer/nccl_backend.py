@@ -194,7 +194,7 @@ class NcclKVReceiver(ZmqKVReceiver):
         super().__init__(bind_address, **options)  # max_*_bytes, curve
         self._device = torch.device("cpu")
         self._gpu_uuid = ""
-        # (dtype, layers, num_blocks, block_size, kv_heads, head_dim) of the worker's cache
+        # (dtype, *KVLayout.cache_shape(num_blocks)) of the worker's cache
         self._cache: tuple | None = None
         host = address_host(self.address)
         self._host = None if host in WILDCARD_HOSTS else host  # None: the one facing a sender
@@ -206,7 +206,7 @@ class NcclKVReceiver(ZmqKVReceiver):
         first = kv_caches[0]
         self._device = first.device
         self._gpu_uuid = gpu_uuid(first.device)
-        self._cache = (dtype_name(first.dtype), len(kv_caches), *first.shape[1:])
+        self._cache = (dtype_name(first.dtype), len(kv_caches), *first.shape)
 
     def close(self) -> None:
         super().close()
@@ -301,9 +301,9 @@ class NcclKVReceiver(ZmqKVReceiver):
     def _check_fits(self, header: KVTransfer) -> None:
         if self._cache is None:
             return
-        dtype, layers, num_blocks, *block = self._cache
+        dtype, layers, planes, num_blocks, *block = self._cache
         shape = header.shape
-        fits = shape[0] == layers and shape[2] <= num_blocks and shape[3:] == block
+        fits = shape[:2] == [layers, planes] and shape[2] <= num_blocks and shape[3:] == block
         if header.dtype != dtype or not fits:
             raise ValueError(f"KV {header.dtype} {shape} does not fit this worker's cache")
 

@@ -1,8 +1,9 @@
 """Gather / scatter paged KV blocks, KV layout checks and raw tensor frames.
 
-A worker's KV cache is one tensor per layer, `[2, num_blocks, block_size, kv_heads,
-head_dim]`. A transfer moves a request's blocks of every layer as one contiguous tensor
-`[layers, 2, n, block_size, kv_heads, head_dim]`, so one frame (or one copy) carries it.
+A worker's KV cache is one tensor per layer, `KVLayout.layer_shape(num_blocks)`. A
+transfer moves a request's blocks of every layer as one contiguous tensor,
+`KVLayout.cache_shape(n)`, so one frame (or one copy) carries it. Nothing here depends
+on the layout's kind or dtype: a latent (MLA) or FP8 cache packs the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from tandem.core.protocol import KVLayout
+from tandem.core.kv_layout import KV_PLANES, KVLayout
 
 # The KV dtypes a transfer may carry. An explicit list (not getattr(torch, name)) so a
 # header cannot name an arbitrary torch attribute.
@@ -33,6 +34,9 @@ _DTYPES_BY_NAME: dict[str, torch.dtype] = {
     )
     if hasattr(torch, name)
 }
+_BYTE_COPIED = frozenset(
+    _DTYPES_BY_NAME[name] for name in ("float8_e4m3fn", "float8_e5m2") if name in _DTYPES_BY_NAME
+)
 _NAMES_BY_DTYPE: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES_BY_NAME.items()}
 
 # What a raw frame arrives as: a zmq frame's memoryview, or bytes from tests and fakes.
@@ -58,8 +62,12 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise ValueError(f"unsupported KV dtype name {name!r}") from None
 
 
-def layout_of(kv_caches: Sequence[torch.Tensor], model: str, block_size: int) -> KVLayout:
-    """The KVLayout a worker publishes for `kv_caches`; ValueError if they are inconsistent."""
+def layout_of(
+    kv_caches: Sequence[torch.Tensor], model: str, block_size: int, kind: str = "kv"
+) -> KVLayout:
+    """The KVLayout of `kv_caches` (per-layer views); ValueError if they are
+    inconsistent. Workers publish KVCache.layout; this describes caches built by hand
+    (tests, benchmarks) the same way."""
     if not kv_caches:
         raise ValueError("no KV cache layers")
     first = kv_caches[0]
@@ -72,14 +80,18 @@ def layout_of(kv_caches: Sequence[torch.Tensor], model: str, block_size: int) ->
             )
     if first.shape[2] != block_size:
         raise ValueError(f"caches hold blocks of {first.shape[2]} tokens, not {block_size}")
-    return KVLayout(
+    layout = KVLayout(
         model=model,
         dtype=dtype_name(first.dtype),
         block_size=block_size,
         num_layers=len(kv_caches),
         num_kv_heads=first.shape[3],
         head_dim=first.shape[4],
+        kind=kind,
     )
+    if layout.layer_shape(first.shape[1]) != tuple(first.shape):
+        raise ValueError(f"a {kind} cache layer cannot be {tuple(first.shape)}")
+    return layout
 
 
 def check_layout(mine: KVLayout, theirs: KVLayout) -> None:
@@ -89,8 +101,9 @@ def check_layout(mine: KVLayout, theirs: KVLayout) -> None:
 
 
 def packed_shape(kv_caches: Sequence[torch.Tensor], num_blocks: int) -> tuple[int, ...]:
-    _, _, block_size, kv_heads, head_dim = kv_caches[0].shape
-    return (len(kv_caches), 2, num_blocks, block_size, kv_heads, head_dim)
+    """`[layers, planes, num_blocks, block_size, heads, dim]` for these caches."""
+    planes, _, block_size, heads, dim = kv_caches[0].shape
+    return (len(kv_caches), planes, num_blocks, block_size, heads, dim)
 
 
 def pack_blocks(
@@ -116,13 +129,14 @@ def pack_blocks(
             f"out is {tuple(out.shape)} {out.dtype}; need contiguous {shape} {first.dtype}"
         )
     index = torch.tensor(list(block_ids), dtype=torch.long, device=first.device)
+    target = _copyable(out)
     for layer, cache in enumerate(kv_caches):
         if out.device == cache.device:
-            torch.index_select(cache, 1, index, out=out[layer])
+            torch.index_select(_copyable(cache), 1, index, out=target[layer])
         else:
             # Staging to another device (GPU cache -> pinned host buffer): gather on the
             # cache's device first, since index_select cannot write across devices.
-            out[layer].copy_(cache.index_select(1, index), non_blocking=True)
+            target[layer].copy_(_copyable(cache).index_select(1, index), non_blocking=True)
     if out.device.type == "cpu" and first.device.type != "cpu":
         # non_blocking copies into host memory must finish before the bytes are read.
         torch.cuda.current_stream(first.device).synchronize()
@@ -149,9 +163,17 @@ def unpack_blocks(
         return
     index = torch.tensor(list(block_ids), dtype=torch.long, device=first.device)
     # One host-to-device copy for all layers rather than one per layer.
-    source = packed.to(first.device, non_blocking=True)
+    source = _copyable(packed.to(first.device, non_blocking=True))
     for layer, cache in enumerate(kv_caches):
-        cache.index_copy_(1, index, source[layer])
+        _copyable(cache).index_copy_(1, index, source[layer])
+
+
+def _copyable(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or its bytes when torch has no gather / scatter for its dtype (FP8):
+    moving blocks only moves bytes, so an FP8 cache packs like any other."""
+    if tensor.dtype in _BYTE_COPIED:
+        return tensor.view(torch.uint8)
+    return tensor
 
 
 def tensor_to_frame(tensor: torch.Tensor) -> memoryview:
@@ -196,10 +218,10 @@ def tensor_from_frame(buffer: BufferLike, dtype: str, shape: Sequence[int]) -> t
 
 
 def _check_cache_shape(cache: torch.Tensor) -> None:
-    if cache.dim() != 5 or cache.shape[0] != 2:
+    if cache.dim() != 5 or cache.shape[0] not in KV_PLANES:
         raise ValueError(
             f"KV cache layer is {tuple(cache.shape)}; "
-            "expected [2, num_blocks, block_size, kv_heads, head_dim]"
+            "expected [planes, num_blocks, block_size, heads, dim] (KVLayout.layer_shape)"
         )
 
 

@@ -18,6 +18,7 @@ from typing import Union, cast
 
 import torch
 
+from tandem.core.kv_layout import KV_PLANES
 from tandem.core.protocol import (
     MAX_CONTROL_FRAME_BYTES,
     ControlMessage,
@@ -53,7 +54,7 @@ MAX_KV_PAYLOAD_BYTES = 16 << 30
 # passes its own tuple to parse_inbound.
 RECEIVABLE: tuple[type, ...] = (ReserveRequest, KVTransfer, Handoff, Release)
 _REPLIES = (ReserveReply, TransferAck, KVGroupReply, ExportReply)
-_PACKED_RANK = 6  # [layers, 2, n, block_size, kv_heads, head_dim]
+_PACKED_RANK = 6  # KVLayout.cache_shape(n): [layers, planes, n, block_size, heads, dim]
 
 Reply = Union[ReserveReply, TransferAck, KVGroupReply, ExportReply]
 ReplyKey = tuple[type, str]
@@ -71,7 +72,7 @@ def kv_header(request_id: str, block_ids: Sequence[int], packed: torch.Tensor) -
     if packed.dim() != _PACKED_RANK or packed.shape[2] != len(block_ids):
         raise ValueError(
             f"packed KV {tuple(packed.shape)} does not hold {len(block_ids)} blocks "
-            "as [layers, 2, n, block_size, kv_heads, head_dim]"
+            "as KVLayout.cache_shape(n)"
         )
     return KVTransfer(
         request_id=request_id,
@@ -149,11 +150,9 @@ def kv_payload_nbytes(header: KVTransfer, max_bytes: int = MAX_KV_PAYLOAD_BYTES)
     """How many bytes the payload of `header` holds; ValueError if its shape or dtype is
     bad or the payload would exceed `max_bytes`. Checked before any buffer is allocated."""
     shape = header.shape
-    if len(shape) != _PACKED_RANK or shape[1] != 2 or shape[2] != len(header.block_ids):
-        raise ValueError(
-            f"KV shape {shape} is not [layers, 2, {len(header.block_ids)}, "
-            "block_size, kv_heads, head_dim]"
-        )
+    n = len(header.block_ids)
+    if len(shape) != _PACKED_RANK or shape[1] not in KV_PLANES or shape[2] != n:
+        raise ValueError(f"KV shape {shape} is not [layers, planes, {n}, block_size, heads, dim]")
     if any(d < 0 for d in shape):
         raise ValueError(f"invalid tensor shape {shape}")
     nbytes = math.prod(shape) * dtype_from_name(header.dtype).itemsize

@@ -41,6 +41,7 @@ import redis
 
 from tandem.core.config import WorkerConfig
 from tandem.core.kv_cache_manager import blocks_needed
+from tandem.core.prefix_routing import WorkerRouting
 from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
 from tandem.core.registry import SHIP_SENDER_SUFFIX, list_workers, pick_decode_worker
 from tandem.core.replies import new_deltas, publish_safely, token_delta
@@ -50,7 +51,6 @@ from tandem.core.task_intake import TaskIntake, tasks_fitting
 from tandem.core.worker_base import WorkerBase
 from tandem.engine.engine import Engine, EngineConfig, StepFailed
 from tandem.kvtransfer.curve import curve_keys
-from tandem.kvtransfer.pack import layout_of
 from tandem.kvtransfer.transport import (
     BlockMove,
     KVSender,
@@ -80,9 +80,14 @@ class InFlight:
     decode_id: str
     decode_address: str
     dst_blocks: list[int]
+    dst_cached: int  # leading dst_blocks the decode worker already had: not shipped
     # Its local blocks, copied off the KV manager when it leaves the main loop for the
     # shipping thread (which reads no main-loop state).
     src_blocks: list[int] = field(default_factory=list)
+
+    def blocks_to_ship(self, n: int) -> tuple[list[int], list[int]]:
+        """(source, destination) ids of the first `n` blocks the decode worker lacks."""
+        return self.src_blocks[self.dst_cached : n], self.dst_blocks[self.dst_cached : n]
 
 
 class PrefillWorker(WorkerBase):
@@ -90,8 +95,14 @@ class PrefillWorker(WorkerBase):
         super().__init__(config)
         self.engine = Engine(engine_config)
         self.kv = self.engine.kv
-        self.layout = layout_of(self.engine.runner.kv_caches, self.engine.name, self.kv.block_size)
+        self.layout = self.engine.kv_cache.layout
         self.intake = TaskIntake(self.redis, self.engine.name, self.worker_id, config)
+        # KV-aware routing (None: caching or routing off); its publisher also rides
+        # the heartbeat.
+        self.routing = WorkerRouting.of(
+            self.redis, self.engine.name, self.worker_id, self.kv, config
+        )
+        self.hash_publisher = self.routing.publisher if self.routing else None
         # Reservations go out on the main loop's sender, KV and handoffs on the shipper's.
         curve = curve_keys(config.kv_curve_dir)
         self.sender = make_sender(config.kv_transport, self.worker_id, curve)
@@ -109,6 +120,7 @@ class PrefillWorker(WorkerBase):
         self._decoders: list[WorkerInfo] = []
         self._decoders_at = 0.0
         self.admitted = 0
+        self.kv_bytes_sent = 0  # KV shipped to decode workers since start
         # A running mean of the prompts taken; until one is seen, one task fills a step.
         self._typical_prompt = float(self.engine.scheduler.config.prefill_budget)
 
@@ -121,9 +133,9 @@ class PrefillWorker(WorkerBase):
             pid=os.getpid(),
             max_model_len=self.engine.max_model_len,
             layout=self.layout,
-            total_blocks=self.kv.pool.num_blocks,
-            free_blocks=self.kv.num_free_blocks,
-            used_blocks=self.kv.num_used_blocks,
+            **self.kv.figures(),
+            routed_to_peers=self.routing.router.num_deferred if self.routing else 0,
+            kv_bytes_sent=self.kv_bytes_sent,
             running=len(sched.running),
             waiting=len(sched.waiting),
             reservations=len(self.inflight) + self.shipper.flights,
@@ -151,6 +163,7 @@ class PrefillWorker(WorkerBase):
                     while self.shipper.full:
                         self._settle_shipped(self.shipper.collect(SHIP_WAIT_S))
                     self._step()
+                    self._publish_cached_blocks()
                 elif self.shipper.batches:
                     self._settle_shipped(self.shipper.collect(SHIP_WAIT_S))
         finally:
@@ -173,6 +186,11 @@ class PrefillWorker(WorkerBase):
         # Busy: just look. Idle: wait briefly for work (no BLOCK means return at once).
         busy = self.engine.has_work or self.waiting_room or self.shipper.batches
         block_ms = None if busy else 50
+        if self.routing is not None and room and self.routing.active:
+            block_ms = None  # see WorkerRouting.room
+            room = self.routing.room(self.intake, room, self._load())
+            if not room and not busy:
+                time.sleep(WorkerRouting.LOOK_S)
         held = {rid: f.entry_id for rid, f in self.inflight.items()}
         held.update(self.shipping)
         held.update((task.request_id, entry_id) for entry_id, task, _ in self.waiting_room)
@@ -181,9 +199,18 @@ class PrefillWorker(WorkerBase):
             self._typical_prompt += PROMPT_AVERAGING * (tokens - self._typical_prompt)
             if not self._take(entry_id, task, time.monotonic()):
                 self.waiting_room.append((entry_id, task, time.monotonic()))
+        self._publish_cached_blocks()
         if self.waiting_room and not self.engine.has_work:
             # Nothing to compute until decode has room: sleep to the next retry, not spin.
             time.sleep(max(0.0, min(RESERVE_RETRY_S, self._retry_at - time.monotonic())))
+
+    def _publish_cached_blocks(self) -> None:
+        if self.routing is not None:
+            self.routing.publish(self._load())
+
+    def _load(self) -> int:
+        """Tasks held and not handed off yet (what routing compares)."""
+        return len(self.inflight) + len(self.waiting_room)
 
     def _retry_waiting_room(self) -> None:
         """Tasks that found every decode worker full try again, oldest first, as answers
@@ -235,8 +262,7 @@ class PrefillWorker(WorkerBase):
             self.intake.fail(task, "unavailable", "no decode worker could take the request")
             self.intake.ack(entry_id)
             return True
-        decode_id, address, blocks = placed
-        self.inflight[rid] = InFlight(entry_id, task, seq, decode_id, address, blocks)
+        self.inflight[rid] = InFlight(entry_id, task, seq, *placed)
         self.admitted += 1
         return True
 
@@ -260,7 +286,9 @@ class PrefillWorker(WorkerBase):
 
     def _reserve(
         self, seq: Sequence, sender: KVSender | None = None
-    ) -> tuple[str, str, list[int]] | None:
+    ) -> tuple[str, str, list[int], int] | None:
+        """(decode worker id, its address, the block ids reserved there, how many of
+        them already hold this prompt's KV), or None when no decode worker has room."""
         sender = sender or self.sender
         candidates = self._decode_workers()
         tried: set[str] = set()
@@ -274,6 +302,8 @@ class PrefillWorker(WorkerBase):
                 num_tokens=seq.num_tokens,
                 layout=self.layout,
                 lease_s=self.config.reservation_lease_s,
+                # A decode worker that holds some of these blocks keeps them.
+                block_hashes=self.kv.prefix_chain(seq.all_token_ids, seq.sampling.cache_salt),
             )
             try:
                 reply = sender.reserve(worker.control_address, req, self.config.transfer_timeout_s)
@@ -284,7 +314,8 @@ class PrefillWorker(WorkerBase):
                 # Count it locally until the next registry read, so a burst spreads out.
                 worker.free_blocks -= len(reply.block_ids)
                 worker.running += 1
-                return worker.worker_id, worker.control_address, list(reply.block_ids)
+                cached = min(max(0, reply.cached_blocks), len(reply.block_ids))
+                return worker.worker_id, worker.control_address, list(reply.block_ids), cached
             log.info("decode %s refused %s: %s", worker.worker_id, seq.request_id, reply.reason)
         return None
 
@@ -350,6 +381,10 @@ class PrefillWorker(WorkerBase):
                 self.intake.fail(
                     flight.task, "unavailable", f"KV handoff to decode failed: {failure}"
                 )
+            else:
+                blocks = blocks_needed(flight.seq.num_tokens - 1, self.kv.block_size)
+                shipped = blocks - flight.dst_cached
+                self.kv_bytes_sent += shipped * self.layout.bytes_per_block
             self.intake.ack(flight.entry_id)
 
     # -- shipping thread ----------------------------------------------------------------
@@ -365,7 +400,7 @@ class PrefillWorker(WorkerBase):
             rid = flight.seq.request_id
             n = blocks_needed(flight.seq.num_tokens - 1, self.kv.block_size)
             by_peer.setdefault(flight.decode_address, []).append(
-                BlockMove(rid, flight.src_blocks[:n], flight.dst_blocks[:n])
+                BlockMove(rid, *flight.blocks_to_ship(n))
             )
         shipped: dict[str, Transfer] = {}
         for address, moves in by_peer.items():
@@ -373,7 +408,7 @@ class PrefillWorker(WorkerBase):
                 self.ship_sender,
                 address,
                 moves,
-                self.engine.runner.kv_caches,
+                self.engine.kv_cache.layers,
                 self.config.transfer_timeout_s,
             ):
                 shipped[transfer.request_id] = transfer
@@ -394,7 +429,9 @@ class PrefillWorker(WorkerBase):
                 placed = self._reserve(seq, self.ship_sender)
                 if placed is None:
                     break
-                flight.decode_id, flight.decode_address, flight.dst_blocks = placed
+                flight.decode_id, flight.decode_address, flight.dst_blocks, flight.dst_cached = (
+                    placed
+                )
             reason = self._ship_and_hand_off(flight, computed, n, None if attempt else shipped)
             if not reason:
                 return ""
@@ -411,9 +448,8 @@ class PrefillWorker(WorkerBase):
             self.ship_sender,
             flight.decode_address,
             rid,
-            self.engine.runner.kv_caches,
-            flight.src_blocks[:n],
-            flight.dst_blocks[:n],
+            self.engine.kv_cache.layers,
+            *flight.blocks_to_ship(n),
             self.config.transfer_timeout_s,
         )
         if transfer.state is not TransferState.DONE:

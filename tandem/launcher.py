@@ -137,6 +137,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     ]
     if args.enforce_eager:
         flags.append("--enforce-eager")
+    if not args.prefix_caching:
+        flags.append("--no-prefix-caching")
     threads = args.threads
     if not threads and args.device != "cuda":
         # Workers sharing the CPU each get a slice: oversubscribed OpenMP threads spin
@@ -168,6 +170,7 @@ class Service:
         log_level = ["--log-level", self.args.log_level]
         transfer = ["--kv-transport", self.args.kv_transport]
         local_prefill = local_prefill_flags(self.args)
+        routing = ["--prefix-route-wait-ms", f"{self.args.prefix_route_wait_ms:g}"]
         for command, role in WORKER_COMMANDS.items():
             flags = [
                 *engine_flags(self.args),
@@ -175,6 +178,7 @@ class Service:
                 self.redis_url,
                 *(transfer if role != "colocated" else []),
                 *(local_prefill if role == "decode" else []),
+                *(routing if role == "prefill" else []),
             ]
             gpus = getattr(self.args, f"{role}_gpus")
             for i in range(getattr(self.args, f"{role}_workers")):

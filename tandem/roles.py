@@ -37,6 +37,21 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         dest="reclaim_idle_s",
         help="seconds before the tasks of a dead prefill or colocated worker are taken over",
     )
+    add_prefix_route_arg(p)
+
+
+def add_prefix_route_arg(p: argparse.ArgumentParser) -> None:
+    """KV-aware routing (core/prefix_routing.py); `tandem serve` passes it to its
+    prefill workers."""
+    p.add_argument(
+        "--prefix-route-wait-ms",
+        type=float,
+        default=200.0,
+        metavar="MS",
+        dest="prefix_route_wait_ms",
+        help="prefill: leave a task up to MS ms for a live peer that holds a longer "
+        "cached prefix of it (0: take tasks in stream order)",
+    )
 
 
 def _add_kv_transfer_args(p: argparse.ArgumentParser) -> None:
@@ -179,6 +194,7 @@ def worker_config_from_args(args: argparse.Namespace, role: str):
         role=role,
         worker_id=args.worker_id,
         reclaim_idle_s=args.reclaim_idle_s,
+        prefix_route_wait_ms=args.prefix_route_wait_ms,
         **extra,
     )
 
@@ -319,6 +335,7 @@ def add_role_parsers(sub) -> None:
     )
     add_local_prefill_args(s)
     add_local_prefill_tokens_arg(s)
+    add_prefix_route_arg(s)
     add_secret_args(
         s,
         "api-key",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ctandem.proto\x12\ttandem.v1\"w\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\"\xa5\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\x05min_p\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x02\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x05\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobs\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"z\n\rTokenLogprobs\x12\x38\n\x08logprobs\x18\x01 \x03(\x0b\x32&.tandem.v1.TokenLogprobs.LogprobsEntry\x1a/\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xc4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32S\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ctandem.proto\x12\ttandem.v1\"w\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\"\xb9\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\x05min_p\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x02\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x05\x88\x01\x01\x12\x12\n\ncache_salt\x18\x0f \x01(\tB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobs\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"z\n\rTokenLogprobs\x12\x38\n\x08logprobs\x18\x01 \x03(\x0b\x32&.tandem.v1.TokenLogprobs.LogprobsEntry\x1a/\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xc4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32S\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._loaded_options = None
   _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=954
-  _globals['_FINISHREASON']._serialized_end=1074
+  _globals['_FINISHREASON']._serialized_start=997
+  _globals['_FINISHREASON']._serialized_end=1117
   _globals['_GENERATEREQUEST']._serialized_start=27
   _globals['_GENERATEREQUEST']._serialized_end=146
   _globals['_SAMPLINGPARAMS']._serialized_start=149
-  _globals['_SAMPLINGPARAMS']._serialized_end=570
-  _globals['_USAGE']._serialized_start=572
-  _globals['_USAGE']._serialized_end=629
-  _globals['_TOKENLOGPROBS']._serialized_start=631
-  _globals['_TOKENLOGPROBS']._serialized_end=753
-  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_start=706
-  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_end=753
-  _globals['_GENERATERESPONSE']._serialized_start=756
-  _globals['_GENERATERESPONSE']._serialized_end=952
-  _globals['_GENERATION']._serialized_start=1076
-  _globals['_GENERATION']._serialized_end=1159
+  _globals['_SAMPLINGPARAMS']._serialized_end=590
+  _globals['_USAGE']._serialized_start=592
+  _globals['_USAGE']._serialized_end=672
+  _globals['_TOKENLOGPROBS']._serialized_start=674
+  _globals['_TOKENLOGPROBS']._serialized_end=796
+  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_start=749
+  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_end=796
+  _globals['_GENERATERESPONSE']._serialized_start=799
+  _globals['_GENERATERESPONSE']._serialized_end=995
+  _globals['_GENERATION']._serialized_start=1119
+  _globals['_GENERATION']._serialized_end=1202
 # @@protoc_insertion_point(module_scope)

@@ -15,6 +15,7 @@ import pytest
 ROW_KEYS = {"num_prompts", "completed", "failed", "errors", "duration_s", "request_throughput",
             "output_throughput", "total_token_throughput", "goodput", "goodput_requests",
             "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "client_cpu_share", "slo_attainment"}  # fmt: skip
+PREFIX_KEYS = {"ideal_hit_rate", "prefix_hit_rate", "kv_bytes_per_request"}
 
 
 def bench_serve(tmp_path: Path, *flags: str) -> tuple[dict, str]:
@@ -76,7 +77,7 @@ def test_grpc_two_rates_every_request_complete(tmp_path):
     mode = record["metrics"]["modes"]["1p1d"]
     assert set(mode["rates"]) == {"inf", "4"}
     for row in mode["rates"].values():
-        assert set(row) == ROW_KEYS | {"prompts_prefilled_by_role"}
+        assert set(row) == ROW_KEYS | {"prompts_prefilled_by_role", *PREFIX_KEYS}
         # completed means: no error and exactly output-len tokens streamed
         assert (row["completed"], row["failed"]) == (6, 0), row["errors"]
         assert row["slo_attainment"] == {"loose": 1.0}  # every request within 10 minutes
@@ -119,4 +120,24 @@ def test_http_backend_goodput_offline_baseline_and_local_prefill_mode(tmp_path):
     assert metrics["offline"]["num_prompts"] == 4
     assert metrics["served_vs_offline_mode"] == "1p1d-local"
     assert metrics["served_vs_offline_throughput_ratio"] > 0
+    assert_nothing_left(stdout)
+
+
+def test_shared_prefix_workload_reports_hit_rate_and_bytes_shipped(tmp_path):
+    from tandem.engine.model_config import ModelConfig
+    from tandem.engine.model_registry import resolve_model
+
+    record, stdout = bench_serve(
+        tmp_path, "--num-prompts", "4", "--rates", "1", "--workload", "shared-prefix",
+        "--shared-prefix-len", "64",
+    )  # fmt: skip
+    assert record["params"]["workload"] == "shared-prefix"
+    row = record["metrics"]["modes"]["1p1d"]["rates"]["1"]
+    assert (row["completed"], row["failed"]) == (4, 0), row["errors"]
+    assert row["ideal_hit_rate"] == pytest.approx(64 * 3 / (80 * 4), abs=1e-4)
+    assert 0 < row["prefix_hit_rate"] <= row["ideal_hit_rate"]
+    # A request's KV is 80 prompt tokens, 5 blocks of 16; the first one ships all of
+    # them, later ones only what the decode worker does not hold yet (at least 1).
+    block = ModelConfig.from_dir(resolve_model("smollm2")).kv_layout("float32", 16).bytes_per_block
+    assert 2 * block <= row["kv_bytes_per_request"] <= 5 * block
     assert_nothing_left(stdout)

@@ -258,6 +258,9 @@ def test_engine_flags_travel_with_overrides():
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.45"
     assert "--enforce-eager" in argv and "--device" not in argv  # unset: the child's default
     assert parser.parse_args(argv).load_format == "dummy"
+    assert "--no-prefix-caching" not in argv  # on by default: nothing to pass
+    off = engine_argv(parser.parse_args(["--no-prefix-caching"]), add_engine_args)
+    assert "--no-prefix-caching" in off and not parser.parse_args(off).prefix_caching
 
 
 def test_rates_and_prompt_counts():
@@ -357,7 +360,14 @@ def test_prompts_prefilled_per_role_come_from_the_gateways_worker_gauges():
         ]
     )
     text = metrics.render().decode()
-    assert prompts_prefilled(text) == {"prefill": 42, "decode": 8, "colocated": 5}
+    assert prompts_prefilled(text) == {
+        "prefill": 42,
+        "decode": 8,
+        "colocated": 5,
+        "prefix_hit_tokens": 0,
+        "prefix_queried_tokens": 0,
+        "kv_bytes_sent": 0,
+    }
 
 
 def test_slo_sets_give_attainment_goodput_and_ratios_by_slo():
@@ -395,3 +405,75 @@ def test_slo_sets_give_attainment_goodput_and_ratios_by_slo():
     assert metrics["goodput_ratio_1p1d_vs_2_colocated_by_slo"] == {"tpot15": None, "tpot40": 1.013}
     assert metrics["goodput_ratio_1p1d_local_vs_2_colocated_by_slo"]["tpot40"] == 1.026
     assert metrics["goodput_ratio_best_disaggregated_vs_2_colocated_by_slo"]["tpot40"] == 1.026
+
+
+def test_prefix_hit_rate_and_bytes_per_request_sum_over_the_pool():
+    from tandem.bench.serve_stats import prefix_figures
+    from tandem.core.protocol import WorkerInfo
+    from tandem.gateway.metrics import GatewayMetrics
+
+    def figures(hit: int, queried: int, sent: int) -> dict[str, int]:
+        metrics = GatewayMetrics("m")
+        workers = [
+            WorkerInfo(
+                worker_id=f"p{i}",
+                role="prefill",
+                model="m",
+                pid=i,
+                prefix_hit_tokens=hit,
+                prefix_queried_tokens=queried,
+                kv_bytes_sent=sent,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        metrics.set_workers(workers)
+        return prompts_prefilled(metrics.render().decode())
+
+    before, after = figures(100, 400, 1000), figures(400, 800, 5000)
+    assert prefix_figures(before, after, completed=4) == {
+        "prefix_hit_rate": 0.75,  # (800 - 200) / (1600 - 800)
+        "kv_bytes_per_request": 2000,  # (10000 - 2000) / 4
+    }
+    assert prefix_figures(after, after, completed=0) == {
+        "prefix_hit_rate": None,
+        "kv_bytes_per_request": None,
+    }
+
+
+def _workload_args(**fields):
+    import argparse
+
+    base = dict(vocab_size=1000, input_len=10, output_len=4, range_ratio=0.0,
+                shared_prefix_len=50, turns=3, turn_gap=1.0)  # fmt: skip
+    return argparse.Namespace(**{**base, **fields})
+
+
+def test_shared_prefix_workload_shares_exactly_the_system_prompt():
+    from tandem.bench.serve_workloads import workload_prompts
+
+    prompts, arrivals, ideal = workload_prompts(
+        _workload_args(workload="shared-prefix"), 5, 2.0, "s"
+    )
+    assert len(prompts) == len(arrivals) == 5
+    assert all(len(p.token_ids) == 60 and p.output_len == 4 for p in prompts)
+    assert len({tuple(p.token_ids[:50]) for p in prompts}) == 1
+    assert len({tuple(p.token_ids[50:]) for p in prompts}) == 5
+    assert ideal == pytest.approx(50 * 4 / (60 * 5))
+
+
+def test_multi_turn_workload_grows_each_conversation_by_a_turn():
+    from tandem.bench.serve_workloads import workload_prompts
+
+    args = _workload_args(workload="multi-turn")
+    prompts, arrivals, ideal = workload_prompts(args, 6, 1.0, "s")  # two users, three turns
+    assert arrivals == sorted(arrivals) and len(prompts) == 6
+    by_len: dict[int, list] = {}
+    for p in prompts:
+        by_len.setdefault(len(p.token_ids), []).append(p.token_ids)
+    assert sorted(by_len) == [10, 24, 38]  # + 4 answer stand-in + 10 new tokens a turn
+    for short, longer in ((10, 24), (24, 38)):
+        for convo in by_len[longer]:
+            assert any(convo[:short] == p for p in by_len[short])  # its previous turn leads
+    assert ideal == pytest.approx(2 * (10 + 24) / (2 * (10 + 24 + 38)))
+    same, _, _ = workload_prompts(args, 6, 1.0, "s")
+    assert [p.token_ids for p in same] == [p.token_ids for p in prompts]

@@ -195,3 +195,60 @@ def test_check_layout_names_the_differing_field():
 
 def _fields(layout: KVLayout) -> dict:
     return {name: getattr(layout, name) for name in layout.__struct_fields__}
+
+
+@pytest.mark.parametrize(
+    "kind, heads, dtype",
+    [("latent", 1, "bfloat16"), ("kv", 2, "float8_e4m3fn"), ("latent", 1, "float8_e5m2")],
+)
+def test_any_declared_layout_packs_ships_and_unpacks_bit_exact(kind, heads, dtype):
+    """A latent (MLA) or FP8 cache goes through the same pack / frame / unpack path as
+    today's K/V cache: the transports read the layout, they do not spell it out."""
+    from tandem.core.kv_layout import KVLayout
+    from tandem.engine.kv_cache import KVCache
+    from tandem.kvtransfer.wire import kv_header, kv_payload_nbytes
+
+    layout = KVLayout(
+        model="m",
+        dtype=dtype,
+        block_size=4,
+        num_layers=3,
+        num_kv_heads=heads,
+        head_dim=16,
+        kind=kind,
+    )
+    src, dst = KVCache(layout, 10, "cpu"), KVCache(layout, 12, "cpu")
+    src.tensor.view(torch.uint8).copy_(
+        torch.randint(0, 120, src.tensor.view(torch.uint8).shape, dtype=torch.uint8)
+    )
+    assert layout_of(src.layers, "m", 4, kind=kind) == layout
+    blocks, _ = src.blocks.reserve("r", 9)
+    packed = src.pack(blocks)
+    assert tuple(packed.shape) == layout.cache_shape(3)
+    header = kv_header("r", blocks, packed)
+    assert kv_payload_nbytes(header) == 3 * layout.bytes_per_block
+    frame = tensor_to_frame(packed)
+    received = tensor_from_frame(frame, header.dtype, header.shape)
+    targets, _ = dst.blocks.reserve("r", 9)
+    dst.unpack(targets, received)
+    for s, d in zip(blocks, targets, strict=True):
+        assert torch.equal(bits(dst.tensor[:, :, d]), bits(src.tensor[:, :, s]))
+    assert dst.blocks.num_used_blocks == 3
+
+
+def test_layout_sizes_follow_kind_and_dtype():
+    from tandem.core.kv_layout import KVLayout
+
+    base = dict(model="m", block_size=16, num_layers=32, num_kv_heads=8, head_dim=128)
+    bf16 = KVLayout(dtype="bfloat16", **base)
+    assert bf16.bytes_per_token == 32 * 2 * 8 * 128 * 2  # Llama-3.1-8B: 128 KiB per token
+    assert bf16.bytes_per_block == 16 * bf16.bytes_per_token
+    assert KVLayout(dtype="float8_e4m3fn", **base).bytes_per_token == bf16.bytes_per_token // 2
+    latent = KVLayout(
+        **{**base, "num_kv_heads": 1, "head_dim": 576}, dtype="bfloat16", kind="latent"
+    )
+    assert latent.layer_shape(5) == (1, 5, 16, 1, 576)
+    assert latent.bytes_per_token == 32 * 576 * 2
+    with pytest.raises(ValueError, match="one head"):
+        KVLayout(**base, dtype="bfloat16", kind="latent")
+    assert bf16.cache_salt() != KVLayout(dtype="float8_e4m3fn", **base).cache_salt()

@@ -192,3 +192,30 @@ def test_a_workers_max_prefill_tokens_reaches_its_scheduler():
         ]
     )
     assert engine_config_from_args(args).scheduler.prefill_budget == 256
+
+
+def test_prefix_flags_reach_the_workers_that_use_them(monkeypatch):
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda cmd, **kw: spawned.append(cmd))
+    args = _serve_args(
+        "--redis-url",
+        "redis://127.0.0.1:1/0",
+        "--colocated-workers",
+        "1",
+        "--prefill-workers",
+        "1",
+        "--decode-workers",
+        "1",
+        "--prefix-route-wait-ms",
+        "750",
+        "--no-prefix-caching",
+    )
+    resolve_worker_counts(args)
+    launcher.Service(args).start()
+    workers = [cmd for cmd in spawned if "gateway" not in cmd]
+    assert len(workers) == 3
+    for cmd in workers:
+        assert "--no-prefix-caching" in cmd
+        assert ("--prefix-route-wait-ms" in cmd) == ("prefill" in cmd), cmd
+    (prefill,) = [cmd for cmd in workers if "prefill" in cmd]
+    assert _engine_value(prefill, "--prefix-route-wait-ms") == "750"

@@ -1,0 +1,254 @@
+"""KV-aware routing: a task goes to the worker that already holds its prefix.
+
+Tasks stay in the one prefill stream, read through the one consumer group, so reclaim,
+dead letters and aborts work as before (core/task_intake.py). What changes is *who
+reads the next task*:
+
+- every prefill worker mirrors the hashes of its cached blocks (prefix_hash.py) into a
+  Redis set, and how many tasks it holds into a counter, both expiring with its
+  registry entry (`HashPublisher`): changes go out after the step that made them,
+  the TTL is renewed by the heartbeat, so an evicted block leaves the set at once and a
+  dead worker's keys are gone one registry TTL after its last heartbeat (the registry
+  entry's own figures are up to a heartbeat old: too late to route by);
+- before it reads, a worker looks at the oldest task nobody has been given yet (the
+  stream's backlog) and leaves it for a live peer that holds a longer cached prefix of
+  it and is not busier than itself (`PrefixRouter.defers`). The holder reads it on its
+  next poll. A task is left alone at most `wait_ms` (by Redis' clock): past that,
+  whoever reads first takes it, so a busy or dead holder delays a task, never strands it.
+
+A worker-side decision rather than per-worker streams fed by a router: no task ever
+sits in a stream only one worker reads, so a worker's death needs no new recovery path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import redis
+
+from tandem.core.kv_cache_manager import KVCacheManager
+from tandem.core.local_prefill import Backlog
+from tandem.core.redis_keys import cached_blocks_key, routing_load_key
+from tandem.core.registry import list_workers
+from tandem.core.task_intake import TaskIntake
+
+log = logging.getLogger(__name__)
+
+PUBLISHED_HASH_BYTES = 8  # a prefix of the 16-byte hash: compact, collisions only misroute
+# The roles that publish their cached blocks, hence the peers a task can be left for.
+ROUTING_ROLES = ("prefill",)
+
+
+class HashPublisher:
+    """Mirrors a block pool's cache (what it can serve by hash) into a Redis set, and
+    the worker's load into a counter beside it."""
+
+    def __init__(
+        self, client: redis.Redis, model: str, worker_id: str, kv: KVCacheManager, ttl_s: float
+    ) -> None:
+        self.client, self.ttl_ms = client, int(ttl_s * 1000)
+        self.key = cached_blocks_key(model, worker_id)
+        self.load_key = routing_load_key(model, worker_id)
+        self._load: int | None = None
+        self._events: deque[tuple[bool, bytes]] = kv.pool.watch()
+        self._fresh = True  # a restarted worker's old set goes first
+        # The main loop flushes after a step that cached blocks (peers should see them
+        # before the next request with that prefix arrives), the heartbeat thread on
+        # every beat (the TTL); one at a time, so changes reach Redis in order.
+        self._lock = threading.Lock()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._events)
+
+    def set_load(self, tasks: int) -> None:
+        """The tasks the worker holds (main loop; written only when it changed)."""
+        if tasks != self._load:
+            self.client.set(self.load_key, tasks, px=self.ttl_ms)
+            self._load = tasks
+
+    def flush(self) -> None:
+        """Apply the cache's changes since the last flush (the pool appends to a deque,
+        which is safe to drain from another thread)."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        taken = []
+        while self._events:
+            taken.append(self._events.popleft())
+        present: dict[bytes, bool] = {}
+        for added, block_hash in taken:
+            present[block_hash[:PUBLISHED_HASH_BYTES]] = added
+        pipe = self.client.pipeline(transaction=False)
+        if self._fresh:
+            pipe.delete(self.key)
+        gone = [h for h, added in present.items() if not added]
+        new = [h for h, added in present.items() if added]
+        if gone:
+            pipe.srem(self.key, *gone)
+        if new:
+            pipe.sadd(self.key, *new)
+        pipe.pexpire(self.key, self.ttl_ms)
+        pipe.pexpire(self.load_key, self.ttl_ms)
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            self._events.extendleft(reversed(taken))  # next heartbeat sends them again
+            raise
+        self._fresh = False
+
+
+class PrefixRouter:
+    """Decides whether this worker leaves the backlog's task for a peer."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        model: str,
+        worker_id: str,
+        kv: KVCacheManager,
+        wait_ms: float,
+        peers_ttl_s: float = 1.0,
+    ) -> None:
+        self.client, self.model, self.worker_id, self.kv = client, model, worker_id, kv
+        self.wait_ms = wait_ms
+        self.peers_ttl_s = peers_ttl_s
+        self._peers: list = []
+        self._peers_at = float("-inf")
+        # (entry id, defer, when) of the last look: reused until the view of the peers
+        # is refreshed, so a holder that died meanwhile stops being waited for.
+        self._decided: tuple[bytes, bool, float] | None = None
+        self.num_deferred = 0  # tasks left for a peer with a longer cached prefix
+
+    def defers(self, backlog: Backlog | None, my_load: int) -> bool:
+        """True: leave `backlog`'s task to a peer that holds more of its prefix and
+        no more tasks than `my_load` (the tasks this worker holds)."""
+        if backlog is None or backlog.task is None or backlog.age_ms >= self.wait_ms:
+            return False
+        now = time.monotonic()
+        last = self._decided
+        same = last is not None and last[0] == backlog.entry_id
+        if same and now - last[2] < self.peers_ttl_s:
+            return last[1]
+        defer = self._peer_holds_more(backlog, my_load)
+        self._decided = (backlog.entry_id, defer, now)
+        self.num_deferred += defer and not (same and last[1])  # once per task left
+        return defer
+
+    def _peer_holds_more(self, backlog: Backlog, my_load: int) -> bool:
+        task = backlog.task
+        tokens = task.prompt_token_ids + task.output_token_ids
+        usable = (len(tokens) - 1) // self.kv.block_size
+        chain = self.kv.prefix_chain(tokens, task.sampling.cache_salt)[:usable]
+        if not chain:
+            return False
+        mine = self.kv.num_cached_leading(chain)
+        peers = self.live_peers()
+        if not peers or mine == len(chain):
+            return False
+        short = [h[:PUBLISHED_HASH_BYTES] for h in chain]
+        pipe = self.client.pipeline(transaction=False)
+        for peer in peers:
+            pipe.get(routing_load_key(self.model, peer.worker_id))
+            pipe.smismember(cached_blocks_key(self.model, peer.worker_id), short)
+        answers = pipe.execute()
+        loads, found = answers[0::2], answers[1::2]
+        best = max(
+            (_leading(held) for load, held in zip(loads, found, strict=True)
+             if int(load or 0) <= my_load),
+            default=0,
+        )  # fmt: skip
+        return best > mine
+
+    def live_peers(self) -> list:
+        """Live workers that publish their cached blocks, this one aside (refreshed
+        at most every peers_ttl_s)."""
+        now = time.monotonic()
+        if now - self._peers_at > self.peers_ttl_s:
+            self._peers = [
+                w
+                for w in list_workers(self.client)
+                if w.role in ROUTING_ROLES
+                and w.model == self.model
+                and w.worker_id != self.worker_id
+                and not w.draining
+            ]
+            self._peers_at = now
+        return self._peers
+
+
+class WorkerRouting:
+    """A prefill worker's side of routing: what it publishes, and whether it reads."""
+
+    LOOK_S = 0.01  # idle with nothing to read: look at the stream again after this
+
+    def __init__(
+        self, client: redis.Redis, model: str, worker_id: str, kv: KVCacheManager, config
+    ) -> None:
+        self.publisher = HashPublisher(client, model, worker_id, kv, config.registry_ttl_s)
+        self.router = PrefixRouter(
+            client, model, worker_id, kv, config.prefix_route_wait_ms, config.heartbeat_s
+        )
+
+    @classmethod
+    def of(
+        cls, client: redis.Redis, model: str, worker_id: str, kv: KVCacheManager, config
+    ) -> WorkerRouting | None:
+        """None when prefix caching or routing (`config.prefix_route_wait_ms`) is off."""
+        if not kv.enable_prefix_caching or not config.prefix_route_wait_ms:
+            return None
+        return cls(client, model, worker_id, kv, config)
+
+    @property
+    def active(self) -> bool:
+        """Whether there is a live peer to leave tasks for. Without one the worker
+        reads as it would without routing (blocking when idle): a worker that only
+        peeks loses every new task to a peer blocked in its read (a colocated
+        worker), which would leave it idle. False while Redis is unreachable."""
+        try:
+            return bool(self.router.live_peers())
+        except redis.RedisError as exc:
+            log.warning("routing off while the registry is unreadable: %s", exc)
+            return False
+
+    def room(self, intake: TaskIntake, room: int, load: int) -> int:
+        """`room`, or 0 when the worker reads nothing now: no task waits (a read
+        would take one that arrives meanwhile unjudged; it still reads when a dead
+        peer's tasks may be due for reclaim), or the oldest task is left for a peer
+        that holds more of its prefix. Only the oldest is judged: the rest of a batch
+        read behind it are not (under load, taking work matters more than where it
+        goes). The read that follows must not block: a blocked reader gets the next
+        task whoever holds its prefix."""
+        backlog = intake.backlog()
+        if backlog is None:
+            return room if intake.reclaim_due else 0
+        try:
+            return 0 if self.router.defers(backlog, load) else room
+        except redis.RedisError as exc:  # read as if routing were off
+            log.warning("could not look up the peers' cached blocks: %s", exc)
+            return room
+
+    def publish(self, load: int) -> None:
+        """Blocks cached since the last call and the tasks held now, to Redis at once
+        (main loop, after a step or a read): a peer deciding where the next request
+        with this prefix goes must see them; the heartbeat would be late."""
+        try:
+            self.publisher.set_load(load)
+            if self.publisher.pending:
+                self.publisher.flush()
+        except redis.RedisError as exc:  # the heartbeat sends the blocks later
+            log.warning("could not publish cached blocks: %s", exc)
+
+
+def _leading(found: list) -> int:
+    """How many of the first blocks are present, up to the first missing one."""
+    n = 0
+    for present in found:
+        if not int(present):
+            break
+        n += 1
+    return n

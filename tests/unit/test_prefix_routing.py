@@ -1,0 +1,135 @@
+"""KV-aware routing against a real redis-server: the published hash sets follow the
+cache (adds, evictions, worker death) and a worker leaves a task to the peer holding
+its prefix only while that is worth it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tandem.core.kv_cache_manager import KVCacheManager
+from tandem.core.local_prefill import Backlog
+from tandem.core.prefix_hash import prefix_hashes
+from tandem.core.prefix_routing import PUBLISHED_HASH_BYTES, HashPublisher, PrefixRouter
+from tandem.core.protocol import PrefillTask, WorkerInfo
+from tandem.core.redis_client import connect
+from tandem.core.redis_keys import cached_blocks_key
+from tandem.core.registry import publish_worker, remove_worker
+from tandem.core.sampling_params import SamplingParams
+from tandem.core.sequence import Sequence
+from tandem.local_redis import LocalRedis
+
+BS = 4
+SALT = "m|float32"
+PROMPT = list(range(1, 30))  # 7 full blocks
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalRedis() as server:
+        c = connect(server.url)
+        yield c
+        c.close()
+
+
+def _kv(num_blocks: int = 16) -> KVCacheManager:
+    return KVCacheManager(num_blocks, BS, enable_prefix_caching=True, salt=SALT)
+
+
+def _prefill(kv: KVCacheManager, rid: str, prompt: list[int]) -> None:
+    """What a step does: take blocks, compute the prompt, record its full blocks."""
+    seq = Sequence(rid, prompt, SamplingParams(max_tokens=1))
+    kv.match_prefix(seq)
+    assert kv.allocate_slots(rid, len(prompt))
+    seq.num_computed_tokens = len(prompt)
+    kv.cache_full_blocks(seq)
+    kv.free(rid)
+
+
+def _published(client, key: str) -> set[bytes]:
+    return set(client.smembers(key))
+
+
+def _short(tokens: list[int]) -> list[bytes]:
+    return [h[:PUBLISHED_HASH_BYTES] for h in prefix_hashes(tokens, BS, SALT)]
+
+
+def test_published_set_follows_caching_eviction_and_expires_with_the_worker(client):
+    kv = _kv(num_blocks=8)
+    key = cached_blocks_key("m", "w-pub")
+    client.sadd(key, b"stale-from-a-previous-life")
+    publisher = HashPublisher(client, "m", "w-pub", kv, ttl_s=0.5)
+    publisher.set_load(2)
+    _prefill(kv, "a", PROMPT[:17])  # 4 full blocks
+    publisher.flush()
+    assert _published(client, key) == set(_short(PROMPT[:17]))
+    second = [900 + t for t in range(24)]
+    _prefill(kv, "b", second)  # 6 blocks: evicts 2 of a's
+    publisher.flush()
+    assert kv.pool.num_evictions == 2
+    cached = [
+        h
+        for h in prefix_hashes(PROMPT[:17], BS, SALT) + prefix_hashes(second, BS, SALT)
+        if kv.pool.cached_block(h) is not None
+    ]
+    assert len(cached) == kv.pool.num_cached == 4 - 2 + 6
+    assert _published(client, key) == {h[:PUBLISHED_HASH_BYTES] for h in cached}
+    assert 0 < client.pttl(key) <= 500 and client.get(publisher.load_key) == b"2"
+    deadline = time.monotonic() + 10
+    while client.exists(key, publisher.load_key) and time.monotonic() < deadline:
+        time.sleep(0.05)  # no heartbeat: both go with the registry entry's TTL
+    assert not client.exists(key, publisher.load_key)
+
+
+def _task(prompt: list[int]) -> PrefillTask:
+    return PrefillTask(
+        request_id="t",
+        prompt_token_ids=prompt,
+        sampling=SamplingParams(max_tokens=4),
+        reply_stream="r",
+        deadline=0.0,
+    )
+
+
+def test_router_leaves_a_task_to_the_live_peer_holding_its_prefix(client):
+    holder, idle = _kv(), _kv()
+    holder_events = HashPublisher(client, "m", "holder", holder, 30)
+    _prefill(holder, "old", PROMPT)
+    holder_events.flush()
+    holder_events.set_load(0)
+    publish_worker(client, WorkerInfo(worker_id="holder", role="prefill", model="m", pid=1), 30)
+    router = PrefixRouter(client, "m", "idle", idle, wait_ms=200, peers_ttl_s=0)
+    task = _task(PROMPT + [77, 78])
+    assert router.defers(Backlog(b"1-0", task, age_ms=5), my_load=0)
+    assert router.num_deferred == 1
+    # Waited long enough: anyone takes it.
+    assert not router.defers(Backlog(b"1-0", task, age_ms=250), my_load=0)
+    # The holder itself takes it, and so does a peer for an unrelated prompt.
+    own = PrefixRouter(client, "m", "holder", holder, wait_ms=200, peers_ttl_s=0)
+    assert not own.defers(Backlog(b"2-0", task, age_ms=5), my_load=0)
+    other = _task([500 + t for t in range(20)])
+    assert not router.defers(Backlog(b"3-0", other, age_ms=5), my_load=0)
+    # A different cache_salt shares nothing.
+    salted = PrefillTask(**{**_fields(task), "sampling": SamplingParams(cache_salt="x")})
+    assert not router.defers(Backlog(b"4-0", salted, age_ms=5), my_load=0)
+    # A holder busier than us does not get it (its load as it published it last, not
+    # its registry entry's, which is up to a heartbeat old).
+    holder_events.set_load(3)
+    assert not router.defers(Backlog(b"5-0", task, age_ms=5), my_load=1)
+    assert router.defers(Backlog(b"6-0", task, age_ms=5), my_load=3)
+    holder_events.set_load(0)
+    stale = WorkerInfo(worker_id="holder", role="prefill", model="m", pid=1, waiting=4)
+    publish_worker(client, stale, 30)
+    assert router.defers(Backlog(b"6-1", task, age_ms=5), my_load=0)
+    # A task left for the holder is taken once the holder is gone (its registry entry
+    # expired), even though it was already left for it once.
+    assert router.defers(Backlog(b"7-0", task, age_ms=5), my_load=0)
+    deferred = router.num_deferred
+    remove_worker(client, "holder")
+    assert not router.defers(Backlog(b"7-0", task, age_ms=5), my_load=0)
+    assert router.num_deferred == deferred
+
+
+def _fields(struct) -> dict:
+    return {name: getattr(struct, name) for name in struct.__struct_fields__}
