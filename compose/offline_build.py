@@ -46,8 +46,8 @@ BUILD_BACKEND = ("setuptools>=68", "wheel")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
-def docker(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([os.environ.get("DOCKER", "docker"), *args], check=True, **kwargs)
+def docker(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([os.environ.get("DOCKER", "docker"), *args], check=check, **kwargs)
 
 
 def digest(*parts: object) -> str:
@@ -68,18 +68,30 @@ def base_image(cache: Path) -> str:
     if not tarball.exists():
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             root = Path(tmp) / "root"
-            subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-                            SUITE, str(root), MIRROR], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+            try:
+                subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+                                SUITE, str(root), MIRROR], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+            finally:
+                unmount_below(root)  # debootstrap mounts /proc and /sys in the target
             for leftovers in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 for path in (root / leftovers).glob("*"):
                     if path.is_file():
                         path.unlink()
             partial = Path(tmp) / "base.tar"
-            subprocess.run(["tar", "-C", str(root), "-cf", str(partial), "."], check=True)
+            subprocess.run(["tar", "--one-file-system", "-C", str(root), "-cf", str(partial), "."],
+                           check=True)  # fmt: skip
             partial.rename(tarball)  # only a whole tarball is ever in the cache
     with open(tarball, "rb") as f:
         docker("import", "-", name, stdin=f, stdout=subprocess.DEVNULL)
     return name
+
+
+def unmount_below(root: Path) -> None:
+    """Lazily unmount whatever a failed debootstrap left mounted inside `root`, so that
+    removing the directory never reaches into the host's /proc or /sys."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(f"{root}/")), reverse=True):
+        subprocess.run(["umount", "--lazy", point], check=False)
 
 
 def host_pip_mounts() -> tuple[list[str], list[str]]:
@@ -95,8 +107,10 @@ def host_pip_mounts() -> tuple[list[str], list[str]]:
     values = " ".join([listed, *(v for k, v in os.environ.items() if k.startswith("PIP_"))])
     for word in re.split(r"[\s'\"=]+", values):
         word = word.removeprefix("file://")
-        if word.startswith("/") and Path(word).exists():
-            paths.add(Path(word))
+        path = Path(word)
+        if word.startswith("/") and path.exists():
+            # A file:// index's pages link to files beside its simple/ folder.
+            paths.add(path.parent if path.name == "simple" else path)
     if HOST_CA_BUNDLE.exists():
         paths.add(HOST_CA_BUNDLE)
     return env, [f"--volume={p}:{p}:ro" for p in sorted(paths)]
