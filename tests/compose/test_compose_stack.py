@@ -106,7 +106,8 @@ def _container_of(stack: Stack, worker_id: str) -> str:
 def test_a_crashed_decode_container_fails_only_its_streams_and_comes_back(
     stack: Stack, engine
 ) -> None:
-    doomed, started = stream_in_background(stack, request("The history of Rome", 400), 3)
+    # Long enough to be still streaming at the crash, however fast the machine is.
+    doomed, started = stream_in_background(stack, request("The history of Rome", 2000), 3)
     assert started.wait(120)
     busy: list[str] = []
 
@@ -133,6 +134,7 @@ def test_a_crashed_decode_container_fails_only_its_streams_and_comes_back(
 
     victim = _container_of(stack, owner)
     restarts = stack.state(victim)["RestartCount"]
+    assert doomed["thread"].is_alive(), "the doomed stream ended before the crash"
     stack.crash(victim)
     doomed["thread"].join(60)
     assert not doomed["thread"].is_alive()
