@@ -73,7 +73,7 @@ class WorkerConfig:
 
     redis_url: str
     role: str  # "prefill" | "decode" | "colocated"
-    worker_id: str = ""  # "": role-hostname-pid
+    worker_id: str = ""  # "": role-hostname-pid-random
     kv_transport: str = "zmq"
     bind_host: str = "127.0.0.1"  # internal sockets never bind all interfaces by default
     advertise_host: str = ""  # "": bind_host; set in containers to the reachable name

@@ -14,6 +14,7 @@ import faulthandler
 import logging
 import os
 import queue
+import secrets
 import signal
 import socket
 import threading
@@ -36,7 +37,12 @@ RECENT_ABORT_TTL_S = 120.0
 class WorkerBase:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.worker_id = config.worker_id or f"{config.role}-{socket.gethostname()}-{os.getpid()}"
+        # A start-unique suffix: a container restarted in place keeps its hostname and pid
+        # 1, and a replacement under the same id would hide the old process's death (and
+        # its streams) from the gateway when it registers within the registry TTL.
+        self.worker_id = config.worker_id or (
+            f"{config.role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        )
         self.redis: redis.Redis = connect(config.redis_url)
         self.aborted: queue.Queue[str] = queue.Queue()
         self._recent_aborts: dict[str, float] = {}  # request id -> forget after (monotonic)

