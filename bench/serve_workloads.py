@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import math
 import random
+from typing import TYPE_CHECKING
 
-from tandem.bench.serve_client import Prompt, arrival_times, make_prompts
+if TYPE_CHECKING:
+    from tandem.bench.serve_client import Prompt
 
 WORKLOADS = ("random", "shared-prefix", "multi-turn")
 
@@ -55,6 +57,9 @@ def workload_prompts(
 ) -> tuple[list[Prompt], list[float], float]:
     """`n` prompts of `args.workload`, their arrival offsets, and the share of prompt
     tokens an ideal prefix cache would serve."""
+    # Imported here: serve_client imports grpc, and the CLI's parsers build without it.
+    from tandem.bench.serve_client import Prompt, arrival_times, make_prompts
+
     vocab, out_len = args.vocab_size, args.output_len
     if args.workload == "random":
         prompts = make_prompts(n, args.input_len, out_len, vocab, seed, args.range_ratio)

