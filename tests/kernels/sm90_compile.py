@@ -73,7 +73,6 @@ def _resource_usage(cubin: bytes) -> str:
 
 def run_all(quick: bool = False) -> None:
     """Every wrapper at several shapes; `quick`: only the bf16 / head_dim 128 model."""
-    from tandem.kernels.block_copy import pack_blocks, unpack_blocks
     from tandem.kernels.decode_attention import paged_decode_attention
     from tandem.kernels.kv_block_transfer import kv_block_transfer
     from tandem.kernels.kv_store import store_kv
@@ -109,9 +108,6 @@ def run_all(quick: bool = False) -> None:
     rms_norm(x, torch.ones(4096, dtype=bf16), 1e-5)
     fused_add_rms_norm(x, x.clone(), torch.ones(4096, dtype=bf16), 1e-5)
     silu_and_mul(torch.zeros(4, 2 * 14336, dtype=bf16))
-    caches = [torch.zeros(2, 8, 16, 8, 128, dtype=bf16) for _ in range(2)]
-    ids = torch.tensor([3, 1])
-    unpack_blocks(caches, ids, pack_blocks(caches, ids))
     # Llama-3.1-8B blocks between caches of different sizes (the cuda_ipc transfer).
     src = torch.zeros(4, 2, 64, 16, 8, 128, dtype=bf16)
     kv_block_transfer(src, src[:, :, :40].clone(), torch.zeros(2, 7, dtype=torch.int32))

@@ -11,15 +11,12 @@ from tandem.engine.attention import AttentionMetadata, paged_attention_torch
 from tandem.engine.attention import store_kv as engine_store_kv
 from tandem.engine.ops import TorchOps, TritonOps
 from tandem.engine.rope import rope_inv_freq
-from tandem.kernels.block_copy import pack_blocks_ref, unpack_blocks_ref
 from tandem.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
 from tandem.kernels.kv_store import store_kv_ref
 from tandem.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 from tandem.kernels.rmsnorm import fused_add_rms_norm_ref, rms_norm_ref
 from tandem.kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
 from tandem.kernels.silu_mul import silu_and_mul_ref
-from tandem.kvtransfer.pack import pack_blocks as transfer_pack
-from tandem.kvtransfer.pack import unpack_blocks as transfer_unpack
 from tests.kernels.helpers import PagedBatch, assert_close, make_paged_batch
 
 LLAMA3_SCALING = dict(
@@ -190,14 +187,3 @@ def _compare_ops(device: str, seed: int) -> None:
         )
         assert_close(batch.cache, cache, seed, "KV store")
         assert_close(got, want, seed, f"attention q_lens={query_lens}")
-
-
-def test_block_copy_references_match_transfer_pack(seed):
-    caches = [torch.randn(2, 10, 16, 2, 64) for _ in range(3)]
-    ids = [7, 2, 9, 4]
-    packed = pack_blocks_ref(caches, torch.tensor(ids))
-    assert torch.equal(packed, transfer_pack(caches, ids)), f"seed={seed}"
-    want, got = [torch.zeros_like(c) for c in caches], [torch.zeros_like(c) for c in caches]
-    transfer_unpack(want, [1, 0, 5, 3], packed)
-    unpack_blocks_ref(got, torch.tensor([1, 0, 5, 3]), packed)
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), f"seed={seed}"
