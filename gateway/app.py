@@ -29,6 +29,7 @@ from tandem.gateway.reply_router import ReplyRouter
 from tandem.gateway.server import GenerationService, add_generation_service
 from tandem.gateway.token_text import TokenTexts
 from tandem.gateway.worker_registry import WorkerRegistry
+from tandem.gateway.write_timeout import WriteTimeout
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,10 @@ class GatewayApp:
             cfg, self.limits, self.tokenizer, texts, self._redis, self._router, registry,
             self.metrics,
         )  # fmt: skip
-        self.http_app = BodyLimit(
-            build_http_app(self.executor, texts), cfg.max_receive_message_bytes
+        self.http_app = WriteTimeout(
+            BodyLimit(build_http_app(self.executor, texts), cfg.max_receive_message_bytes),
+            cfg.stream_write_timeout_s,
+            on_stall=lambda: self.metrics.error("client_stalled", "http"),
         )
         self._http = HttpServer(
             self.http_app, cfg.http_host, cfg.http_port, cfg.shutdown_grace_s, cfg.reuse_port

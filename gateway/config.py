@@ -41,6 +41,9 @@ class GatewayConfig:
     reply_block_ms: int = 1000  # XREAD BLOCK of the reply router
     worker_check_ttl_s: float = 1.0  # how long a "workers are live" answer is trusted
     shutdown_grace_s: float = 5.0  # streams left after this are cancelled
+    # A client that accepts no bytes of its stream this long is cut and its request
+    # aborted (gateway/write_timeout.py): a stalled reader must not hold KV blocks.
+    stream_write_timeout_s: float = 30.0
     max_active_requests: int = 4096  # in flight at once; past it: overload (HTTP 429)
     # Tasks waiting in (or being prefilled from) the model's prefill stream, all gateways
     # together; past it new requests are refused at once instead of queueing. 0: no bound.
@@ -76,7 +79,12 @@ class GatewayConfig:
             raise ValueError("api_key must not be empty (leave it unset for no key)")
         if not self.gateway_id or not self.gateway_id.replace("-", "").isalnum():
             raise ValueError("gateway_id must be non-empty letters, digits and dashes")
-        for name in ("request_timeout_s", "redis_timeout_s", "worker_check_ttl_s"):
+        for name in (
+            "request_timeout_s",
+            "redis_timeout_s",
+            "worker_check_ttl_s",
+            "stream_write_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.shutdown_grace_s < 0:

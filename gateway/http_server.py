@@ -16,6 +16,8 @@ import socket
 import uvicorn
 from starlette.types import ASGIApp
 
+from tandem.gateway.write_timeout import AbortableH11Protocol
+
 log = logging.getLogger(__name__)
 
 
@@ -54,6 +56,7 @@ class HttpServer:
         config = uvicorn.Config(
             app,
             lifespan="off",
+            http=AbortableH11Protocol,  # a stalled client's connection can be aborted
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=max(grace_s, 0.01),

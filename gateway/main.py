@@ -99,6 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a request may take from arrival to its last token",
     )
     parser.add_argument(
+        "--stream-write-timeout",
+        type=float,
+        default=defaults["stream_write_timeout_s"].default,
+        help="seconds a client may accept no bytes of its response before its connection "
+        "is cut and its request aborted",
+    )
+    parser.add_argument(
         "--max-model-len",
         type=int,
         default=0,
@@ -174,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_queued_tasks=getattr(args, "max_queued_tasks", 2048),
         migrate=getattr(args, "migrate", False),
         request_timeout_s=args.request_timeout,
+        stream_write_timeout_s=getattr(args, "stream_write_timeout", 30.0),
         max_model_len=args.max_model_len,
         reuse_port=getattr(args, "reuse_port", False),
         **extra,

@@ -28,6 +28,7 @@ ERROR_CODES = (
     "unavailable",
     "deadline",
     "internal",
+    "client_stalled",  # cut after --stream-write-timeout (gateway/write_timeout.py)
 )
 
 LATENCY_BUCKETS = (

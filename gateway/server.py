@@ -17,6 +17,7 @@ from tandem.gateway.execution import Executor, Output, RequestError
 from tandem.gateway.proto import tandem_pb2 as pb
 from tandem.gateway.proto import tandem_pb2_grpc as pb_grpc
 from tandem.gateway.validation import MalformedRequest, parse_request, validate_request
+from tandem.gateway.write_timeout import ClientStalled, bounded_write
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ class GenerationService(pb_grpc.GenerationServicer):
     ) -> None:
         try:
             await self._generate(request, context)
+        except ClientStalled as exc:  # the request was aborted as the handler unwound
+            self._ex.metrics.error("client_stalled", "grpc")
+            log.warning("grpc stream cut: %s", exc)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except RequestError as exc:
             self._ex.metrics.error(exc.code, "grpc")
             await context.abort(status_for(exc.code), exc.message)
@@ -78,7 +83,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             timeout_s = min(timeout_s, client_left)
         async with ex.generate(prompt_ids, sampling, timeout_s, "grpc", arrival) as gen:
             async for out in gen:
-                await context.write(_response(gen.request_id, out))
+                await bounded_write(
+                    context.write(_response(gen.request_id, out)), ex.config.stream_write_timeout_s
+                )
 
 
 def _response(request_id: str, out: Output) -> pb.GenerateResponse:

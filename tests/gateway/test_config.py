@@ -23,10 +23,11 @@ def test_flags_build_a_config(model_dir: Path) -> None:
     cfg = parse(
         "--model-dir", str(model_dir), "--redis-url", "redis://r:6380/1",
         "--grpc-host", "0.0.0.0", "--grpc-port", "6000", "--gateway-id", "gw-1",
-        "--request-timeout", "30", "--max-model-len", "2048",
+        "--request-timeout", "30", "--max-model-len", "2048", "--stream-write-timeout", "7.5",
     )  # fmt: skip
     assert (cfg.model, cfg.model_dir, cfg.redis_url) == ("smollm2", model_dir, "redis://r:6380/1")
     assert (cfg.grpc_address, cfg.gateway_id, cfg.request_timeout_s) == ("0.0.0.0:6000", "gw-1", 30)
+    assert cfg.stream_write_timeout_s == 7.5
     assert load_model_limits(cfg, 49152) == ModelLimits(max_model_len=2048, vocab_size=49152)
 
 
@@ -56,6 +57,7 @@ def test_a_directory_as_model_names_it_by_its_basename(model_dir: Path) -> None:
         ({"grpc_port": 70000}, "grpc_port"),
         ({"gateway_id": "a b"}, "gateway_id"),
         ({"request_timeout_s": 0}, "request_timeout_s must be > 0"),
+        ({"stream_write_timeout_s": 0}, "stream_write_timeout_s must be > 0"),
         ({"max_prompt_bytes": 8 * 1024 * 1024}, "cannot exceed max_receive_message_bytes"),
     ],
 )
