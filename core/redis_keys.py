@@ -3,6 +3,8 @@
 tandem:{model}:prefill          stream of PrefillTask (field "m"), group "prefill"
 tandem:{model}:prefill:dead     dead-letter stream for tasks delivered too often
 tandem:reply:{gateway_id}       stream of TokenBatch (field "m") for one gateway, with a TTL
+tandem:reply:{gateway_id}:alive the gateway's heartbeat (short TTL): workers abort the
+                                requests of a gateway whose key is gone (core/owner_liveness.py)
 tandem:abort                    pub/sub channel of AbortNotice
 tandem:abort:{request_id}       short-lived marker, so a task read late is dropped too
 tandem:worker:{worker_id}       registry entry: field "info" = WorkerInfo, with a TTL
@@ -20,6 +22,8 @@ REPLY_PREFIX = "tandem:reply:"
 WORKER_TTL_S = 3
 REPLY_STREAM_MAXLEN = 100_000
 REPLY_STREAM_TTL_S = 900  # renewed by each write; longer than any request's deadline
+GATEWAY_HEARTBEAT_S = 1.0
+GATEWAY_ALIVE_TTL_S = 3.0  # three heartbeats: one late write does not make a gateway dead
 
 
 def prefill_stream(model: str) -> str:
@@ -32,6 +36,11 @@ def dead_letter_stream(model: str) -> str:
 
 def reply_stream(gateway_id: str) -> str:
     return f"{REPLY_PREFIX}{gateway_id}"
+
+
+def gateway_alive_key(reply_stream: str) -> str:
+    """Set by the gateway that reads `reply_stream` while it lives (a string, with a TTL)."""
+    return f"{reply_stream}:alive"
 
 
 def abort_marker(request_id: str) -> str:

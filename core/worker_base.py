@@ -19,11 +19,12 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import redis
 
 from tandem.core.config import WorkerConfig
+from tandem.core.owner_liveness import OwnerLiveness
 from tandem.core.prefix_routing import HashPublisher
 from tandem.core.protocol import WorkerInfo
 from tandem.core.redis_client import abort_listener, connect
@@ -84,9 +85,16 @@ class WorkerBase:
         faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def start_background(self, snapshot: Callable[[], WorkerInfo]) -> None:
-        """Heartbeat (registry entry) and abort-listener threads."""
+        """Heartbeat (registry entry), abort-listener and gateway-liveness threads."""
         self._spawn(self._heartbeat_loop, snapshot)
         self._spawn(self._abort_loop)
+        liveness = OwnerLiveness(self.redis, self.held_reply_streams, self.aborted.put)
+        self._spawn(liveness.run, self._stop.wait)
+
+    def held_reply_streams(self) -> Mapping[str, str]:
+        """Request id -> reply stream of every request this worker holds, for the
+        gateway-liveness thread (so a copy, safe to take off the model loop)."""
+        return {}
 
     def _spawn(self, fn: Callable, *args: object) -> None:
         t = threading.Thread(target=fn, args=args, daemon=True, name=fn.__name__)

@@ -134,6 +134,10 @@ class BatchWorker(WorkerBase):
                 deltas[task.reply_stream].append(error_delta(rid, "internal", failed.reason))
         self.outbox.publish(deltas)
 
+    def held_reply_streams(self) -> dict[str, str]:
+        # list(): one C-level copy, safe while the main loop changes the dict.
+        return {rid: req.task.reply_stream for rid, req in list(self.requests.items())}
+
     def _abort_requests(self, request_ids: set[str]) -> None:
         for rid in request_ids:
             if rid in self.requests:

@@ -21,6 +21,7 @@ from tandem.core.redis_client import connect_async
 from tandem.core.tokenizer import Tokenizer
 from tandem.gateway.config import GatewayConfig, load_model_limits
 from tandem.gateway.execution import Executor
+from tandem.gateway.gateway_heartbeat import GatewayHeartbeat
 from tandem.gateway.http_api import BodyLimit, build_http_app
 from tandem.gateway.http_server import HttpServer
 from tandem.gateway.metrics import GatewayMetrics
@@ -55,6 +56,7 @@ class GatewayApp:
         self._service: GenerationService | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
         self._owner_watch: asyncio.Task[None] | None = None
+        self._heartbeat: GatewayHeartbeat | None = None
         self._stopped = False
 
     async def start(self) -> int:
@@ -86,6 +88,9 @@ class GatewayApp:
         )
         self.http_port = self._http.port
         await self._router.start()
+        # Before any request: workers judge a gateway dead only once they saw its key.
+        self._heartbeat = GatewayHeartbeat(self._redis, self._router.stream)
+        await self._heartbeat.start()
         self._owner_watch = asyncio.get_running_loop().create_task(self.executor.watch_owners())
         self._service = GenerationService(self.executor)
         pending = 2 * cfg.max_active_requests + 1000
@@ -136,6 +141,8 @@ class GatewayApp:
             self._owner_watch.cancel()
         if self.executor is not None:
             await self.executor.drain()  # cancelled streams' aborts
+        if self._heartbeat is not None:
+            await self._heartbeat.stop()
         if self._health_tasks:
             await asyncio.gather(*self._health_tasks, return_exceptions=True)
         if self._router is not None:

@@ -336,6 +336,10 @@ class PrefillWorker(WorkerBase):
         self.sender.release(flight.decode_address, rid)
         self.intake.ack(flight.entry_id)
 
+    def held_reply_streams(self) -> dict[str, str]:
+        # list(): one C-level copy, safe while the main loop changes the dict.
+        return {rid: f.task.reply_stream for rid, f in list(self.inflight.items())}
+
     def _apply_aborts(self) -> None:
         for rid in self.drain_aborts():
             if rid in self.inflight:
