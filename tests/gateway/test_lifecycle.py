@@ -126,3 +126,18 @@ def test_shutdown_cancels_open_streams_and_aborts_them(
     assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     assert redis_client.exists(redis_keys.abort_marker(rid))
     assert not redis_client.exists(redis_keys.reply_stream(gateway.config.gateway_id))
+
+
+def test_the_gateway_heartbeat_key_lives_with_the_gateway(
+    start_gateway, loop_thread: LoopThread, redis_client: redis.Redis
+) -> None:
+    """Set before the first request, kept alive past its TTL, removed at a clean stop
+    (the workers' liveness check, core/owner_liveness.py, reads it)."""
+    gateway = start_gateway()
+    key = redis_keys.gateway_alive_key(redis_keys.reply_stream(gateway.config.gateway_id))
+    assert 0 < redis_client.pttl(key) <= redis_keys.GATEWAY_ALIVE_TTL_S * 1000
+    first_ttl_end = time.monotonic() + redis_keys.GATEWAY_ALIVE_TTL_S
+    assert not wait_for(lambda: not redis_client.exists(key), redis_keys.GATEWAY_ALIVE_TTL_S + 2)
+    assert time.monotonic() > first_ttl_end  # so the key was refreshed
+    loop_thread.run(gateway.app.stop(grace_s=0))
+    assert not redis_client.exists(key)

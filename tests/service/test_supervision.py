@@ -15,11 +15,14 @@ import grpc
 import psutil
 import pytest
 
+from tandem.core import redis_keys
+from tandem.core.protocol import TokenBatch, decode
 from tandem.core.redis_client import connect
 from tandem.core.registry import list_workers
 from tandem.core.sampling_params import SamplingParams
 from tests.service.conftest import (
     RunningService,
+    assert_every_worker_clean,
     check_concurrent_streams,
     start_service,
     stop_service,
@@ -28,6 +31,7 @@ from tests.service.conftest import (
 
 STREAMS = 4
 STREAM_TOKENS = 32
+LONG_TOKENS = 3000  # a minute or more of CPU decoding: not done when checked
 PROMPTS = [f"Count slowly to one hundred, take {i}:" for i in range(STREAMS)]
 
 
@@ -154,16 +158,42 @@ def test_a_killed_worker_is_replaced_while_the_rest_serves(svc, engine, answers,
     assert any(f"{role} (pid" in line and "restarting it" in line for line in svc.log)
 
 
-def test_a_killed_gateway_is_restarted(svc, engine):
+def test_a_killed_gateway_is_restarted_and_its_requests_freed(svc, engine):
+    """Its clients' streams end with UNAVAILABLE; the workers, once its heartbeat key is
+    gone, abort its requests (long ones, far from done: the last delta written to its
+    reply stream has no finish reason) and free their blocks; a new gateway serves."""
+    long = tandem_pb2.SamplingParams(max_tokens=LONG_TOKENS, temperature=0.0, ignore_eos=True)
+    streams = [svc.stub().Generate(tandem_pb2.GenerateRequest(prompt=p, sampling=long),
+                                   timeout=180) for p in PROMPTS[:2]]  # fmt: skip
+    for stream in streams:
+        next(stream)
+    wait_for(lambda: sum(sum(running_on(svc, r).values()) for r in ("decode", "colocated")) == 2,
+             "the registry to show both streams", svc)  # fmt: skip
     old = child(svc, "gateway")
     old.kill()
     old.wait(10)
+    killed_at = time.time()
+    for stream in streams:
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
 
     def ready() -> bool:
         with urllib.request.urlopen(svc.http_url + "/ready", timeout=5) as res:
             return res.status == 200
 
     wait_for(lambda: child(svc, "gateway").pid != old.pid and ready(), "a new gateway", svc)
+    assert_every_worker_clean(svc, killed_at)
+    redis = connect(svc.redis_url)
+    dead = [
+        key for key in redis.scan_iter(match=redis_keys.REPLY_PREFIX + "*", _type="stream")
+        if not redis.exists(redis_keys.gateway_alive_key(key.decode()))
+    ]  # fmt: skip
+    assert len(dead) == 1, dead
+    [(_id, fields)] = redis.xrevrange(dead[0], count=1)
+    last = decode(fields[redis_keys.MESSAGE_FIELD], TokenBatch).deltas[-1]
+    assert last.finish_reason is None and last.offset < LONG_TOKENS - 1, last
     check_concurrent_streams(svc, engine, 2)
 
 
