@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tandem.gateway.execution import Executor, RequestError
 from tandem.gateway.fanout import Choices
+from tandem.gateway.json_body import BoundedJsonRoute
 from tandem.gateway.metrics import CONTENT_TYPE_LATEST
 from tandem.gateway.openai_requests import (
     ChatCompletionRequest,
@@ -240,7 +241,8 @@ def build_http_app(executor: Executor, texts: TokenTexts) -> FastAPI:
     async def require_key(request: Request) -> None:
         ex.check_api_key(request.headers.get("authorization"))
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES,
+                   route_class=BoundedJsonRoute)  # fmt: skip
 
     def model_card() -> dict[str, Any]:
         return {"id": cfg.model, "object": "model", "created": started, "owned_by": "tandem",

@@ -15,7 +15,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tandem.core.request_checks import ModelLimits, check_sampling
-from tandem.core.sampling_params import SamplingParams
+from tandem.core.sampling_params import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.validation import Encode, validate_prompt
 
@@ -30,12 +30,27 @@ MAX_CHAT_MESSAGES = 2048
 MAX_PROMPT_TOKEN_IDS = 1 << 18  # every prompt of a request together; above any context
 
 
+MAX_CONTENT_PARTS = 4 * MAX_CHAT_MESSAGES  # every message's together
+# Lists with a small bound checked later (core.sampling_params): refused here if far over
+# it, before a long list is validated item by item.
+SHORT_LISTS = {"stop": MAX_STOP_STRINGS, "stop_token_ids": MAX_STOP_TOKEN_IDS, "tools": 1024}
+
+
 def _check_counts(data: Any) -> None:
     if not isinstance(data, dict):
         return
     messages = data.get("messages")
-    if isinstance(messages, list) and len(messages) > MAX_CHAT_MESSAGES:
-        raise ValueError(f"messages: at most {MAX_CHAT_MESSAGES} messages")
+    if isinstance(messages, list):
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise ValueError(f"messages: at most {MAX_CHAT_MESSAGES} messages")
+        parts = sum(len(m["content"]) for m in messages
+                    if isinstance(m, dict) and isinstance(m.get("content"), list))  # fmt: skip
+        if parts > MAX_CONTENT_PARTS:
+            raise ValueError(f"messages: at most {MAX_CONTENT_PARTS} content parts in all")
+    for name, bound in SHORT_LISTS.items():
+        items = data.get(name)
+        if isinstance(items, list) and len(items) > bound:
+            raise ValueError(f"{name}: at most {bound} items")
     prompt = data.get("prompt")
     if isinstance(prompt, list):
         ids = len(prompt)
@@ -45,8 +60,9 @@ def _check_counts(data: Any) -> None:
             raise ValueError(f"prompt: at most {MAX_PROMPT_TOKEN_IDS} token ids in all")
 
 
-def _check_unicode(data: Any) -> Any:
-    """JSON may escape lone surrogates (\\ud800); such text is not valid Unicode."""
+def check_unicode(data: Any) -> Any:
+    """JSON may escape lone surrogates (\\ud800); such text is not valid Unicode. (Run by
+    gateway.json_body on the bodies that may hold one.)"""
     stack = [data]
     while stack:
         item = stack.pop()
@@ -95,9 +111,9 @@ class _GenerationRequest(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def check_counts_and_unicode(cls, data: Any) -> Any:
+    def check_counts(cls, data: Any) -> Any:
         _check_counts(data)
-        return _check_unicode(data)
+        return data
 
     @property
     def include_usage(self) -> bool:
@@ -131,7 +147,7 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
     top_logprobs: Int64 | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None  # refused when given: not validated item by item
     response_format: dict[str, Any] | None = None
 
 

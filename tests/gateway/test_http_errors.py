@@ -12,6 +12,12 @@ import pytest
 import redis
 
 from tandem.core import redis_keys
+from tandem.gateway.json_body import MAX_JSON_CONTAINERS, MAX_JSON_VALUES
+from tandem.gateway.openai_requests import (
+    MAX_CHAT_MESSAGES,
+    MAX_CONTENT_PARTS,
+    MAX_PROMPT_TOKEN_IDS,
+)
 from tests.gateway.conftest import MODEL, Gateway, wait_for
 from tests.gateway.fake_worker import FakeWorker
 
@@ -139,6 +145,26 @@ def test_oversized_body_is_413(module_gateway: Gateway) -> None:
     big = {"prompt": "x" * (module_gateway.config.max_receive_message_bytes + 10)}
     status, payload, _ = post(module_gateway, "/v1/completions", big)
     assert_error(status, payload, 413, "larger than")
+
+
+def test_bodies_past_the_structure_bounds_are_413_and_requests_at_the_caps_are_not(
+    module_gateway: Gateway,
+) -> None:
+    """The bounds on a body's arrays, objects and values (gateway/json_body.py) refuse it
+    before parsing, yet sit above the largest request the other caps let through."""
+    for junk, bound in (
+        ([[]] * (MAX_JSON_CONTAINERS + 1), "arrays and objects"),
+        ([0] * (MAX_JSON_VALUES + 1), "JSON values"),
+    ):
+        status, payload, _ = post(module_gateway, "/v1/completions", {"prompt": "x", "junk": junk})
+        assert_error(status, payload, 413, bound)
+    parts = [{"type": "text", "text": "hi"}] * (MAX_CONTENT_PARTS // MAX_CHAT_MESSAGES)
+    chat = {"messages": [{"role": "user", "content": parts}] * MAX_CHAT_MESSAGES}
+    status, payload, _ = post(module_gateway, "/v1/chat/completions", chat)
+    assert_error(status, payload, 400, "exceeds the model context")  # parsed, validated
+    ids = {"prompt": [49151] * MAX_PROMPT_TOKEN_IDS}
+    status, payload, _ = post(module_gateway, "/v1/completions", ids)
+    assert_error(status, payload, 400, "exceeds the model context")
 
 
 def test_unknown_model_and_route_are_404(gateway: Gateway, fake_worker: FakeWorker) -> None:
