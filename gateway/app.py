@@ -30,7 +30,7 @@ from tandem.gateway.reply_router import ReplyRouter
 from tandem.gateway.server import GenerationService, add_generation_service
 from tandem.gateway.token_text import TokenTexts
 from tandem.gateway.worker_registry import WorkerRegistry
-from tandem.gateway.write_timeout import WriteTimeout
+from tandem.gateway.write_timeout import WriteTimeout, WriteWatch
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class GatewayApp:
         self._health_tasks: set[asyncio.Task[None]] = set()
         self._owner_watch: asyncio.Task[None] | None = None
         self._heartbeat: GatewayHeartbeat | None = None
+        self._write_watch = WriteWatch(config.stream_write_timeout_s)
         self._stopped = False
 
     async def start(self) -> int:
@@ -80,7 +81,7 @@ class GatewayApp:
         )  # fmt: skip
         self.http_app = WriteTimeout(
             BodyLimit(build_http_app(self.executor, texts), cfg.max_receive_message_bytes),
-            cfg.stream_write_timeout_s,
+            self._write_watch,
             on_stall=lambda: self.metrics.error("client_stalled", "http"),
         )
         self._http = HttpServer(
@@ -92,7 +93,7 @@ class GatewayApp:
         self._heartbeat = GatewayHeartbeat(self._redis, self._router.stream)
         await self._heartbeat.start()
         self._owner_watch = asyncio.get_running_loop().create_task(self.executor.watch_owners())
-        self._service = GenerationService(self.executor)
+        self._service = GenerationService(self.executor, self._write_watch)
         pending = 2 * cfg.max_active_requests + 1000
         self._server = grpc.aio.server(
             options=[
@@ -143,6 +144,7 @@ class GatewayApp:
             await self.executor.drain()  # cancelled streams' aborts
         if self._heartbeat is not None:
             await self._heartbeat.stop()
+        await self._write_watch.stop()
         if self._health_tasks:
             await asyncio.gather(*self._health_tasks, return_exceptions=True)
         if self._router is not None:

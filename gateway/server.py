@@ -8,6 +8,7 @@ client leaves; every way out that leaves work running on the workers publishes a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -17,7 +18,7 @@ from tandem.gateway.execution import Executor, Output, RequestError
 from tandem.gateway.proto import tandem_pb2 as pb
 from tandem.gateway.proto import tandem_pb2_grpc as pb_grpc
 from tandem.gateway.validation import MalformedRequest, parse_request, validate_request
-from tandem.gateway.write_timeout import ClientStalled, bounded_write
+from tandem.gateway.write_timeout import ClientStalled, WriteWatch
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ def status_for(error_code: str | None) -> grpc.StatusCode:
 
 
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, executor: Executor) -> None:
+    def __init__(self, executor: Executor, write_watch: WriteWatch) -> None:
         self._ex = executor
+        self._watch = write_watch
 
     async def Generate(  # noqa: N802 - the gRPC method name
         self, request: pb.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext
@@ -81,11 +83,23 @@ class GenerationService(pb_grpc.GenerationServicer):
         client_left = context.time_remaining()
         if client_left is not None:
             timeout_s = min(timeout_s, client_left)
-        async with ex.generate(prompt_ids, sampling, timeout_s, "grpc", arrival) as gen:
-            async for out in gen:
-                await bounded_write(
-                    context.write(_response(gen.request_id, out)), ex.config.stream_write_timeout_s
-                )
+        task = asyncio.current_task()
+        assert task is not None
+        write = self._watch.open(task.cancel)  # a stalled client cancels this handler
+        now = asyncio.get_running_loop().time
+        try:
+            async with ex.generate(prompt_ids, sampling, timeout_s, "grpc", arrival) as gen:
+                async for out in gen:
+                    write.since = now()
+                    await context.write(_response(gen.request_id, out))
+                    write.since = None
+        except asyncio.CancelledError:
+            if not write.stalled:
+                raise
+            task.uncancel()  # ours: leaving `generate` published the abort
+            raise ClientStalled(self._watch.message()) from None
+        finally:
+            self._watch.close(write)
 
 
 def _response(request_id: str, out: Output) -> pb.GenerateResponse:

@@ -6,19 +6,20 @@ KV blocks of its request on the workers, until the request timeout. So every wri
 client is bounded: a write that has not gone out after `timeout_s` (the kernel's and the
 transport's buffers full, nothing accepted meanwhile) ends the connection.
 
-HTTP: `WriteTimeout` bounds each ASGI `send`. On a timeout it aborts the connection
-(`AbortableH11Protocol` puts the transport's abort in the scope: a plain close would wait
-for the unread buffer to flush, forever); uvicorn then reports `http.disconnect`, so the
-request ends as for any client that left: cancelled, and its abort published to the
-workers. gRPC: `bounded_write` does the same for each streamed message; the request's
-abort is published as the RPC's handler unwinds.
+One `WriteWatch` per gateway watches every open response. HTTP: `WriteTimeout` marks
+each ASGI `send`; on a stall it aborts the connection (`AbortableH11Protocol` puts the
+transport's abort in the scope: a plain close would wait for the unread buffer to flush,
+forever); uvicorn then reports `http.disconnect`, so the request ends as for any client
+that left: cancelled, and its abort published to the workers. gRPC (gateway.server): a
+stall cancels the RPC's handler, which publishes the request's abort as it unwinds and
+ends the RPC with DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -30,6 +31,63 @@ ABORT_CONNECTION = "tandem.abort_connection"  # scope key: drops the client's co
 
 class ClientStalled(Exception):
     """The client accepted no bytes for the write timeout."""
+
+
+class Write:
+    """One open response: when its current write began (None: none under way)."""
+
+    __slots__ = ("on_stall", "since", "stalled")
+
+    def __init__(self, on_stall: Callable[[], None]) -> None:
+        self.on_stall = on_stall
+        self.since: float | None = None
+        self.stalled = False
+
+
+class WriteWatch:
+    """Every open response's writes, checked by one sweeper task every `check_s`: a
+    timer per write cost ~8 us, a large share of a gateway's time per token; this costs
+    two attribute writes. A stalled write is cut between timeout_s and timeout_s +
+    check_s after it began."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.check_s = min(1.0, timeout_s / 4)
+        self._open: set[Write] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def open(self, on_stall: Callable[[], None]) -> Write:
+        if self._sweeper is None:  # on the serving loop, at its first response
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        write = Write(on_stall)
+        self._open.add(write)
+        return write
+
+    def close(self, write: Write) -> None:
+        self._open.discard(write)
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+
+    def message(self) -> str:
+        return f"client accepted no bytes for {self.timeout_s:g} s"
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.check_s)
+            now = loop.time()
+            for write in [w for w in self._open if w.since is not None]:
+                if now - write.since > self.timeout_s:  # type: ignore[operator]
+                    self._open.discard(write)
+                    write.stalled = True
+                    try:
+                        write.on_stall()
+                    except Exception:  # one failed cut must not end the sweeps
+                        log.exception("cutting a stalled client failed")
 
 
 class AbortableH11Protocol(H11Protocol):
@@ -47,11 +105,11 @@ class AbortableH11Protocol(H11Protocol):
 
 
 class WriteTimeout:
-    """Bounds each `send` of an HTTP response to `timeout_s`."""
+    """Cuts an HTTP response whose current `send` has not completed for the timeout."""
 
-    def __init__(self, app: ASGIApp, timeout_s: float, on_stall: Callable[[], None]) -> None:
+    def __init__(self, app: ASGIApp, watch: WriteWatch, on_stall: Callable[[], None]) -> None:
         self.app = app
-        self.timeout_s = timeout_s
+        self.watch = watch
         self.on_stall = on_stall
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -59,38 +117,31 @@ class WriteTimeout:
             await self.app(scope, receive, send)
             return
         abort: Callable[[], None] | None = scope.get(ABORT_CONNECTION)
-        stalled = False
+        task = asyncio.current_task()
+        assert task is not None
+
+        def stall() -> None:
+            self.on_stall()
+            client = scope.get("client") or ("?", 0)
+            log.warning("http %s from %s:%s: %s; connection cut", scope.get("path"), client[0],
+                        client[1], self.watch.message())  # fmt: skip
+            # Our protocol: the connection is dropped, uvicorn's blocked send returns and
+            # the app sees http.disconnect. Another server: cancel the response instead.
+            (abort or task.cancel)()
+
+        write = self.watch.open(stall)
+        now = asyncio.get_running_loop().time
 
         async def bounded_send(message: Message) -> None:
-            nonlocal stalled
-            if stalled:  # the connection is gone: later writes go nowhere
+            if write.stalled:  # the connection is gone: later writes go nowhere
                 return
+            write.since = now()
             try:
-                async with asyncio.timeout(self.timeout_s):
-                    await send(message)
-            except TimeoutError:
-                stalled = True
-                self._stalled(scope)
-                if abort is None:  # not our protocol: fail the response instead
-                    raise ClientStalled(self._message()) from None
-                abort()  # uvicorn sees the connection lost: http.disconnect follows
+                await send(message)
+            finally:
+                write.since = None
 
-        await self.app(scope, receive, bounded_send)
-
-    def _message(self) -> str:
-        return f"client accepted no bytes for {self.timeout_s:g} s"
-
-    def _stalled(self, scope: Scope) -> None:
-        self.on_stall()
-        client = scope.get("client") or ("?", 0)
-        log.warning("http %s from %s:%s: %s; connection cut", scope.get("path"), client[0],
-                    client[1], self._message())  # fmt: skip
-
-
-async def bounded_write(write: Awaitable[None], timeout_s: float) -> None:
-    """One streamed gRPC message, written within `timeout_s` or ClientStalled."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            await write
-    except TimeoutError:
-        raise ClientStalled(f"client accepted no bytes for {timeout_s:g} s") from None
+        try:
+            await self.app(scope, receive, bounded_send)
+        finally:
+            self.watch.close(write)
