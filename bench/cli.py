@@ -169,7 +169,14 @@ def _gateway_args(p: argparse.ArgumentParser) -> None:
         "--token-delay",
         type=float,
         default=0.0,
-        help="seconds between the fake pool's steps (0: as fast as it can)",
+        help="seconds from one fake-pool step's start to the next's, on a clock "
+        "(0: as fast as it can); each pool process offers its streams a token per step",
+    )
+    p.add_argument(
+        "--pool-processes",
+        type=int,
+        default=2,
+        help="fake pool processes sharing the task stream, so the pool does not set the pace",
     )
     p.add_argument(
         "--client-processes", type=int, default=4, help="processes the streams are split over"

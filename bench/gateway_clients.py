@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -172,7 +173,14 @@ def summarize(results: Sequence[StreamResult], started: float, stamped: bool) ->
         "started": started,
         "ended": max(arrivals, default=started),
         "ages_s": ages,
+        "cpu_s": _cpu_s(),
     }
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
