@@ -253,6 +253,13 @@ class FakeWorker:
                 if self._next_token(job, batch, now):
                     del self._running[rid]
                     break
+        if self.stamp_tokens:
+            # Stamped again as the step goes out, so that building it (milliseconds for
+            # a thousand requests) does not count as the gateway's latency.
+            stamp = stamp_token(time.time())
+            for batch in deltas.values():
+                for delta in batch:
+                    delta.token_ids[0] = stamp
         await self._publish(deltas, started)
 
     def _next_token(self, job: _Running, batch: list[TokenDelta], now: float) -> bool:

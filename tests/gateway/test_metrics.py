@@ -149,3 +149,28 @@ def _metric_words(expr: str) -> set[str]:
             words.add(token)
         token = ""
     return words
+
+
+@pytest.mark.parametrize("amount", [0.0004, 0.03, 7.0, 1e9])
+def test_observe_many_equals_as_many_observes(amount: float) -> None:
+    """A message of k tokens adds its per-token gap to the ITL histogram k times, in one call."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from tandem.gateway.metrics import TOKEN_BUCKETS, observe_many
+
+    registry = CollectorRegistry()
+    one_by_one = Histogram("a", "a", buckets=TOKEN_BUCKETS, registry=registry)
+    at_once = Histogram("b", "b", buckets=TOKEN_BUCKETS, registry=registry)
+    for _ in range(5):
+        one_by_one.observe(amount)
+    observe_many(at_once, amount, 5)
+    observe_many(at_once, amount, 1)
+    one_by_one.observe(amount)
+
+    def samples(name: str) -> dict:
+        [family] = [f for f in registry.collect() if f.name == name]
+        return {(s.name[1:], tuple(s.labels.items())): s.value for s in family.samples
+                if not s.name.endswith("_created")}  # fmt: skip
+
+    assert samples("a") == samples("b")
+    assert samples("b")[("_count", ())] == 6
