@@ -86,7 +86,7 @@ case "${1:-}" in
     done
     $PY -m tandem.bench grpc-floor --streams 2000 --max-tokens 128 --client-processes 8 \
       --handlers write,yield --token-delay 0.066 "${FLOOR_OUT[@]}"
-    $PY -m tandem.bench grpc-floor --streams 2000 --max-tokens 256 --client-processes 8 \
+    $PY -m tandem.bench grpc-floor --streams 2000 --max-tokens 128 --client-processes 8 \
       --handlers write "${FLOOR_OUT[@]}"
     ;;
   prefix-shared|prefix-shared-off)  # one H200: 2,000 shared + 100 own prompt tokens, 128
