@@ -38,7 +38,7 @@ from tandem.core.sampling_params import SamplingParams
 from tandem.core.tokenizer import Tokenizer
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.detokenizer import TextStream
-from tandem.gateway.metrics import GatewayMetrics, observe_many
+from tandem.gateway.metrics import GatewayMetrics
 from tandem.gateway.redis_batch import RedisBatcher, SingleFlight
 from tandem.gateway.reply_router import ReplyRouter, RequestStream
 from tandem.gateway.task_watch import VanishedTasks
@@ -454,13 +454,13 @@ class Generation:
             return
         now = time.monotonic()
         metrics = self._ex.metrics
-        metrics.generation_tokens.inc(len(out.token_ids))
+        count = len(out.token_ids)
         if self._first_token_at is None:
             self._first_token_at = now
             metrics.ttft.observe(now - self._arrival)
+            metrics.tokens.add(count, None)
         else:
-            gap = (now - self._last_output_at) / len(out.token_ids)
-            observe_many(metrics.itl, gap, len(out.token_ids))
+            metrics.tokens.add(count, (now - self._last_output_at) / count)
         self._last_output_at = now
 
     def _finish(self, reason: str) -> None:
