@@ -152,9 +152,12 @@ async def run_streams(
         await asyncio.gather(*(c.close() for c in channels))
 
 
-def summarize(results: Sequence[StreamResult], started: float, stamped: bool) -> dict:
+def summarize(
+    results: Sequence[StreamResult], started: float, stamped: bool, cpu_before_s: float = 0.0
+) -> dict:
     """What a client process reports: counts, failures, the time span of its receipts,
     and (stamped gRPC tokens) every token's age at receipt, in seconds."""
+    cpu_s = _cpu_s() - cpu_before_s  # the streams' CPU, not this summary's
     from tandem.bench.fake_pool import stamp_age_s
 
     arrivals = [t for r in results for t, _ in r.arrivals]
@@ -173,7 +176,7 @@ def summarize(results: Sequence[StreamResult], started: float, stamped: bool) ->
         "started": started,
         "ended": max(arrivals, default=started),
         "ages_s": ages,
-        "cpu_s": _cpu_s(),
+        "cpu_s": cpu_s,
     }
 
 
@@ -198,13 +201,18 @@ def main() -> None:
     args = parser.parse_args()
     prompts = [[1000 + i, 300] for i in range(args.streams)]
 
+    cpu_before_s = 0.0
+
     async def go() -> list[StreamResult]:
+        nonlocal cpu_before_s
         await asyncio.sleep(max(args.start_at - time.time(), 0.0))
+        cpu_before_s = _cpu_s()
         return await run_streams(args.api, args.target, prompts, args.max_tokens, record=True)
 
     started = max(args.start_at, time.time())
     results = asyncio.run(go())
-    print(json.dumps(summarize(results, started, args.stamped and args.api == "grpc")))
+    stamped = args.stamped and args.api == "grpc"
+    print(json.dumps(summarize(results, started, stamped, cpu_before_s)))
 
 
 if __name__ == "__main__":
