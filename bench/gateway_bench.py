@@ -40,13 +40,21 @@ START_TIMEOUT_S = 60.0
 class Process:
     """A child started by its command line, ready once it printed a line with `ready`."""
 
-    def __init__(self, cmd: Sequence[str], ready: str, log_path: Path) -> None:
+    def __init__(self, cmd: Sequence[str], ready: str, log_path: Path, wait: bool = True) -> None:
+        """wait=False: started, not yet waited for; `wait_ready()` before using it."""
         self._log = log_path.open("w")
+        self._ready = ready
+        self._log_path = log_path
         self.popen = subprocess.Popen(
             list(cmd), stdout=subprocess.PIPE, stderr=self._log, text=True,
             start_new_session=True,
         )  # fmt: skip
-        self.ready_line = self._wait_for(ready, log_path)
+        self.ready_line = ""
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        self.ready_line = self._wait_for(self._ready, self._log_path)
 
     def _wait_for(self, ready: str, log_path: Path) -> str:
         assert self.popen.stdout is not None
@@ -163,11 +171,13 @@ def start_pools(redis_url: str, args, log_dir: Path, tag: str) -> list[Process]:
     """`args.pool_processes` fake pools sharing the task stream, each its own consumer."""
     pools: list[Process] = []
     try:
-        for i in range(args.pool_processes):
+        for i in range(args.pool_processes):  # all start at once, then each is waited for
             pools.append(Process(
                 pool_command(redis_url, args.token_delay, stamp=True),
-                "fake pool ready", log_dir / f"pool{i}-{tag}.log",
+                "fake pool ready", log_dir / f"pool{i}-{tag}.log", wait=False,
             ))  # fmt: skip
+        for pool in pools:
+            pool.wait_ready()
     except BaseException:
         for pool in pools:
             pool.stop()
