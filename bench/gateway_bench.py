@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from tandem.bench.gateway_clients import RATE_WINDOW_S
 from tandem.bench.results import git_commit
 from tandem.core.models import local_model_dir
 from tandem.local_redis import LocalRedis
@@ -195,6 +196,20 @@ def pool_report(outputs: list[str]) -> dict:
     return total
 
 
+def steady_tokens_per_s(reports: list[dict]) -> float | None:
+    """The median, over windows of RATE_WINDOW_S from the first receipt to the last, of
+    the tokens every client received in it: the rate once the streams are open (gRPC;
+    tokens_per_s also counts the ramp while 2,000 streams open and take a first step)."""
+    totals: dict[int, int] = {}
+    for report in reports:
+        for window, tokens in report.get("tokens_per_window", ()):
+            totals[window] = totals.get(window, 0) + tokens
+    if not totals:
+        return None
+    every = [totals.get(w, 0) for w in range(min(totals), max(totals) + 1)]
+    return round(percentile(every, 50) / RATE_WINDOW_S, 1)
+
+
 def measure(args, api: str, workers: int, work_dir: Path) -> dict:
     model_dir = tokenizer_dir(args.model_dir)
     tag = f"{api}-{workers}"
@@ -235,6 +250,7 @@ def measure(args, api: str, workers: int, work_dir: Path) -> dict:
         "failures": [f for r in reports for f in r["failures"]][:5],
         "tokens": tokens,
         "tokens_per_s": round(tokens / span, 1) if span > 0 else None,
+        "steady_tokens_per_s": steady_tokens_per_s(reports),
         # gRPC messages or SSE chunks the clients got: the gateway's cost is per message.
         "messages": messages,
         "tokens_per_message": round(tokens / messages, 2) if messages else None,

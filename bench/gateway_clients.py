@@ -23,6 +23,7 @@ from tandem.gateway.proto import tandem_pb2 as pb
 from tandem.gateway.proto import tandem_pb2_grpc as pb_grpc
 
 STREAMS_PER_CHANNEL = 100  # HTTP/2 streams per gRPC connection, as a client pool would
+RATE_WINDOW_S = 0.1  # receipts are also counted per window of this, for the steady rate
 
 
 @dataclass
@@ -167,6 +168,11 @@ def summarize(
         else []
     )
     failures = [f"{r.status}: {r.error[:200]}" for r in results if not r.ok]
+    per_window: dict[int, int] = {}  # tokens received per RATE_WINDOW_S of wall time
+    for r in results if stamped else ():
+        for t, toks in r.arrivals:
+            window = int(t / RATE_WINDOW_S)
+            per_window[window] = per_window.get(window, 0) + len(toks)
     return {
         "streams": len(results),
         "failed": len(failures),
@@ -177,6 +183,7 @@ def summarize(
         "ended": max(arrivals, default=started),
         "ages_s": ages,
         "cpu_s": cpu_s,
+        "tokens_per_window": sorted(per_window.items()),
     }
 
 
