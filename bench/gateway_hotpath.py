@@ -20,6 +20,7 @@ import asyncio
 import cProfile
 import pstats
 import time
+from pathlib import Path
 
 from tandem.core.protocol import TokenBatch, TokenDelta, encode
 from tandem.core.sampling_params import SamplingParams
@@ -31,10 +32,11 @@ from tandem.gateway.server import _response
 from tandem.local_redis import LocalRedis
 
 
-async def measure(streams: int, steps: int, profile: bool) -> float:
+async def measure(streams: int, steps: int, profile: bool, model_dir: Path | None = None) -> float:
     with LocalRedis() as redis_server:
         config = GatewayConfig(
-            model="smollm2", model_dir=resolve_model("smollm2"), redis_url=redis_server.url,
+            model="smollm2", model_dir=model_dir or resolve_model("smollm2"),
+            redis_url=redis_server.url,
             grpc_port=0, http_port=0, max_active_requests=streams + 1,
         )  # fmt: skip
         app = GatewayApp(config)
@@ -92,8 +94,11 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="any tokenizer.json + config.json"
+    )
     args = parser.parse_args()
-    us = asyncio.run(measure(args.streams, args.steps, args.profile))
+    us = asyncio.run(measure(args.streams, args.steps, args.profile, args.model_dir))
     print(f"{us:.1f} us of gateway CPU per message ({args.streams} streams x {args.steps} steps)")
 
 
