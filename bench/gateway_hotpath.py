@@ -22,9 +22,9 @@ import pstats
 import time
 from pathlib import Path
 
+from tandem.bench.gateway_bench import MODEL, tokenizer_dir
 from tandem.core.protocol import TokenBatch, TokenDelta, encode
 from tandem.core.sampling_params import SamplingParams
-from tandem.engine.model_registry import resolve_model
 from tandem.gateway.app import GatewayApp
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.execution import Generation
@@ -35,7 +35,7 @@ from tandem.local_redis import LocalRedis
 async def measure(streams: int, steps: int, profile: bool, model_dir: Path | None = None) -> float:
     with LocalRedis() as redis_server:
         config = GatewayConfig(
-            model="smollm2", model_dir=model_dir or resolve_model("smollm2"),
+            model=MODEL, model_dir=tokenizer_dir(model_dir),
             redis_url=redis_server.url,
             grpc_port=0, http_port=0, max_active_requests=streams + 1,
         )  # fmt: skip
