@@ -67,13 +67,27 @@ case "${1:-}" in
       --slo-attainment 0.9 --client-processes 4
     ;;
   gateway)  # CPU only (issue 16): one gateway's capacity against the fake pool, gRPC and
-    # HTTP, 1 and 2 gateway processes, pool as fast as it can; then gRPC at ~30k tok/s
-    # offered (2,000 streams, a step every 66 ms) for the added latency. No torch needed;
-    # pass --model-dir DIR (any tokenizer.json + config.json) where smollm2 is not cached.
+    # HTTP, 1 and 2 gateway processes, pool as fast as it can; then gRPC paced at ~30k
+    # tok/s offered (2,000 streams, a step every 66 ms: one token a message) for the
+    # added latency; then the bare grpc.aio floor at the same pace. 4 pool processes and
+    # 8 client processes, so that on 16 cores neither sets the pace (each run's JSON has
+    # pool_cores_used, pool_late_steps and client_max_cpu_share to check). No torch
+    # needed; pass --model-dir DIR (any tokenizer.json + config.json) where smollm2 is
+    # not cached, and --out-dir DIR to write the JSON elsewhere. About 3 minutes.
     $PY -m tandem.bench gateway --streams 2000 --max-tokens 256 --client-processes 8 \
-      --apis grpc,http --gateway-workers 1,2 "${@:2}"
+      --pool-processes 4 --apis grpc,http --gateway-workers 1,2 "${@:2}"
     $PY -m tandem.bench gateway --streams 2000 --max-tokens 128 --client-processes 8 \
-      --apis grpc --gateway-workers 1 --token-delay 0.066 "${@:2}"
+      --pool-processes 4 --apis grpc --gateway-workers 1,2 --token-delay 0.066 "${@:2}"
+    # The floor takes no --model-dir: only --out-dir of the extra arguments reaches it.
+    FLOOR_OUT=()
+    args=("${@:2}")
+    for i in "${!args[@]}"; do
+      [ "${args[$i]}" = --out-dir ] && FLOOR_OUT=(--out-dir "${args[$((i + 1))]}")
+    done
+    $PY -m tandem.bench grpc-floor --streams 2000 --max-tokens 128 --client-processes 8 \
+      --handlers write,yield --token-delay 0.066 "${FLOOR_OUT[@]}"
+    $PY -m tandem.bench grpc-floor --streams 2000 --max-tokens 128 --client-processes 8 \
+      --handlers write "${FLOOR_OUT[@]}"
     ;;
   prefix-shared|prefix-shared-off)  # one H200: 2,000 shared + 100 own prompt tokens, 128
     # out; colocated and 1p1d (cuda_ipc) with prefix caching on (off: the -off part)
