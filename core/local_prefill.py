@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from tandem.core.kv_cache_manager import blocks_needed
+from tandem.core.kv_cache_manager import KVCacheManager, blocks_needed
 from tandem.core.protocol import PrefillTask
 
 
@@ -93,3 +93,25 @@ class LocalPrefillGate:
         if self.uncached_tokens and tokens - cached_tokens <= self.uncached_tokens:
             return Claim.THIS
         return Claim.NOTHING
+
+
+class CachedLead:
+    """How many leading tokens of the backlog's task a worker's prefix cache holds now
+    (what the uncached-length gate subtracts). Its hashes are computed once per entry.
+    Safe on the intake thread without the worker's lock: it only looks hashes up, and
+    a block evicted before the task runs makes the prefill longer, never wrong."""
+
+    def __init__(self, kv: KVCacheManager) -> None:
+        self.kv = kv
+        self._chain: tuple[bytes, list[bytes]] = (b"", [])  # (entry id, its hashes)
+
+    def tokens(self, backlog: Backlog | None) -> int:
+        if backlog is None or backlog.task is None:
+            return 0
+        entry_id, chain = self._chain
+        if entry_id != backlog.entry_id:
+            task = backlog.task
+            tokens = task.prompt_token_ids + task.output_token_ids
+            chain = self.kv.usable_chain(tokens, task.sampling.cache_salt)
+            self._chain = (backlog.entry_id, chain)
+        return self.kv.num_cached_leading(chain) * self.kv.block_size

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import redis
 
 from tandem.core.config import WorkerConfig
-from tandem.core.local_prefill import Backlog, Claim, LocalPrefillGate, Room
+from tandem.core.local_prefill import CachedLead, Claim, LocalPrefillGate, Room
 from tandem.core.prefix_routing import HashPublisher
 from tandem.core.protocol import (
     ControlMessage,
@@ -135,8 +135,7 @@ class DecodeWorker(BatchWorker):
                 self.redis, self.engine.name, self.worker_id, self.kv, config.registry_ttl_s
             )
         self._local_load: int | None = None  # as last given to the publisher
-        # The intake thread's hashes of the backlog task it judged last: (entry, chain).
-        self._backlog_chain: tuple[bytes, list[bytes]] = (b"", [])
+        self._cached_lead = CachedLead(self.kv)  # the intake thread's
 
     # -- registry ----------------------------------------------------------------------
     def snapshot(self) -> WorkerInfo:
@@ -385,26 +384,12 @@ class DecodeWorker(BatchWorker):
         the backlog's task is mostly cached here (then that task only)."""
         assert self.gate is not None
         backlog = self.intake.backlog()
-        cached = self._cached_tokens(backlog) if self.gate.uncached_tokens else 0
+        cached = self._cached_lead.tokens(backlog) if self.gate.uncached_tokens else 0
         claim = self.gate.claims(backlog, Room(free, spare_blocks), cached)
         if claim is Claim.THIS:
             assert backlog is not None
             return 1, backlog.entry_id
         return int(claim is Claim.NEXT), None
-
-    def _cached_tokens(self, backlog: Backlog | None) -> int:
-        """On the intake thread: the leading tokens of the backlog's task this worker's
-        prefix cache holds now. Read without the lock (hash lookups only): a block
-        evicted meanwhile makes the prefill longer, never wrong."""
-        if backlog is None or backlog.task is None:
-            return 0
-        entry_id, chain = self._backlog_chain
-        if entry_id != backlog.entry_id:
-            task = backlog.task
-            tokens = task.prompt_token_ids + task.output_token_ids
-            chain = self.kv.usable_chain(tokens, task.sampling.cache_salt)
-            self._backlog_chain = (backlog.entry_id, chain)
-        return self.kv.num_cached_leading(chain) * self.kv.block_size
 
     # -- one decode step ----------------------------------------------------------------
     def _step(self) -> None:

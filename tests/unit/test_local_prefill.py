@@ -7,9 +7,18 @@ from __future__ import annotations
 import pytest
 
 from tandem.core.config import WorkerConfig
-from tandem.core.local_prefill import Backlog, Claim, LocalPrefillGate, Room, entry_time_ms
+from tandem.core.kv_cache_manager import KVCacheManager
+from tandem.core.local_prefill import (
+    Backlog,
+    CachedLead,
+    Claim,
+    LocalPrefillGate,
+    Room,
+    entry_time_ms,
+)
 from tandem.core.protocol import PrefillTask
 from tandem.core.sampling_params import SamplingParams
+from tandem.core.sequence import Sequence
 
 GATE = LocalPrefillGate(after_ms=200.0, max_prefills=2, block_size=16)
 ROOMY = Room(tasks=1, blocks=100)
@@ -89,6 +98,30 @@ def test_a_task_mostly_cached_here_is_claimed_that_one_only():
     assert both.claims(_backlog(age_ms=500, prompt_len=100), ROOMY) is NEXT
     assert both.claims(_backlog(age_ms=5, prompt_len=100), ROOMY, cached_tokens=96) is THIS
     assert both.claims(_backlog(age_ms=5, prompt_len=100), ROOMY, cached_tokens=16) is NOTHING
+
+
+def test_the_cached_lead_is_what_a_prefill_here_would_share():
+    kv = KVCacheManager(32, 4, enable_prefix_caching=True, salt="m")
+    turn = list(range(1, 23))  # 5 full blocks and 2 tokens
+    seq = Sequence("turn-1", turn, SamplingParams())
+    assert kv.allocate_slots("turn-1", len(turn))
+    seq.num_computed_tokens = len(turn)
+    kv.cache_full_blocks(seq)
+    kv.free("turn-1")  # finished: its blocks stay cached, evictable
+    lead = CachedLead(kv)
+
+    def backlog(prompt: list[int], entry: bytes, salt: str = "") -> Backlog:
+        task = PrefillTask(request_id="r", prompt_token_ids=prompt, reply_stream="s",
+                           sampling=SamplingParams(cache_salt=salt), deadline=0.0)  # fmt: skip
+        return Backlog(entry, task, 0)
+
+    assert lead.tokens(backlog(turn + [7, 8, 9], b"1-0")) == 20
+    assert lead.tokens(backlog(turn[:20], b"2-0")) == 16  # its last token is computed
+    assert lead.tokens(backlog(turn + [7], b"3-0", salt="other")) == 0
+    assert lead.tokens(backlog([99] + turn, b"4-0")) == 0
+    assert lead.tokens(None) == lead.tokens(Backlog(b"5-0", None, 0)) == 0
+    kv.allocate_slots("pressure", 32 * 4)  # evicts every cached block
+    assert lead.tokens(backlog(turn + [7, 8, 9], b"1-0")) == 0
 
 
 def test_local_prefill_settings_are_checked_once():
