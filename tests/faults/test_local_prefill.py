@@ -3,7 +3,8 @@ prefill worker frozen it takes the queued tasks itself and answers exactly as th
 in-process engine; without the option it never takes one; beside a healthy prefill
 worker and a long threshold it takes none; a cancel during its prefill frees every
 block. With `--local-prefill-uncached-tokens`, a conversation's next turn that it
-prefills itself is reclaimed by the prefill pool when it dies mid-prefill."""
+prefills itself is reclaimed by the prefill pool when it dies mid-prefill, and a request
+it prefilled itself migrates (gateway --migrate) when it dies after the first token."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 from tandem.core.local_prefill import entry_time_ms
 from tandem.core.redis_keys import PREFILL_GROUP, prefill_stream
 from tandem.gateway.proto import tandem_pb2
-from tests.faults.cluster import Cluster, collect, request
+from tests.faults.cluster import Cluster, collect, request, stream_in_background
 from tests.service.conftest import PROMPTS, solo
 
 STREAM = prefill_stream("smollm2")
@@ -219,3 +220,27 @@ def test_a_short_turn_whose_decode_worker_dies_mid_prefill_is_reclaimed(cluster,
         cluster.wait_for(lambda: _settled(cluster), "the reclaimed task to be acknowledged")
         assert cluster.worker("decode-spare").admitted == 1
         cluster.assert_no_blocks_in_use(timeout=15)
+
+
+def test_a_request_prefilled_on_its_decode_worker_migrates_when_that_worker_dies(engine):
+    migrating = Cluster()
+    try:
+        migrating.start_worker("prefill-0", "prefill")
+        # A short prompt is short with nothing cached: decode-local prefills it.
+        migrating.start_worker("decode-local", "decode", "--local-prefill-uncached-tokens", "64")
+        migrating.start_worker("decode-spare", "decode")  # not a peer routing knows of
+        migrating.start_gateway("--migrate")
+        result, started = stream_in_background(migrating, request(PROMPTS[0], 300), 6)
+        assert started.wait(60)
+        migrating.wait_for(
+            lambda: migrating.worker("decode-local").local_prefills == 1, "the local prefill"
+        )
+        migrating.kill("decode-local")
+        result["thread"].join(120)
+        assert "error" not in result, result.get("error")
+        assert result["tokens"] == solo(engine, PROMPTS[0], 300).token_ids
+        # The rest was recomputed by the prefill pool and handed to the spare.
+        assert migrating.worker("decode-spare").admitted == 1
+        migrating.assert_no_blocks_in_use(timeout=15)
+    finally:
+        migrating.close()
