@@ -3,6 +3,7 @@
 # each fit a 10-minute slot on a 2 x H100 machine. Run from the repo root:
 #   bash bench/gpu_suite.sh check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway
 #   bash bench/gpu_suite.sh prefix-shared|prefix-shared-off|prefix-chat|prefix-chat-off  (one H200)
+#   bash bench/gpu_suite.sh prefix-chat-local [N]  (one H200; N 0: the baseline)
 # Every benchmark writes its JSON to bench/results/ (card, commit, date, command).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -103,8 +104,23 @@ case "${1:-}" in
       --rates 6,24 --duration 15 --min-prompts 36 --num-prompts 360 \
       "${SLO[@]}" --client-processes 4 ${CACHING_OFF}
     ;;
+  prefix-chat-local)  # one H200: prefix-chat's 1p1d (cuda_ipc), the decode worker
+    # prefilling itself every turn of which at most N tokens (default 384) are missing
+    # from its cache: a first turn has 200 tokens, each next one ~315 beyond the blocks
+    # the decode worker holds (the previous answer is a stand-in, not its own). N 0:
+    # the same run without it, the baseline to run beside it on the same machine.
+    n=${2:-384}
+    local_flags=""
+    if [ "$n" != 0 ]; then
+      local_flags="--local-prefill-uncached-tokens $n --max-local-prefills 2"
+    fi
+    $PY -m tandem.bench serve "${MODEL[@]}" --modes 1p1d --gpus 1 --kv-transport cuda_ipc \
+      --workload multi-turn --turns 6 --turn-gap 2 --input-len 200 --output-len 128 \
+      --rates 6,24 --duration 15 --min-prompts 36 --num-prompts 360 \
+      "${SLO[@]}" --client-processes 4 --serve-args "$local_flags"
+    ;;
   *)
-    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway|prefix-shared[-off]|prefix-chat[-off]" >&2
+    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway|prefix-shared[-off]|prefix-chat[-off]|prefix-chat-local [N]" >&2
     exit 2
     ;;
 esac

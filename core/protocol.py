@@ -194,7 +194,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     evictions: int = 0
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
-    routed_to_peers: int = 0  # tasks left for a peer holding a longer cached prefix
+    # Prefill: tasks left for a peer holding a longer cached prefix, or for a decode
+    # worker that prefills the rest itself.
+    routed_to_peers: int = 0
     kv_bytes_sent: int = 0  # prefill: KV bytes shipped to decode workers since start
     running: int = 0
     waiting: int = 0
@@ -204,6 +206,10 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     # Decode: tasks it took from the prefill stream and prefilled itself since start
     # (core.local_prefill).
     local_prefills: int = 0
+    # Decode: its local prefill settings, for routing (0: it prefills no short
+    # remainder itself; it takes at most max_local_prefills at once).
+    local_prefill_uncached_tokens: int = 0
+    max_local_prefills: int = 0
     heartbeat: float = 0.0
     draining: bool = False
 

@@ -179,8 +179,9 @@ class BatchWorker(WorkerBase):
             self.outbox.call(self.intake.ack, *first)
 
     # -- intake thread -------------------------------------------------------------------
-    def _claims(self, free: int, spare_blocks: int) -> int:
-        """How many tasks to read now, with `free` more fitting (at least one)."""
+    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None]:
+        """How many tasks to read now, with `free` more fitting (at least one), and
+        the one entry to read if only that one (TaskIntake.poll's `only`)."""
         raise NotImplementedError
 
     def _intake_loop(self) -> None:
@@ -200,8 +201,8 @@ class BatchWorker(WorkerBase):
                 self.intake_closed.set()
             room, received, spare_blocks = self._room
             free = room - (self._taken - received)
-            count = 0 if draining or free <= 0 else self._claims(free, spare_blocks)
-            entries = self.intake.poll(count, self.READ_BLOCK_MS, self._held)
+            count, only = (0, None) if draining or free <= 0 else self._claims(free, spare_blocks)
+            entries = self.intake.poll(count, self.READ_BLOCK_MS, self._held, only)
             for entry in entries:
                 self._taken += 1
                 self.arrivals.put(entry)

@@ -110,5 +110,5 @@ class ColocatedWorker(BatchWorker):
             self.outbox.close()  # the last tokens go out before the registry entry goes
             self.shutdown()
 
-    def _claims(self, free: int, spare_blocks: int) -> int:
-        return free  # room() already counted the blocks
+    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None]:
+        return free, None  # room() already counted the blocks

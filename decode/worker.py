@@ -12,16 +12,20 @@ A handed-off request's life on this worker, as states:
                the sequence joins the continuous batch, one token per step. Each step
                publishes one TokenBatch per gateway reply stream.
 
-With --local-prefill-after-ms (conditional disaggregation, off by default), a request
-may also come straight from the model's prefill stream, as on a colocated worker:
+With --local-prefill-after-ms or --local-prefill-uncached-tokens (conditional
+disaggregation, off by default), a request may also come straight from the model's
+prefill stream, as on a colocated worker:
 
     QUEUED     a PrefillTask in the stream that no prefill worker has taken yet.
     CLAIMED    the intake thread read it (XREADGROUP; XAUTOCLAIM of a dead worker's
                task) because the oldest untaken task had waited --local-prefill-after-ms,
-               fewer than --max-local-prefills of this worker's own tasks were
-               prefilling, and it had a sequence slot and KV blocks for the task
-               (core.local_prefill). Malformed, duplicate, aborted and expired tasks end
-               here, as on a prefill worker.
+               or read exactly that task because at most --local-prefill-uncached-tokens
+               of it are missing from this worker's prefix cache (prefill workers leave
+               such a task to it: it publishes its block hashes as they do); and fewer
+               than --max-local-prefills of this worker's own tasks were prefilling, and
+               it had a sequence slot and KV blocks for the task (core.local_prefill).
+               Malformed, duplicate, aborted and expired tasks end here, as on a prefill
+               worker.
     WAITING    in the engine's queue. Its stream entry stays pending under this worker
                and is kept alive, so if the worker dies a peer reclaims it.
     PREFILLING chunked under the token budget after the step's decodes.
@@ -63,7 +67,8 @@ from dataclasses import dataclass
 import redis
 
 from tandem.core.config import WorkerConfig
-from tandem.core.local_prefill import LocalPrefillGate, Room
+from tandem.core.local_prefill import CachedLead, Claim, LocalPrefillGate, Room
+from tandem.core.prefix_routing import HashPublisher
 from tandem.core.protocol import (
     ControlMessage,
     Handoff,
@@ -116,10 +121,21 @@ class DecodeWorker(BatchWorker):
         self.admitted = 0  # handoffs
         self.lock = threading.Lock()
         self.gate: LocalPrefillGate | None = None
-        if config.local_prefill_after_ms is not None:
+        if config.local_prefill:
             self.gate = LocalPrefillGate(
-                config.local_prefill_after_ms, config.max_local_prefills, self.kv.block_size
+                config.local_prefill_after_ms,
+                config.max_local_prefills,
+                self.kv.block_size,
+                config.local_prefill_uncached_tokens,
             )
+        if config.local_prefill_uncached_tokens and self.kv.enable_prefix_caching:
+            # Prefill workers leave it the tasks whose remainder here is short
+            # (core/prefix_routing.py); its load is the local prefills it would refuse.
+            self.hash_publisher = HashPublisher(
+                self.redis, self.engine.name, self.worker_id, self.kv, config.registry_ttl_s
+            )
+        self._local_load: int | None = None  # as last given to the publisher
+        self._cached_lead = CachedLead(self.kv)  # the intake thread's
 
     # -- registry ----------------------------------------------------------------------
     def snapshot(self) -> WorkerInfo:
@@ -142,6 +158,8 @@ class DecodeWorker(BatchWorker):
             preemptions=sched.num_preemptions,
             admitted=self.admitted,
             local_prefills=self.from_stream,
+            local_prefill_uncached_tokens=self.config.local_prefill_uncached_tokens,
+            max_local_prefills=self.config.max_local_prefills if self.gate else 0,
             draining=self.draining,
         )
 
@@ -353,13 +371,25 @@ class DecodeWorker(BatchWorker):
             - len(self.reservations)
         )
         room = self.gate.room(prefilling, slots, sched.spare_blocks())
+        tasks = 0 if self.draining else room.tasks
         # A task for a request reserved here is a duplicate of the one coming in.
-        self._share_state(0 if self.draining else room.tasks, room.blocks, self.reservations)
+        self._share_state(tasks, room.blocks, self.reservations)
+        load = self.gate.max_prefills - tasks
+        if self.hash_publisher is not None and load != self._local_load:
+            self._local_load = load
+            self.outbox.call(self.hash_publisher.set_load, load)
 
-    def _claims(self, free: int, spare_blocks: int) -> int:
-        """On the intake thread: one task at most, and only while the pool is backed up."""
+    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None]:
+        """On the intake thread: one task at most, while the pool is backed up or when
+        the backlog's task is mostly cached here (then that task only)."""
         assert self.gate is not None
-        return self.gate.claims(self.intake.backlog(), Room(free, spare_blocks))
+        backlog = self.intake.backlog()
+        cached = self._cached_lead.tokens(backlog) if self.gate.uncached_tokens else 0
+        claim = self.gate.claims(backlog, Room(free, spare_blocks), cached)
+        if claim is Claim.THIS:
+            assert backlog is not None
+            return 1, backlog.entry_id
+        return int(claim is Claim.NEXT), None
 
     # -- one decode step ----------------------------------------------------------------
     def _step(self) -> None:
@@ -370,6 +400,10 @@ class DecodeWorker(BatchWorker):
                 self._fail_step(failed)
             return
         with self.lock:
+            if self.hash_publisher is not None and self.hash_publisher.pending:
+                # Before the step's tokens: once a turn's last token is out, the blocks
+                # it cached are visible to the router deciding where its next turn goes.
+                self.outbox.call(self.hash_publisher.flush)
             # Published first: a requeued request's next token must not overtake these.
             self._publish_step(got)
             for seq in out.preempted:
