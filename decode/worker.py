@@ -368,7 +368,7 @@ class DecodeWorker(BatchWorker):
         except StepFailed as failed:
             with self.lock:
                 self._fail_step(failed)
-            return
+            out, got = failed.out, failed.got  # what the rest of the step did
         with self.lock:
             # Published first: a requeued request's next token must not overtake these.
             self._publish_step(got)

@@ -351,7 +351,7 @@ class PrefillWorker(WorkerBase):
                     task = self.inflight[rid].task
                     self._drop(rid)
                     self.intake.fail(task, "internal", failed.reason)
-            return
+            got = failed.got  # the rest of the step went on
         if not got:
             return
         deltas = new_deltas()
