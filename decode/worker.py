@@ -41,7 +41,9 @@ Either way:
                pool recomputes it and the client sees no break. A local task preempted
                while prefilling goes back the same way, its old entry acknowledged.
     EXPIRED    its deadline passed: an error delta ends the stream, blocks are freed. A
-               reservation not handed off within its lease is released.
+               reservation not handed off within its lease is released (the prefill
+               worker that made it renews the lease while it prefills and ships, so
+               only a dead or frozen one lets it run out).
 
 Two threads touch the engine's bookkeeping, serialized by one lock: the control thread
 answers prefill workers (reserve, fill, handoff, release) at once, so their round trips

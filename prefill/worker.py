@@ -12,7 +12,8 @@ A task's life on this worker, as states:
                 worker refuses for lack of room, the task waits here (retried every
                 20 ms, oldest first; no new tasks are taken meanwhile, so peers get
                 them) for up to decode_wait_s, then fails UNAVAILABLE; with no decode
-                worker registered at all it fails at once.
+                worker registered at all it fails at once. From here until it is
+                settled, the reservation's lease is renewed (prefill.lease_renewal).
     PREFILLING  the sequence is in this worker's engine batch, chunked under the token
                 budget (prompt + tokens generated before a preemption, if any).
     SHIPPING    the first token is published to the gateway (TTFT), then the KV blocks
