@@ -14,8 +14,10 @@ from tandem.engine.engine import Engine, EngineConfig, StepFailed
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture
-def engine(tiny_checkpoints):
+# Both ways a step starts: scheduled and built on the spot, or launched ahead while the
+# step before it ran (as on CUDA).
+@pytest.fixture(params=[False, True], ids=["scheduled", "launched-ahead"])
+def engine(tiny_checkpoints, request):
     path, _ = tiny_checkpoints["qwen2"]
     return Engine(
         EngineConfig(
@@ -23,6 +25,7 @@ def engine(tiny_checkpoints):
             device="cpu",
             cache=CacheConfig(block_size=4, num_blocks=64),
             scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=128),
+            launch_ahead=request.param,
         )
     )
 
@@ -99,25 +102,28 @@ def _run_failing(engine: Engine, seqs: list[Sequence]) -> list[StepFailed]:
     return failures
 
 
-def _raise_for_marked(monkeypatch, calls: list[int]) -> None:
+def _raise_for_marked(monkeypatch, where: str, calls: list[int]) -> None:
+    """Sampling (inside the launch) or reading the step's results (where a device fault
+    surfaces on CUDA) raises for any batch holding the marked request once it decodes."""
     from tandem.engine import model_runner
 
-    real = model_runner.sample_tokens
+    real = getattr(model_runner, where)
 
-    def sample_tokens(logits, rows, generator):
+    def hooked(first, rows, *rest):
         calls.append(len(rows))
         if any(r.prompt_token_ids[0] == MARK and r.output_token_ids for r in rows):
             raise OverflowError("Overflow when unpacking long long")
-        return real(logits, rows, generator)
+        return real(first, rows, *rest)
 
-    monkeypatch.setattr(model_runner, "sample_tokens", sample_tokens)
+    monkeypatch.setattr(model_runner, where, hooked)
 
 
-def test_only_the_request_that_raises_fails_and_its_batch_runs_on(engine, monkeypatch):
+@pytest.mark.parametrize("where", ["sample_tokens", "top_logprobs"])
+def test_only_the_request_that_raises_fails_and_its_batch_runs_on(engine, monkeypatch, where):
     free_at_start = engine.kv.num_free_blocks
     clean = _run_all(engine, [Sequence(rid, p, GREEDY) for rid, p in PROMPTS.items()])
     calls: list[int] = []
-    _raise_for_marked(monkeypatch, calls)
+    _raise_for_marked(monkeypatch, where, calls)
     seqs = [Sequence(rid, p, GREEDY) for rid, p in PROMPTS.items()]
     seqs.insert(2, Sequence("marked", [MARK, 7, 8], GREEDY))
     failures = _run_failing(engine, seqs)
