@@ -118,6 +118,10 @@ def test_a_reservation_lost_while_prefilling_is_reserved_again_not_written(tmp_p
         prober = make_sender("zmq", "probe")
         try:
             prober.release(cluster.worker("decode-0").control_address, "lost-once")
+            # Closed only once it was delivered: closing drops what is still queued.
+            cluster.wait_for(
+                lambda: cluster.worker("decode-0").reservations == 0, "the release to land"
+            )
         finally:
             prober.close()
         cluster.wait_for(
