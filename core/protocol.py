@@ -110,6 +110,24 @@ class Release(msgspec.Struct, tag=True, kw_only=True):
     request_id: str
 
 
+class RenewLeases(msgspec.Struct, tag=True, kw_only=True):
+    """Keep reservations the sender still means to fill (a long prefill, a slow
+    transfer): each of `request_ids` it holds there gets `lease_s` more from now."""
+
+    renewal_id: str  # fresh per call: keys the reply
+    request_ids: list[str]
+    lease_s: float
+
+
+class LeasesRenewed(msgspec.Struct, tag=True, kw_only=True):
+    renewal_id: str
+    ok: bool  # every reservation renewed
+    # Not held here for this sender (expired, released, handed off, never made): the
+    # sender must not write their blocks.
+    lost: list[str] = []
+    reason: str = ""
+
+
 class CudaIpcExport(msgspec.Struct, frozen=True, kw_only=True):
     """A decode worker's whole KV cache as a CUDA IPC handle (what torch's
     `UntypedStorage._share_cuda_()` returns) plus the tensor view over it."""
@@ -169,6 +187,8 @@ ControlMessage = Union[
     TransferAck,
     Handoff,
     Release,
+    RenewLeases,
+    LeasesRenewed,
     ExportRequest,
     ExportReply,
     KVGroupInvite,

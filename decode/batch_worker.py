@@ -126,7 +126,8 @@ class BatchWorker(WorkerBase):
         return req
 
     def _fail_step(self, failed: StepFailed) -> None:
-        """The requests of a step that raised end with an error; the rest run on."""
+        """The requests a step failed for end with an error; the rest of the step (its
+        tokens: `failed.got`) goes on as usual."""
         deltas = new_deltas()
         for rid in failed.request_ids:
             if rid in self.requests:

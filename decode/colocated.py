@@ -98,7 +98,7 @@ class ColocatedWorker(BatchWorker):
                         _, got = self.engine.step()
                     except StepFailed as failed:
                         self._fail_step(failed)
-                        continue
+                        got = failed.got  # the rest of the step's tokens
                     self._publish_step(got)
                 elif self.draining and self._intake_settled() and not self.requests:
                     break

@@ -45,7 +45,9 @@ Either way:
                pool recomputes it and the client sees no break. A local task preempted
                while prefilling goes back the same way, its old entry acknowledged.
     EXPIRED    its deadline passed: an error delta ends the stream, blocks are freed. A
-               reservation not handed off within its lease is released.
+               reservation not handed off within its lease is released (the prefill
+               worker that made it renews the lease while it prefills and ships, so
+               only a dead or frozen one lets it run out).
 
 Two threads touch the engine's bookkeeping, serialized by one lock: the control thread
 answers prefill workers (reserve, fill, handoff, release) at once, so their round trips
@@ -73,8 +75,10 @@ from tandem.core.protocol import (
     ControlMessage,
     Handoff,
     KVTransfer,
+    LeasesRenewed,
     PrefillTask,
     Release,
+    RenewLeases,
     ReserveReply,
     ReserveRequest,
     TransferAck,
@@ -83,7 +87,7 @@ from tandem.core.protocol import (
 from tandem.core.redis_client import add_task, publish_deltas
 from tandem.core.registry import list_workers, worker_of_sender
 from tandem.core.replies import error_delta
-from tandem.core.request_checks import check_handoff, check_reserve
+from tandem.core.request_checks import check_handoff, check_renewal, check_reserve
 from tandem.core.sequence import Sequence, SequenceStatus
 from tandem.decode.batch_worker import BatchWorker, Request
 from tandem.engine.engine import Engine, EngineConfig, StepFailed
@@ -103,6 +107,7 @@ class Reservation:
     num_tokens: int  # the tokens whose KV it holds blocks for
     filled: bool = False
     cached: int = 0  # leading blocks that already held its KV (prefix cache): not sent
+    owner: str = ""  # the prefill worker that made it: only it may renew the lease
 
 
 class DecodeWorker(BatchWorker):
@@ -232,16 +237,18 @@ class DecodeWorker(BatchWorker):
         out of bounds is refused by the checks, and a handler that raises anyway answers
         with a refusal instead of ending the control thread."""
         try:
-            reply = self._answer(msg, payload)
+            reply = self._answer(peer, msg, payload)
         except Exception:
             log.exception("control message %s failed", type(msg).__name__)
             reply = refusal(msg, "the decode worker failed on this message (logged there)")
         if reply is not None:
             self.receiver.reply(peer, reply)
 
-    def _answer(self, msg, payload) -> ControlMessage | None:
+    def _answer(self, peer: bytes, msg, payload) -> ControlMessage | None:
         if isinstance(msg, ReserveRequest):
-            return self._reserve(msg)
+            return self._reserve(msg, worker_of_sender(peer.decode(errors="replace")))
+        if isinstance(msg, RenewLeases):
+            return self._renew(msg, worker_of_sender(peer.decode(errors="replace")))
         if isinstance(msg, KVTransfer):
             return self._fill(msg, payload)
         if isinstance(msg, Handoff):
@@ -252,7 +259,7 @@ class DecodeWorker(BatchWorker):
             log.warning("unexpected control message %s", type(msg).__name__)
         return None
 
-    def _reserve(self, req: ReserveRequest) -> ReserveReply:
+    def _reserve(self, req: ReserveRequest, owner: str) -> ReserveReply:
         rid = req.request_id
 
         def refuse(reason: str) -> ReserveReply:
@@ -281,9 +288,28 @@ class DecodeWorker(BatchWorker):
         block_ids, cached = reserved
         cached = held.cached if held is not None else cached
         self.reservations[rid] = Reservation(
-            rid, time.monotonic() + req.lease_s, req.num_tokens, cached=cached
+            rid, time.monotonic() + req.lease_s, req.num_tokens, cached=cached, owner=owner
         )
         return ReserveReply(request_id=rid, ok=True, block_ids=block_ids, cached_blocks=cached)
+
+    def _renew(self, msg: RenewLeases, owner: str) -> LeasesRenewed:
+        """A prefill worker still prefilling or shipping into its reservations keeps
+        them: each one it made gets the lease from now (never a shorter one). The rest
+        are reported lost, so it reserves again instead of writing freed blocks."""
+        try:
+            check_renewal(msg)
+        except ValueError as exc:
+            return LeasesRenewed(renewal_id=msg.renewal_id, ok=False, reason=str(exc))
+        until = time.monotonic() + msg.lease_s
+        lost = []
+        for rid in msg.request_ids:
+            res = self.reservations.get(rid)
+            if res is None or res.owner != owner:
+                lost.append(rid)
+            else:
+                res.expires_at = max(res.expires_at, until)
+        reason = f"{len(lost)} reservation(s) not held here (expired?)" if lost else ""
+        return LeasesRenewed(renewal_id=msg.renewal_id, ok=not lost, lost=lost, reason=reason)
 
     def _fill(self, msg: KVTransfer, packed) -> TransferAck:
         rid = msg.request_id
@@ -398,7 +424,7 @@ class DecodeWorker(BatchWorker):
         except StepFailed as failed:
             with self.lock:
                 self._fail_step(failed)
-            return
+            out, got = failed.out, failed.got  # what the rest of the step did
         with self.lock:
             if self.hash_publisher is not None and self.hash_publisher.pending:
                 # Before the step's tokens: once a turn's last token is out, the blocks
