@@ -421,7 +421,7 @@ class PrefillWorker(WorkerBase):
             rid = flight.seq.request_id
             if self.leases.lost(rid):
                 # Its blocks may be another request's by now: reserve again (_hand_off).
-                lost = Transfer(rid, flight.decode_address, 0.0, TransferState.SENDING)
+                lost = Transfer(rid, flight.decode_address)
                 lost.fail("the reservation was lost (lease expired)")
                 shipped[rid] = lost
                 continue
