@@ -1,4 +1,4 @@
-"""`tandem bench latency|throughput|transfer|serve|gateway`: argument parsing and dispatch."""
+"""`tandem bench latency|throughput|transfer|serve|gateway|grpc-floor`: argument parsing and dispatch."""
 
 from __future__ import annotations
 
@@ -53,6 +53,12 @@ def add_bench_parser(sub) -> None:
             "one gateway's capacity against a fake worker pool: streamed tokens/s, "
             "added latency, CPU per 1,000 tokens, over gRPC and HTTP, at 1 and N processes",
             _gateway_args,
+        ),
+        "grpc-floor": (
+            "grpc_floor",
+            "a bare grpc.aio server's CPU per streamed message (the floor under the "
+            "gateway's gRPC path), with the gateway bench's clients",
+            _grpc_floor_args,
         ),
     }
     for name, (module, help_text, add_arguments) in standalone.items():
@@ -169,7 +175,14 @@ def _gateway_args(p: argparse.ArgumentParser) -> None:
         "--token-delay",
         type=float,
         default=0.0,
-        help="seconds between the fake pool's steps (0: as fast as it can)",
+        help="seconds from one fake-pool step's start to the next's, on a clock "
+        "(0: as fast as it can); each pool process offers its streams a token per step",
+    )
+    p.add_argument(
+        "--pool-processes",
+        type=int,
+        default=2,
+        help="fake pool processes sharing the task stream, so the pool does not set the pace",
     )
     p.add_argument(
         "--client-processes", type=int, default=4, help="processes the streams are split over"
@@ -180,6 +193,21 @@ def _gateway_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="directory with the tokenizer.json and config.json the gateway loads; "
         "default: smollm2's in the tandem model cache",
+    )
+
+
+def _grpc_floor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--handlers", default="write,yield", help="comma-separated: write, yield")
+    p.add_argument("--streams", type=int, default=2000, help="concurrent streams, all at once")
+    p.add_argument("--max-tokens", type=int, default=128, help="one-token messages per stream")
+    p.add_argument(
+        "--token-delay",
+        type=float,
+        default=0.0,
+        help="seconds between a stream's messages, on one clock (0: as fast as it can)",
+    )
+    p.add_argument(
+        "--client-processes", type=int, default=4, help="processes the streams are split over"
     )
 
 

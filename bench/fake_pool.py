@@ -2,8 +2,14 @@
 
 It registers one prefill and one decode WorkerInfo, takes PrefillTasks from the model's
 stream as consumer group "prefill", and runs them the way the decode workers do: in
-steps, one token per running request per step, each step's deltas published as one
-TokenBatch per reply stream in one round trip. Without `stamp_tokens` a request's output
+steps, one token per running request per step (`tokens_per_step` more, each its own
+delta, to test that a gateway coalesces what queued), each step's deltas published as
+one TokenBatch per reply stream in one round trip. Steps start on a clock, one every
+`token_delay_s` (a step that overruns its period is counted in `late_steps`, and the
+next starts at once), so a paced pool offers streams / token_delay_s tokens/s however
+long a step takes. Several of these processes share the task stream (each is its own
+consumer of the group), which is how `tandem bench gateway` keeps the pool from
+setting the pace. Without `stamp_tokens` a request's output
 is its prompt's tokens, cycled, so tests know it in advance; with it each token id
 encodes when its step was sent (`stamp_token`/`stamp_age_s`), which is how
 `tandem bench gateway` measures the latency a gateway adds. Aborts stop a request before
@@ -36,7 +42,7 @@ from tandem.core.protocol import (
     encode,
 )
 
-READ_COUNT = 1024  # tasks taken per XREADGROUP
+READ_COUNT = 256  # tasks taken per XREADGROUP: small, so several pool processes share a burst
 # Stamped token ids: STAMP_BASE + (send time in STAMP_UNIT_S units) mod STAMP_SPAN. Ids
 # from 1000 up are ordinary tokens of every supported vocabulary (all are > 41,000).
 STAMP_BASE = 1000
@@ -77,8 +83,9 @@ class FakeWorker:
     ) -> None:
         self.redis_url = redis_url
         self.model = model
-        self.token_delay_s = token_delay_s  # between steps
+        self.token_delay_s = token_delay_s  # from one step's start to the next's
         self.stamp_tokens = stamp_tokens
+        self.tokens_per_step = 1  # per running request, each token its own delta
         # Behaviour switches, set by tests before sending a request.
         self.error: tuple[str, str] | None = None  # (error_code, message) instead of tokens
         self.replay_after: int | None = None  # re-send the output from 0 after n tokens
@@ -90,6 +97,8 @@ class FakeWorker:
         self.aborted: set[str] = set()  # saw the abort marker while generating
         self.notices: list[AbortNotice] = []  # from the pub/sub channel
         self.tokens_sent = 0
+        self.steps = 0
+        self.late_steps = 0  # steps that took longer than token_delay_s (paced pools)
         self._ids = (
             f"fake-prefill-{os.getpid()}-{id(self)}",
             f"fake-decode-{os.getpid()}-{id(self)}",
@@ -170,7 +179,7 @@ class FakeWorker:
         stream = redis_keys.prefill_stream(self.model)
         while not self._stopping:
             reply = await self._redis.xreadgroup(
-                redis_keys.PREFILL_GROUP, "fake", {stream: ">"}, count=READ_COUNT, block=100
+                redis_keys.PREFILL_GROUP, self._ids[0], {stream: ">"}, count=READ_COUNT, block=100
             )
             errors: dict[str, list[TokenDelta]] = {}
             answered: list[bytes] = []
@@ -197,12 +206,21 @@ class FakeWorker:
             self._work.set()
 
     async def _steps(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
         while not self._stopping:
             if not self._running:
                 self._work.clear()
                 await self._work.wait()
+                next_at = loop.time()
             await self._step()
-            await asyncio.sleep(self.token_delay_s)
+            self.steps += 1
+            next_at += self.token_delay_s
+            now = loop.time()
+            if self.token_delay_s > 0 and now > next_at:
+                self.late_steps += 1
+                next_at = now  # no catching up in a burst: that would not be paced
+            await asyncio.sleep(max(next_at - now, 0.0))
 
     async def _step(self) -> None:
         """One token for every running request, minus those aborted since the last step."""
@@ -228,33 +246,47 @@ class FakeWorker:
                 if job.sent == 0:
                     started.append(job.entry_id)
                 continue
-            batch = deltas.setdefault(job.task.reply_stream, [])
-            i = job.sent
-            if self.replay_after is not None and i == self.replay_after and not job.replayed:
-                # A retried prefill starts over: the gateway must drop what it has seen.
-                job.replayed = True
-                batch.append(TokenDelta(request_id=rid, token_ids=job.output[:i], offset=0))
-            sampling = job.task.sampling
-            tok = stamp_token(now) if self.stamp_tokens else job.output[i]
-            last = i == len(job.output) - 1
-            finish = "stop" if tok in sampling.stop_token_ids else ("length" if last else None)
-            logprobs = None if sampling.logprobs is None else [{tok: -0.5, tok + 1: -1.5}]
-            batch.append(
-                TokenDelta(
-                    request_id=rid,
-                    token_ids=[tok],
-                    offset=i,
-                    finish_reason=finish,
-                    logprobs=logprobs,
-                    worker_id=self.decode_id if self.owned else None,
-                )
-            )
-            job.sent = self.sent[rid] = i + 1
-            if i == 0:
+            if job.sent == 0:
                 started.append(job.entry_id)
-            if finish:
-                del self._running[rid]
+            batch = deltas.setdefault(job.task.reply_stream, [])
+            for _ in range(self.tokens_per_step):
+                if self._next_token(job, batch, now):
+                    del self._running[rid]
+                    break
+        if self.stamp_tokens:
+            # Stamped again as the step goes out, so that building it (milliseconds for
+            # a thousand requests) does not count as the gateway's latency.
+            stamp = stamp_token(time.time())
+            for batch in deltas.values():
+                for delta in batch:
+                    delta.token_ids[0] = stamp
         await self._publish(deltas, started)
+
+    def _next_token(self, job: _Running, batch: list[TokenDelta], now: float) -> bool:
+        """Appends the job's next token to `batch`; True when that token ends it."""
+        rid = job.task.request_id
+        i = job.sent
+        if self.replay_after is not None and i == self.replay_after and not job.replayed:
+            # A retried prefill starts over: the gateway must drop what it has seen.
+            job.replayed = True
+            batch.append(TokenDelta(request_id=rid, token_ids=job.output[:i], offset=0))
+        sampling = job.task.sampling
+        tok = stamp_token(now) if self.stamp_tokens else job.output[i]
+        last = i == len(job.output) - 1
+        finish = "stop" if tok in sampling.stop_token_ids else ("length" if last else None)
+        logprobs = None if sampling.logprobs is None else [{tok: -0.5, tok + 1: -1.5}]
+        batch.append(
+            TokenDelta(
+                request_id=rid,
+                token_ids=[tok],
+                offset=i,
+                finish_reason=finish,
+                logprobs=logprobs,
+                worker_id=self.decode_id if self.owned else None,
+            )
+        )
+        job.sent = self.sent[rid] = i + 1
+        return finish is not None
 
     async def _publish(self, deltas: dict[str, list[TokenDelta]], done: list[bytes]) -> None:
         """Deltas, one TokenBatch per reply stream; and the `done` prefill stream entries
@@ -281,18 +313,22 @@ class FakeWorker:
 
 def main() -> None:
     """`python -m tandem.bench.fake_pool --redis-url URL --model NAME`: until SIGTERM;
-    prints "fake pool ready" once registered, and the tokens sent when it ends."""
+    prints "fake pool ready" once registered, and a JSON line of what it sent when it
+    ends."""
     import argparse
+    import json
     import signal
 
     parser = argparse.ArgumentParser(prog="python -m tandem.bench.fake_pool")
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between steps")
+    parser.add_argument(
+        "--token-delay", type=float, default=0.0, help="seconds from one step's start to the next's"
+    )
     parser.add_argument("--stamp-tokens", action="store_true", help="token ids carry send times")
     args = parser.parse_args()
 
-    async def serve() -> int:
+    async def serve() -> FakeWorker:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -305,9 +341,11 @@ def main() -> None:
             await stop.wait()
         finally:
             await worker.stop()
-        return worker.tokens_sent
+        return worker
 
-    print(f"fake pool sent {asyncio.run(serve())} tokens", flush=True)
+    worker = asyncio.run(serve())
+    sent = {"tokens": worker.tokens_sent, "steps": worker.steps, "late_steps": worker.late_steps}
+    print(json.dumps(sent), flush=True)
 
 
 if __name__ == "__main__":

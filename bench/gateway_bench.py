@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from tandem.bench.gateway_clients import RATE_WINDOW_S
 from tandem.bench.results import git_commit
 from tandem.core.models import local_model_dir
 from tandem.local_redis import LocalRedis
@@ -40,13 +41,21 @@ START_TIMEOUT_S = 60.0
 class Process:
     """A child started by its command line, ready once it printed a line with `ready`."""
 
-    def __init__(self, cmd: Sequence[str], ready: str, log_path: Path) -> None:
+    def __init__(self, cmd: Sequence[str], ready: str, log_path: Path, wait: bool = True) -> None:
+        """wait=False: started, not yet waited for; `wait_ready()` before using it."""
         self._log = log_path.open("w")
+        self._ready = ready
+        self._log_path = log_path
         self.popen = subprocess.Popen(
             list(cmd), stdout=subprocess.PIPE, stderr=self._log, text=True,
             start_new_session=True,
         )  # fmt: skip
-        self.ready_line = self._wait_for(ready, log_path)
+        self.ready_line = ""
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        self.ready_line = self._wait_for(self._ready, self._log_path)
 
     def _wait_for(self, ready: str, log_path: Path) -> str:
         assert self.popen.stdout is not None
@@ -60,7 +69,8 @@ class Process:
         self.stop()
         raise RuntimeError(f"{self.popen.args[:4]} did not start; see {log_path}")
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 20.0) -> str:
+        """SIGTERM (SIGKILL after timeout_s); returns what it printed after its ready line."""
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
             try:
@@ -69,6 +79,12 @@ class Process:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait()
         self._log.close()
+        assert self.popen.stdout is not None
+        if self.popen.stdout.closed:
+            return ""
+        rest = self.popen.stdout.read()
+        self.popen.stdout.close()
+        return rest
 
     def cpu_s(self) -> float:
         """CPU seconds of the process and its children so far."""
@@ -152,13 +168,53 @@ def tokenizer_dir(model_dir: Path | None) -> Path:
     return path
 
 
+def start_pools(redis_url: str, args, log_dir: Path, tag: str) -> list[Process]:
+    """`args.pool_processes` fake pools sharing the task stream, each its own consumer."""
+    pools: list[Process] = []
+    try:
+        for i in range(args.pool_processes):  # all start at once, then each is waited for
+            pools.append(Process(
+                pool_command(redis_url, args.token_delay, stamp=True),
+                "fake pool ready", log_dir / f"pool{i}-{tag}.log", wait=False,
+            ))  # fmt: skip
+        for pool in pools:
+            pool.wait_ready()
+    except BaseException:
+        for pool in pools:
+            pool.stop()
+        raise
+    return pools
+
+
+def pool_report(outputs: list[str]) -> dict:
+    """The pools' own counts (their last JSON line each), summed."""
+    total = {"tokens": 0, "steps": 0, "late_steps": 0}
+    for out in outputs:
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        for key, value in (json.loads(lines[-1]) if lines else {}).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def steady_tokens_per_s(reports: list[dict]) -> float | None:
+    """The median, over windows of RATE_WINDOW_S from the first receipt to the last, of
+    the tokens every client received in it: the rate once the streams are open (gRPC;
+    tokens_per_s also counts the ramp while 2,000 streams open and take a first step)."""
+    totals: dict[int, int] = {}
+    for report in reports:
+        for window, tokens in report.get("tokens_per_window", ()):
+            totals[window] = totals.get(window, 0) + tokens
+    if not totals:
+        return None
+    every = [totals.get(w, 0) for w in range(min(totals), max(totals) + 1)]
+    return round(percentile(every, 50) / RATE_WINDOW_S, 1)
+
+
 def measure(args, api: str, workers: int, work_dir: Path) -> dict:
     model_dir = tokenizer_dir(args.model_dir)
+    tag = f"{api}-{workers}"
     with LocalRedis() as redis_server:
-        pool = Process(
-            pool_command(redis_server.url, args.token_delay, stamp=True),
-            "fake pool ready", work_dir / f"pool-{api}-{workers}.log",
-        )  # fmt: skip
+        pools = start_pools(redis_server.url, args, work_dir, tag)
         try:
             gateway = Process(
                 gateway_command(
@@ -166,21 +222,24 @@ def measure(args, api: str, workers: int, work_dir: Path) -> dict:
                     "--max-active-requests", str(max(args.streams, 1)),
                     "--max-queued-tasks", "0",
                 ),
-                "gateway ready", work_dir / f"gateway-{api}-{workers}.log",
+                "gateway ready", work_dir / f"gateway-{tag}.log",
             )  # fmt: skip
             try:
                 target = ready_ports(gateway.ready_line)[api]
                 cpu_before = gateway.cpu_s()
+                pool_cpu_before = sum(p.cpu_s() for p in pools)
                 reports = run_clients(
                     api, target, args.streams, args.client_processes, args.max_tokens
                 )
                 cpu = gateway.cpu_s() - cpu_before
+                pool_cpu = sum(p.cpu_s() for p in pools) - pool_cpu_before
             finally:
                 gateway.stop()
         finally:
-            pool.stop()
+            pooled = pool_report([p.stop() for p in pools])
     failed = sum(r["failed"] for r in reports)
     tokens = (args.streams - failed) * args.max_tokens
+    messages = sum(r["messages"] for r in reports)
     span = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
     ages = [a for r in reports for a in r["ages_s"]]
     return {
@@ -191,9 +250,25 @@ def measure(args, api: str, workers: int, work_dir: Path) -> dict:
         "failures": [f for r in reports for f in r["failures"]][:5],
         "tokens": tokens,
         "tokens_per_s": round(tokens / span, 1) if span > 0 else None,
+        "steady_tokens_per_s": steady_tokens_per_s(reports),
+        # gRPC messages or SSE chunks the clients got: the gateway's cost is per message.
+        "messages": messages,
+        "tokens_per_message": round(tokens / messages, 2) if messages else None,
         "added_latency_p50_ms": _ms(percentile(ages, 50)),
         "added_latency_p99_ms": _ms(percentile(ages, 99)),
+        "gateway_cpu_s": round(cpu, 2),
+        # Gateway CPU seconds per wall second: how many cores its processes kept busy.
+        "cores_used": round(cpu / span, 2) if span > 0 else None,
         "gateway_cpu_s_per_1k_tokens": round(cpu / tokens * 1000, 4) if tokens else None,
+        "gateway_cpu_us_per_message": round(cpu / messages * 1e6, 1) if messages else None,
+        # Whether something else set the pace: the pools' and the busiest client's CPU
+        # share, and pool steps that overran --token-delay (a paced pool fell behind).
+        "pool_cores_used": round(pool_cpu / span, 2) if span > 0 else None,
+        "pool_late_steps": pooled["late_steps"],
+        "pool_steps": pooled["steps"],
+        "client_max_cpu_share": round(max(r["cpu_s"] for r in reports) / span, 2)
+        if span > 0
+        else None,
         "seconds": round(span, 2),
     }
 
@@ -217,6 +292,10 @@ def run(args) -> Path:
         "streams": args.streams,
         "max_tokens": args.max_tokens,
         "token_delay_s": args.token_delay,
+        "offered_tokens_per_s": round(args.streams / args.token_delay)
+        if args.token_delay
+        else None,
+        "pool_processes": args.pool_processes,
         "client_processes": args.client_processes,
         "cpu_count": os.cpu_count(),
         "commit": git_commit(),

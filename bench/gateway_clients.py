@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from tandem.gateway.proto import tandem_pb2 as pb
 from tandem.gateway.proto import tandem_pb2_grpc as pb_grpc
 
 STREAMS_PER_CHANNEL = 100  # HTTP/2 streams per gRPC connection, as a client pool would
+RATE_WINDOW_S = 0.1  # receipts are also counted per window of this, for the steady rate
 
 
 @dataclass
@@ -151,9 +153,12 @@ async def run_streams(
         await asyncio.gather(*(c.close() for c in channels))
 
 
-def summarize(results: Sequence[StreamResult], started: float, stamped: bool) -> dict:
+def summarize(
+    results: Sequence[StreamResult], started: float, stamped: bool, cpu_before_s: float = 0.0
+) -> dict:
     """What a client process reports: counts, failures, the time span of its receipts,
     and (stamped gRPC tokens) every token's age at receipt, in seconds."""
+    cpu_s = _cpu_s() - cpu_before_s  # the streams' CPU, not this summary's
     from tandem.bench.fake_pool import stamp_age_s
 
     arrivals = [t for r in results for t, _ in r.arrivals]
@@ -163,6 +168,11 @@ def summarize(results: Sequence[StreamResult], started: float, stamped: bool) ->
         else []
     )
     failures = [f"{r.status}: {r.error[:200]}" for r in results if not r.ok]
+    per_window: dict[int, int] = {}  # tokens received per RATE_WINDOW_S of wall time
+    for r in results if stamped else ():
+        for t, toks in r.arrivals:
+            window = int(t / RATE_WINDOW_S)
+            per_window[window] = per_window.get(window, 0) + len(toks)
     return {
         "streams": len(results),
         "failed": len(failures),
@@ -172,7 +182,15 @@ def summarize(results: Sequence[StreamResult], started: float, stamped: bool) ->
         "started": started,
         "ended": max(arrivals, default=started),
         "ages_s": ages,
+        "cpu_s": cpu_s,
+        "tokens_per_window": sorted(per_window.items()),
     }
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -190,13 +208,18 @@ def main() -> None:
     args = parser.parse_args()
     prompts = [[1000 + i, 300] for i in range(args.streams)]
 
+    cpu_before_s = 0.0
+
     async def go() -> list[StreamResult]:
+        nonlocal cpu_before_s
         await asyncio.sleep(max(args.start_at - time.time(), 0.0))
+        cpu_before_s = _cpu_s()
         return await run_streams(args.api, args.target, prompts, args.max_tokens, record=True)
 
     started = max(args.start_at, time.time())
     results = asyncio.run(go())
-    print(json.dumps(summarize(results, started, args.stamped and args.api == "grpc")))
+    stamped = args.stamped and args.api == "grpc"
+    print(json.dumps(summarize(results, started, stamped, cpu_before_s)))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 # each fit a 10-minute slot on a 2 x H100 machine. Run from the repo root:
 #   bash bench/gpu_suite.sh check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway
 #   bash bench/gpu_suite.sh prefix-shared|prefix-shared-off|prefix-chat|prefix-chat-off  (one H200)
+#   bash bench/gpu_suite.sh prefix-chat-local [N]  (one H200; N 0: the baseline)
 # Every benchmark writes its JSON to bench/results/ (card, commit, date, command).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -67,13 +68,27 @@ case "${1:-}" in
       --slo-attainment 0.9 --client-processes 4
     ;;
   gateway)  # CPU only (issue 16): one gateway's capacity against the fake pool, gRPC and
-    # HTTP, 1 and 2 gateway processes, pool as fast as it can; then gRPC at ~30k tok/s
-    # offered (2,000 streams, a step every 66 ms) for the added latency. No torch needed;
-    # pass --model-dir DIR (any tokenizer.json + config.json) where smollm2 is not cached.
+    # HTTP, 1 and 2 gateway processes, pool as fast as it can; then gRPC paced at ~30k
+    # tok/s offered (2,000 streams, a step every 66 ms: one token a message) for the
+    # added latency; then the bare grpc.aio floor at the same pace. 4 pool processes and
+    # 8 client processes, so that on 16 cores neither sets the pace (each run's JSON has
+    # pool_cores_used, pool_late_steps and client_max_cpu_share to check). No torch
+    # needed; pass --model-dir DIR (any tokenizer.json + config.json) where smollm2 is
+    # not cached, and --out-dir DIR to write the JSON elsewhere. About 3 minutes.
     $PY -m tandem.bench gateway --streams 2000 --max-tokens 256 --client-processes 8 \
-      --apis grpc,http --gateway-workers 1,2 "${@:2}"
+      --pool-processes 4 --apis grpc,http --gateway-workers 1,2 "${@:2}"
     $PY -m tandem.bench gateway --streams 2000 --max-tokens 128 --client-processes 8 \
-      --apis grpc --gateway-workers 1 --token-delay 0.066 "${@:2}"
+      --pool-processes 4 --apis grpc --gateway-workers 1,2 --token-delay 0.066 "${@:2}"
+    # The floor takes no --model-dir: only --out-dir of the extra arguments reaches it.
+    FLOOR_OUT=()
+    args=("${@:2}")
+    for i in "${!args[@]}"; do
+      [ "${args[$i]}" = --out-dir ] && FLOOR_OUT=(--out-dir "${args[$((i + 1))]}")
+    done
+    $PY -m tandem.bench grpc-floor --streams 2000 --max-tokens 128 --client-processes 8 \
+      --handlers write,yield --token-delay 0.066 "${FLOOR_OUT[@]}"
+    $PY -m tandem.bench grpc-floor --streams 2000 --max-tokens 128 --client-processes 8 \
+      --handlers write "${FLOOR_OUT[@]}"
     ;;
   prefix-shared|prefix-shared-off)  # one H200: 2,000 shared + 100 own prompt tokens, 128
     # out; colocated and 1p1d (cuda_ipc) with prefix caching on (off: the -off part)
@@ -89,8 +104,23 @@ case "${1:-}" in
       --rates 6,24 --duration 15 --min-prompts 36 --num-prompts 360 \
       "${SLO[@]}" --client-processes 4 ${CACHING_OFF}
     ;;
+  prefix-chat-local)  # one H200: prefix-chat's 1p1d (cuda_ipc), the decode worker
+    # prefilling itself every turn of which at most N tokens (default 384) are missing
+    # from its cache: a first turn has 200 tokens, each next one ~315 beyond the blocks
+    # the decode worker holds (the previous answer is a stand-in, not its own). N 0:
+    # the same run without it, the baseline to run beside it on the same machine.
+    n=${2:-384}
+    local_flags=""
+    if [ "$n" != 0 ]; then
+      local_flags="--local-prefill-uncached-tokens $n --max-local-prefills 2"
+    fi
+    $PY -m tandem.bench serve "${MODEL[@]}" --modes 1p1d --gpus 1 --kv-transport cuda_ipc \
+      --workload multi-turn --turns 6 --turn-gap 2 --input-len 200 --output-len 128 \
+      --rates 6,24 --duration 15 --min-prompts 36 --num-prompts 360 \
+      "${SLO[@]}" --client-processes 4 --serve-args "$local_flags"
+    ;;
   *)
-    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway|prefix-shared[-off]|prefix-chat[-off]" >&2
+    echo "usage: $0 check|transfer|colocated|pd1|pd2-prefill|pd2-prefill-capped|pd2-balanced|pd2-slo-2048|pd2-slo-8192|gateway|prefix-shared[-off]|prefix-chat[-off]|prefix-chat-local [N]" >&2
     exit 2
     ;;
 esac

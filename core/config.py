@@ -97,6 +97,9 @@ class WorkerConfig:
     # worker has taken has waited this long (None: never), at most this many at a time.
     local_prefill_after_ms: float | None = None
     max_local_prefills: int = 1
+    # Decode only: also prefill a task whose tokens beyond the prefix this worker holds
+    # in its cache number at most this many (0: never); core/local_prefill.py.
+    local_prefill_uncached_tokens: int = 0
     # Prefill: leave the oldest task this long for a live peer that holds a longer
     # cached prefix of it (core/prefix_routing.py); 0: take tasks in stream order.
     prefix_route_wait_ms: float = 200.0
@@ -135,10 +138,20 @@ class WorkerConfig:
             raise ValueError("prefix_route_wait_ms must be >= 0")
         if self.max_local_prefills < 1:
             raise ValueError("max_local_prefills must be >= 1")
-        if self.local_prefill_after_ms is None:
+        if self.local_prefill_uncached_tokens < 0:
+            raise ValueError("local_prefill_uncached_tokens must be >= 0 (0: off)")
+        if self.local_prefill_after_ms is not None and self.local_prefill_after_ms < 0:
+            raise ValueError("local_prefill_after_ms must be >= 0")
+        if not self.local_prefill:
             if self.max_local_prefills != 1:
-                raise ValueError("max_local_prefills needs local_prefill_after_ms")
+                raise ValueError(
+                    "max_local_prefills needs local_prefill_after_ms or "
+                    "local_prefill_uncached_tokens"
+                )
         elif self.role != "decode":
             raise ValueError("local prefill is a decode worker's option")
-        elif self.local_prefill_after_ms < 0:
-            raise ValueError("local_prefill_after_ms must be >= 0")
+
+    @property
+    def local_prefill(self) -> bool:
+        """Whether this (decode) worker also prefills some tasks of the stream itself."""
+        return self.local_prefill_after_ms is not None or self.local_prefill_uncached_tokens > 0

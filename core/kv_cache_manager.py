@@ -175,6 +175,12 @@ class KVCacheManager:
         self.prefix_stats.hit_tokens += hit
         return hit
 
+    def usable_chain(self, token_ids: Sequence_[int], cache_salt: str) -> list[bytes]:
+        """The hashes of the full blocks of `token_ids` a request may share (all but
+        the block holding its last token, which must be computed to sample)."""
+        usable = max(0, (len(token_ids) - 1) // self.block_size)
+        return self.prefix_chain(token_ids, cache_salt)[:usable]
+
     def num_cached_leading(self, chain: list[bytes]) -> int:
         """How many of the leading blocks of `chain` are cached here (no sharing)."""
         n = 0

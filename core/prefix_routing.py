@@ -10,11 +10,17 @@ reads the next task*:
   the TTL is renewed by the heartbeat, so an evicted block leaves the set at once and a
   dead worker's keys are gone one registry TTL after its last heartbeat (the registry
   entry's own figures are up to a heartbeat old: too late to route by);
+- a decode worker that prefills short remainders itself (`local_prefill_uncached_tokens`,
+  core/local_prefill.py) publishes the same way: its set, and as its load how many
+  more local prefills it would refuse (max_local_prefills minus its room);
 - before it reads, a worker looks at the oldest task nobody has been given yet (the
-  stream's backlog) and leaves it for a live peer that holds a longer cached prefix of
-  it and is not busier than itself (`PrefixRouter.defers`). The holder reads it on its
+  stream's backlog) and leaves it for a live peer that will do better with it
+  (`PrefixRouter.defers`): a decode worker whose cache leaves at most its
+  `local_prefill_uncached_tokens` of the task to compute and that has room for one
+  more local prefill (no prefill, no transfer at all), else a prefill peer that holds a
+  longer cached prefix of it and is not busier than itself. The peer reads it on its
   next poll. A task is left alone at most `wait_ms` (by Redis' clock): past that,
-  whoever reads first takes it, so a busy or dead holder delays a task, never strands it.
+  whoever reads first takes it, so a busy or dead peer delays a task, never strands it.
 
 A worker-side decision rather than per-worker streams fed by a router: no task ever
 sits in a stream only one worker reads, so a worker's death needs no new recovery path.
@@ -38,8 +44,6 @@ from tandem.core.task_intake import TaskIntake
 log = logging.getLogger(__name__)
 
 PUBLISHED_HASH_BYTES = 8  # a prefix of the 16-byte hash: compact, collisions only misroute
-# The roles that publish their cached blocks, hence the peers a task can be left for.
-ROUTING_ROLES = ("prefill",)
 
 
 class HashPublisher:
@@ -122,11 +126,12 @@ class PrefixRouter:
         # (entry id, defer, when) of the last look: reused until the view of the peers
         # is refreshed, so a holder that died meanwhile stops being waited for.
         self._decided: tuple[bytes, bool, float] | None = None
-        self.num_deferred = 0  # tasks left for a peer with a longer cached prefix
+        self.num_deferred = 0  # tasks left for a peer (see defers)
 
     def defers(self, backlog: Backlog | None, my_load: int) -> bool:
-        """True: leave `backlog`'s task to a peer that holds more of its prefix and
-        no more tasks than `my_load` (the tasks this worker holds)."""
+        """True: leave `backlog`'s task to a decode worker that would prefill what
+        its cache lacks of it itself, or to a prefill peer that holds more of its
+        prefix and no more tasks than `my_load` (the tasks this worker holds)."""
         if backlog is None or backlog.task is None or backlog.age_ms >= self.wait_ms:
             return False
         now = time.monotonic()
@@ -134,45 +139,52 @@ class PrefixRouter:
         same = last is not None and last[0] == backlog.entry_id
         if same and now - last[2] < self.peers_ttl_s:
             return last[1]
-        defer = self._peer_holds_more(backlog, my_load)
+        defer = self._better_peer(backlog, my_load)
         self._decided = (backlog.entry_id, defer, now)
         self.num_deferred += defer and not (same and last[1])  # once per task left
         return defer
 
-    def _peer_holds_more(self, backlog: Backlog, my_load: int) -> bool:
+    def _better_peer(self, backlog: Backlog, my_load: int) -> bool:
         task = backlog.task
         tokens = task.prompt_token_ids + task.output_token_ids
-        usable = (len(tokens) - 1) // self.kv.block_size
-        chain = self.kv.prefix_chain(tokens, task.sampling.cache_salt)[:usable]
-        if not chain:
-            return False
-        mine = self.kv.num_cached_leading(chain)
         peers = self.live_peers()
-        if not peers or mine == len(chain):
+        if not peers:
             return False
+        chain = self.kv.usable_chain(tokens, task.sampling.cache_salt)
+        mine = self.kv.num_cached_leading(chain)
+        if (not chain or mine == len(chain)) and all(p.role == "prefill" for p in peers):
+            return False  # no prefill peer can hold more than this worker
         short = [h[:PUBLISHED_HASH_BYTES] for h in chain]
         pipe = self.client.pipeline(transaction=False)
         for peer in peers:
             pipe.get(routing_load_key(self.model, peer.worker_id))
-            pipe.smismember(cached_blocks_key(self.model, peer.worker_id), short)
-        answers = pipe.execute()
-        loads, found = answers[0::2], answers[1::2]
-        best = max(
-            (_leading(held) for load, held in zip(loads, found, strict=True)
-             if int(load or 0) <= my_load),
-            default=0,
-        )  # fmt: skip
+            if short:
+                pipe.smismember(cached_blocks_key(self.model, peer.worker_id), short)
+        answers = iter(pipe.execute())
+        best = 0  # the longest prefix a prefill peer no busier than this one holds
+        for peer in peers:
+            load = int(next(answers) or 0)
+            held = _leading(next(answers)) if short else 0
+            if peer.role == "decode":
+                uncached = len(tokens) - held * self.kv.block_size
+                if uncached <= peer.local_prefill_uncached_tokens and (
+                    load < peer.max_local_prefills
+                ):
+                    return True  # it prefills the rest itself: nothing to ship
+            elif load <= my_load:
+                best = max(best, held)
         return best > mine
 
     def live_peers(self) -> list:
-        """Live workers that publish their cached blocks, this one aside (refreshed
-        at most every peers_ttl_s)."""
+        """Live workers a task can be left for, this one aside: prefill workers, and
+        decode workers that prefill short remainders (refreshed at most every
+        peers_ttl_s)."""
         now = time.monotonic()
         if now - self._peers_at > self.peers_ttl_s:
             self._peers = [
                 w
                 for w in list_workers(self.client)
-                if w.role in ROUTING_ROLES
+                if (w.role == "prefill" or w.role == "decode" and w.local_prefill_uncached_tokens)
                 and w.model == self.model
                 and w.worker_id != self.worker_id
                 and not w.draining

@@ -110,6 +110,24 @@ class Release(msgspec.Struct, tag=True, kw_only=True):
     request_id: str
 
 
+class RenewLeases(msgspec.Struct, tag=True, kw_only=True):
+    """Keep reservations the sender still means to fill (a long prefill, a slow
+    transfer): each of `request_ids` it holds there gets `lease_s` more from now."""
+
+    renewal_id: str  # fresh per call: keys the reply
+    request_ids: list[str]
+    lease_s: float
+
+
+class LeasesRenewed(msgspec.Struct, tag=True, kw_only=True):
+    renewal_id: str
+    ok: bool  # every reservation renewed
+    # Not held here for this sender (expired, released, handed off, never made): the
+    # sender must not write their blocks.
+    lost: list[str] = []
+    reason: str = ""
+
+
 class CudaIpcExport(msgspec.Struct, frozen=True, kw_only=True):
     """A decode worker's whole KV cache as a CUDA IPC handle (what torch's
     `UntypedStorage._share_cuda_()` returns) plus the tensor view over it."""
@@ -169,6 +187,8 @@ ControlMessage = Union[
     TransferAck,
     Handoff,
     Release,
+    RenewLeases,
+    LeasesRenewed,
     ExportRequest,
     ExportReply,
     KVGroupInvite,
@@ -194,7 +214,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     evictions: int = 0
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
-    routed_to_peers: int = 0  # tasks left for a peer holding a longer cached prefix
+    # Prefill: tasks left for a peer holding a longer cached prefix, or for a decode
+    # worker that prefills the rest itself.
+    routed_to_peers: int = 0
     kv_bytes_sent: int = 0  # prefill: KV bytes shipped to decode workers since start
     running: int = 0
     waiting: int = 0
@@ -204,6 +226,10 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     # Decode: tasks it took from the prefill stream and prefilled itself since start
     # (core.local_prefill).
     local_prefills: int = 0
+    # Decode: its local prefill settings, for routing (0: it prefills no short
+    # remainder itself; it takes at most max_local_prefills at once).
+    local_prefill_uncached_tokens: int = 0
+    max_local_prefills: int = 0
     heartbeat: float = 0.0
     draining: bool = False
 

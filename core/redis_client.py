@@ -60,6 +60,40 @@ def read_tasks(
     ]
 
 
+# Deliver the entry ARGV[3] to consumer ARGV[2] of group ARGV[1] only if it is the next
+# one the group would deliver; otherwise deliver nothing. Atomic, so a worker that judged
+# that one task never ends up with a later one it did not judge.
+_READ_IF_NEXT = """
+local last
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, delivered
+  for i = 1, #group, 2 do
+    if group[i] == 'name' then name = group[i + 1] end
+    if group[i] == 'last-delivered-id' then delivered = group[i + 1] end
+  end
+  if name == ARGV[1] then last = delivered end
+end
+if not last then return false end
+local next = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
+if #next == 0 or next[1][1] ~= ARGV[3] then return false end
+return redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+"""
+
+
+def read_task_if_next(
+    client: redis.Redis, stream: str, consumer: str, entry_id: bytes
+) -> list[tuple[bytes, PrefillTask | None]]:
+    """The task at `entry_id` for this consumer if no worker has been given it and it
+    is the next the group hands out; otherwise nothing."""
+    res = client.eval(_READ_IF_NEXT, 1, stream, PREFILL_GROUP, consumer, entry_id)
+    entries = []
+    for _, stream_entries in res or []:
+        for got_id, flat in stream_entries:
+            fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+            entries.append((got_id, parse_task(fields)))
+    return entries
+
+
 def reclaim_tasks(
     client: redis.Redis, stream: str, consumer: str, min_idle_ms: int, count: int
 ) -> list[tuple[bytes, PrefillTask | None]]:

@@ -19,11 +19,12 @@ log = logging.getLogger(__name__)
 # A prefill worker sends KV through two senders: one named by its worker id, one (on
 # its shipping thread) by the id and this suffix.
 SHIP_SENDER_SUFFIX = "/ship"
+LEASE_SENDER_SUFFIX = "/lease"  # a prefill worker's lease renewals (prefill.lease_renewal)
 
 
 def worker_of_sender(identity: str) -> str:
     """The worker id behind a KV sender's identity."""
-    return identity.removesuffix(SHIP_SENDER_SUFFIX)
+    return identity.removesuffix(SHIP_SENDER_SUFFIX).removesuffix(LEASE_SENDER_SUFFIX)
 
 
 def publish_worker(client: redis.Redis, info: WorkerInfo, ttl_s: float = WORKER_TTL_S) -> None:

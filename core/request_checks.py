@@ -2,8 +2,8 @@
 
 The gateway checks a client's request against them (gateway.validation); every worker
 checks each task again as it takes it in (prefill, colocated and a decode worker's
-local prefill through `check_task`; a decode worker's reservations and handoffs
-through `check_reserve` and `check_handoff`): the prefill stream and the control
+local prefill through `check_task`; a decode worker's reservations, their renewals
+and handoffs through `check_reserve`, `check_renewal` and `check_handoff`): the prefill stream and the control
 sockets are written by other processes, maybe of another version, and one
 out-of-range field must fail its own request, never the worker that reads it.
 """
@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest
+from tandem.core.protocol import Handoff, PrefillTask, RenewLeases, ReserveRequest
 from tandem.core.redis_keys import REPLY_PREFIX
 from tandem.core.sampling_params import SamplingParams
 
@@ -23,6 +23,9 @@ MAX_REPLY_STREAM_CHARS = 256
 # The longest lease a decode worker grants (prefill workers ask --reservation-lease,
 # 10 s by default): a longer one would pin blocks for a transfer that is not coming.
 MAX_LEASE_S = 600.0
+# Reservations one RenewLeases may name: more than a decode worker runs sequences
+# (--max-num-seqs, 256 by default) is never legitimate; a sender splits beyond it.
+MAX_RENEWAL_IDS = 1024
 
 
 @dataclass(frozen=True)
@@ -107,5 +110,19 @@ def check_reserve(req: ReserveRequest, limits: ModelLimits) -> None:
     _check_request_id(req.request_id)
     if not (1 <= req.num_tokens <= limits.max_model_len):
         raise ValueError(f"num_tokens must be in [1, {limits.max_model_len}]")
-    if not (0.0 < req.lease_s <= MAX_LEASE_S):
+    _check_lease(req.lease_s)
+
+
+def check_renewal(msg: RenewLeases) -> None:
+    """A lease renewal: sane ids, at most MAX_RENEWAL_IDS of them, a lease as above."""
+    _check_request_id(msg.renewal_id)
+    if not (1 <= len(msg.request_ids) <= MAX_RENEWAL_IDS):
+        raise ValueError(f"a renewal names 1..{MAX_RENEWAL_IDS} reservations")
+    for request_id in msg.request_ids:
+        _check_request_id(request_id)
+    _check_lease(msg.lease_s)
+
+
+def _check_lease(lease_s: float) -> None:
+    if not (0.0 < lease_s <= MAX_LEASE_S):
         raise ValueError(f"lease_s must be in (0, {MAX_LEASE_S:g}]")

@@ -13,8 +13,8 @@ same way, under the same at-least-once rules:
   error;
 - a handled task is acknowledged and deleted (XACK + XDEL): nothing stays in the stream.
 
-A decode worker, which prefills only while the pool is backed up (core.local_prefill),
-looks at backlog() before it polls for one task.
+A decode worker, which prefills only some tasks (core.local_prefill), looks at
+backlog() before it polls for one task; it may poll for exactly that one (`only`).
 
 A lost Redis is survived here: poll() and backlog() log it, back off, recreate the stream
 and the group (a restarted Redis lost them) and return nothing.
@@ -39,6 +39,7 @@ from tandem.core.redis_client import (
     ensure_group,
     is_aborted,
     parse_task,
+    read_task_if_next,
     read_tasks,
     reclaim_tasks,
 )
@@ -72,7 +73,11 @@ class TaskIntake:
         ensure_group(self.client, self.stream)
 
     def poll(
-        self, count: int, block_ms: int | None, held: Mapping[str, bytes | None]
+        self,
+        count: int,
+        block_ms: int | None,
+        held: Mapping[str, bytes | None],
+        only: bytes | None = None,
     ) -> list[Entry]:
         """Up to `count` tasks to run, screened (see the module docstring).
 
@@ -81,8 +86,10 @@ class TaskIntake:
         are kept alive and, when there is room, dead workers' tasks are reclaimed before
         new ones are read (they have waited longest). With count 0 it only keeps alive.
         block_ms: how long to wait for a new task (None: not at all).
+        only: read the entry with this id and nothing else (no reclaim, no wait), and
+        only if it is the next one the group hands out.
         """
-        return self._surviving(lambda: self._poll(count, block_ms, held), [])
+        return self._surviving(lambda: self._poll(count, block_ms, held, only), [])
 
     @property
     def reclaim_due(self) -> bool:
@@ -134,15 +141,22 @@ class TaskIntake:
         return Backlog(entry_id, parse_task(fields), max(0, age_ms))
 
     def _poll(
-        self, count: int, block_ms: int | None, held: Mapping[str, bytes | None]
+        self,
+        count: int,
+        block_ms: int | None,
+        held: Mapping[str, bytes | None],
+        only: bytes | None,
     ) -> list[Entry]:
         entries: list[tuple[bytes, PrefillTask | None]] = []
         if self.reclaim_due:
             self._last_reclaim = time.monotonic()
             self._touch([e for e in held.values() if e is not None])
-            if count > 0:
+            if count > 0 and only is None:
                 entries += self._reclaim(count, held)
-        if count > len(entries):
+        if only is not None:
+            if count > 0:
+                entries += read_task_if_next(self.client, self.stream, self.consumer, only)
+        elif count > len(entries):
             entries += read_tasks(
                 self.client,
                 self.stream,

@@ -126,7 +126,8 @@ class BatchWorker(WorkerBase):
         return req
 
     def _fail_step(self, failed: StepFailed) -> None:
-        """The requests of a step that raised end with an error; the rest run on."""
+        """The requests a step failed for end with an error; the rest of the step (its
+        tokens: `failed.got`) goes on as usual."""
         deltas = new_deltas()
         for rid in failed.request_ids:
             if rid in self.requests:
@@ -183,8 +184,9 @@ class BatchWorker(WorkerBase):
             self.outbox.call(self.intake.ack, *first)
 
     # -- intake thread -------------------------------------------------------------------
-    def _claims(self, free: int, spare_blocks: int) -> int:
-        """How many tasks to read now, with `free` more fitting (at least one)."""
+    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None]:
+        """How many tasks to read now, with `free` more fitting (at least one), and
+        the one entry to read if only that one (TaskIntake.poll's `only`)."""
         raise NotImplementedError
 
     def _intake_loop(self) -> None:
@@ -204,8 +206,8 @@ class BatchWorker(WorkerBase):
                 self.intake_closed.set()
             room, received, spare_blocks = self._room
             free = room - (self._taken - received)
-            count = 0 if draining or free <= 0 else self._claims(free, spare_blocks)
-            entries = self.intake.poll(count, self.READ_BLOCK_MS, self._held)
+            count, only = (0, None) if draining or free <= 0 else self._claims(free, spare_blocks)
+            entries = self.intake.poll(count, self.READ_BLOCK_MS, self._held, only)
             for entry in entries:
                 self._taken += 1
                 self.arrivals.put(entry)

@@ -98,7 +98,7 @@ class ColocatedWorker(BatchWorker):
                         _, got = self.engine.step()
                     except StepFailed as failed:
                         self._fail_step(failed)
-                        continue
+                        got = failed.got  # the rest of the step's tokens
                     self._publish_step(got)
                 elif self.draining and self._intake_settled() and not self.requests:
                     break
@@ -110,5 +110,5 @@ class ColocatedWorker(BatchWorker):
             self.outbox.close()  # the last tokens go out before the registry entry goes
             self.shutdown()
 
-    def _claims(self, free: int, spare_blocks: int) -> int:
-        return free  # room() already counted the blocks
+    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None]:
+        return free, None  # room() already counted the blocks

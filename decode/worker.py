@@ -12,16 +12,20 @@ A handed-off request's life on this worker, as states:
                the sequence joins the continuous batch, one token per step. Each step
                publishes one TokenBatch per gateway reply stream.
 
-With --local-prefill-after-ms (conditional disaggregation, off by default), a request
-may also come straight from the model's prefill stream, as on a colocated worker:
+With --local-prefill-after-ms or --local-prefill-uncached-tokens (conditional
+disaggregation, off by default), a request may also come straight from the model's
+prefill stream, as on a colocated worker:
 
     QUEUED     a PrefillTask in the stream that no prefill worker has taken yet.
     CLAIMED    the intake thread read it (XREADGROUP; XAUTOCLAIM of a dead worker's
                task) because the oldest untaken task had waited --local-prefill-after-ms,
-               fewer than --max-local-prefills of this worker's own tasks were
-               prefilling, and it had a sequence slot and KV blocks for the task
-               (core.local_prefill). Malformed, duplicate, aborted and expired tasks end
-               here, as on a prefill worker.
+               or read exactly that task because at most --local-prefill-uncached-tokens
+               of it are missing from this worker's prefix cache (prefill workers leave
+               such a task to it: it publishes its block hashes as they do); and fewer
+               than --max-local-prefills of this worker's own tasks were prefilling, and
+               it had a sequence slot and KV blocks for the task (core.local_prefill).
+               Malformed, duplicate, aborted and expired tasks end here, as on a prefill
+               worker.
     WAITING    in the engine's queue. Its stream entry stays pending under this worker
                and is kept alive, so if the worker dies a peer reclaims it.
     PREFILLING chunked under the token budget after the step's decodes.
@@ -41,7 +45,9 @@ Either way:
                pool recomputes it and the client sees no break. A local task preempted
                while prefilling goes back the same way, its old entry acknowledged.
     EXPIRED    its deadline passed: an error delta ends the stream, blocks are freed. A
-               reservation not handed off within its lease is released.
+               reservation not handed off within its lease is released (the prefill
+               worker that made it renews the lease while it prefills and ships, so
+               only a dead or frozen one lets it run out).
 
 Two threads touch the engine's bookkeeping, serialized by one lock: the control thread
 answers prefill workers (reserve, fill, handoff, release) at once, so their round trips
@@ -63,13 +69,16 @@ from dataclasses import dataclass
 import redis
 
 from tandem.core.config import WorkerConfig
-from tandem.core.local_prefill import LocalPrefillGate, Room
+from tandem.core.local_prefill import CachedLead, Claim, LocalPrefillGate, Room
+from tandem.core.prefix_routing import HashPublisher
 from tandem.core.protocol import (
     ControlMessage,
     Handoff,
     KVTransfer,
+    LeasesRenewed,
     PrefillTask,
     Release,
+    RenewLeases,
     ReserveReply,
     ReserveRequest,
     TransferAck,
@@ -78,7 +87,7 @@ from tandem.core.protocol import (
 from tandem.core.redis_client import add_task, publish_deltas
 from tandem.core.registry import list_workers, worker_of_sender
 from tandem.core.replies import error_delta
-from tandem.core.request_checks import check_handoff, check_reserve
+from tandem.core.request_checks import check_handoff, check_renewal, check_reserve
 from tandem.core.sequence import Sequence, SequenceStatus
 from tandem.decode.batch_worker import BatchWorker, Request
 from tandem.engine.engine import Engine, EngineConfig, StepFailed
@@ -98,6 +107,7 @@ class Reservation:
     num_tokens: int  # the tokens whose KV it holds blocks for
     filled: bool = False
     cached: int = 0  # leading blocks that already held its KV (prefix cache): not sent
+    owner: str = ""  # the prefill worker that made it: only it may renew the lease
 
 
 class DecodeWorker(BatchWorker):
@@ -116,10 +126,21 @@ class DecodeWorker(BatchWorker):
         self.admitted = 0  # handoffs
         self.lock = threading.Lock()
         self.gate: LocalPrefillGate | None = None
-        if config.local_prefill_after_ms is not None:
+        if config.local_prefill:
             self.gate = LocalPrefillGate(
-                config.local_prefill_after_ms, config.max_local_prefills, self.kv.block_size
+                config.local_prefill_after_ms,
+                config.max_local_prefills,
+                self.kv.block_size,
+                config.local_prefill_uncached_tokens,
             )
+        if config.local_prefill_uncached_tokens and self.kv.enable_prefix_caching:
+            # Prefill workers leave it the tasks whose remainder here is short
+            # (core/prefix_routing.py); its load is the local prefills it would refuse.
+            self.hash_publisher = HashPublisher(
+                self.redis, self.engine.name, self.worker_id, self.kv, config.registry_ttl_s
+            )
+        self._local_load: int | None = None  # as last given to the publisher
+        self._cached_lead = CachedLead(self.kv)  # the intake thread's
 
     # -- registry ----------------------------------------------------------------------
     def snapshot(self) -> WorkerInfo:
@@ -142,6 +163,8 @@ class DecodeWorker(BatchWorker):
             preemptions=sched.num_preemptions,
             admitted=self.admitted,
             local_prefills=self.from_stream,
+            local_prefill_uncached_tokens=self.config.local_prefill_uncached_tokens,
+            max_local_prefills=self.config.max_local_prefills if self.gate else 0,
             draining=self.draining,
         )
 
@@ -214,16 +237,18 @@ class DecodeWorker(BatchWorker):
         out of bounds is refused by the checks, and a handler that raises anyway answers
         with a refusal instead of ending the control thread."""
         try:
-            reply = self._answer(msg, payload)
+            reply = self._answer(peer, msg, payload)
         except Exception:
             log.exception("control message %s failed", type(msg).__name__)
             reply = refusal(msg, "the decode worker failed on this message (logged there)")
         if reply is not None:
             self.receiver.reply(peer, reply)
 
-    def _answer(self, msg, payload) -> ControlMessage | None:
+    def _answer(self, peer: bytes, msg, payload) -> ControlMessage | None:
         if isinstance(msg, ReserveRequest):
-            return self._reserve(msg)
+            return self._reserve(msg, worker_of_sender(peer.decode(errors="replace")))
+        if isinstance(msg, RenewLeases):
+            return self._renew(msg, worker_of_sender(peer.decode(errors="replace")))
         if isinstance(msg, KVTransfer):
             return self._fill(msg, payload)
         if isinstance(msg, Handoff):
@@ -234,7 +259,7 @@ class DecodeWorker(BatchWorker):
             log.warning("unexpected control message %s", type(msg).__name__)
         return None
 
-    def _reserve(self, req: ReserveRequest) -> ReserveReply:
+    def _reserve(self, req: ReserveRequest, owner: str) -> ReserveReply:
         rid = req.request_id
 
         def refuse(reason: str) -> ReserveReply:
@@ -263,9 +288,28 @@ class DecodeWorker(BatchWorker):
         block_ids, cached = reserved
         cached = held.cached if held is not None else cached
         self.reservations[rid] = Reservation(
-            rid, time.monotonic() + req.lease_s, req.num_tokens, cached=cached
+            rid, time.monotonic() + req.lease_s, req.num_tokens, cached=cached, owner=owner
         )
         return ReserveReply(request_id=rid, ok=True, block_ids=block_ids, cached_blocks=cached)
+
+    def _renew(self, msg: RenewLeases, owner: str) -> LeasesRenewed:
+        """A prefill worker still prefilling or shipping into its reservations keeps
+        them: each one it made gets the lease from now (never a shorter one). The rest
+        are reported lost, so it reserves again instead of writing freed blocks."""
+        try:
+            check_renewal(msg)
+        except ValueError as exc:
+            return LeasesRenewed(renewal_id=msg.renewal_id, ok=False, reason=str(exc))
+        until = time.monotonic() + msg.lease_s
+        lost = []
+        for rid in msg.request_ids:
+            res = self.reservations.get(rid)
+            if res is None or res.owner != owner:
+                lost.append(rid)
+            else:
+                res.expires_at = max(res.expires_at, until)
+        reason = f"{len(lost)} reservation(s) not held here (expired?)" if lost else ""
+        return LeasesRenewed(renewal_id=msg.renewal_id, ok=not lost, lost=lost, reason=reason)
 
     def _fill(self, msg: KVTransfer, packed) -> TransferAck:
         rid = msg.request_id
@@ -353,13 +397,25 @@ class DecodeWorker(BatchWorker):
             - len(self.reservations)
         )
         room = self.gate.room(prefilling, slots, sched.spare_blocks())
+        tasks = 0 if self.draining else room.tasks
         # A task for a request reserved here is a duplicate of the one coming in.
-        self._share_state(0 if self.draining else room.tasks, room.blocks, self.reservations)
+        self._share_state(tasks, room.blocks, self.reservations)
+        load = self.gate.max_prefills - tasks
+        if self.hash_publisher is not None and load != self._local_load:
+            self._local_load = load
+            self.outbox.call(self.hash_publisher.set_load, load)
 
-    def _claims(self, free: int, spare_blocks: int) -> int:
-        """On the intake thread: one task at most, and only while the pool is backed up."""
+    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None]:
+        """On the intake thread: one task at most, while the pool is backed up or when
+        the backlog's task is mostly cached here (then that task only)."""
         assert self.gate is not None
-        return self.gate.claims(self.intake.backlog(), Room(free, spare_blocks))
+        backlog = self.intake.backlog()
+        cached = self._cached_lead.tokens(backlog) if self.gate.uncached_tokens else 0
+        claim = self.gate.claims(backlog, Room(free, spare_blocks), cached)
+        if claim is Claim.THIS:
+            assert backlog is not None
+            return 1, backlog.entry_id
+        return int(claim is Claim.NEXT), None
 
     # -- one decode step ----------------------------------------------------------------
     def _step(self) -> None:
@@ -368,8 +424,12 @@ class DecodeWorker(BatchWorker):
         except StepFailed as failed:
             with self.lock:
                 self._fail_step(failed)
-            return
+            out, got = failed.out, failed.got  # what the rest of the step did
         with self.lock:
+            if self.hash_publisher is not None and self.hash_publisher.pending:
+                # Before the step's tokens: once a turn's last token is out, the blocks
+                # it cached are visible to the router deciding where its next turn goes.
+                self.outbox.call(self.hash_publisher.flush)
             # Published first: a requeued request's next token must not overtake these.
             self._publish_step(got)
             for seq in out.preempted:

@@ -11,7 +11,7 @@ import torch
 from tandem.core.config import CacheConfig, SchedulerConfig
 from tandem.core.request_checks import ModelLimits, check_tokens
 from tandem.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
-from tandem.core.sequence import Sequence
+from tandem.core.sequence import Sequence, SequenceStatus
 from tandem.core.tokenizer import Tokenizer
 from tandem.engine.kv_cache import KVCache
 from tandem.engine.model_config import ModelConfig
@@ -23,21 +23,14 @@ from tandem.engine.model_runner import (
     default_device,
     resolve_dtype,
 )
+from tandem.engine.step_isolation import Logprobs, Sampled, StepFailed, isolate
 from tandem.engine.warmup import warm_up_kernels
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Engine", "EngineConfig", "StepFailed"]
+
 CPU_KV_CACHE_BYTES = 1 << 30
-
-
-class StepFailed(Exception):
-    """A step raised; `request_ids` are the sequences it ran, still in the scheduler."""
-
-    reason = "the worker failed to compute this request (its log says why)"  # for clients
-
-    def __init__(self, request_ids: list[str]) -> None:
-        super().__init__(f"a step of {len(request_ids)} sequence(s) failed")
-        self.request_ids = request_ids
 
 
 @dataclass(frozen=True)
@@ -172,22 +165,36 @@ class Engine:
     def step(
         self, lock: AbstractContextManager | None = None
     ) -> tuple[SchedulerOutput, list[Sequence]]:
-        """`_step`, and if it raises, StepFailed naming the sequences it ran: the caller
-        fails their requests (and frees their blocks) while the engine serves on."""
+        """`_step`. When running the step raises, the requests that made it raise are
+        isolated (engine.step_isolation) and StepFailed names them, carrying the rest of
+        the step's results; when scheduling or applying a step raises, StepFailed names
+        every sequence it ran. The caller fails the named requests (and frees their
+        blocks) while the engine serves on."""
         lock = lock or nullcontext()
         self._stepping = None
         try:
             return self._step(lock)
+        except StepFailed:
+            raise
         except Exception as exc:
             with lock:
                 failed = self._abandon_step()
             log.exception("a step of %d sequence(s) failed", len(failed))
-            raise StepFailed(failed) from exc
+            # Its schedule still counts: sequences it preempted need their callers.
+            raise StepFailed(failed, self._stepping) from exc
 
     def _abandon_step(self) -> list[str]:
-        """After a step raised: drop what was planned or launched ahead (its blocks are
-        released once it is done on the device) and name the sequences the step ran, or
-        every running one if it failed before it had a schedule."""
+        """After a step raised: drop what was planned or launched ahead and name the
+        sequences the step ran, or every running one if it failed before it had a
+        schedule."""
+        self._drop_ahead()
+        if self._stepping is None:
+            return [seq.request_id for seq in self.scheduler.running]
+        return [chunk.seq.request_id for chunk in self._stepping.chunks]
+
+    def _drop_ahead(self) -> None:
+        """Forget the plan and the step launched ahead (its blocks are released once it
+        is done on the device): both assumed the step before them succeeded."""
         self._planned = None
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
@@ -196,9 +203,6 @@ class Engine:
             except Exception:
                 log.warning("the step launched ahead failed too")
             self.kv.step_done(ahead[1].step)
-        if self._stepping is None:
-            return [seq.request_id for seq in self.scheduler.running]
-        return [chunk.seq.request_id for chunk in self._stepping.chunks]
 
     def _step(self, lock: AbstractContextManager) -> tuple[SchedulerOutput, list[Sequence]]:
         """Schedule and run one step; return the schedule and sequences with a new token.
@@ -219,36 +223,94 @@ class Engine:
                 planned, self._planned = self._planned, None
                 if not out:
                     return out, []
-                if planned is not None and _matches(planned, out):
-                    inputs = planned
-                    self.num_planned_steps += 1
-                else:
-                    inputs = self.runner.prepare(out, self.kv)
-                number = self.kv.step_launched()
-        if ahead is None:
-            pending = self._launch(inputs, number, lock)
-        else:
-            out, pending = ahead
-            self._stepping = out
-        if self.config.overlap_scheduling:
+            else:
+                out = ahead[0]
+                self._stepping = out
+        culprits: list[str] = []
+        try:
+            pending = ahead[1] if ahead else self._prepare_and_launch(out, planned, lock)
+            self._plan_next(out, pending, lock)
+            try:
+                sampled, logprobs = pending.result()
+            finally:
+                with lock:
+                    self.kv.step_done(pending.step)
+        except Exception:
+            log.exception("a step of %d sequence(s) failed; isolating", len(out.chunks))
+            with lock:
+                self._drop_ahead()
+            sampled, logprobs, culprits = isolate(
+                out.chunks, lambda chunks: self._run_alone(chunks, lock)
+            )
+        with lock:
+            if not culprits:
+                return out, self.scheduler.update(out, sampled, logprobs)
+            failed = set(culprits)
+            rest = SchedulerOutput([c for c in out.chunks if c.seq.request_id not in failed])
+            got = self.scheduler.update(rest, sampled, logprobs)
+        raise StepFailed(culprits, out, got)
+
+    def _prepare_and_launch(
+        self, out: SchedulerOutput, planned: StepInputs | None, lock: AbstractContextManager
+    ) -> PendingStep:
+        with lock:
+            if planned is not None and _matches(planned, out):
+                inputs = planned
+                self.num_planned_steps += 1
+            else:
+                inputs = self.runner.prepare(out, self.kv)
+            number = self.kv.step_launched()
+        return self._launch(inputs, number, lock)
+
+    def _plan_next(self, out: SchedulerOutput, pending: PendingStep, lock) -> None:
+        """With overlap_scheduling, build (and maybe launch) the step after `out` while
+        the device runs `out`. Only an optimisation: if building it raises, the next
+        step is scheduled and built afresh (and isolated there if it raises again)."""
+        if not self.config.overlap_scheduling:
+            return
+        try:
             with lock:
                 nxt = self.runner.prepare_next(out, pending.inputs, pending, self.kv)
-                go_ahead = nxt is not None and self._may_launch_ahead(out)
-                if go_ahead:
-                    number = self.kv.step_launched()
-                else:
+                if nxt is None or not self._may_launch_ahead(out):
                     self._planned = nxt
-            if go_ahead:
-                self._ahead = (_next_decodes(out), self._launch(nxt, number, lock))
-                self.num_planned_steps += 1
-                self.num_launched_ahead += 1
+                    return
+                number = self.kv.step_launched()
+            try:
+                launched = self.runner.launch(nxt)
+            except BaseException:
+                # Steps finish in order: once `pending` is done, so is this number.
+                self._settle_device()
+                pending.step = number
+                raise
+        except Exception:
+            log.exception("building the next step failed; it will be built afresh")
+            self._planned = None
+            return
+        launched.step, launched.inputs = number, nxt
+        self._ahead = (_next_decodes(out), launched)
+        self.num_planned_steps += 1
+        self.num_launched_ahead += 1
+
+    def _run_alone(
+        self, chunks: list[ScheduledChunk], lock: AbstractContextManager
+    ) -> tuple[Sampled, Logprobs]:
+        """Run `chunks` of a failed step as a step of their own (step isolation), leaving
+        out sequences that ended meanwhile (aborted, or finished by the step before)."""
+        with lock:
+            live = [c for c in chunks if c.seq.status is SequenceStatus.RUNNING]
+            if not live:
+                return {}, {}
+            inputs = self.runner.prepare(SchedulerOutput(live), self.kv)
+            number = self.kv.step_launched()
+        pending = self._launch(inputs, number, lock)
         try:
-            sampled, logprobs = pending.result()
+            return pending.result()
+        except BaseException:
+            self._settle_device()
+            raise
         finally:
             with lock:
-                self.kv.step_done(pending.step)
-        with lock:
-            return out, self.scheduler.update(out, sampled, logprobs)
+                self.kv.step_done(number)
 
     def _launch(self, inputs: StepInputs, number: int, lock: AbstractContextManager) -> PendingStep:
         """Queue a step on the device, outside the lock; `number` is the KV cache
@@ -256,11 +318,21 @@ class Engine:
         try:
             pending = self.runner.launch(inputs)
         except BaseException:
+            self._settle_device()
             with lock:
                 self.kv.step_done(number)
             raise
         pending.step, pending.inputs = number, inputs
         return pending
+
+    def _settle_device(self) -> None:
+        """After a launch or a step raised: wait for whatever it queued on the device
+        before its blocks may be handed out again."""
+        if self.runner.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.runner.device)
+            except Exception:
+                log.exception("the device failed while settling a failed step")
 
     def _may_launch_ahead(self, out: SchedulerOutput) -> bool:
         """Whether the step after `out` is surely `out`'s decodes one position on: no

@@ -102,6 +102,7 @@ class StopStringMatcher:
 
     def __init__(self, stop: Sequence[str]) -> None:
         self._stop = tuple(s for s in stop if s)
+        self.active = bool(self._stop)
         self._held = ""
         self.stopped: str | None = None  # the stop string that ended the text
 
@@ -169,6 +170,10 @@ class TextStream:
     @property
     def stopped(self) -> bool:
         return self._stops.stopped is not None
+
+    @property
+    def has_stop_strings(self) -> bool:
+        return self._stops.active
 
     def add(self, token_ids: Sequence[int]) -> str:
         return self._stops.feed(self._detok.add(token_ids))

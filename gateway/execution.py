@@ -279,6 +279,9 @@ class Generation:
         self._deadline = time.monotonic() + timeout_s
         self._text = TextStream(executor.tokenizer, prompt_ids, sampling.stop, executor.token_bytes)
         self._stream: RequestStream | None = None
+        # One timer for the request's life, not one per wait for tokens: at the
+        # deadline it ends the stream with a "deadline" error.
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._entry: bytes | None = None  # its task's entry in the prefill stream
         self._deltas_before_entry = 0  # the stream's delta count when that entry was made
         self._completion_tokens = 0
@@ -367,15 +370,27 @@ class Generation:
                 raise RequestError("unavailable", f"prefill queue unreachable: {exc}") from exc
             raise
         ex.inflight[rid] = self
+        loop = asyncio.get_running_loop()
+        wait_s = max(self._deadline - time.monotonic(), 0.0)
+        self._deadline_timer = loop.call_at(loop.time() + wait_s, self._expire)
         ex.metrics.active.inc()
         log.info("request %s queued (%s): %d prompt tokens, max_tokens %d", rid, self._api,
                  len(self.prompt_ids), self.sampling.max_tokens,
                  extra={"request_id": rid})  # fmt: skip
         return self
 
+    def _expire(self) -> None:
+        if self._stream is not None:
+            self._stream.push(TokenDelta(
+                request_id=self.request_id, error_code="deadline",
+                error=f"request {self.request_id} did not finish within {self.timeout_s:.1f}s",
+            ))  # fmt: skip
+
     async def __aexit__(self, exc_type, exc, tb) -> None:
         ex = self._ex
         rid = self.request_id
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         ex.router.unregister(rid)
         ex.inflight.pop(rid, None)
         ex.metrics.active.dec()
@@ -393,17 +408,13 @@ class Generation:
         if self._done or self._stream is None:
             raise StopAsyncIteration
         while True:
-            try:
-                deltas = await self._stream.get_many(max(self._deadline - time.monotonic(), 0.0))
-            except asyncio.TimeoutError:
-                self._fail()
-                raise RequestError(
-                    "deadline",
-                    f"request {self.request_id} did not finish within {self.timeout_s:.1f}s",
-                ) from None
+            deltas = await self._stream.get_many()
             out = Output(prompt_tokens=len(self.prompt_ids))
             pieces: list[str] = []
             worker_finished = False
+            # Without stop strings the message's tokens are detokenized in one call;
+            # with them, delta by delta, so that a stop ends the message where it hit.
+            by_delta = self._text.has_stop_strings
             for delta in deltas:
                 if delta.error is not None:
                     self._fail()
@@ -412,15 +423,19 @@ class Generation:
                 self._cached_tokens = max(self._cached_tokens, delta.cached_tokens)
                 if delta.logprobs:
                     out.logprobs.extend(delta.logprobs)
-                pieces.append(self._text.add(delta.token_ids))
                 out.finish_reason = delta.finish_reason
                 worker_finished = delta.finish_reason is not None
-                if self._text.stopped:
-                    out.finish_reason = "stop"
+                if by_delta:
+                    pieces.append(self._text.add(delta.token_ids))
+                    if self._text.stopped:
+                        out.finish_reason = "stop"
+                        break
+                if worker_finished:
                     break
-                if out.finish_reason is not None:
-                    pieces.append(self._text.finish())
-                    break
+            if not by_delta:
+                pieces.append(self._text.add(out.token_ids))
+            if worker_finished and not self._text.stopped:
+                pieces.append(self._text.finish())
             out.text = "".join(pieces)
             self._completion_tokens += len(out.token_ids)
             out.completion_tokens = self._completion_tokens
@@ -439,14 +454,13 @@ class Generation:
             return
         now = time.monotonic()
         metrics = self._ex.metrics
-        metrics.generation_tokens.inc(len(out.token_ids))
+        count = len(out.token_ids)
         if self._first_token_at is None:
             self._first_token_at = now
             metrics.ttft.observe(now - self._arrival)
+            metrics.tokens.add(count, None)
         else:
-            gap = (now - self._last_output_at) / len(out.token_ids)
-            for _ in out.token_ids:
-                metrics.itl.observe(gap)
+            metrics.tokens.add(count, (now - self._last_output_at) / count)
         self._last_output_at = now
 
     def _finish(self, reason: str) -> None:

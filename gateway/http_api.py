@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -103,6 +104,9 @@ def request_error_payload(exc: RequestError) -> tuple[int, dict]:
 
 def _json_bytes(payload: Any) -> bytes:
     return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+_SSE_JSON = msgspec.json.Encoder().encode
 
 
 def _finite(payload: Any) -> Any:
@@ -281,7 +285,10 @@ def build_http_app(executor: Executor, texts: TokenTexts) -> FastAPI:
             await _send_json(send, 200, builder.response(), headers)
 
         async def sse(send: Send, payload: Any) -> None:
-            data = b"data: " + _json_bytes(_finite(payload)) + b"\n\n"
+            # Without logprobs a chunk holds no float to clamp, and msgspec encodes it
+            # in ~1 µs where json.dumps + _finite take ~10: this runs once per chunk.
+            body = _json_bytes(_finite(payload)) if top_logprobs is not None else _SSE_JSON(payload)
+            data = b"data: " + body + b"\n\n"
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
         async def streamed(send: Send) -> None:

@@ -71,7 +71,7 @@ class RequestStream:
         self.closed = ends
         self._mailbox.put(delta)
 
-    async def get_many(self, timeout_s: float) -> list[TokenDelta]:
+    async def get_many(self, timeout_s: float | None = None) -> list[TokenDelta]:
         """Every delta queued now, waiting for one; TimeoutError when none comes in time.
 
         Taking all at once lets a client that fell behind catch up in one message.

@@ -4,7 +4,7 @@ Per token (one program each): load the cos/sin row of its position once, rotate 
 head in place, rotate every k head and write it straight into the paged cache slot
 together with v. Rotated k never goes back to the QKV buffer: attention reads keys from
 the cache only. Same math as kernels/rotary.py (float32, one rounding) and the same
-cache layout and padding rule (slot < 0: nothing written) as kernels/kv_store.py.
+cache layout and padding rule (slot < 0: nothing written) as store_kv_ref below.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from tandem.kernels._utils import next_pow2
-from tandem.kernels.kv_store import store_kv_ref
 from tandem.kernels.rotary import apply_rotary_ref
 
 
@@ -175,3 +174,14 @@ def rotary_store_kv_ref(
     q_rot, k_rot = apply_rotary_ref(q, k, positions, cos_sin_cache)
     store_kv_ref(cache, k_rot, v, slot_mapping)
     return q_rot
+
+
+def store_kv_ref(
+    cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Pure-torch store_kv: the same scatter, skipping negative slots."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    flat = cache.view(2, -1, cache.shape[-2], cache.shape[-1])
+    flat[0].index_copy_(0, slots, key[keep].to(cache.dtype))
+    flat[1].index_copy_(0, slots, value[keep].to(cache.dtype))

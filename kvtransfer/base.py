@@ -25,14 +25,14 @@ class TransferError(Exception):
 
 
 class TransferState(enum.Enum):
-    RESERVING = "reserving"
+    """A Transfer starts SENDING: it exists only once the reservation has succeeded."""
+
     SENDING = "sending"
     DONE = "done"
     FAILED = "failed"
 
 
 _NEXT_STATES: dict[TransferState, frozenset[TransferState]] = {
-    TransferState.RESERVING: frozenset({TransferState.SENDING, TransferState.FAILED}),
     TransferState.SENDING: frozenset({TransferState.DONE, TransferState.FAILED}),
     TransferState.DONE: frozenset(),
     TransferState.FAILED: frozenset(),
@@ -45,8 +45,7 @@ class Transfer:
 
     request_id: str
     peer: str  # the receiver's address
-    deadline: float  # time.monotonic(); past it the receiver may drop the reservation
-    state: TransferState = TransferState.RESERVING
+    state: TransferState = TransferState.SENDING
     reason: str = ""  # why it failed
 
     @property
@@ -66,11 +65,6 @@ class Transfer:
 
     def fail(self, reason: str) -> None:
         self.advance(TransferState.FAILED, reason)
-
-    def expired(self, now: float | None = None) -> bool:
-        """True when the deadline passed before the transfer finished."""
-        now = time.monotonic() if now is None else now
-        return not self.finished and now >= self.deadline
 
 
 @dataclass
@@ -237,16 +231,10 @@ def ship(
         raise ValueError(
             f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} destination blocks"
         )
-    transfer = Transfer(
-        request_id=request_id,
-        peer=address,
-        deadline=time.monotonic() + timeout_s,
-        state=TransferState.SENDING,  # the reservation already succeeded
-    )
-    remaining = max(0.0, transfer.deadline - time.monotonic())
+    transfer = Transfer(request_id=request_id, peer=address)
     try:
         ack = sender.send_blocks(
-            address, request_id, kv_caches, src_block_ids, dst_block_ids, remaining, staging
+            address, request_id, kv_caches, src_block_ids, dst_block_ids, timeout_s, staging
         )
     except TransferError as exc:
         transfer.fail(str(exc) or type(exc).__name__)
@@ -273,13 +261,7 @@ def ship_many(
                 f"{move.request_id}: {len(move.src_block_ids)} source blocks for "
                 f"{len(move.dst_block_ids)} destination blocks"
             )
-    deadline = time.monotonic() + timeout_s
-    transfers = [
-        Transfer(
-            request_id=m.request_id, peer=address, deadline=deadline, state=TransferState.SENDING
-        )
-        for m in moves
-    ]
+    transfers = [Transfer(request_id=m.request_id, peer=address) for m in moves]
     try:
         results = sender.send_blocks_many(address, moves, kv_caches, timeout_s)
     except TransferError as exc:

@@ -28,7 +28,9 @@ from tandem.core.protocol import (
     KVGroupInvite,
     KVGroupReply,
     KVTransfer,
+    LeasesRenewed,
     Release,
+    RenewLeases,
     ReserveReply,
     ReserveRequest,
     TransferAck,
@@ -52,11 +54,11 @@ MAX_KV_PAYLOAD_BYTES = 16 << 30
 
 # What every receiver accepts; a backend with more to answer (cuda_ipc: ExportRequest)
 # passes its own tuple to parse_inbound.
-RECEIVABLE: tuple[type, ...] = (ReserveRequest, KVTransfer, Handoff, Release)
-_REPLIES = (ReserveReply, TransferAck, KVGroupReply, ExportReply)
+RECEIVABLE: tuple[type, ...] = (ReserveRequest, KVTransfer, Handoff, Release, RenewLeases)
+_REPLIES = (ReserveReply, TransferAck, KVGroupReply, ExportReply, LeasesRenewed)
 _PACKED_RANK = 6  # KVLayout.cache_shape(n): [layers, planes, n, block_size, heads, dim]
 
-Reply = Union[ReserveReply, TransferAck, KVGroupReply, ExportReply]
+Reply = Union[ReserveReply, TransferAck, KVGroupReply, ExportReply, LeasesRenewed]
 ReplyKey = tuple[type, str]
 
 
@@ -179,6 +181,8 @@ def refusal(msg: ControlMessage, reason: str = "") -> ControlMessage | None:
         return TransferAck(request_id=msg.task.request_id, ok=False, reason=reason)
     if isinstance(msg, KVGroupInvite):
         return KVGroupReply(group_id=msg.group_id, ok=False, reason=reason)
+    if isinstance(msg, RenewLeases):
+        return LeasesRenewed(renewal_id=msg.renewal_id, ok=False, reason=reason)
     if isinstance(msg, ExportRequest):
         return ExportReply(
             request_id=msg.request_id,
@@ -199,6 +203,8 @@ def parse_reply(data: BufferLike, max_bytes: int = MAX_CONTROL_FRAME_BYTES) -> R
 def reply_key(msg: Reply) -> ReplyKey:
     if isinstance(msg, KVGroupReply):
         return (KVGroupReply, msg.group_id)
+    if isinstance(msg, LeasesRenewed):
+        return (LeasesRenewed, msg.renewal_id)
     return (type(msg), msg.request_id)
 
 
@@ -317,6 +323,10 @@ class FramedKVSender(KVSender):
     def handoff(self, address: str, msg: Handoff, timeout_s: float) -> TransferAck:
         want = (TransferAck, msg.task.request_id)
         return cast(TransferAck, self._request(address, [encode(msg)], want, timeout_s))
+
+    def renew(self, address: str, msg: RenewLeases, timeout_s: float) -> LeasesRenewed:
+        want = (LeasesRenewed, msg.renewal_id)
+        return cast(LeasesRenewed, self._request(address, [encode(msg)], want, timeout_s))
 
     def release(self, address: str, request_id: str) -> None:
         try:

@@ -12,7 +12,8 @@ A task's life on this worker, as states:
                 worker refuses for lack of room, the task waits here (retried every
                 20 ms, oldest first; no new tasks are taken meanwhile, so peers get
                 them) for up to decode_wait_s, then fails UNAVAILABLE; with no decode
-                worker registered at all it fails at once.
+                worker registered at all it fails at once. From here until it is
+                settled, the reservation's lease is renewed (prefill.lease_renewal).
     PREFILLING  the sequence is in this worker's engine batch, chunked under the token
                 budget (prompt + tokens generated before a preemption, if any).
     SHIPPING    the first token is published to the gateway (TTFT), then the KV blocks
@@ -43,7 +44,12 @@ from tandem.core.config import WorkerConfig
 from tandem.core.kv_cache_manager import blocks_needed
 from tandem.core.prefix_routing import WorkerRouting
 from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
-from tandem.core.registry import SHIP_SENDER_SUFFIX, list_workers, pick_decode_worker
+from tandem.core.registry import (
+    LEASE_SENDER_SUFFIX,
+    SHIP_SENDER_SUFFIX,
+    list_workers,
+    pick_decode_worker,
+)
 from tandem.core.replies import new_deltas, publish_safely, token_delta
 from tandem.core.request_checks import check_task
 from tandem.core.sequence import Sequence
@@ -61,6 +67,8 @@ from tandem.kvtransfer.transport import (
     ship,
     ship_many,
 )
+from tandem.kvtransfer.zmq_backend import ZmqKVSender
+from tandem.prefill.lease_renewal import LeaseRenewer
 from tandem.prefill.shipping import Shipper
 
 log = logging.getLogger(__name__)
@@ -110,6 +118,13 @@ class PrefillWorker(WorkerBase):
             config.kv_transport, self.worker_id + SHIP_SENDER_SUFFIX, curve
         )
         self.shipper: Shipper[InFlight] = Shipper(self._ship_batch)
+        # Every reservation held (prefilling or shipping) is renewed until it is settled;
+        # control messages travel over zmq whatever carries the KV.
+        self.leases = LeaseRenewer(
+            ZmqKVSender(self.worker_id + LEASE_SENDER_SUFFIX, curve),
+            config.reservation_lease_s,
+            config.transfer_timeout_s,
+        )
         self.inflight: dict[str, InFlight] = {}
         # Request id -> stream entry of each flight on the shipping thread: kept alive
         # like the rest, or a transfer slower than reclaim_idle gets the task reclaimed.
@@ -169,6 +184,7 @@ class PrefillWorker(WorkerBase):
         finally:
             self.shipper.close(2 * self.config.transfer_timeout_s)
             self._settle_shipped(self.shipper.collect())
+            self.leases.close()
             self.sender.close()
             self.ship_sender.close()
             self.shutdown()
@@ -263,6 +279,7 @@ class PrefillWorker(WorkerBase):
             self.intake.ack(entry_id)
             return True
         self.inflight[rid] = InFlight(entry_id, task, seq, *placed)
+        self.leases.hold(rid, placed[1])
         self.admitted += 1
         return True
 
@@ -333,6 +350,7 @@ class PrefillWorker(WorkerBase):
         flight = self.inflight.pop(rid)
         self.engine.scheduler.abort(rid)
         self.kv.free(rid)
+        self.leases.drop(rid)
         self.sender.release(flight.decode_address, rid)
         self.intake.ack(flight.entry_id)
 
@@ -355,7 +373,7 @@ class PrefillWorker(WorkerBase):
                     task = self.inflight[rid].task
                     self._drop(rid)
                     self.intake.fail(task, "internal", failed.reason)
-            return
+            got = failed.got  # the rest of the step went on
         if not got:
             return
         deltas = new_deltas()
@@ -364,6 +382,7 @@ class PrefillWorker(WorkerBase):
             flight = self.inflight.pop(seq.request_id)
             deltas[flight.task.reply_stream].append(token_delta(seq, flight.decode_id))
             if seq.is_finished:  # the first token ended it: nothing to hand off
+                self.leases.drop(seq.request_id)
                 self.sender.release(flight.decode_address, seq.request_id)
                 self.kv.free(seq.request_id)
                 self.intake.ack(flight.entry_id)
@@ -380,6 +399,7 @@ class PrefillWorker(WorkerBase):
         """Main loop: free what the shipping thread is done with, settle its tasks."""
         for flight, failure in outcomes:
             self.shipping.pop(flight.seq.request_id, None)
+            self.leases.drop(flight.seq.request_id)
             self.kv.free(flight.seq.request_id)
             if failure:
                 self.intake.fail(
@@ -400,13 +420,19 @@ class PrefillWorker(WorkerBase):
         """The KV of every request this step finished, one call per decode worker (over
         cuda_ipc one copy launch for all of them); request id -> its Transfer."""
         by_peer: dict[str, list[BlockMove]] = {}
+        shipped: dict[str, Transfer] = {}
         for flight in flights:
             rid = flight.seq.request_id
+            if self.leases.lost(rid):
+                # Its blocks may be another request's by now: reserve again (_hand_off).
+                lost = Transfer(rid, flight.decode_address)
+                lost.fail("the reservation was lost (lease expired)")
+                shipped[rid] = lost
+                continue
             n = blocks_needed(flight.seq.num_tokens - 1, self.kv.block_size)
             by_peer.setdefault(flight.decode_address, []).append(
                 BlockMove(rid, *flight.blocks_to_ship(n))
             )
-        shipped: dict[str, Transfer] = {}
         for address, moves in by_peer.items():
             for transfer in ship_many(
                 self.ship_sender,
@@ -436,6 +462,7 @@ class PrefillWorker(WorkerBase):
                 flight.decode_id, flight.decode_address, flight.dst_blocks, flight.dst_cached = (
                     placed
                 )
+                self.leases.hold(rid, flight.decode_address)
             reason = self._ship_and_hand_off(flight, computed, n, None if attempt else shipped)
             if not reason:
                 return ""

@@ -75,16 +75,22 @@ def _check_local_prefill(args: argparse.Namespace) -> None:
         redis_url="redis://",
         role="decode",
         local_prefill_after_ms=args.local_prefill_after_ms,
+        local_prefill_uncached_tokens=args.local_prefill_uncached_tokens,
         max_local_prefills=args.max_local_prefills,
     )
-    if args.local_prefill_after_ms is not None and not args.decode_workers:
+    local = args.local_prefill_after_ms is not None or args.local_prefill_uncached_tokens > 0
+    if local and not args.decode_workers:
         raise ValueError(
-            "--local-prefill-after-ms is a decode worker's option: give --decode-workers"
+            "--local-prefill-after-ms and --local-prefill-uncached-tokens are a decode "
+            "worker's options: give --decode-workers"
         )
     if args.local_prefill_tokens < 0:
         raise ValueError("--local-prefill-tokens must be >= 0")
-    if args.local_prefill_tokens and args.local_prefill_after_ms is None:
-        raise ValueError("--local-prefill-tokens needs --local-prefill-after-ms")
+    if args.local_prefill_tokens and not local:
+        raise ValueError(
+            "--local-prefill-tokens needs --local-prefill-after-ms or "
+            "--local-prefill-uncached-tokens"
+        )
 
 
 def _check_nccl_gpus(args: argparse.Namespace) -> None:

@@ -116,12 +116,22 @@ def add_local_prefill_args(p: argparse.ArgumentParser) -> None:
         "task no prefill worker has taken has waited MS ms (unset: never)",
     )
     p.add_argument(
+        "--local-prefill-uncached-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        dest="local_prefill_uncached_tokens",
+        help="decode: also prefill a task whose tokens beyond the prefix this worker "
+        "holds in its prefix cache (a conversation's previous turn) number at most N: "
+        "no prefill worker, no KV transfer (0: never)",
+    )
+    p.add_argument(
         "--max-local-prefills",
         type=int,
         default=1,
         metavar="N",
         dest="max_local_prefills",
-        help="decode, with --local-prefill-after-ms: at most N of its own tasks "
+        help="decode, with either option above: at most N of its own tasks "
         "prefilling at once (bounds the prefill work mixed into its decode steps)",
     )
 
@@ -134,7 +144,7 @@ def add_local_prefill_tokens_arg(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         dest="local_prefill_tokens",
-        help="decode workers, with --local-prefill-after-ms: --max-prefill-tokens N "
+        help="decode workers, with local prefill: --max-prefill-tokens N "
         "for them alone (prompt tokens per decode step; 0: the engine flag's value)",
     )
 
@@ -142,14 +152,14 @@ def add_local_prefill_tokens_arg(p: argparse.ArgumentParser) -> None:
 def local_prefill_flags(args: argparse.Namespace) -> list[str]:
     """The decode workers' flags for `args`' local prefill settings (none when off);
     given after the engine flags, so their --max-prefill-tokens wins."""
-    if args.local_prefill_after_ms is None:
+    flags = []
+    if args.local_prefill_after_ms is not None:
+        flags += ["--local-prefill-after-ms", f"{args.local_prefill_after_ms:g}"]
+    if args.local_prefill_uncached_tokens:
+        flags += ["--local-prefill-uncached-tokens", str(args.local_prefill_uncached_tokens)]
+    if not flags:
         return []
-    flags = [
-        "--local-prefill-after-ms",
-        f"{args.local_prefill_after_ms:g}",
-        "--max-local-prefills",
-        str(args.max_local_prefills),
-    ]
+    flags += ["--max-local-prefills", str(args.max_local_prefills)]
     if args.local_prefill_tokens:
         flags += ["--max-prefill-tokens", str(args.local_prefill_tokens)]
     return flags
@@ -184,6 +194,7 @@ def worker_config_from_args(args: argparse.Namespace, role: str):
     if role == "decode":
         extra.update(
             local_prefill_after_ms=args.local_prefill_after_ms,
+            local_prefill_uncached_tokens=args.local_prefill_uncached_tokens,
             max_local_prefills=args.max_local_prefills,
         )
     redis_url = secret_from_args(args, "redis-url", REDIS_URL_ENV)

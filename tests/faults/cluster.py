@@ -43,12 +43,16 @@ class Cluster:
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], hooks: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Start `tandem ARGS`; with `hooks`, through tests.faults.hooked_worker."""
+        command = ["-m", "tandem.cli"]
+        if hooks:
+            command = ["-m", "tests.faults.hooked_worker", *hooks, "--"]
         log_path = f"/tmp/tandem-fault-{os.getpid()}-{name}.log"
         self.logs[name] = log_path
         with open(log_path, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tandem.cli", "--log-level", "INFO", *args],
+                [sys.executable, *command, "--log-level", "INFO", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -56,9 +60,15 @@ class Cluster:
         self.procs[name] = proc
         return proc
 
-    def start_worker(self, name: str, role: str, *flags: str) -> subprocess.Popen:
+    def start_worker(
+        self, name: str, role: str, *flags: str, hooks: tuple[str, ...] = ()
+    ) -> subprocess.Popen:
+        """Start a worker and wait for it to register; `hooks` inject faults into it
+        (see tests.faults.hooked_worker)."""
         proc = self._spawn(
-            name, [role, *ENGINE_FLAGS, "--redis-url", self.redis_url, "--worker-id", name, *flags]
+            name,
+            [role, *ENGINE_FLAGS, "--redis-url", self.redis_url, "--worker-id", name, *flags],
+            hooks,
         )
         self.wait_for(
             lambda: any(w.worker_id == name for w in self.workers()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 
 import msgspec
 import pytest
@@ -22,6 +23,7 @@ from tandem.core.protocol import (
     KVTransfer,
     PrefillTask,
     Release,
+    RenewLeases,
     ReserveRequest,
     WorkerInfo,
     decode,
@@ -102,6 +104,58 @@ def test_a_reservation_with_a_bad_token_count_is_refused(decode_worker, sender, 
     reply = sender.reserve(info.control_address, req, 10.0)
     assert not reply.ok
     assert "num_tokens" in reply.reason
+    _assert_serving(cluster, info, sender)
+
+
+def _renewal(rids: list[str], lease_s: float = 30.0) -> RenewLeases:
+    return RenewLeases(renewal_id=uuid.uuid4().hex, request_ids=rids, lease_s=lease_s)
+
+
+def test_a_renewal_keeps_its_senders_reservations_and_reports_the_rest(decode_worker, sender):
+    cluster, info = decode_worker
+    address = info.control_address
+    reply = sender.renew(address, _renewal(["never-reserved"]), 10.0)
+    assert not reply.ok and reply.lost == ["never-reserved"]
+
+    assert sender.reserve(address, _reserve(info, "renewed", lease_s=1.0), 10.0).ok
+    other = make_sender("zmq", "another-prefill")
+    try:
+        reply = other.renew(address, _renewal(["renewed"]), 10.0)
+        assert reply.lost == ["renewed"], "only the worker that reserved may renew"
+    finally:
+        other.close()
+    reply = sender.renew(address, _renewal(["renewed", "never-reserved"]), 10.0)
+    assert not reply.ok and reply.lost == ["never-reserved"]
+    reserved_at = cluster.worker("decode-0").heartbeat
+    cluster.wait_for(
+        lambda: cluster.worker("decode-0").heartbeat > reserved_at + 3.0,
+        "decode heartbeats past the 1 s lease",
+    )
+    assert cluster.worker("decode-0").reservations == 1, "renewed past its first lease"
+    sender.release(address, "renewed")
+    _assert_serving(cluster, info, sender)
+
+
+@pytest.mark.parametrize(
+    "rids,lease_s,why",
+    [
+        ([], 10.0, "renewal names"),
+        (["x"] * 1025, 10.0, "renewal names"),
+        ([""], 10.0, "request_id"),
+        (["x" * 129], 10.0, "request_id"),
+        (["x"], math.nan, "lease_s"),
+        (["x"], math.inf, "lease_s"),
+        (["x"], 0.0, "lease_s"),
+        (["x"], 1e9, "lease_s"),
+    ],
+)
+def test_a_malformed_renewal_is_refused_and_the_loop_lives(
+    decode_worker, sender, rids, lease_s, why
+):
+    cluster, info = decode_worker
+    reply = sender.renew(info.control_address, _renewal(rids, lease_s), 10.0)
+    assert not reply.ok and reply.lost == []
+    assert why in reply.reason
     _assert_serving(cluster, info, sender)
 
 

@@ -2,7 +2,9 @@
 prefill worker frozen it takes the queued tasks itself and answers exactly as the
 in-process engine; without the option it never takes one; beside a healthy prefill
 worker and a long threshold it takes none; a cancel during its prefill frees every
-block."""
+block. With `--local-prefill-uncached-tokens`, a conversation's next turn that it
+prefills itself is reclaimed by the prefill pool when it dies mid-prefill, and a request
+it prefilled itself migrates (gateway --migrate) when it dies after the first token."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import pytest
 
 from tandem.core.local_prefill import entry_time_ms
 from tandem.core.redis_keys import PREFILL_GROUP, prefill_stream
-from tests.faults.cluster import Cluster, collect, request
+from tandem.gateway.proto import tandem_pb2
+from tests.faults.cluster import Cluster, collect, request, stream_in_background
 from tests.service.conftest import PROMPTS, solo
 
 STREAM = prefill_stream("smollm2")
@@ -181,3 +184,63 @@ def test_a_cancel_during_local_prefill_frees_every_block(cluster):
         cluster.assert_no_blocks_in_use()
         slow = cluster.worker("decode-slow")
         assert (slow.local_prefills, slow.running, slow.waiting) == (1, 0, 0)
+
+
+def _ids_request(ids: list[int], max_tokens: int) -> tandem_pb2.GenerateRequest:
+    return tandem_pb2.GenerateRequest(
+        prompt_token_ids=ids,
+        sampling=tandem_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+    )
+
+
+def test_a_short_turn_whose_decode_worker_dies_mid_prefill_is_reclaimed(cluster, engine):
+    stub = cluster.stub()
+    # One token a step: the turn's ~150 uncached tokens take seconds to prefill locally.
+    cluster.start_worker(
+        "decode-turns",
+        "decode",
+        "--local-prefill-uncached-tokens",
+        "256",
+        "--max-num-batched-tokens",
+        "1",
+    )
+    first = [(13 * i + 5) % 900 + 10 for i in range(300)]  # > 256: the prefill worker's
+    answer = collect(stub, _ids_request(first, 8))
+    cluster.wait_for(lambda: cluster.worker("decode-turns").admitted == 1, "the handoff")
+    # A plain decode worker to hand the reclaimed turn to once decode-turns is gone.
+    with decode_worker(cluster, "decode-spare"):
+        second = first + answer + [(17 * i + 3) % 900 + 10 for i in range(150)]
+        call = stub.Generate(_ids_request(second, 6), timeout=120)
+        cluster.wait_for(lambda: _pending(cluster, "decode-turns") == 1, "the local claim")
+        cluster.kill("decode-turns")
+        # Still pending under the dead worker: no first token went out before the kill.
+        assert _pending(cluster, "decode-turns") == 1
+        tokens = [t for msg in call for t in msg.token_ids]
+        assert tokens == solo(engine, second, 6).token_ids
+        cluster.wait_for(lambda: _settled(cluster), "the reclaimed task to be acknowledged")
+        assert cluster.worker("decode-spare").admitted == 1
+        cluster.assert_no_blocks_in_use(timeout=15)
+
+
+def test_a_request_prefilled_on_its_decode_worker_migrates_when_that_worker_dies(engine):
+    migrating = Cluster()
+    try:
+        migrating.start_worker("prefill-0", "prefill")
+        # A short prompt is short with nothing cached: decode-local prefills it.
+        migrating.start_worker("decode-local", "decode", "--local-prefill-uncached-tokens", "64")
+        migrating.start_worker("decode-spare", "decode")  # not a peer routing knows of
+        migrating.start_gateway("--migrate")
+        result, started = stream_in_background(migrating, request(PROMPTS[0], 300), 6)
+        assert started.wait(60)
+        migrating.wait_for(
+            lambda: migrating.worker("decode-local").local_prefills == 1, "the local prefill"
+        )
+        migrating.kill("decode-local")
+        result["thread"].join(120)
+        assert "error" not in result, result.get("error")
+        assert result["tokens"] == solo(engine, PROMPTS[0], 300).token_ids
+        # The rest was recomputed by the prefill pool and handed to the spare.
+        assert migrating.worker("decode-spare").admitted == 1
+        migrating.assert_no_blocks_in_use(timeout=15)
+    finally:
+        migrating.close()

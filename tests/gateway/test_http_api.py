@@ -71,6 +71,19 @@ def test_completion_stream_adds_up_to_the_whole_answer(
     assert len({c.id for c in chunks}) == 1
 
 
+def test_completion_stream_coalesces_tokens_that_queued_together(
+    client: openai.OpenAI, fake_worker: FakeWorker, tokenizer: Tokenizer
+) -> None:
+    """Several tokens of a stream pending at once go out as one SSE chunk."""
+    fake_worker.tokens_per_step = 4  # four one-token deltas per request in each batch
+    fake_worker.token_delay_s = 0.01
+    ids = tokenizer.encode(PROMPT)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected_text(tokenizer, ids, 24)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert 0 < len(chunks) <= 24 // 4
+
+
 def test_chat_uses_the_chat_template(
     client: openai.OpenAI, fake_worker: FakeWorker, tokenizer: Tokenizer
 ) -> None:

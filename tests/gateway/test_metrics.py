@@ -149,3 +149,34 @@ def _metric_words(expr: str) -> set[str]:
             words.add(token)
         token = ""
     return words
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.0004, 0.005, 0.03, 7.0, 1e9])
+def test_token_tally_equals_one_observe_per_token(gap: float) -> None:
+    """The per-message tally, flushed at scrape time, reads as one Counter inc and one
+    ITL observe per token would: same buckets (bound hits included), sum and count."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from tandem.gateway.metrics import TOKEN_BUCKETS, TokenTally
+
+    registry = CollectorRegistry()
+    tokens = {n: Counter(n, n, registry=registry) for n in ("ta", "tb")}
+    itl = {n: Histogram(n, n, buckets=TOKEN_BUCKETS, registry=registry) for n in ("a", "b")}
+    tally = TokenTally(tokens["tb"], itl["b"])
+    tally.add(3, None)  # a first message: tokens, no gap
+    tally.add(5, gap)
+    tally.flush()
+    tally.add(1, gap)
+    tally.flush()
+    tokens["ta"].inc(3 + 5 + 1)
+    for _ in range(5 + 1):
+        itl["a"].observe(gap)
+
+    def samples(name: str) -> dict:
+        [family] = [f for f in registry.collect() if f.name == name]
+        return {(s.name[len(name):], tuple(s.labels.items())): s.value for s in family.samples
+                if not s.name.endswith("_created")}  # fmt: skip
+
+    assert samples("a") == samples("b")
+    assert samples("ta") == samples("tb")
+    assert samples("b")[("_count", ())] == 6

@@ -47,6 +47,26 @@ def test_tokens_stream_in_several_messages(
     assert task.sampling.max_tokens == max_tokens
 
 
+def test_tokens_that_queued_together_go_out_in_one_message(
+    gateway: Gateway, fake_worker: FakeWorker, tokenizer: Tokenizer
+) -> None:
+    """A step that brings a stream several deltas at once (a client or gateway that fell
+    behind) costs one gRPC message, not one per token: the per-message write is most of
+    a gateway's work."""
+    fake_worker.tokens_per_step = 4  # four one-token deltas per request in each batch
+    fake_worker.token_delay_s = 0.01
+    prompt_ids = tokenizer.encode(PROMPT)
+    max_tokens = 24
+    responses = generate(gateway, prompt=PROMPT, sampling=pb.SamplingParams(max_tokens=max_tokens))
+
+    tokens = [t for r in responses for t in r.token_ids]
+    assert tokens == expected_output(prompt_ids, max_tokens)
+    assert "".join(r.text for r in responses) == tokenizer.decode(tokens)
+    assert len(responses) <= max_tokens // 4
+    assert all(len(r.token_ids) % 4 == 0 for r in responses)
+    assert responses[-1].usage.completion_tokens == max_tokens
+
+
 def test_token_id_prompt_and_defaults(
     gateway: Gateway, fake_worker: FakeWorker, tokenizer: Tokenizer
 ) -> None:

@@ -75,10 +75,11 @@ def run_all(quick: bool = False) -> None:
     """Every wrapper at several shapes; `quick`: only the bf16 / head_dim 128 model."""
     from tandem.kernels.decode_attention import paged_decode_attention
     from tandem.kernels.kv_block_transfer import kv_block_transfer
-    from tandem.kernels.kv_store import store_kv
     from tandem.kernels.prefill_attention import paged_prefill_attention
     from tandem.kernels.rmsnorm import fused_add_rms_norm, rms_norm
-    from tandem.kernels.rotary import apply_rotary, build_cos_sin_cache
+    from tandem.kernels.rotary import build_cos_sin_cache
+    from tandem.kernels.rotary_decode_attention import rotary_decode_attention
+    from tandem.kernels.rotary_store_kv import rotary_store_kv
     from tandem.kernels.silu_mul import silu_and_mul
 
     bf16 = torch.bfloat16
@@ -100,10 +101,11 @@ def run_all(quick: bool = False) -> None:
         long_q = torch.zeros(512, heads, head_dim, dtype=dtype)
         qsl = torch.tensor([0, 512], dtype=torch.int32)
         paged_prefill_attention(long_q, cache, tables[:1], qsl, ctx[:1], 0.1, 512)
-        kv = torch.zeros(8, kv_heads, head_dim, dtype=dtype)
-        store_kv(cache, kv, kv, torch.arange(8))
+        kv = torch.zeros(4, kv_heads, head_dim, dtype=dtype)
         table = build_cos_sin_cache(torch.ones(head_dim // 2), 16)
-        apply_rotary(q, kv[:4], torch.zeros(4, dtype=torch.long), table)
+        positions, slots = torch.zeros(4, dtype=torch.long), torch.arange(4)
+        rotary_store_kv(q, kv, kv, positions, table, cache, slots)
+        rotary_decode_attention(q, kv, kv, positions, table, cache, tables, ctx, slots, 0.1)
     x = torch.zeros(4, 4096, dtype=bf16)
     rms_norm(x, torch.ones(4096, dtype=bf16), 1e-5)
     fused_add_rms_norm(x, x.clone(), torch.ones(4096, dtype=bf16), 1e-5)

@@ -8,20 +8,18 @@ from tandem.kvtransfer.transport import Transfer, TransferState
 S = TransferState
 
 
-def _transfer(state: TransferState = S.RESERVING, deadline: float = 100.0) -> Transfer:
-    return Transfer(request_id="r1", peer="tcp://decode:1", deadline=deadline, state=state)
+def _transfer(state: TransferState = S.SENDING) -> Transfer:
+    return Transfer(request_id="r1", peer="tcp://decode:1", state=state)
 
 
-def test_happy_path_reserving_sending_done():
+def test_happy_path_sending_done():
     transfer = _transfer()
-    transfer.advance(S.SENDING)
     transfer.advance(S.DONE)
     assert transfer.state is S.DONE and transfer.finished
 
 
-@pytest.mark.parametrize("state", [S.RESERVING, S.SENDING])
-def test_any_unfinished_state_can_fail_with_a_reason(state):
-    transfer = _transfer(state)
+def test_a_transfer_being_sent_can_fail_with_a_reason():
+    transfer = _transfer()
     transfer.fail("decode refused")
     assert transfer.state is S.FAILED and transfer.reason == "decode refused"
 
@@ -29,9 +27,7 @@ def test_any_unfinished_state_can_fail_with_a_reason(state):
 @pytest.mark.parametrize(
     ("start", "target"),
     [
-        (S.RESERVING, S.DONE),
-        (S.RESERVING, S.RESERVING),
-        (S.SENDING, S.RESERVING),
+        (S.SENDING, S.SENDING),
         (S.DONE, S.FAILED),
         (S.DONE, S.SENDING),
         (S.FAILED, S.DONE),
@@ -43,15 +39,6 @@ def test_illegal_transitions_are_rejected_and_leave_the_state_alone(start, targe
     with pytest.raises(ValueError, match=f"{start.name} -> {target.name}"):
         transfer.advance(target)
     assert transfer.state is start
-
-
-def test_expired_only_while_unfinished():
-    transfer = _transfer(deadline=10.0)
-    assert not transfer.expired(now=9.9)
-    assert transfer.expired(now=10.0)
-    transfer.advance(S.SENDING)
-    transfer.advance(S.DONE)
-    assert not transfer.expired(now=11.0)
 
 
 @pytest.mark.parametrize("backend", ["tcp", "", "ipc"])

@@ -61,6 +61,8 @@ def test_prefill_and_decode_default_to_none_beside_colocated_workers(argv, count
     ["--local-prefill-after-ms", "-1"],
     ["--local-prefill-after-ms", "100", "--max-local-prefills", "0"],
     ["--max-local-prefills", "2"],  # means nothing without --local-prefill-after-ms
+    ["--local-prefill-uncached-tokens", "-1"],
+    ["--colocated-workers", "1", "--local-prefill-uncached-tokens", "64"],  # no decode worker
 ])  # fmt: skip
 def test_worker_sets_that_cannot_serve_are_refused(argv):
     with pytest.raises(ValueError):
@@ -144,6 +146,30 @@ def test_local_prefill_flags_go_to_decode_workers_only(monkeypatch):
     resolve_worker_counts(plain)
     launcher.Service(plain).start()
     assert not any("--local-prefill-after-ms" in cmd for cmd in spawned)
+
+
+def test_the_uncached_length_gate_goes_to_decode_workers_only(monkeypatch):
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda cmd, **kw: spawned.append(cmd))
+    args = _serve_args(
+        "--redis-url",
+        "redis://127.0.0.1:1/0",
+        "--local-prefill-uncached-tokens",
+        "48",
+        "--max-local-prefills",
+        "2",
+        "--local-prefill-tokens",
+        "256",
+    )
+    resolve_worker_counts(args)
+    launcher.Service(args).start()
+    local = ["--local-prefill-uncached-tokens", "48", "--max-local-prefills", "2"]
+    for cmd in spawned:
+        has = any(cmd[i : i + 4] == local for i in range(len(cmd)))
+        assert has == ("decode" in cmd), cmd
+        assert "--local-prefill-after-ms" not in cmd
+    (decode,) = [cmd for cmd in spawned if "decode" in cmd]
+    assert _engine_value(decode, "--max-prefill-tokens") == "256"
 
 
 def _engine_value(cmd: list[str], flag: str) -> str:

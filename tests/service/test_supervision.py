@@ -129,8 +129,13 @@ def kill_mid_stream(svc: RunningService, answers, role: str, word: str) -> None:
         svc,
     )
     on_role = running_on(svc, role)
-    victim = max(on_role, key=on_role.get) if role in everywhere else child(svc, word).pid
-    doomed = on_role.get(victim, 0)
+    if role in everywhere:
+        victim = max(on_role, key=on_role.get)
+        doomed = on_role[victim]
+    else:
+        # Every stream decodes elsewhere now, so a prefill worker holds none of them. Its
+        # registry entry may still count the last prefill it ran (a heartbeat behind).
+        victim, doomed = child(svc, word).pid, 0
     os.kill(victim, signal.SIGKILL)
     streams.join()
     failed = [i for i, e in enumerate(streams.errors) if e is not None]

@@ -133,3 +133,48 @@ def test_router_leaves_a_task_to_the_live_peer_holding_its_prefix(client):
 
 def _fields(struct) -> dict:
     return {name: getattr(struct, name) for name in struct.__struct_fields__}
+
+
+def _decoder(client, name: str, uncached: int, most: int = 1, draining: bool = False) -> None:
+    info = WorkerInfo(worker_id=name, role="decode", model="m", pid=2, draining=draining,
+                      local_prefill_uncached_tokens=uncached, max_local_prefills=most)  # fmt: skip
+    publish_worker(client, info, 30)
+
+
+def test_router_leaves_a_task_mostly_cached_on_a_decode_worker_to_it(client):
+    decoder, prefill = _kv(), _kv()
+    events = HashPublisher(client, "m", "decoder", decoder, 30)
+    turn = PROMPT[:24]  # the previous turn, kept by the decode worker: 6 full blocks
+    _prefill(decoder, "turn-1", turn)
+    events.flush()
+    events.set_load(0)
+    _decoder(client, "decoder", uncached=8, most=1)
+    router = PrefixRouter(client, "m", "prefill", prefill, wait_ms=200, peers_ttl_s=0)
+    try:
+        # The next turn adds 5 tokens: 24 cached there, 5 left <= 8: left to it.
+        assert router.defers(Backlog(b"1-0", _task(turn + [1, 2, 3, 4, 5]), 5), my_load=0)
+        # ...for wait_ms at most.
+        assert not router.defers(Backlog(b"1-0", _task(turn + [1, 2, 3, 4, 5]), 250), 0)
+        # Adding 12: 12 left > 8, so the prefill worker takes it (and ships the rest).
+        assert not router.defers(Backlog(b"2-0", _task(turn + list(range(12))), 5), 0)
+        # A short prompt is short with nothing cached; a long unrelated one is not.
+        assert router.defers(Backlog(b"3-0", _task([600, 601, 602]), 5), my_load=0)
+        assert not router.defers(Backlog(b"4-0", _task(list(range(700, 720))), 5), 0)
+        # Another tenant's salt finds nothing cached there.
+        salted = PrefillTask(
+            **{**_fields(_task(turn + [1])), "sampling": SamplingParams(cache_salt="x")}
+        )
+        assert not router.defers(Backlog(b"5-0", salted, 5), my_load=0)
+        # No room for one more local prefill (its load, as it published it), draining,
+        # or a decode worker that prefills nothing itself: not left to it.
+        events.set_load(1)
+        assert not router.defers(Backlog(b"6-0", _task(turn + [1]), 5), my_load=0)
+        events.set_load(0)
+        assert router.defers(Backlog(b"7-0", _task(turn + [1]), 5), my_load=0)
+        _decoder(client, "decoder", uncached=8, most=1, draining=True)
+        assert not router.defers(Backlog(b"8-0", _task(turn + [1]), 5), my_load=0)
+        _decoder(client, "decoder", uncached=0)
+        assert not router.defers(Backlog(b"9-0", _task(turn + [1]), 5), my_load=0)
+        assert router.live_peers() == []
+    finally:
+        remove_worker(client, "decoder")

@@ -184,3 +184,28 @@ def test_a_prefill_worker_takes_about_one_steps_worth_of_tasks():
     assert tasks_fitting(2048, 512.0, 16) == 4
     assert tasks_fitting(1500, 500.0, 16) == 3
     assert tasks_fitting(2048, 10.0, 16) == 16
+
+
+def test_only_reads_that_entry_and_only_while_it_is_the_next_one_handed_out(client, model):
+    judge = _intake(client, "decode", model)
+    first = add_task(client, judge.stream, _task("first"))
+    second = add_task(client, judge.stream, _task("second"))
+    assert judge.backlog().entry_id == first
+    # Not the next one: nothing is delivered, whatever `count` allows.
+    assert judge.poll(1, None, {}, only=second) == []
+    assert client.xpending(judge.stream, PREFILL_GROUP)["pending"] == 0
+    # A peer read `first` after the look: the judge gets nothing rather than `second`,
+    # a task it never judged.
+    peer = _intake(client, "prefill", model)
+    assert [t.request_id for _, t in peer.poll(1, None, {})] == ["first"]
+    assert judge.poll(1, None, {}, only=first) == []
+    assert judge.backlog().entry_id == second
+    got = judge.poll(1, None, {}, only=second)
+    assert [(e, t.request_id) for e, t in got] == [(second, "second")]
+    pending = client.xpending_range(judge.stream, PREFILL_GROUP, "-", "+", 10)
+    assert {(p["message_id"], p["consumer"]) for p in pending} == {
+        (first, b"prefill"),
+        (second, b"decode"),
+    }
+    assert judge.poll(1, None, {}, only=second) == []  # delivered once only
+    assert judge.poll(0, None, {}, only=b"1-0") == []  # no room: nothing read
