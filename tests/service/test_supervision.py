@@ -14,6 +14,7 @@ import urllib.request
 import grpc
 import psutil
 import pytest
+from redis.exceptions import BusyLoadingError
 
 from tandem.core import redis_keys
 from tandem.core.protocol import TokenBatch, decode
@@ -210,6 +211,15 @@ def test_a_killed_redis_is_restarted_with_its_data(svc, engine):
     old.kill()
     old.wait(10)
     wait_for(lambda: child(svc, "redis-server").pid != old.pid, "a new redis-server", svc)
+
+    def loaded() -> bool:  # a restarted server answers LOADING while it replays its AOF
+        try:
+            connect(svc.redis_url).get("survives-a-restart")
+        except BusyLoadingError:
+            return False
+        return True
+
+    wait_for(loaded, "the new redis-server to load its data", svc)
     assert connect(svc.redis_url).get("survives-a-restart") == b"1"
     wait_for(lambda: len(list_workers(connect(svc.redis_url))) == 4, "workers re-registered", svc)
     check_concurrent_streams(svc, engine, 2)
