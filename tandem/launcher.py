@@ -213,6 +213,8 @@ class Service:
                 str(self.args.max_active_requests),
                 "--gateway-workers",
                 str(self.args.gateway_workers),
+                "--stream-write-timeout",
+                str(self.args.stream_write_timeout),
             ],
         )
 

@@ -372,6 +372,13 @@ def add_role_parsers(sub) -> None:
         help="passed to the gateway: processes sharing its ports (SO_REUSEPORT)",
     )
     s.add_argument(
+        "--stream-write-timeout",
+        type=float,
+        default=30.0,
+        help="passed to the gateway: seconds a client may accept no bytes of its response "
+        "before its connection is cut and its request aborted",
+    )
+    s.add_argument(
         "--ready-timeout",
         type=float,
         default=600.0,

@@ -245,3 +245,16 @@ def test_prefix_flags_reach_the_workers_that_use_them(monkeypatch):
         assert ("--prefix-route-wait-ms" in cmd) == ("prefill" in cmd), cmd
     (prefill,) = [cmd for cmd in workers if "prefill" in cmd]
     assert _engine_value(prefill, "--prefix-route-wait-ms") == "750"
+
+
+def test_the_stream_write_timeout_reaches_the_gateway(monkeypatch):
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda cmd, **kw: spawned.append(cmd))
+    args = _serve_args(
+        "--redis-url", "redis://127.0.0.1:1/0", "--colocated-workers", "1",
+        "--stream-write-timeout", "7.5",
+    )  # fmt: skip
+    resolve_worker_counts(args)
+    launcher.Service(args).start()
+    (gateway,) = [cmd for cmd in spawned if "gateway" in cmd]
+    assert _engine_value(gateway, "--stream-write-timeout") == "7.5"
