@@ -144,6 +144,35 @@ class Stack:
             found.setdefault(label["worker_id"], {"role": label["role"]})[name] = float(value)
         return found
 
+    def fresh_decoders(self, since: float) -> dict[str, dict[str, float]] | None:
+        """The decode workers' figures, or None unless there are exactly WORKERS["decode"]
+        of them and each one's last heartbeat was sent after `since` (time.time()): the
+        registry is refreshed once a second, so older figures may describe an earlier
+        moment (a finished request still running, a new one not yet there)."""
+        asked_at = time.time()
+        decoders = {w: f for w, f in self.workers().items() if f["role"] == "decode"}
+        # The gateway computes each age on the host's clock after asked_at, so a
+        # heartbeat was sent no earlier than asked_at - age.
+        if len(decoders) != WORKERS["decode"] or any(
+            asked_at - f.get("heartbeat_age_seconds", asked_at) <= since for f in decoders.values()
+        ):
+            return None
+        return decoders
+
+    def wait_for_decoders(self, since: float, cond, what: str, timeout: float = 120) -> dict:
+        """The first fresh_decoders(since) that satisfies `cond`."""
+        seen: list[dict] = []
+
+        def check() -> bool:
+            decoders = self.fresh_decoders(since)
+            if decoders is not None and cond(decoders):
+                seen.append(decoders)
+                return True
+            return False
+
+        self.wait_for(check, what, timeout)
+        return seen[-1]
+
     def wait_for(self, cond, what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
