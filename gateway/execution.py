@@ -286,7 +286,6 @@ class Generation:
         self._first_token_at: float | None = None
         self._last_output_at = 0.0
         self._done = False  # finished or failed: no more outputs
-        self._failed = False
         # Why the workers must drop the request; None only when they finished it. A
         # worker-reported error still aborts: another worker may hold a reservation.
         self._abort_reason: str | None = "cancelled, timed out or failed at the gateway"
@@ -396,8 +395,7 @@ class Generation:
             try:
                 deltas = await self._stream.get_many(max(self._deadline - time.monotonic(), 0.0))
             except asyncio.TimeoutError:
-                self._fail()
-                raise RequestError(
+                raise self._fail(
                     "deadline",
                     f"request {self.request_id} did not finish within {self.timeout_s:.1f}s",
                 ) from None
@@ -406,8 +404,7 @@ class Generation:
             worker_finished = False
             for delta in deltas:
                 if delta.error is not None:
-                    self._fail()
-                    raise RequestError(delta.error_code or "internal", delta.error)
+                    raise self._fail(delta.error_code or "internal", delta.error)
                 out.token_ids.extend(delta.token_ids)
                 self._cached_tokens = max(self._cached_tokens, delta.cached_tokens)
                 if delta.logprobs:
@@ -461,6 +458,11 @@ class Generation:
                  self.request_id, reason, len(self.prompt_ids), self._completion_tokens,
                  now - self._arrival, extra={"request_id": self.request_id})  # fmt: skip
 
-    def _fail(self) -> None:
+    def _fail(self, code: str, reason: str) -> RequestError:
+        """End the request with an error, returned for the caller to raise; logged with
+        the request's id so that an operator can tell which request failed and why."""
         self._done = True
-        self._failed = True
+        log.warning("request %s failed (%s) after %d output tokens: %s", self.request_id,
+                    code, self._completion_tokens, reason,
+                    extra={"request_id": self.request_id})  # fmt: skip
+        return RequestError(code, reason)
