@@ -16,6 +16,7 @@ import pytest
 
 from tandem.core.sampling_params import SamplingParams
 from tests.compose.stack import (
+    STACK_KEY,
     WORKERS,
     Stack,
     build_images,
@@ -46,8 +47,9 @@ def images() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(images: dict[str, str], tmp_path_factory):
+def stack(images: dict[str, str], tmp_path_factory, pytestconfig: pytest.Config):
     stack = start_stack(images, tmp_path_factory.mktemp("compose"))
+    pytestconfig.stash[STACK_KEY] = stack
     try:
         stack.wait_for(stack.ready, "the gateway ready with 2 prefill and 2 decode workers", 600)
         yield stack
