@@ -128,20 +128,25 @@ def test_a_crashed_decode_container_fails_only_its_streams_and_comes_back(
     (other,) = [w for w in decoders if w != owner]
     assert decoders[owner]["kv_blocks_used"] > 0
     # Decoders are picked by free blocks: the owner has fewer, so the next one goes to
-    # the other decoder.
-    spared_req = request("A short poem", 40)
-    spared, spared_started = stream_in_background(stack, spared_req, 1)
+    # the other decoder. It too must still be streaming at the crash, to show that the
+    # crash spares it.
+    spared_prompt, spared_len = "A short poem", 500
+    spared, spared_started = stream_in_background(stack, request(spared_prompt, spared_len), 1)
     assert spared_started.wait(120)
+
+    def both_running(decoders: dict) -> bool:
+        assert spared["thread"].is_alive(), "the spared stream ended before it was seen running"
+        return sum(f["running"] for f in decoders.values()) == 2
+
     decoders = stack.wait_for_decoders(
-        time.time(),
-        lambda d: sum(f["running"] for f in d.values()) == 2,
-        "the doomed and the spared stream running",
+        time.time(), both_running, "the doomed and the spared stream running"
     )
     assert decoders[owner]["running"] == decoders[other]["running"] == 1, decoders
 
     victim = _container_of(stack, owner)
     restarts = stack.state(victim)["RestartCount"]
     assert doomed["thread"].is_alive(), "the doomed stream ended before the crash"
+    assert spared["thread"].is_alive(), "the spared stream ended before the crash"
     stack.crash(victim)
     doomed["thread"].join(60)
     assert not doomed["thread"].is_alive()
@@ -149,7 +154,7 @@ def test_a_crashed_decode_container_fails_only_its_streams_and_comes_back(
     assert owner in doomed["error"].details()
     spared["thread"].join(120)
     assert "error" not in spared
-    assert spared["tokens"] == engine.generate(["A short poem"], greedy(40))[0].token_ids
+    assert spared["tokens"] == engine.generate([spared_prompt], greedy(spared_len))[0].token_ids
 
     # restart: unless-stopped brings the same container back, and it serves again.
     stack.wait_for(lambda: stack.state(victim)["RestartCount"] > restarts
