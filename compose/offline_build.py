@@ -54,15 +54,11 @@ def digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def image_exists(name: str) -> bool:
-    return docker("image", "inspect", name, capture_output=True, check=False).returncode == 0
-
-
 def base_image(cache: Path) -> str:
     """The debootstrapped base, imported from its cached root tarball when Docker lost it."""
     key = digest(SUITE, MIRROR, BASE_PACKAGES)
     name = f"tandem-compose-base:{key}"
-    if image_exists(name):
+    if image_id(name) is not None:
         return name
     tarball = cache / f"base-{key}.tar"
     if not tarball.exists():
@@ -154,10 +150,21 @@ def build_images(base: str, wheels: Path, tag: str) -> dict[str, str]:
     images = {}
     for target in ("gateway", "worker"):
         images[target] = f"tandem-{target}:{tag}"
+        replaced = image_id(images[target])
         docker("build", "--file", str(REPO / "compose" / "Dockerfile"), "--target", target,
                "--build-arg", f"{target.upper()}_BASE_IMAGE={base}", "--build-arg", "WHEELS=wheelhouse",
                "--tag", images[target], str(REPO), env={**os.environ, "DOCKER_BUILDKIT": "1"})  # fmt: skip
+        if replaced and replaced != image_id(images[target]):
+            # The image this tag named before, now untagged: each source change would
+            # otherwise leave one behind (a few hundred MB of its own layers).
+            docker("image", "rm", replaced, check=False, capture_output=True)
     return images
+
+
+def image_id(name: str) -> str | None:
+    done = docker("image", "inspect", "--format", "{{.Id}}", name, capture_output=True,
+                  text=True, check=False)  # fmt: skip
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def main() -> int:

@@ -289,7 +289,6 @@ class Generation:
         self._first_token_at: float | None = None
         self._last_output_at = 0.0
         self._done = False  # finished or failed: no more outputs
-        self._failed = False
         # Why the workers must drop the request; None only when they finished it. A
         # worker-reported error still aborts: another worker may hold a reservation.
         self._abort_reason: str | None = "cancelled, timed out or failed at the gateway"
@@ -417,8 +416,7 @@ class Generation:
             by_delta = self._text.has_stop_strings
             for delta in deltas:
                 if delta.error is not None:
-                    self._fail()
-                    raise RequestError(delta.error_code or "internal", delta.error)
+                    raise self._fail(delta.error_code or "internal", delta.error)
                 out.token_ids.extend(delta.token_ids)
                 self._cached_tokens = max(self._cached_tokens, delta.cached_tokens)
                 if delta.logprobs:
@@ -475,6 +473,11 @@ class Generation:
                  self.request_id, reason, len(self.prompt_ids), self._completion_tokens,
                  now - self._arrival, extra={"request_id": self.request_id})  # fmt: skip
 
-    def _fail(self) -> None:
+    def _fail(self, code: str, reason: str) -> RequestError:
+        """End the request with an error, returned for the caller to raise; logged with
+        the request's id so that an operator can tell which request failed and why."""
         self._done = True
-        self._failed = True
+        log.warning("request %s failed (%s) after %d output tokens: %s", self.request_id,
+                    code, self._completion_tokens, reason,
+                    extra={"request_id": self.request_id})  # fmt: skip
+        return RequestError(code, reason)

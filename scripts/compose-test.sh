@@ -80,4 +80,4 @@ DOCKER=$(pick_docker || echo docker)
 export DOCKER
 start_engine
 engine_answers || say "WARNING: NO DOCKER ENGINE: the compose stack test will be SKIPPED"
-.venv/bin/python -m pytest -m compose tests/compose/test_compose_stack.py -ra
+.venv/bin/python -m pytest -m compose tests/compose/test_compose_stack.py -ra --durations=0

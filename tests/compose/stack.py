@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 import yaml
 
 from tandem.gateway.proto import tandem_pb2_grpc
@@ -26,6 +27,8 @@ COMPOSE_DIR = REPO / "compose"
 DOCKER = os.environ.get("DOCKER", "docker")
 DOCKER_COMPOSE = os.environ.get("DOCKER_COMPOSE", "docker-compose")
 IMAGE_TAG = "compose-test"
+# The test session's stack, for tests/compose/conftest.py to attach its logs to a failure.
+STACK_KEY = pytest.StashKey["Stack"]()
 WORKERS = {"prefill": 2, "decode": 2}
 # No proxy between the test and 127.0.0.1, whatever the environment says.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -144,11 +147,40 @@ class Stack:
             found.setdefault(label["worker_id"], {"role": label["role"]})[name] = float(value)
         return found
 
+    def fresh_decoders(self, since: float) -> dict[str, dict[str, float]] | None:
+        """The decode workers' figures, or None unless there are exactly WORKERS["decode"]
+        of them and each one's last heartbeat was sent after `since` (time.time()): the
+        registry is refreshed once a second, so older figures may describe an earlier
+        moment (a finished request still running, a new one not yet there)."""
+        asked_at = time.time()
+        decoders = {w: f for w, f in self.workers().items() if f["role"] == "decode"}
+        # The gateway computes each age on the host's clock after asked_at, so a
+        # heartbeat was sent no earlier than asked_at - age.
+        if len(decoders) != WORKERS["decode"] or any(
+            asked_at - f.get("heartbeat_age_seconds", asked_at) <= since for f in decoders.values()
+        ):
+            return None
+        return decoders
+
+    def wait_for_decoders(self, since: float, cond, what: str, timeout: float = 120) -> dict:
+        """The first fresh_decoders(since) that satisfies `cond`."""
+        seen: list[dict] = []
+
+        def check() -> bool:
+            decoders = self.fresh_decoders(since)
+            if decoders is not None and cond(decoders):
+                seen.append(decoders)
+                return True
+            return False
+
+        self.wait_for(check, what, timeout)
+        return seen[-1]
+
     def wait_for(self, cond, what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what}: not within {timeout:.0f} s\n{self.logs()}")
+                raise TimeoutError(f"{what}: not within {timeout:.0f} s")
             time.sleep(1)
 
     def ready(self) -> bool:
@@ -168,11 +200,31 @@ class Stack:
             time.sleep(1)
         return True
 
-    def logs(self, lines: int = 40) -> str:
+    def logs(self, lines: int = 100) -> str:
+        """Each container's last `lines` log lines, stdout and stderr in order, earlier
+        runs of a restarted container included."""
+        parts = []
+        for service in ("redis", "gateway", *WORKERS):
+            for container in self.containers(service):
+                cmd = [DOCKER, "logs", "--timestamps", "--tail", str(lines), container]
+                try:
+                    text = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, timeout=60).stdout  # fmt: skip
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    text = f"(no logs: {exc})"
+                parts.append(f"----- {service} {container[:12]} -----\n{text}")
+        return "\n".join(parts)
+
+    def saved_logs(self) -> str:
+        """The containers' logs now, or those saved when the stack went down."""
         try:
-            return self.compose("logs", "--no-color", "--tail", str(lines), timeout=60)[-12000:]
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            if self.containers("gateway"):
+                return self.logs()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
             return f"(no logs: {exc})"
+        if self.log_file.exists():
+            return self.log_file.read_text()
+        return "(the stack is down and left no logs)"
 
     def leftovers(self) -> list[str]:
         label = f"label=com.docker.compose.project={self.project}"

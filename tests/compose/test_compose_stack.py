@@ -16,6 +16,7 @@ import pytest
 
 from tandem.core.sampling_params import SamplingParams
 from tests.compose.stack import (
+    STACK_KEY,
     WORKERS,
     Stack,
     build_images,
@@ -46,8 +47,9 @@ def images() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(images: dict[str, str], tmp_path_factory):
+def stack(images: dict[str, str], tmp_path_factory, pytestconfig: pytest.Config):
     stack = start_stack(images, tmp_path_factory.mktemp("compose"))
+    pytestconfig.stash[STACK_KEY] = stack
     try:
         stack.wait_for(stack.ready, "the gateway ready with 2 prefill and 2 decode workers", 600)
         yield stack
@@ -103,38 +105,48 @@ def _container_of(stack: Stack, worker_id: str) -> str:
     return found
 
 
+def _idle(decoders: dict) -> bool:
+    return all(f["running"] == f["waiting"] == f["kv_blocks_used"] == 0 for f in decoders.values())
+
+
 def test_a_crashed_decode_container_fails_only_its_streams_and_comes_back(
     stack: Stack, engine
 ) -> None:
+    # Which decoder runs a stream is read from the registry, refreshed once a second: only
+    # heartbeats sent after the moment that matters count, or the figures of the earlier
+    # tests' requests could name the wrong decoder as the doomed stream's owner.
+    stack.wait_for_decoders(time.time(), _idle, "both decoders idle")
     # Long enough to be still streaming at the crash, however fast the machine is.
     doomed, started = stream_in_background(stack, request("The history of Rome", 2000), 3)
     assert started.wait(120)
-    busy: list[str] = []
-
-    def one_busy_decoder() -> bool:
-        busy[:] = [
-            w for w, f in stack.workers().items() if f["role"] == "decode" and f.get("running")
-        ]
-        return len(busy) == 1
-
-    stack.wait_for(one_busy_decoder, "a busy decode worker", 60)
-    (owner,) = busy
-    other = next(w for w, f in stack.workers().items() if f["role"] == "decode" and w != owner)
-    # The registry refreshes every second: once the owner shows its blocks, the next
-    # request goes to the other decoder.
-    stack.wait_for(
-        lambda: stack.workers().get(owner, {}).get("kv_blocks_used", 0) > 0, "owner's blocks"
+    decoders = stack.wait_for_decoders(
+        time.time(),
+        lambda d: sorted(f["running"] for f in d.values()) == [0, 1],
+        "the doomed stream on one decoder",
     )
-    spared_req = request("A short poem", 40)
-    spared, spared_started = stream_in_background(stack, spared_req, 1)
+    (owner,) = [w for w, f in decoders.items() if f["running"]]
+    (other,) = [w for w in decoders if w != owner]
+    assert decoders[owner]["kv_blocks_used"] > 0
+    # Decoders are picked by free blocks: the owner has fewer, so the next one goes to
+    # the other decoder. It too must still be streaming at the crash, to show that the
+    # crash spares it.
+    spared_prompt, spared_len = "A short poem", 500
+    spared, spared_started = stream_in_background(stack, request(spared_prompt, spared_len), 1)
     assert spared_started.wait(120)
-    stack.wait_for(
-        lambda: stack.workers().get(other, {}).get("running", 0) >= 1, "the other decoder busy"
+
+    def both_running(decoders: dict) -> bool:
+        assert spared["thread"].is_alive(), "the spared stream ended before it was seen running"
+        return sum(f["running"] for f in decoders.values()) == 2
+
+    decoders = stack.wait_for_decoders(
+        time.time(), both_running, "the doomed and the spared stream running"
     )
+    assert decoders[owner]["running"] == decoders[other]["running"] == 1, decoders
 
     victim = _container_of(stack, owner)
     restarts = stack.state(victim)["RestartCount"]
     assert doomed["thread"].is_alive(), "the doomed stream ended before the crash"
+    assert spared["thread"].is_alive(), "the spared stream ended before the crash"
     stack.crash(victim)
     doomed["thread"].join(60)
     assert not doomed["thread"].is_alive()
@@ -142,7 +154,7 @@ def test_a_crashed_decode_container_fails_only_its_streams_and_comes_back(
     assert owner in doomed["error"].details()
     spared["thread"].join(120)
     assert "error" not in spared
-    assert spared["tokens"] == engine.generate(["A short poem"], greedy(40))[0].token_ids
+    assert spared["tokens"] == engine.generate([spared_prompt], greedy(spared_len))[0].token_ids
 
     # restart: unless-stopped brings the same container back, and it serves again.
     stack.wait_for(lambda: stack.state(victim)["RestartCount"] > restarts
@@ -152,8 +164,8 @@ def test_a_crashed_decode_container_fails_only_its_streams_and_comes_back(
     # request goes to the other. Either way the restarted decoder takes one of the two.
     held, held_started = stream_in_background(stack, request("Tell me about the sea", 200), 1)
     assert held_started.wait(120)
-    stack.wait_for(lambda: any(f.get("kv_blocks_used") for w, f in stack.workers().items()
-                               if f["role"] == "decode"), "a decoder holding blocks")  # fmt: skip
+    stack.wait_for_decoders(time.time(), lambda d: sum(f["running"] for f in d.values()) == 1,
+                            "a decoder holding the long stream")  # fmt: skip
     prompt = "A second poem"
     assert (
         collect(stack.stub(), request(prompt, 8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import time
 from typing import Any
@@ -257,6 +258,22 @@ def test_worker_errors_become_status_codes(
     fake_worker.error = (error_code, f"worker says {error_code}")
     got, payload, _ = post(gateway, "/v1/completions", {"prompt": "hi", "stream": stream})
     assert_error(got, payload, status, f"worker says {error_code}")
+
+
+def test_a_failed_request_is_logged_with_its_id_and_reason(
+    start_gateway, fake_worker: FakeWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = start_gateway(request_timeout_s=0.5)
+    with caplog.at_level(logging.WARNING, logger="tandem.gateway.execution"):
+        fake_worker.error = ("unavailable", "worker decode-7 was lost")
+        assert post(gateway, "/v1/completions", {"prompt": "hi"})[0] == 503
+        lost = fake_worker.tasks[-1].request_id
+        fake_worker.error, fake_worker.stall = None, True
+        assert post(gateway, "/v1/completions", {"prompt": "hi"})[0] == 504
+        late = fake_worker.tasks[-1].request_id
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(lost in m and "worker decode-7 was lost" in m for m in warnings), warnings
+    assert any(late in m and "did not finish within 0.5s" in m for m in warnings), warnings
 
 
 def test_error_after_streaming_started_is_an_event(start_gateway, fake_worker: FakeWorker) -> None:
