@@ -254,8 +254,8 @@ def measure(args, api: str, workers: int, work_dir: Path) -> dict:
         # gRPC messages or SSE chunks the clients got: the gateway's cost is per message.
         "messages": messages,
         "tokens_per_message": round(tokens / messages, 2) if messages else None,
-        "added_latency_p50_ms": _ms(percentile(ages, 50)),
-        "added_latency_p99_ms": _ms(percentile(ages, 99)),
+        "added_latency_p50_ms": as_ms(percentile(ages, 50)),
+        "added_latency_p99_ms": as_ms(percentile(ages, 99)),
         "gateway_cpu_s": round(cpu, 2),
         # Gateway CPU seconds per wall second: how many cores its processes kept busy.
         "cores_used": round(cpu / span, 2) if span > 0 else None,
@@ -273,7 +273,7 @@ def measure(args, api: str, workers: int, work_dir: Path) -> dict:
     }
 
 
-def _ms(seconds: float | None) -> float | None:
+def as_ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 

@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tandem.bench.gateway_bench import Process, percentile, run_clients
+from tandem.bench.gateway_bench import Process, as_ms, percentile, run_clients
 
 SERVER_READY = "grpc floor ready"
 
@@ -152,18 +152,14 @@ def measure(args, handler_style: str, work_dir: Path) -> dict:
         "server_cpu_s": round(cpu, 2),
         "cores_used": round(cpu / span, 2) if span > 0 else None,
         "server_cpu_us_per_message": round(cpu / messages * 1e6, 1) if messages else None,
-        "age_p50_ms": _ms(percentile(ages, 50)),
-        "age_p99_ms": _ms(percentile(ages, 99)),
+        "age_p50_ms": as_ms(percentile(ages, 50)),
+        "age_p99_ms": as_ms(percentile(ages, 99)),
         "late_ticks": late[-1]["late_ticks"] if late else None,
         "client_max_cpu_share": round(max(r["cpu_s"] for r in reports) / span, 2)
         if span > 0
         else None,
         "seconds": round(span, 2),
     }
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 2)
 
 
 def run(args) -> Path:
