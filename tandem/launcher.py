@@ -241,7 +241,7 @@ class Service:
             return
         self._published_at = now
         from tandem.core.redis_client import connect
-        from tandem.engine.model_registry import model_name
+        from tandem.engine.checkpoint_resolver import model_name
 
         self._status_client = self._status_client or connect(self.redis_url)
         status = PoolStatus(
@@ -259,7 +259,7 @@ class Service:
     def wait_ready(self, timeout_s: float, interrupted) -> None:
         from tandem.core.redis_client import connect
         from tandem.core.registry import list_workers
-        from tandem.engine.model_registry import model_name
+        from tandem.engine.checkpoint_resolver import model_name
 
         client = connect(self.redis_url)
         name = model_name(self.args.model)
@@ -310,7 +310,7 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from tandem.engine.model_registry import model_name, resolve_model
+    from tandem.engine.checkpoint_resolver import model_name, resolve_model
 
     resolve_worker_counts(args)
     for port in (args.grpc_port, args.http_port):
