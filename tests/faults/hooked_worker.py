@@ -1,7 +1,7 @@
 """A real `tandem` worker with faults injected (tests.faults.engine_hooks):
 
-    python -m tests.faults.hooked_worker [--fail-token T --record PATH] [--hold-file PATH]
-        -- ROLE FLAGS...
+python -m tests.faults.hooked_worker [--fail-token T --record PATH] [--hold-file PATH]
+    -- ROLE FLAGS...
 """
 
 from __future__ import annotations
