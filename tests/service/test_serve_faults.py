@@ -121,16 +121,13 @@ class Unchanged:
         assert not [line for line in self.svc.log[self.log_at :] if "restarting it" in line]
 
 
-def stream(stub, prompt: str | list[int], max_tokens: int, result: dict, **sampling) -> None:
+def stream(stub, prompt: str | list[int], max_tokens: int, result: dict) -> None:
     """Run one greedy stream into `result`: tokens, then "error" (a status) or "done"."""
     req = tandem_pb2.GenerateRequest(
         prompt=prompt if isinstance(prompt, str) else "",
         prompt_token_ids=prompt if isinstance(prompt, list) else [],
-        sampling=tandem_pb2.SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **sampling
-        ),
+        sampling=tandem_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
     )
-    result["tokens"] = []
     try:
         for msg in stub.Generate(req, timeout=300):
             result["tokens"] += list(msg.token_ids)
@@ -139,11 +136,9 @@ def stream(stub, prompt: str | list[int], max_tokens: int, result: dict, **sampl
         result["error"] = exc.code()
 
 
-def in_background(stub, prompt: str | list[int], max_tokens: int, **sampling):
+def in_background(stub, prompt: str | list[int], max_tokens: int):
     result: dict = {"tokens": []}
-    thread = threading.Thread(
-        target=stream, args=(stub, prompt, max_tokens, result), kwargs=sampling, daemon=True
-    )
+    thread = threading.Thread(target=stream, args=(stub, prompt, max_tokens, result), daemon=True)
     thread.start()
     return result, thread
 

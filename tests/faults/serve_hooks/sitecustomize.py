@@ -14,6 +14,8 @@ import os
 import sys
 
 _HOOKS = json.loads(os.environ.get("TANDEM_TEST_HOOKS") or "{}")
+# The first subcommand on the command line is the process's own: serve's and the
+# gateway's come before any flag value that might spell a worker's.
 _COMMANDS = ("serve", "gateway", "prefill", "decode", "worker")
 _command = next((arg for arg in sys.argv[1:] if arg in _COMMANDS), None)
 
