@@ -8,9 +8,13 @@ requests are aborted (their ids go to the worker's abort queue, so the model loo
 them and frees their blocks as for a client that left) instead of running on to their
 deadline for nobody.
 
-"Once seen": a stream whose key never showed up (a gateway without a heartbeat, a test
+A stream is judged only if it had a gateway: this worker saw its heartbeat key, or its
+`{reply stream}:known` key (set with each beat, an hour's TTL) exists. So a task of a dead
+gateway that no worker had taken yet (queued while workers were busy, or taken by a worker
+started later) is aborted too, while a stream that never had a heartbeat (a test or tool
 writing tasks by hand) is never judged. The grace covers a Redis restarted without data:
-a live gateway sets its key again within a heartbeat.
+a live gateway sets its keys again within a heartbeat. Only TTLs and this worker's own
+clock are used, never another host's.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable, Mapping
 
 import redis
 
-from tandem.core.redis_keys import gateway_alive_key
+from tandem.core.redis_keys import gateway_alive_key, gateway_known_key
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class OwnerLiveness:
         self.grace_s = grace_s
         self.clock = clock
         self._seen: set[str] = set()  # streams whose key this worker has seen
-        self._missing_since: dict[str, float] = {}  # seen streams whose key is gone
+        self._missing_since: dict[str, float] = {}  # judged streams whose key is gone
 
     def check(self) -> list[str]:
         """One look at the held requests' gateways; returns the request ids aborted."""
@@ -59,14 +63,17 @@ class OwnerLiveness:
         pipe = self.client.pipeline(transaction=False)
         for stream in streams:
             pipe.exists(gateway_alive_key(stream))
-        alive = dict(zip(streams, pipe.execute(), strict=True))
+            pipe.exists(gateway_known_key(stream))
+        found = pipe.execute()
+        alive = dict(zip(streams, found[0::2], strict=True))
+        known = dict(zip(streams, found[1::2], strict=True))
         now = self.clock()
         dead: set[str] = set()
         for stream, present in alive.items():
             if present:
                 self._seen.add(stream)
                 self._missing_since.pop(stream, None)
-            elif stream in self._seen:
+            elif stream in self._seen or known[stream]:
                 since = self._missing_since.setdefault(stream, now)
                 if now - since >= self.grace_s:
                     dead.add(stream)

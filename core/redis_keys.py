@@ -5,6 +5,9 @@ tandem:{model}:prefill:dead     dead-letter stream for tasks delivered too often
 tandem:reply:{gateway_id}       stream of TokenBatch (field "m") for one gateway, with a TTL
 tandem:reply:{gateway_id}:alive the gateway's heartbeat (short TTL): workers abort the
                                 requests of a gateway whose key is gone (core/owner_liveness.py)
+tandem:reply:{gateway_id}:known set with each heartbeat, with a long TTL: the stream had a
+                                gateway, so its tasks are judged even by a worker that never
+                                saw the heartbeat key
 tandem:abort                    pub/sub channel of AbortNotice
 tandem:abort:{request_id}       short-lived marker, so a task read late is dropped too
 tandem:worker:{worker_id}       registry entry: field "info" = WorkerInfo, with a TTL
@@ -24,6 +27,7 @@ REPLY_STREAM_MAXLEN = 100_000
 REPLY_STREAM_TTL_S = 900  # renewed by each write; longer than any request's deadline
 GATEWAY_HEARTBEAT_S = 1.0
 GATEWAY_ALIVE_TTL_S = 3.0  # three heartbeats: one late write does not make a gateway dead
+GATEWAY_KNOWN_TTL_S = 3600  # longer than any request's deadline (a queued task's lifetime)
 
 
 def prefill_stream(model: str) -> str:
@@ -41,6 +45,11 @@ def reply_stream(gateway_id: str) -> str:
 def gateway_alive_key(reply_stream: str) -> str:
     """Set by the gateway that reads `reply_stream` while it lives (a string, with a TTL)."""
     return f"{reply_stream}:alive"
+
+
+def gateway_known_key(reply_stream: str) -> str:
+    """Set beside the heartbeat with a long TTL: `reply_stream` has (had) a gateway."""
+    return f"{reply_stream}:known"
 
 
 def abort_marker(request_id: str) -> str:

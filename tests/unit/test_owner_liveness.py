@@ -1,13 +1,14 @@
 """A worker's gateway-liveness check, with a fake clock and a fake Redis: a gateway's
-requests are aborted once its key, seen before, stayed missing for the grace; never for a
-key never seen, nor for one back within the grace (a Redis restarted without data)."""
+requests are aborted once its key, seen before or known from the gateway's long-lived
+`:known` key, stayed missing for the grace; never for a stream that never had a gateway,
+nor for a key back within the grace (a Redis restarted without data)."""
 
 from __future__ import annotations
 
 import redis
 
 from tandem.core.owner_liveness import OwnerLiveness
-from tandem.core.redis_keys import gateway_alive_key
+from tandem.core.redis_keys import gateway_alive_key, gateway_known_key
 
 GW_A, GW_B = "tandem:reply:gwa", "tandem:reply:gwb"
 
@@ -115,3 +116,33 @@ def test_new_requests_of_a_gateway_judged_dead_are_aborted_too() -> None:
     held["r2"] = GW_A  # read from the stream after its gateway died, while r1 was held
     clock.now += 1.0
     assert check.check() == ["r2"]
+
+
+def test_a_known_gateways_requests_are_aborted_though_its_key_was_never_seen() -> None:
+    # A task of gateway A queued while it lived, taken only after it died: this worker
+    # never saw A's heartbeat key, but A's known key says the stream had a gateway.
+    held = {"r1": GW_A, "r2": GW_B}
+    check, client, clock, aborted = _liveness(held)
+    client.keys = {gateway_known_key(GW_A)}  # B: written by hand, no gateway ever
+    assert check.check() == []  # the first miss starts the grace
+    clock.now += 1.9
+    assert check.check() == []
+    clock.now += 0.2
+    assert check.check() == ["r1"]
+    del held["r1"]  # the model loop dropped it
+    for _ in range(3):
+        clock.now += 5.0
+        assert check.check() == []
+    assert aborted == ["r1"]  # the gateway-less stream's request runs on
+
+
+def test_a_known_gateway_back_within_the_grace_aborts_nothing() -> None:
+    check, client, clock, aborted = _liveness({"r1": GW_A})
+    client.keys = {gateway_known_key(GW_A)}
+    check.check()
+    clock.now += 1.5
+    client.keys.add(gateway_alive_key(GW_A))  # a late beat: the gateway lives
+    check.check()
+    clock.now += 5.0
+    assert check.check() == []
+    assert aborted == []
