@@ -17,7 +17,7 @@ import pytest
 from redis.exceptions import BusyLoadingError
 
 from tandem.core import redis_keys
-from tandem.core.protocol import TokenBatch, decode
+from tandem.core.protocol import PrefillTask, TokenBatch, decode
 from tandem.core.redis_client import connect
 from tandem.core.registry import list_workers
 from tandem.core.sampling_params import SamplingParams
@@ -189,6 +189,53 @@ def test_a_killed_gateway_is_restarted_and_its_requests_freed(svc, engine):
     last = decode(fields[redis_keys.MESSAGE_FIELD], TokenBatch).deltas[-1]
     assert last.finish_reason is None and last.offset < LONG_TOKENS - 1, last
     check_concurrent_streams(svc, engine, 2)
+
+
+def test_a_killed_gateways_queued_task_is_aborted_by_the_worker_that_takes_it(svc):
+    """The workers that take tasks (prefill, colocated) are frozen while the gateway
+    queues a long request, and the gateway is killed; once thawed, the worker that takes
+    the task never saw that gateway's heartbeat key, yet aborts it (the gateway's
+    `:known` key says its stream had a gateway) instead of generating for nobody."""
+    redis = connect(svc.redis_url)
+    takers = [w for w in list_workers(redis) if w.role in ("prefill", "colocated")]
+    procs = [psutil.Process(w.pid) for w in takers]
+    for proc in procs:
+        proc.suspend()
+    try:
+        for w in takers:  # still listed, so the gateway admits the request
+            redis.expire(redis_keys.worker_key(w.worker_id), 60)
+        long = tandem_pb2.SamplingParams(max_tokens=LONG_TOKENS, temperature=0.0, ignore_eos=True)
+        stream = svc.stub().Generate(tandem_pb2.GenerateRequest(prompt=PROMPTS[0], sampling=long),
+                                     timeout=180)  # fmt: skip
+        tasks = redis_keys.prefill_stream("smollm2")
+
+        wait_for(lambda: redis.xlen(tasks) > 0, "the task queued", svc)
+        [(entry_id, fields)] = redis.xrevrange(tasks, count=1)
+        reply = decode(fields[redis_keys.MESSAGE_FIELD], PrefillTask).reply_stream
+        old = child(svc, "gateway")
+        old.kill()
+        old.wait(10)
+        with pytest.raises(grpc.RpcError):
+            for _ in stream:
+                pass
+        alive = redis_keys.gateway_alive_key(reply)
+        wait_for(lambda: not redis.exists(alive), "the dead gateway's key gone", svc)
+    finally:
+        for proc in procs:
+            proc.resume()
+
+    def taken() -> bool:
+        [group] = redis.xinfo_groups(tasks)
+        last = tuple(map(int, group["last-delivered-id"].split(b"-")))
+        return last >= tuple(map(int, entry_id.split(b"-")))
+
+    wait_for(taken, "a thawed worker to take the task", svc)
+    # Entries refreshed after the take: the task held, then aborted (a run to the end
+    # would take minutes).
+    assert_every_worker_clean(svc, time.time(), timeout=45)
+    for _id, fields in redis.xrange(reply):
+        for delta in decode(fields[redis_keys.MESSAGE_FIELD], TokenBatch).deltas:
+            assert delta.finish_reason is None and delta.offset < LONG_TOKENS - 1, delta
 
 
 def test_a_killed_redis_is_restarted_with_its_data(svc, engine):
