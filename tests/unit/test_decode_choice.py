@@ -4,8 +4,6 @@ holders read from the published hash sets of a real redis-server."""
 
 from __future__ import annotations
 
-import pytest
-
 from tandem.core.kv_cache_manager import KVCacheManager
 from tandem.core.prefix_routing import HashPublisher
 from tandem.core.protocol import WorkerInfo
@@ -81,14 +79,6 @@ def test_draining_tried_and_non_decode_workers_are_never_chosen():
     # Retrying: the holder was tried (refused or unreachable), the next choice is by load.
     assert _pick(workers, held, exclude={"tried", "left"}) is None
     assert _pick([], held) is None
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalRedis() as server:
-        c = connect(server.url)
-        yield c
-        c.close()
 
 
 def _decode_kv(client, wid: str, tokens: list[int]) -> tuple[KVCacheManager, HashPublisher]:
