@@ -22,9 +22,15 @@ def add_bench_parser(sub) -> None:
     helps = {
         "latency": "one batch timed step by step, beside the hardware ceiling",
         "throughput": "offline: every request at t=0, optionally beside transformers",
+        "prefix_step": "a cached-prefix request's first token in the engine alone, step by step",
     }
-    for name, add_arguments in (("latency", _latency_args), ("throughput", _throughput_args)):
-        p = kinds.add_parser(name, help=helps[name], formatter_class=fmt)
+    engine_benches = (
+        ("latency", _latency_args),
+        ("throughput", _throughput_args),
+        ("prefix_step", _prefix_step_args),
+    )
+    for name, add_arguments in engine_benches:
+        p = kinds.add_parser(name.replace("_", "-"), help=helps[name], formatter_class=fmt)
         add_engine_args(p)
         add_arguments(p)
         p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
@@ -127,6 +133,14 @@ def _transfer_args(p: argparse.ArgumentParser) -> None:
         help="skip cases moving more than this per side (cache and staging)",
     )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per transfer")
+
+
+def _prefix_step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shared-prefix-len", type=int, default=2000)
+    p.add_argument("--input-len", type=int, default=100, help="each request's own tokens")
+    p.add_argument("--decode-batch", type=int, default=8, help="requests decoding beside it")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="a torch profile of one request")
 
 
 def _latency_args(p: argparse.ArgumentParser) -> None:

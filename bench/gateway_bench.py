@@ -31,7 +31,7 @@ import psutil
 
 from tandem.bench.gateway_clients import RATE_WINDOW_S
 from tandem.bench.results import git_commit
-from tandem.core.models import local_model_dir
+from tandem.core.model_paths import local_model_dir
 from tandem.local_redis import LocalRedis
 
 MODEL = "smollm2"  # its tokenizer only: the fake pool needs no weights

@@ -47,7 +47,7 @@ from tandem.bench.serve_stats import (
 )
 from tandem.bench.serve_workloads import workload_prompts
 from tandem.core.config import WorkerConfig
-from tandem.core.models import local_model_dir, model_name
+from tandem.core.model_paths import local_model_dir, model_name
 from tandem.engine.engine_args import add_engine_args
 
 Dead = Callable[[], str | None]
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
             "one request per process"
         )
     if args.target is None:
-        from tandem.engine.model_registry import resolve_model  # imports no torch
+        from tandem.engine.checkpoint_resolver import resolve_model  # imports no torch
 
         model_dir = resolve_model(args.model)  # converts the bundled model once, here
     else:

@@ -13,9 +13,9 @@ from tandem.core.request_checks import ModelLimits, check_tokens
 from tandem.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from tandem.core.sequence import Sequence, SequenceStatus
 from tandem.core.tokenizer import Tokenizer
+from tandem.engine.checkpoint_resolver import model_name, resolve_model
 from tandem.engine.kv_cache import KVCache
 from tandem.engine.model_config import ModelConfig
-from tandem.engine.model_registry import model_name, resolve_model
 from tandem.engine.model_runner import (
     ModelRunner,
     PendingStep,

@@ -152,10 +152,6 @@ class GatewayApp:
         if self._redis is not None:
             await self._redis.aclose()
 
-    async def wait_closed(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
-
     def _redis_state_changed(self, connected: bool) -> None:
         # Without Redis no request can be served: let load balancers route elsewhere.
         task = asyncio.get_running_loop().create_task(self._set_health(serving=connected))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tandem.core.credentials import API_KEY_ENV, REDIS_URL_ENV, add_secret_args, secret_from_args
-from tandem.core.models import local_model_dir, model_name
+from tandem.core.model_paths import local_model_dir, model_name
 from tandem.gateway.config import GatewayConfig, join_host_port
 from tandem.gateway.logs import use_json_logs
 from tandem.gateway.workers import serve_workers

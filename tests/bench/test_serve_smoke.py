@@ -124,8 +124,8 @@ def test_http_backend_goodput_offline_baseline_and_local_prefill_mode(tmp_path):
 
 
 def test_shared_prefix_workload_reports_hit_rate_and_bytes_shipped(tmp_path):
+    from tandem.engine.checkpoint_resolver import resolve_model
     from tandem.engine.model_config import ModelConfig
-    from tandem.engine.model_registry import resolve_model
 
     record, stdout = bench_serve(
         tmp_path, "--num-prompts", "4", "--rates", "1", "--workload", "shared-prefix",

@@ -1,7 +1,7 @@
 import pytest
 
+from tandem.engine.checkpoint_resolver import resolve_model, shipped_config_names
 from tandem.engine.model_config import ModelConfig
-from tandem.engine.model_registry import resolve_model, shipped_config_names
 from tandem.engine.models import build_model
 from tests.engine.conftest import FAMILIES
 

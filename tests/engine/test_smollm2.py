@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tandem.core.sampling_params import SamplingParams
+from tandem.engine.checkpoint_resolver import resolve_model
 from tandem.engine.llm import LLM
-from tandem.engine.model_registry import resolve_model
 from tests.engine.conftest import hf_greedy
 
 PROMPTS = [

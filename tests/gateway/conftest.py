@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from tandem.core.tokenizer import Tokenizer
-from tandem.engine.model_registry import resolve_model
+from tandem.engine.checkpoint_resolver import resolve_model
 from tandem.gateway.app import GatewayApp
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.proto import tandem_pb2_grpc as pb_grpc

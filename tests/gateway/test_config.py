@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.core.models import default_cache_dir
+from tandem.core.model_paths import default_cache_dir
 from tandem.core.request_checks import ModelLimits
 from tandem.gateway.config import GatewayConfig, load_model_limits
 from tandem.gateway.main import add_arguments, config_from_args

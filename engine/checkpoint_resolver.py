@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from tandem.core.models import default_cache_dir, is_model_path, local_model_dir, model_name
+from tandem.core.model_paths import default_cache_dir, is_model_path, local_model_dir, model_name
 
 log = logging.getLogger(__name__)
 
