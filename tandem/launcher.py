@@ -240,8 +240,8 @@ class Service:
         if now - self._published_at < 1.0:
             return
         self._published_at = now
+        from tandem.core.model_paths import model_name
         from tandem.core.redis_client import connect
-        from tandem.engine.model_registry import model_name
 
         self._status_client = self._status_client or connect(self.redis_url)
         status = PoolStatus(
@@ -257,9 +257,9 @@ class Service:
             log.warning("pool status not published: %s", exc)
 
     def wait_ready(self, timeout_s: float, interrupted) -> None:
+        from tandem.core.model_paths import model_name
         from tandem.core.redis_client import connect
         from tandem.core.registry import list_workers
-        from tandem.engine.model_registry import model_name
 
         client = connect(self.redis_url)
         name = model_name(self.args.model)
@@ -310,7 +310,8 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from tandem.engine.model_registry import model_name, resolve_model
+    from tandem.core.model_paths import model_name
+    from tandem.engine.checkpoint_resolver import resolve_model
 
     resolve_worker_counts(args)
     for port in (args.grpc_port, args.http_port):
