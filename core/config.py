@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.core.request_checks import MAX_LEASE_S
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -124,6 +126,8 @@ class WorkerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not self.reservation_lease_s <= MAX_LEASE_S:  # NaN too: decode workers refuse it
+            raise ValueError(f"reservation_lease_s must be in (0, {MAX_LEASE_S:g}]")
         if self.role == "prefill" and self.reclaim_idle_s <= 2 * self.transfer_timeout_s:
             raise ValueError(
                 f"reclaim_idle_s ({self.reclaim_idle_s:g}) must exceed twice "

@@ -62,18 +62,19 @@ def resolve_worker_counts(args: argparse.Namespace) -> None:
         raise ValueError(
             "no workers: give --prefill-workers and --decode-workers, or --colocated-workers"
         )
-    _check_local_prefill(args)
+    _check_decode_flags(args)
     _check_nccl_gpus(args)
 
 
-def _check_local_prefill(args: argparse.Namespace) -> None:
-    """The decode workers' own check of their local prefill flags, made here once, so a
-    bad value stops `tandem serve` before anything starts."""
+def _check_decode_flags(args: argparse.Namespace) -> None:
+    """The decode workers' own check of their local prefill flags and reservation lease,
+    made here once, so a bad value stops `tandem serve` before anything starts."""
     from tandem.core.config import WorkerConfig
 
     WorkerConfig(
         redis_url="redis://",
         role="decode",
+        reservation_lease_s=args.reservation_lease,
         local_prefill_after_ms=args.local_prefill_after_ms,
         local_prefill_uncached_tokens=args.local_prefill_uncached_tokens,
         max_local_prefills=args.max_local_prefills,
@@ -174,7 +175,12 @@ class Service:
             self.redis_url = self.redis.url
         base = tandem_command()
         log_level = ["--log-level", self.args.log_level]
-        transfer = ["--kv-transport", self.args.kv_transport]
+        transfer = [
+            "--kv-transport",
+            self.args.kv_transport,
+            "--reservation-lease",
+            f"{self.args.reservation_lease:g}",
+        ]
         local_prefill = local_prefill_flags(self.args)
         routing = ["--prefix-route-wait-ms", f"{self.args.prefix_route_wait_ms:g}"]
         for command, role in WORKER_COMMANDS.items():
@@ -240,8 +246,8 @@ class Service:
         if now - self._published_at < 1.0:
             return
         self._published_at = now
-        from tandem.core.model_paths import model_name
         from tandem.core.redis_client import connect
+        from tandem.engine.checkpoint_resolver import model_name
 
         self._status_client = self._status_client or connect(self.redis_url)
         status = PoolStatus(
@@ -257,9 +263,9 @@ class Service:
             log.warning("pool status not published: %s", exc)
 
     def wait_ready(self, timeout_s: float, interrupted) -> None:
-        from tandem.core.model_paths import model_name
         from tandem.core.redis_client import connect
         from tandem.core.registry import list_workers
+        from tandem.engine.checkpoint_resolver import model_name
 
         client = connect(self.redis_url)
         name = model_name(self.args.model)
@@ -310,8 +316,7 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from tandem.core.model_paths import model_name
-    from tandem.engine.checkpoint_resolver import resolve_model
+    from tandem.engine.checkpoint_resolver import model_name, resolve_model
 
     resolve_worker_counts(args)
     for port in (args.grpc_port, args.http_port):

@@ -372,6 +372,13 @@ def add_role_parsers(sub) -> None:
         help="passed to the gateway: processes sharing its ports (SO_REUSEPORT)",
     )
     s.add_argument(
+        "--reservation-lease",
+        type=float,
+        default=10.0,
+        help="passed to the prefill and decode workers: seconds a KV block reservation "
+        "waits for its transfer (prefill workers renew theirs every third of it)",
+    )
+    s.add_argument(
         "--stream-write-timeout",
         type=float,
         default=30.0,

@@ -1,55 +1,15 @@
-"""A real `tandem` worker with faults injected, for tests of what the worker does when
-its own engine misbehaves (nothing in the service reads a test switch):
+"""A real `tandem` worker with faults injected (tests.faults.engine_hooks):
 
-    python -m tests.faults.hooked_worker [--fail-token T --record PATH] [--hold-file PATH]
-        -- ROLE FLAGS...
-
---fail-token T: the sampler raises (as it did for a top_k of 2**63) for every batch
-  holding a request whose prompt starts with token T once that request has FAIL_AFTER
-  tokens (so it is decoding beside requests started before it); each such batch's size
-  is appended to PATH, so a test can tell what it was batched with.
---hold-file PATH: while PATH exists, a step about to run on the device waits (a prefill
-  as long as the test wants, in a worker that is otherwise alive: its other threads run).
+python -m tests.faults.hooked_worker [--fail-token T --record PATH] [--hold-file PATH]
+    -- ROLE FLAGS...
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 
-FAIL_AFTER = 4
-
-
-def _fail_token(token: int, record: str) -> None:
-    from tandem.engine import model_runner
-
-    real = model_runner.sample_tokens
-
-    def sample_tokens(logits, rows, generator):
-        if any(
-            r.prompt_token_ids[0] == token and len(r.output_token_ids) >= FAIL_AFTER for r in rows
-        ):
-            with open(record, "a") as out:
-                out.write(f"{len(rows)}\n")
-            raise OverflowError("Overflow when unpacking long long (injected)")
-        return real(logits, rows, generator)
-
-    model_runner.sample_tokens = sample_tokens
-
-
-def _hold_steps(path: str) -> None:
-    from tandem.engine.model_runner import ModelRunner
-
-    real = ModelRunner.launch
-
-    def launch(self, inputs):
-        while os.path.exists(path):
-            time.sleep(0.05)
-        return real(self, inputs)
-
-    ModelRunner.launch = launch
+from tests.faults.engine_hooks import fail_token, hold_steps
 
 
 def main(argv: list[str]) -> int:
@@ -60,9 +20,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hold-file", default="")
     hooks = parser.parse_args(argv[:split])
     if hooks.fail_token is not None:
-        _fail_token(hooks.fail_token, hooks.record)
+        fail_token(hooks.fail_token, hooks.record)
     if hooks.hold_file:
-        _hold_steps(hooks.hold_file)
+        hold_steps(hooks.hold_file)
     from tandem.cli import main as tandem_main
 
     return tandem_main(argv[split + 1 :])

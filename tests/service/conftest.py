@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+import psutil
 import pytest
 
 from tandem.core.redis_client import connect
@@ -51,9 +52,12 @@ class RunningService:
         return tandem_pb2_grpc.GenerationStub(channel)
 
 
-def start_service(*extra: str, ready_timeout: float = 240.0) -> RunningService:
+def start_service(
+    *extra: str, ready_timeout: float = 240.0, env: dict[str, str] | None = None
+) -> RunningService:
     """`tandem serve` with free ports and a state directory of its own; `extra` flags are
-    appended (they may override). Whatever happens, stop_service() removes it all."""
+    appended (they may override); `env`: its environment (None: inherited). Whatever
+    happens, stop_service() removes it all."""
     port = free_port()
     state = tempfile.mkdtemp(prefix="tandem-state-")
     http = [] if "--http-port" in extra else ["--http-port", str(free_port())]
@@ -84,6 +88,7 @@ def start_service(*extra: str, ready_timeout: float = 240.0) -> RunningService:
         text=True,
         start_new_session=True,
         preexec_fn=die_with_parent,  # a killed test run leaves no service behind
+        env=env,
     )
     log: list[str] = []
     ready = threading.Event()
@@ -120,6 +125,21 @@ def stop_service(svc: RunningService, sig: int = signal.SIGINT) -> int | None:
         return None
     finally:
         shutil.rmtree(svc.state_dir, ignore_errors=True)
+
+
+def wait_for(cond, what: str, svc: RunningService, timeout: float = 120.0) -> None:
+    """Until cond() holds (an exception from a process or socket not there yet is a no);
+    the service exiting meanwhile fails at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except (LookupError, OSError, psutil.Error):
+            pass
+        assert svc.proc.poll() is None, "tandem serve exited:\n" + "".join(svc.log[-40:])
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}:\n" + "".join(svc.log[-40:]))
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +236,9 @@ def check_cancel_frees_every_block(svc: RunningService) -> None:
     assert_every_worker_clean(svc, cancelled_at)
 
 
-def assert_every_worker_clean(svc: RunningService, since: float) -> None:
-    """Every worker, of every role, holds no block, sequence or waiting request, as its
+def assert_every_worker_clean(svc: RunningService, since: float, timeout: float = 30.0) -> None:
+    """Every worker, of every role, holds no block, sequence, waiting request or
+    reservation, as its
     registry entries refreshed after `since` show. Older entries prove nothing: a
     worker's last entry may predate its own cleanup by up to a heartbeat, so a test that
     waited on some roles and then asserted on all once read a prefill worker's stale
@@ -226,11 +247,15 @@ def assert_every_worker_clean(svc: RunningService, since: float) -> None:
 
     def clean(workers) -> bool:
         return bool(workers) and all(
-            w.heartbeat > since and w.used_blocks == 0 and w.running == 0 and w.waiting == 0
+            w.heartbeat > since
+            and w.used_blocks == 0
+            and w.running == 0
+            and w.waiting == 0
+            and w.reservations == 0
             for w in workers
         )
 
-    deadline = time.monotonic() + 30  # generous: CI machines may be loaded
+    deadline = time.monotonic() + timeout  # generous: CI machines may be loaded
     while time.monotonic() < deadline and not clean(list_workers(redis)):
         time.sleep(0.2)
     workers = list_workers(redis)

@@ -63,6 +63,9 @@ def test_prefill_and_decode_default_to_none_beside_colocated_workers(argv, count
     ["--max-local-prefills", "2"],  # means nothing without --local-prefill-after-ms
     ["--local-prefill-uncached-tokens", "-1"],
     ["--colocated-workers", "1", "--local-prefill-uncached-tokens", "64"],  # no decode worker
+    ["--reservation-lease", "0"],
+    ["--reservation-lease", "nan"],
+    ["--reservation-lease", "601"],  # above what a decode worker accepts in a reservation
 ])  # fmt: skip
 def test_worker_sets_that_cannot_serve_are_refused(argv):
     with pytest.raises(ValueError):
@@ -258,3 +261,20 @@ def test_the_stream_write_timeout_reaches_the_gateway(monkeypatch):
     launcher.Service(args).start()
     (gateway,) = [cmd for cmd in spawned if "gateway" in cmd]
     assert _engine_value(gateway, "--stream-write-timeout") == "7.5"
+
+
+def test_the_reservation_lease_reaches_the_prefill_and_decode_workers(monkeypatch):
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda cmd, **kw: spawned.append(cmd))
+    args = _serve_args(
+        "--redis-url", "redis://127.0.0.1:1/0", "--colocated-workers", "1",
+        "--prefill-workers", "1", "--decode-workers", "1", "--reservation-lease", "2.5",
+    )  # fmt: skip
+    resolve_worker_counts(args)
+    launcher.Service(args).start()
+    assert len(spawned) == 4
+    for cmd in spawned:
+        moves_kv = "prefill" in cmd or "decode" in cmd
+        assert ("--reservation-lease" in cmd) == moves_kv, cmd
+        if moves_kv:
+            assert _engine_value(cmd, "--reservation-lease") == "2.5"

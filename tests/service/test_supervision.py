@@ -28,6 +28,7 @@ from tests.service.conftest import (
     start_service,
     stop_service,
     tandem_pb2,
+    wait_for,
 )
 
 STREAMS = 4
@@ -59,19 +60,6 @@ def child(svc: RunningService, word: str) -> psutil.Process:
         except psutil.NoSuchProcess:
             continue
     raise LookupError(word)
-
-
-def wait_for(cond, what: str, svc: RunningService, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return
-        except (LookupError, OSError, psutil.Error):
-            pass
-        assert svc.proc.poll() is None, "tandem serve exited:\n" + "".join(svc.log[-40:])
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out waiting for {what}:\n" + "".join(svc.log[-40:]))
 
 
 class Streams:
