@@ -164,7 +164,7 @@ class PrefixRouter:
         best = 0  # the longest prefix a prefill peer no busier than this one holds
         for peer in peers:
             load = int(next(answers) or 0)
-            held = _leading(next(answers)) if short else 0
+            held = leading_present(next(answers)) if short else 0
             if peer.role == "decode":
                 uncached = len(tokens) - held * self.kv.block_size
                 if uncached <= peer.local_prefill_uncached_tokens and (
@@ -256,7 +256,7 @@ class WorkerRouting:
             log.warning("could not publish cached blocks: %s", exc)
 
 
-def _leading(found: list) -> int:
+def leading_present(found: list) -> int:
     """How many of the first blocks are present, up to the first missing one."""
     n = 0
     for present in found:

@@ -218,6 +218,10 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     # worker that prefills the rest itself.
     routed_to_peers: int = 0
     kv_bytes_sent: int = 0  # prefill: KV bytes shipped to decode workers since start
+    # Prefill: reservations placed on the decode worker holding the longest prefix of
+    # the prompt, and by load (prefill.decode_choice), since start.
+    decode_by_prefix: int = 0
+    decode_by_load: int = 0
     running: int = 0
     waiting: int = 0
     reservations: int = 0

@@ -60,16 +60,3 @@ def list_workers(
         if (role is None or info.role == role) and (model is None or info.model == model):
             workers.append(info)
     return workers
-
-
-def pick_decode_worker(candidates: list[WorkerInfo], exclude: set[str]) -> WorkerInfo | None:
-    """Most free KV blocks first, then fewest running sequences. Only decode workers:
-    a colocated worker takes its own tasks and has no place for shipped KV."""
-    usable = [
-        w
-        for w in candidates
-        if w.role == "decode" and w.worker_id not in exclude and not w.draining
-    ]
-    if not usable:
-        return None
-    return max(usable, key=lambda w: (w.free_blocks, -w.running))

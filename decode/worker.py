@@ -133,9 +133,11 @@ class DecodeWorker(BatchWorker):
                 self.kv.block_size,
                 config.local_prefill_uncached_tokens,
             )
-        if config.local_prefill_uncached_tokens and self.kv.enable_prefix_caching:
-            # Prefill workers leave it the tasks whose remainder here is short
-            # (core/prefix_routing.py); its load is the local prefills it would refuse.
+        if self.kv.enable_prefix_caching:
+            # Prefill workers reserve on the decode worker holding a prompt's leading
+            # blocks (a conversation's previous turn: prefill/decode_choice.py), and with
+            # local_prefill_uncached_tokens leave it the tasks whose remainder here is
+            # short (core/prefix_routing.py; its load is the local prefills it would refuse).
             self.hash_publisher = HashPublisher(
                 self.redis, self.engine.name, self.worker_id, self.kv, config.registry_ttl_s
             )

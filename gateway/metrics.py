@@ -64,6 +64,14 @@ WORKER_FIGURES = {
         "routed_to_peers",
         "prefill: tasks left for a peer holding a longer cached prefix, since start",
     ),
+    "decode_by_prefix": (
+        "decode_by_prefix",
+        "prefill: reservations placed on the decode worker holding the prompt's prefix",
+    ),
+    "decode_by_load": (
+        "decode_by_load",
+        "prefill: reservations placed on a decode worker by load (no usable prefix holder)",
+    ),
     "preemptions": ("preemptions", "sequences preempted since the worker started"),
     "reservations": ("reservations", "KV block reservations held for incoming transfers"),
     "admitted": ("admitted", "requests taken since the worker started"),

@@ -6,8 +6,10 @@ A task's life on this worker, as states:
     CLAIMED     XREADGROUP delivered it here, or XAUTOCLAIM took it over from a worker
                 that died holding it. Duplicates (same request id) are acknowledged and
                 dropped; aborted (marker key) or expired tasks end here.
-    RESERVED    a decode worker, picked from the registry (most free blocks, fewest
-                running), reserved blocks for the KV to come. No reservation, no
+    RESERVED    a decode worker, picked from the registry (the one that holds the
+                longest prefix of the prompt unless it lacks room or is far busier,
+                else most free blocks, fewest running: prefill.decode_choice),
+                reserved blocks for the KV to come. No reservation, no
                 prefill: nothing is computed that nobody will keep. While every decode
                 worker refuses for lack of room, the task waits here (retried every
                 20 ms, oldest first; no new tasks are taken meanwhile, so peers get
@@ -38,18 +40,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import redis
-
 from tandem.core.config import WorkerConfig
 from tandem.core.kv_cache_manager import blocks_needed
 from tandem.core.prefix_routing import WorkerRouting
 from tandem.core.protocol import Handoff, PrefillTask, ReserveRequest, WorkerInfo
-from tandem.core.registry import (
-    LEASE_SENDER_SUFFIX,
-    SHIP_SENDER_SUFFIX,
-    list_workers,
-    pick_decode_worker,
-)
+from tandem.core.registry import LEASE_SENDER_SUFFIX, SHIP_SENDER_SUFFIX
 from tandem.core.replies import new_deltas, publish_safely, token_delta
 from tandem.core.request_checks import check_task
 from tandem.core.sequence import Sequence
@@ -68,6 +63,7 @@ from tandem.kvtransfer.transport import (
     ship_many,
 )
 from tandem.kvtransfer.zmq_backend import ZmqKVSender
+from tandem.prefill.decode_choice import DecodeWorkers, pick_decode_worker
 from tandem.prefill.lease_renewal import LeaseRenewer
 from tandem.prefill.shipping import Shipper
 
@@ -132,8 +128,7 @@ class PrefillWorker(WorkerBase):
         # Tasks no decode worker had room for, oldest first: (entry id, task, first try).
         self.waiting_room: deque[tuple[bytes, PrefillTask, float]] = deque()
         self._retry_at = 0.0
-        self._decoders: list[WorkerInfo] = []
-        self._decoders_at = 0.0
+        self.decoders = DecodeWorkers(self.redis, self.engine.name, self.layout)
         self.admitted = 0
         self.kv_bytes_sent = 0  # KV shipped to decode workers since start
         # A running mean of the prompts taken; until one is seen, one task fills a step.
@@ -151,6 +146,8 @@ class PrefillWorker(WorkerBase):
             **self.kv.figures(),
             routed_to_peers=self.routing.router.num_deferred if self.routing else 0,
             kv_bytes_sent=self.kv_bytes_sent,
+            decode_by_prefix=self.decoders.num_by_prefix,
+            decode_by_load=self.decoders.num_by_load,
             running=len(sched.running),
             waiting=len(sched.waiting),
             reservations=len(self.inflight) + self.shipper.flights,
@@ -273,7 +270,7 @@ class PrefillWorker(WorkerBase):
             self.engine.scheduler.abort(rid)
             # Every decode worker full: wait for room (a burst drains as answers finish)
             # unless there is no decode worker at all, or it has waited long enough.
-            if self._decode_workers() and time.monotonic() - since < self.config.decode_wait_s:
+            if self.decoders.workers() and time.monotonic() - since < self.config.decode_wait_s:
                 return False
             self.intake.fail(task, "unavailable", "no decode worker could take the request")
             self.intake.ack(entry_id)
@@ -283,44 +280,32 @@ class PrefillWorker(WorkerBase):
         self.admitted += 1
         return True
 
-    def _decode_workers(self) -> list[WorkerInfo]:
-        """Compatible decode workers, read from the registry at most every 0.5 s (a burst
-        of tasks must not SCAN the registry once per task)."""
-        now = time.monotonic()
-        if now - self._decoders_at > 0.5:
-            try:
-                workers = list_workers(self.redis, "decode", self.engine.name)
-            except redis.RedisError as exc:
-                log.warning("registry unreadable, using the last view: %s", exc)
-                return self._decoders
-            self._decoders = [
-                w
-                for w in workers
-                if w.layout is not None and w.layout.mismatch(self.layout) is None
-            ]
-            self._decoders_at = now
-        return self._decoders
-
     def _reserve(
         self, seq: Sequence, sender: KVSender | None = None
     ) -> tuple[str, str, list[int], int] | None:
         """(decode worker id, its address, the block ids reserved there, how many of
         them already hold this prompt's KV), or None when no decode worker has room."""
         sender = sender or self.sender
-        candidates = self._decode_workers()
+        candidates = self.decoders.workers()
+        # A decode worker that holds some of these blocks keeps them (the reply's
+        # cached_blocks); it is chosen for them unless it lacks room or is far busier.
+        chain = self.kv.prefix_chain(seq.all_token_ids, seq.sampling.cache_salt)
+        shareable = chain[: max(0, (seq.num_tokens - 1) // self.kv.block_size)]
+        held = self.decoders.held_prefixes(candidates, shareable)
+        blocks = blocks_needed(seq.num_tokens, self.kv.block_size)
         tried: set[str] = set()
         for _ in range(RESERVE_ATTEMPTS):
-            worker = pick_decode_worker(candidates, tried)
-            if worker is None:
+            choice = pick_decode_worker(candidates, tried, held, blocks)
+            if choice is None:
                 return None
+            worker = choice.worker
             tried.add(worker.worker_id)
             req = ReserveRequest(
                 request_id=seq.request_id,
                 num_tokens=seq.num_tokens,
                 layout=self.layout,
                 lease_s=self.config.reservation_lease_s,
-                # A decode worker that holds some of these blocks keeps them.
-                block_hashes=self.kv.prefix_chain(seq.all_token_ids, seq.sampling.cache_salt),
+                block_hashes=chain,
             )
             try:
                 reply = sender.reserve(worker.control_address, req, self.config.transfer_timeout_s)
@@ -328,6 +313,7 @@ class PrefillWorker(WorkerBase):
                 log.warning("reserve on %s failed: %s", worker.worker_id, exc)
                 continue
             if reply.ok:
+                self.decoders.placed(choice)
                 # Count it locally until the next registry read, so a burst spreads out.
                 worker.free_blocks -= len(reply.block_ids)
                 worker.running += 1

@@ -143,6 +143,19 @@ def wait_for(cond, what: str, svc: RunningService, timeout: float = 120.0) -> No
 
 
 @pytest.fixture(scope="module")
+def uncached():
+    """The in-process engine with prefix caching off: the answers a cached path must give."""
+    from tandem.core.config import CacheConfig
+    from tandem.engine.engine import EngineConfig
+    from tandem.engine.llm import LLM
+
+    config = EngineConfig(
+        model="smollm2", device="cpu", cache=CacheConfig(enable_prefix_caching=False)
+    )
+    return LLM(config=config)
+
+
+@pytest.fixture(scope="module")
 def engine():
     from tandem.engine.llm import LLM
 

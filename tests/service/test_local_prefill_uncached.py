@@ -11,24 +11,13 @@ import time
 
 import pytest
 
-from tandem.core.config import CacheConfig
 from tandem.core.protocol import WorkerInfo
 from tandem.core.redis_client import connect
 from tandem.core.registry import list_workers
 from tandem.core.sampling_params import SamplingParams
-from tandem.engine.engine import EngineConfig
-from tandem.engine.llm import LLM
 from tests.service.conftest import assert_every_worker_clean, generate, start_service, stop_service
 
 UNCACHED = 32  # --local-prefill-uncached-tokens: two blocks of 16
-
-
-@pytest.fixture(scope="module")
-def uncached():
-    config = EngineConfig(
-        model="smollm2", device="cpu", cache=CacheConfig(enable_prefix_caching=False)
-    )
-    return LLM(config=config)
 
 
 @pytest.fixture(scope="module")

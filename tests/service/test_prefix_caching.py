@@ -9,12 +9,9 @@ import time
 import openai
 import pytest
 
-from tandem.core.config import CacheConfig
 from tandem.core.redis_client import connect
 from tandem.core.registry import list_workers
 from tandem.core.sampling_params import SamplingParams
-from tandem.engine.engine import EngineConfig
-from tandem.engine.llm import LLM
 from tandem.gateway.proto import tandem_pb2
 from tests.service.conftest import start_service, stop_service
 
@@ -22,15 +19,6 @@ SYSTEM = (
     "You are a careful assistant. Answer in one short paragraph, cite no sources, and "
     "never use lists. Keep a friendly tone and explain any technical term you use. "
 ) * 3
-
-
-@pytest.fixture(scope="module")
-def uncached():
-    return LLM(
-        config=EngineConfig(
-            model="smollm2", device="cpu", cache=CacheConfig(enable_prefix_caching=False)
-        )
-    )
 
 
 @pytest.fixture(scope="module")

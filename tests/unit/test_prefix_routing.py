@@ -6,31 +6,19 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from tandem.core.kv_cache_manager import KVCacheManager
 from tandem.core.local_prefill import Backlog
 from tandem.core.prefix_hash import prefix_hashes
 from tandem.core.prefix_routing import PUBLISHED_HASH_BYTES, HashPublisher, PrefixRouter
 from tandem.core.protocol import PrefillTask, WorkerInfo
-from tandem.core.redis_client import connect
 from tandem.core.redis_keys import cached_blocks_key
 from tandem.core.registry import publish_worker, remove_worker
 from tandem.core.sampling_params import SamplingParams
 from tandem.core.sequence import Sequence
-from tandem.local_redis import LocalRedis
 
 BS = 4
 SALT = "m|float32"
 PROMPT = list(range(1, 30))  # 7 full blocks
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalRedis() as server:
-        c = connect(server.url)
-        yield c
-        c.close()
 
 
 def _kv(num_blocks: int = 16) -> KVCacheManager:

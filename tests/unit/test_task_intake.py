@@ -11,10 +11,9 @@ import pytest
 import redis
 
 from tandem.core.config import WorkerConfig
-from tandem.core.protocol import PrefillTask, TokenBatch, WorkerInfo, decode, encode
+from tandem.core.protocol import PrefillTask, TokenBatch, decode, encode
 from tandem.core.redis_client import add_task
 from tandem.core.redis_keys import MESSAGE_FIELD, PREFILL_GROUP, abort_marker, dead_letter_stream
-from tandem.core.registry import pick_decode_worker
 from tandem.core.sampling_params import SamplingParams
 from tandem.core.task_intake import TaskIntake, tasks_fitting
 from tandem.local_redis import LocalRedis
@@ -164,15 +163,6 @@ def test_backlog_is_the_oldest_task_no_worker_was_given_aged_by_redis_clock(clie
     client.delete(intake.stream)  # a Redis restarted without its data
     assert intake.backlog() is None
     assert [g["name"] for g in client.xinfo_groups(intake.stream)] == [PREFILL_GROUP.encode()]
-
-
-def test_prefill_never_picks_a_colocated_worker():
-    def info(wid: str, role: str, free: int) -> WorkerInfo:
-        return WorkerInfo(worker_id=wid, role=role, model="m", pid=1, free_blocks=free)
-
-    workers = [info("c", "colocated", 1000), info("p", "prefill", 900), info("d", "decode", 10)]
-    assert pick_decode_worker(workers, set()).worker_id == "d"
-    assert pick_decode_worker(workers, {"d"}) is None
 
 
 def test_a_prefill_worker_takes_about_one_steps_worth_of_tasks():
