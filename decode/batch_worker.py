@@ -46,6 +46,7 @@ class Request:
 
 class BatchWorker(WorkerBase):
     READ_BLOCK_MS: int | None = None  # how long one intake read waits for a new task
+    LOOK_AGAIN_S = FULL_WAIT_S  # the pause when there was room but nothing to read
 
     def __init__(self, config: WorkerConfig, engine: Engine) -> None:
         super().__init__(config)
@@ -189,6 +190,10 @@ class BatchWorker(WorkerBase):
         the one entry to read if only that one (TaskIntake.poll's `only`)."""
         raise NotImplementedError
 
+    def _read_block_ms(self) -> int | None:
+        """How long the read after _claims may wait for a new task (None: not at all)."""
+        return self.READ_BLOCK_MS
+
     def _intake_loop(self) -> None:
         try:
             self._take_tasks()
@@ -207,11 +212,11 @@ class BatchWorker(WorkerBase):
             room, received, spare_blocks = self._room
             free = room - (self._taken - received)
             count, only = (0, None) if draining or free <= 0 else self._claims(free, spare_blocks)
-            entries = self.intake.poll(count, self.READ_BLOCK_MS, self._held, only)
+            entries = self.intake.poll(count, self._read_block_ms(), self._held, only)
             for entry in entries:
                 self._taken += 1
                 self.arrivals.put(entry)
             if entries:
                 self.work_arrived.set()
             elif count <= 0:
-                time.sleep(FULL_WAIT_S)
+                time.sleep(FULL_WAIT_S if draining or free <= 0 else self.LOOK_AGAIN_S)
