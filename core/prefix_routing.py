@@ -21,7 +21,7 @@ reads the next task*:
   `local_prefill_uncached_tokens` of the task to compute and that has room for one
   more local prefill (no prefill, no transfer at all), else a peer *of its own role*
   that holds a longer cached prefix of it and is not busier than itself. The peer
-  reads it on its next poll. A task is left alone at most `wait_ms` (by Redis' clock):
+  reads it on its next look. A task is left alone at most `wait_ms` (by Redis' clock):
   past that, whoever reads first takes it, so a busy or dead peer delays a task, never
   strands it.
 
@@ -32,7 +32,8 @@ things (a prefill worker's tasks leave it at the handoff, a colocated worker's s
 the last token), and a task taken by the other kind is served all the same. Every
 reader of the stream counts for `WorkerRouting.active`, though: while any other worker
 reads, a routing worker never blocks in its read (a blocked reader takes each new task
-unjudged the moment it arrives, so the peers' judgement would be moot).
+unjudged the moment it arrives, so the peers' judgement would be moot). Idle, it waits
+for the next task in a plain XREAD instead, which takes nothing (`WorkerRouting.pause`).
 
 A worker-side decision rather than per-worker streams fed by a router: no task ever
 sits in a stream only one worker reads, so a worker's death needs no new recovery path.
@@ -212,12 +213,14 @@ class WorkerRouting:
     """A prefill or colocated worker's side of routing: what it publishes, and whether
     it reads."""
 
-    LOOK_S = 0.01  # idle with nothing to read: look at the stream again after this
+    LOOK_S = 0.01  # a task left for a peer: look at it again after this
+    IDLE_WAIT_MS = 50  # no task waits: wait this long at most for one (see pause)
 
     def __init__(
         self, client: redis.Redis, model: str, worker_id: str, kv: KVCacheManager, config
     ) -> None:
         self.publisher = HashPublisher(client, model, worker_id, kv, config.registry_ttl_s)
+        self._nothing_waits = False  # what the last room() saw
         self.router = PrefixRouter(
             client,
             model,
@@ -259,6 +262,7 @@ class WorkerRouting:
         goes). The read that follows must not block: a blocked reader gets the next
         task whoever holds its prefix."""
         backlog = intake.backlog()
+        self._nothing_waits = backlog is None
         if backlog is None:
             return room if intake.reclaim_due else 0
         try:
@@ -266,6 +270,15 @@ class WorkerRouting:
         except redis.RedisError as exc:  # read as if routing were off
             log.warning("could not look up the peers' cached blocks: %s", exc)
             return room
+
+    def pause(self, intake: TaskIntake) -> None:
+        """After room() said read nothing: while a task is left for a peer, look again
+        in LOOK_S; while none waits, until one arrives (TaskIntake.wait_for_task, woken
+        by the XADD, so an idle worker takes a new request at once) or IDLE_WAIT_MS."""
+        if self._nothing_waits:
+            intake.wait_for_task(self.IDLE_WAIT_MS)
+        else:
+            time.sleep(self.LOOK_S)
 
     def publish(self, load: int) -> None:
         """Blocks cached since the last call and the tasks held now, to Redis at once

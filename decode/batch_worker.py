@@ -46,7 +46,6 @@ class Request:
 
 class BatchWorker(WorkerBase):
     READ_BLOCK_MS: int | None = None  # how long one intake read waits for a new task
-    LOOK_AGAIN_S = FULL_WAIT_S  # the pause when there was room but nothing to read
 
     def __init__(self, config: WorkerConfig, engine: Engine) -> None:
         super().__init__(config)
@@ -194,6 +193,10 @@ class BatchWorker(WorkerBase):
         """How long the read after _claims may wait for a new task (None: not at all)."""
         return self.READ_BLOCK_MS
 
+    def _look_again(self) -> None:
+        """Pause after _claims chose to read nothing though there was room."""
+        time.sleep(FULL_WAIT_S)
+
     def _intake_loop(self) -> None:
         try:
             self._take_tasks()
@@ -219,4 +222,7 @@ class BatchWorker(WorkerBase):
             if entries:
                 self.work_arrived.set()
             elif count <= 0:
-                time.sleep(FULL_WAIT_S if draining or free <= 0 else self.LOOK_AGAIN_S)
+                if draining or free <= 0:
+                    time.sleep(FULL_WAIT_S)
+                else:
+                    self._look_again()

@@ -18,8 +18,8 @@ A request's life on this worker, as states:
                 stream, it first looks at the oldest task nobody has taken and leaves
                 it, for at most --prefix-route-wait-ms, to a live colocated peer that
                 holds a longer cached prefix of it and holds no more requests; it
-                then reads without waiting and looks again every LOOK_S when there
-                was nothing (core/prefix_routing.py).
+                then reads without waiting, and with nothing to read waits for the
+                next task in a plain XREAD, which takes none (core/prefix_routing.py).
                 Malformed, duplicate, aborted and expired tasks end here; a task
                 delivered too often is dead-lettered and its client gets an error.
     WAITING     in the engine's queue. Its stream entry stays pending under this
@@ -63,7 +63,6 @@ IDLE_WAIT_S = 0.05  # the main loop's wait for work when it has none
 
 class ColocatedWorker(BatchWorker):
     READ_BLOCK_MS = 200  # how long one read waits for a task when there is room
-    LOOK_AGAIN_S = WorkerRouting.LOOK_S  # routing: idle, look at the stream this often
 
     def __init__(self, config: WorkerConfig, engine_config: EngineConfig) -> None:
         # Preempted sequences are recomputed here.
@@ -156,3 +155,9 @@ class ColocatedWorker(BatchWorker):
         # A blocked read would take the next task unjudged: routing reads only what
         # is there, and looks again after LOOK_AGAIN_S.
         return None if self._judging else self.READ_BLOCK_MS
+
+    def _look_again(self) -> None:
+        if self._judging:
+            self.routing.pause(self.intake)  # for the next task, or the one left for a peer
+        else:
+            super()._look_again()
