@@ -59,7 +59,7 @@ def test_two_prefill_workers_route_a_repeated_prefix_to_its_holder():
     two_rate, each, workers = _run("--prefill-workers", "2", "--prefix-route-wait-ms", "3000")
     # The first question of each system misses; every later one finds its system
     # prompt, wherever the first one was prefilled.
-    assert each[:2] == [0, 0] and all(c > 0 for c in each[2:]), each
+    assert each[:2] == [0, 0] and all(c > 0 for c in each[2:]), str(each)
     assert abs(two_rate - one_rate) <= 0.05, (one_rate, two_rate)
     prefill = [w for w in workers if w.role == "prefill"]
     assert len(prefill) == 2
@@ -119,7 +119,7 @@ def test_two_colocated_workers_route_a_repeated_prefix_to_its_holder(uncached):
         stop_service(svc)
     # The first question of each system misses; every later one goes to the worker that
     # prefilled its system prompt first, and finds it there.
-    assert each[:2] == [0, 0] and all(c > 0 for c in each[2:]), each
+    assert each[:2] == [0, 0] and all(c > 0 for c in each[2:]), str(each)
     for system, servers in served_by.items():
         assert servers == [servers[0]] * len(QUESTIONS), (system[:20], servers)
     two_rate = cached / prompt
