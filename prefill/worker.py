@@ -391,6 +391,10 @@ class PrefillWorker(WorkerBase):
                 flight.src_blocks = list(self.kv.block_table(seq.request_id))
                 self.shipping[seq.request_id] = flight.entry_id
                 leaving.append(flight)
+        # The blocks this step cached and the load without the tasks leaving, before
+        # any token: once a client has its answer, a peer judging its next request
+        # must see this worker as it is (the call after the step would be late).
+        self._publish_cached_blocks()
         publish_safely(self.redis, deltas)  # first tokens out before any KV moves
         if leaving:
             self.shipper.submit(leaving)
