@@ -32,13 +32,12 @@ things (a prefill worker's tasks leave it at the handoff, a colocated worker's s
 the last token), and a task taken by the other kind is served all the same. Every
 reader of the stream counts for `WorkerRouting.active`, though: while any other worker
 reads, a routing worker never blocks in its read (a blocked reader takes each new task
-unjudged the moment it arrives, so the peers' judgement would be moot). Idle, a
-colocated worker waits for the next task in a plain XREAD instead, which takes nothing
-and wakes with the task (`WorkerRouting.pause`). A prefill worker still looks every
-LOOK_S: its load drops when its main loop settles a handoff, which may come after the
-decode worker has answered the client, so a peer judging the next request at the
-instant it arrives would often see it busier than it is (a colocated worker publishes
-its load before a request's last token).
+unjudged the moment it arrives, so the peers' judgement would be moot). Idle, it waits
+for the next task in a plain XREAD instead, which takes nothing and wakes with the task
+(`WorkerRouting.pause`). All peers wake together and judge at once, so a worker
+publishes its blocks and load before the tokens of the step that changed them (a
+prefill worker before a first token, a colocated worker before a last one): once a
+client has its answer, its next request is judged against them.
 
 A worker-side decision rather than per-worker streams fed by a router: no task ever
 sits in a stream only one worker reads, so a worker's death needs no new recovery path.
@@ -218,9 +217,7 @@ class WorkerRouting:
     """A prefill or colocated worker's side of routing: what it publishes, and whether
     it reads."""
 
-    # A task left for a peer (and, on a prefill worker, no task at all): look again
-    # after this.
-    LOOK_S = 0.01
+    LOOK_S = 0.01  # a task left for a peer: look at it again after this
     IDLE_WAIT_MS = 50  # no task waits: wait this long at most for one (see pause)
 
     def __init__(

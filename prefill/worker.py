@@ -206,7 +206,7 @@ class PrefillWorker(WorkerBase):
             block_ms = None  # see WorkerRouting.room
             room = self.routing.room(self.intake, room, self._load())
             if not room and not busy:
-                time.sleep(WorkerRouting.LOOK_S)
+                self.routing.pause(self.intake)
         held = {rid: f.entry_id for rid, f in self.inflight.items()}
         held.update(self.shipping)
         held.update((task.request_id, entry_id) for entry_id, task, _ in self.waiting_room)
