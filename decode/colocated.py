@@ -153,7 +153,7 @@ class ColocatedWorker(BatchWorker):
 
     def _read_block_ms(self) -> int | None:
         # A blocked read would take the next task unjudged: routing reads only what
-        # is there, and looks again after LOOK_AGAIN_S.
+        # is there, and waits for the next task in _look_again (taking nothing).
         return None if self._judging else self.READ_BLOCK_MS
 
     def _look_again(self) -> None:
