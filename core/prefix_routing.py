@@ -4,12 +4,14 @@ Tasks stay in the one prefill stream, read through the one consumer group, so re
 dead letters and aborts work as before (core/task_intake.py). What changes is *who
 reads the next task*:
 
-- every prefill worker mirrors the hashes of its cached blocks (prefix_hash.py) into a
-  Redis set, and how many tasks it holds into a counter, both expiring with its
-  registry entry (`HashPublisher`): changes go out after the step that made them,
-  the TTL is renewed by the heartbeat, so an evicted block leaves the set at once and a
-  dead worker's keys are gone one registry TTL after its last heartbeat (the registry
-  entry's own figures are up to a heartbeat old: too late to route by);
+- every prefill and colocated worker mirrors the hashes of its cached blocks
+  (prefix_hash.py) into a Redis set, and how many tasks it holds into a counter, both
+  expiring with its registry entry (`HashPublisher`): changes go out after the step
+  that made them, the TTL is renewed by the heartbeat, so an evicted block leaves the
+  set at once and a dead worker's keys are gone one registry TTL after its last
+  heartbeat (the registry entry's own figures are up to a heartbeat old: too late to
+  route by). A prefill worker's load is the tasks it has not handed off yet; a
+  colocated worker's, its requests running or waiting (it keeps them to the end);
 - a decode worker that prefills short remainders itself (`local_prefill_uncached_tokens`,
   core/local_prefill.py) publishes the same way: its set, and as its load how many
   more local prefills it would refuse (max_local_prefills minus its room);
@@ -17,10 +19,25 @@ reads the next task*:
   stream's backlog) and leaves it for a live peer that will do better with it
   (`PrefixRouter.defers`): a decode worker whose cache leaves at most its
   `local_prefill_uncached_tokens` of the task to compute and that has room for one
-  more local prefill (no prefill, no transfer at all), else a prefill peer that holds a
-  longer cached prefix of it and is not busier than itself. The peer reads it on its
-  next poll. A task is left alone at most `wait_ms` (by Redis' clock): past that,
-  whoever reads first takes it, so a busy or dead peer delays a task, never strands it.
+  more local prefill (no prefill, no transfer at all), else a peer *of its own role*
+  that holds a longer cached prefix of it and is not busier than itself. The peer
+  reads it on its next look. A task is left alone at most `wait_ms` (by Redis' clock):
+  past that, whoever reads first takes it, so a busy or dead peer delays a task, never
+  strands it.
+
+Peers by role: a prefill worker leaves tasks to prefill workers, a colocated worker to
+colocated workers (and either to a decode worker that prefills the rest itself). In a
+mixed deployment the two kinds never wait for each other: their loads mean different
+things (a prefill worker's tasks leave it at the handoff, a colocated worker's stay to
+the last token), and a task taken by the other kind is served all the same. Every
+reader of the stream counts for `WorkerRouting.active`, though: while any other worker
+reads, a routing worker never blocks in its read (a blocked reader takes each new task
+unjudged the moment it arrives, so the peers' judgement would be moot). Idle, it waits
+for the next task in a plain XREAD instead, which takes nothing and wakes with the task
+(`WorkerRouting.pause`). All peers wake together and judge at once, so a worker
+publishes its blocks and load before the tokens of the step that changed them (a
+prefill worker before a first token, a colocated worker before a last one): once a
+client has its answer, its next request is judged against them.
 
 A worker-side decision rather than per-worker streams fed by a router: no task ever
 sits in a stream only one worker reads, so a worker's death needs no new recovery path.
@@ -117,8 +134,10 @@ class PrefixRouter:
         kv: KVCacheManager,
         wait_ms: float,
         peers_ttl_s: float = 1.0,
+        role: str = "prefill",
     ) -> None:
         self.client, self.model, self.worker_id, self.kv = client, model, worker_id, kv
+        self.role = role  # the role of this worker, hence of the peers it leaves tasks to
         self.wait_ms = wait_ms
         self.peers_ttl_s = peers_ttl_s
         self._peers: list = []
@@ -130,8 +149,9 @@ class PrefixRouter:
 
     def defers(self, backlog: Backlog | None, my_load: int) -> bool:
         """True: leave `backlog`'s task to a decode worker that would prefill what
-        its cache lacks of it itself, or to a prefill peer that holds more of its
-        prefix and no more tasks than `my_load` (the tasks this worker holds)."""
+        its cache lacks of it itself, or to a peer of this worker's role that holds
+        more of its prefix and no more tasks than `my_load` (the tasks this worker
+        holds)."""
         if backlog is None or backlog.task is None or backlog.age_ms >= self.wait_ms:
             return False
         now = time.monotonic()
@@ -147,13 +167,13 @@ class PrefixRouter:
     def _better_peer(self, backlog: Backlog, my_load: int) -> bool:
         task = backlog.task
         tokens = task.prompt_token_ids + task.output_token_ids
-        peers = self.live_peers()
+        peers = [p for p in self.live_peers() if p.role in (self.role, "decode")]
         if not peers:
             return False
         chain = self.kv.usable_chain(tokens, task.sampling.cache_salt)
         mine = self.kv.num_cached_leading(chain)
-        if (not chain or mine == len(chain)) and all(p.role == "prefill" for p in peers):
-            return False  # no prefill peer can hold more than this worker
+        if (not chain or mine == len(chain)) and all(p.role == self.role for p in peers):
+            return False  # no peer of this role can hold more than this worker
         short = [h[:PUBLISHED_HASH_BYTES] for h in chain]
         pipe = self.client.pipeline(transaction=False)
         for peer in peers:
@@ -161,7 +181,7 @@ class PrefixRouter:
             if short:
                 pipe.smismember(cached_blocks_key(self.model, peer.worker_id), short)
         answers = iter(pipe.execute())
-        best = 0  # the longest prefix a prefill peer no busier than this one holds
+        best = 0  # the longest prefix a peer of this role no busier than this one holds
         for peer in peers:
             load = int(next(answers) or 0)
             held = leading_present(next(answers)) if short else 0
@@ -176,15 +196,15 @@ class PrefixRouter:
         return best > mine
 
     def live_peers(self) -> list:
-        """Live workers a task can be left for, this one aside: prefill workers, and
-        decode workers that prefill short remainders (refreshed at most every
-        peers_ttl_s)."""
+        """Live workers that read the stream, this one aside: prefill and colocated
+        workers, and decode workers that prefill short remainders (refreshed at most
+        every peers_ttl_s). Tasks are left only to some of them (_better_peer)."""
         now = time.monotonic()
         if now - self._peers_at > self.peers_ttl_s:
             self._peers = [
                 w
                 for w in list_workers(self.client)
-                if (w.role == "prefill" or w.role == "decode" and w.local_prefill_uncached_tokens)
+                if (w.role != "decode" or w.local_prefill_uncached_tokens)
                 and w.model == self.model
                 and w.worker_id != self.worker_id
                 and not w.draining
@@ -194,16 +214,25 @@ class PrefixRouter:
 
 
 class WorkerRouting:
-    """A prefill worker's side of routing: what it publishes, and whether it reads."""
+    """A prefill or colocated worker's side of routing: what it publishes, and whether
+    it reads."""
 
-    LOOK_S = 0.01  # idle with nothing to read: look at the stream again after this
+    LOOK_S = 0.01  # a task left for a peer: look at it again after this
+    IDLE_WAIT_MS = 50  # no task waits: wait this long at most for one (see pause)
 
     def __init__(
         self, client: redis.Redis, model: str, worker_id: str, kv: KVCacheManager, config
     ) -> None:
         self.publisher = HashPublisher(client, model, worker_id, kv, config.registry_ttl_s)
+        self._nothing_waits = False  # what the last room() saw
         self.router = PrefixRouter(
-            client, model, worker_id, kv, config.prefix_route_wait_ms, config.heartbeat_s
+            client,
+            model,
+            worker_id,
+            kv,
+            config.prefix_route_wait_ms,
+            config.heartbeat_s,
+            config.role,
         )
 
     @classmethod
@@ -217,10 +246,11 @@ class WorkerRouting:
 
     @property
     def active(self) -> bool:
-        """Whether there is a live peer to leave tasks for. Without one the worker
-        reads as it would without routing (blocking when idle): a worker that only
-        peeks loses every new task to a peer blocked in its read (a colocated
-        worker), which would leave it idle. False while Redis is unreachable."""
+        """Whether another live worker reads the stream. Without one the worker reads
+        as it would without routing (blocking when idle); with one it never blocks in
+        a read (see room), and neither does any other routing worker, so none takes
+        a new task unjudged. (A worker with routing off still blocks: one that only
+        peeks loses every new task to it.) False while Redis is unreachable."""
         try:
             return bool(self.router.live_peers())
         except redis.RedisError as exc:
@@ -236,6 +266,7 @@ class WorkerRouting:
         goes). The read that follows must not block: a blocked reader gets the next
         task whoever holds its prefix."""
         backlog = intake.backlog()
+        self._nothing_waits = backlog is None
         if backlog is None:
             return room if intake.reclaim_due else 0
         try:
@@ -243,6 +274,15 @@ class WorkerRouting:
         except redis.RedisError as exc:  # read as if routing were off
             log.warning("could not look up the peers' cached blocks: %s", exc)
             return room
+
+    def pause(self, intake: TaskIntake) -> None:
+        """After room() said read nothing: while a task is left for a peer, look again
+        in LOOK_S; while none waits, until one arrives (TaskIntake.wait_for_task, woken
+        by the XADD, so an idle worker takes a new request at once) or IDLE_WAIT_MS."""
+        if self._nothing_waits:
+            intake.wait_for_task(self.IDLE_WAIT_MS)
+        else:
+            time.sleep(self.LOOK_S)
 
     def publish(self, load: int) -> None:
         """Blocks cached since the last call and the tasks held now, to Redis at once

@@ -214,8 +214,8 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     evictions: int = 0
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
-    # Prefill: tasks left for a peer holding a longer cached prefix, or for a decode
-    # worker that prefills the rest itself.
+    # Prefill, colocated: tasks left for a peer holding a longer cached prefix, or for
+    # a decode worker that prefills the rest itself.
     routed_to_peers: int = 0
     kv_bytes_sent: int = 0  # prefill: KV bytes shipped to decode workers since start
     # Prefill: reservations placed on the decode worker holding the longest prefix of

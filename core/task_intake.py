@@ -15,6 +15,8 @@ same way, under the same at-least-once rules:
 
 A decode worker, which prefills only some tasks (core.local_prefill), looks at
 backlog() before it polls for one task; it may poll for exactly that one (`only`).
+A worker that judges each task before reading it (core.prefix_routing) waits for the
+next one with wait_for_task(), which takes nothing.
 
 A lost Redis is survived here: poll() and backlog() log it, back off, recreate the stream
 and the group (a restarted Redis lost them) and return nothing.
@@ -68,6 +70,7 @@ class TaskIntake:
         self.consumer = consumer
         self.config = config
         self._last_reclaim = 0.0
+        self._last_delivered: bytes | None = None  # the group's, as backlog() last saw it
 
     def ensure_group(self) -> None:
         ensure_group(self.client, self.stream)
@@ -100,6 +103,21 @@ class TaskIntake:
         """The oldest task that no worker has been given yet (None: there is none)."""
         return self._surviving(self._backlog, None)
 
+    def wait_for_task(self, block_ms: int) -> bool:
+        """Wait at most `block_ms` for a task that no worker has been given; True once
+        one may be there. A plain XREAD after the last entry the group had handed out
+        when backlog() last looked: it takes nothing (a blocked XREADGROUP would take
+        the task the moment it arrives, before anyone judged it) and wakes with the
+        XADD; a task added since that look returns it at once."""
+        last = self._last_delivered
+        if last is None:  # no look yet, or the group was gone
+            time.sleep(block_ms / 1000)
+            return False
+        return self._surviving(
+            lambda: bool(self.client.xread({self.stream: last}, count=1, block=block_ms)),
+            False,
+        )
+
     def _surviving(self, call: Callable[[], T], lost: T) -> T:
         """call(), or `lost` after a Redis outage or a lost stream, which it repairs."""
         try:
@@ -126,6 +144,7 @@ class TaskIntake:
             ),
             None,
         )
+        self._last_delivered = last
         if last is None:  # a restarted Redis, whose stream a new task made again
             log.warning("the prefill stream's group is gone (Redis restarted?)")
             self.ensure_group()

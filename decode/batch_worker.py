@@ -189,6 +189,14 @@ class BatchWorker(WorkerBase):
         the one entry to read if only that one (TaskIntake.poll's `only`)."""
         raise NotImplementedError
 
+    def _read_block_ms(self) -> int | None:
+        """How long the read after _claims may wait for a new task (None: not at all)."""
+        return self.READ_BLOCK_MS
+
+    def _look_again(self) -> None:
+        """Pause after _claims chose to read nothing though there was room."""
+        time.sleep(FULL_WAIT_S)
+
     def _intake_loop(self) -> None:
         try:
             self._take_tasks()
@@ -207,11 +215,14 @@ class BatchWorker(WorkerBase):
             room, received, spare_blocks = self._room
             free = room - (self._taken - received)
             count, only = (0, None) if draining or free <= 0 else self._claims(free, spare_blocks)
-            entries = self.intake.poll(count, self.READ_BLOCK_MS, self._held, only)
+            entries = self.intake.poll(count, self._read_block_ms(), self._held, only)
             for entry in entries:
                 self._taken += 1
                 self.arrivals.put(entry)
             if entries:
                 self.work_arrived.set()
             elif count <= 0:
-                time.sleep(FULL_WAIT_S)
+                if draining or free <= 0:
+                    time.sleep(FULL_WAIT_S)
+                else:
+                    self._look_again()

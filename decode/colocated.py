@@ -14,6 +14,12 @@ A request's life on this worker, as states:
                 while this worker had room: free sequence slots, free KV blocks beyond
                 what the requests in hand still need, and less than one step's token
                 budget of prompts waiting. A busy worker leaves tasks to its peers.
+                With prefix caching and routing on and another worker reading the
+                stream, it first looks at the oldest task nobody has taken and leaves
+                it, for at most --prefix-route-wait-ms, to a live colocated peer that
+                holds a longer cached prefix of it and holds no more requests; it
+                then reads without waiting, and with nothing to read waits for the
+                next task in a plain XREAD, which takes none (core/prefix_routing.py).
                 Malformed, duplicate, aborted and expired tasks end here; a task
                 delivered too often is dead-lettered and its client gets an error.
     WAITING     in the engine's queue. Its stream entry stays pending under this
@@ -44,6 +50,7 @@ import logging
 import os
 
 from tandem.core.config import WorkerConfig
+from tandem.core.prefix_routing import WorkerRouting
 from tandem.core.protocol import WorkerInfo
 from tandem.decode.batch_worker import BatchWorker
 from tandem.engine.engine import Engine, EngineConfig, StepFailed
@@ -60,6 +67,14 @@ class ColocatedWorker(BatchWorker):
     def __init__(self, config: WorkerConfig, engine_config: EngineConfig) -> None:
         # Preempted sequences are recomputed here.
         super().__init__(config, Engine(engine_config))
+        # KV-aware routing (None: caching or routing off); its publisher also rides
+        # the heartbeat (TTL) and goes with the registry entry.
+        self.routing = WorkerRouting.of(
+            self.redis, self.engine.name, self.worker_id, self.kv, config
+        )
+        self.hash_publisher = self.routing.publisher if self.routing else None
+        self._published_load: int | None = None  # main loop: as last sent to routing
+        self._judging = False  # intake thread: its last _claims went through routing
 
     def snapshot(self) -> WorkerInfo:
         sched = self.engine.scheduler
@@ -74,6 +89,7 @@ class ColocatedWorker(BatchWorker):
             waiting=len(sched.waiting),
             preemptions=sched.num_preemptions,
             admitted=self.from_stream,
+            routed_to_peers=self.routing.router.num_deferred if self.routing else 0,
             draining=self.draining,
         )
 
@@ -99,10 +115,13 @@ class ColocatedWorker(BatchWorker):
                     except StepFailed as failed:
                         self._fail_step(failed)
                         got = failed.got  # the rest of the step's tokens
+                    finishing = sum(1 for seq in got if seq.is_finished)
+                    self._publish_routing(len(self.requests) - finishing)
                     self._publish_step(got)
                 elif self.draining and self._intake_settled() and not self.requests:
                     break
                 else:
+                    self._publish_routing(len(self.requests))
                     self.work_arrived.wait(IDLE_WAIT_S)
                     self.work_arrived.clear()
         finally:
@@ -110,5 +129,35 @@ class ColocatedWorker(BatchWorker):
             self.outbox.close()  # the last tokens go out before the registry entry goes
             self.shutdown()
 
+    def _publish_routing(self, load: int) -> None:
+        """The blocks cached since the last call and `load` (requests held once the
+        step's finished ones are gone) to Redis, queued before the step's tokens: once
+        a request's last token is out, a peer judging where the next request with its
+        prefix goes sees this worker's blocks and load as they are."""
+        if self.routing is None:
+            return
+        if load != self._published_load or self.routing.publisher.pending:
+            self._published_load = load
+            self.outbox.call(self.routing.publish, load)
+
     def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None]:
-        return free, None  # room() already counted the blocks
+        """All `free` tasks (room() already counted the blocks), or none while the
+        oldest waiting task is left for a peer (WorkerRouting.room). On the intake
+        thread: the router only looks hashes up, a stale answer costs a cache hit."""
+        self._judging = self.routing is not None and self.routing.active
+        if not self._judging:
+            return free, None
+        _, received, _ = self._room
+        load = len(self._held) + self._taken - received  # held, and on their way in
+        return self.routing.room(self.intake, free, load), None
+
+    def _read_block_ms(self) -> int | None:
+        # A blocked read would take the next task unjudged: routing reads only what
+        # is there, and waits for the next task in _look_again (taking nothing).
+        return None if self._judging else self.READ_BLOCK_MS
+
+    def _look_again(self) -> None:
+        if self._judging:
+            self.routing.pause(self.intake)  # for the next task, or the one left for a peer
+        else:
+            super()._look_again()

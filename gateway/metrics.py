@@ -62,7 +62,7 @@ WORKER_FIGURES = {
     "kv_bytes_sent": ("kv_bytes_sent", "prefill: KV bytes shipped to decode since start"),
     "routed_to_peers": (
         "routed_to_peers",
-        "prefill: tasks left for a peer holding a longer cached prefix, since start",
+        "prefill, colocated: tasks left for a peer holding a longer cached prefix, since start",
     ),
     "decode_by_prefix": (
         "decode_by_prefix",

@@ -203,7 +203,7 @@ class PrefillWorker(WorkerBase):
             block_ms = None  # see WorkerRouting.room
             room = self.routing.room(self.intake, room, self._load())
             if not room and not busy:
-                time.sleep(WorkerRouting.LOOK_S)
+                self.routing.pause(self.intake)
         held = {rid: f.entry_id for rid, f in self.inflight.items()}
         held.update(self.shipping)
         held.update((task.request_id, entry_id) for entry_id, task, _ in self.waiting_room)
@@ -377,6 +377,10 @@ class PrefillWorker(WorkerBase):
                 flight.src_blocks = list(self.kv.block_table(seq.request_id))
                 self.shipping[seq.request_id] = flight.entry_id
                 leaving.append(flight)
+        # The blocks this step cached and the load without the tasks leaving, before
+        # any token: once a client has its answer, a peer judging its next request
+        # must see this worker as it is (the call after the step would be late).
+        self._publish_cached_blocks()
         publish_safely(self.redis, deltas)  # first tokens out before any KV moves
         if leaving:
             self.shipper.submit(leaving)

@@ -190,7 +190,7 @@ class Service:
                 self.redis_url,
                 *(transfer if role != "colocated" else []),
                 *(local_prefill if role == "decode" else []),
-                *(routing if role == "prefill" else []),
+                *(routing if role in ("prefill", "colocated") else []),
             ]
             gpus = getattr(self.args, f"{role}_gpus")
             for i in range(getattr(self.args, f"{role}_workers")):

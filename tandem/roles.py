@@ -42,15 +42,15 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
 
 def add_prefix_route_arg(p: argparse.ArgumentParser) -> None:
     """KV-aware routing (core/prefix_routing.py); `tandem serve` passes it to its
-    prefill workers."""
+    prefill and colocated workers."""
     p.add_argument(
         "--prefix-route-wait-ms",
         type=float,
         default=200.0,
         metavar="MS",
         dest="prefix_route_wait_ms",
-        help="prefill: leave a task up to MS ms for a live peer that holds a longer "
-        "cached prefix of it (0: take tasks in stream order)",
+        help="prefill and colocated: leave a task up to MS ms for a live peer of the "
+        "same role that holds a longer cached prefix of it (0: take tasks in stream order)",
     )
 
 

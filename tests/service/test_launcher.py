@@ -245,9 +245,11 @@ def test_prefix_flags_reach_the_workers_that_use_them(monkeypatch):
     assert len(workers) == 3
     for cmd in workers:
         assert "--no-prefix-caching" in cmd
-        assert ("--prefix-route-wait-ms" in cmd) == ("prefill" in cmd), cmd
-    (prefill,) = [cmd for cmd in workers if "prefill" in cmd]
-    assert _engine_value(prefill, "--prefix-route-wait-ms") == "750"
+        # Prefill and colocated workers route tasks; a decode worker takes handoffs.
+        assert ("--prefix-route-wait-ms" in cmd) == ("decode" not in cmd), cmd
+    for command in ("prefill", "worker"):
+        (routing,) = [cmd for cmd in workers if command in cmd]
+        assert _engine_value(routing, "--prefix-route-wait-ms") == "750"
 
 
 def test_the_stream_write_timeout_reaches_the_gateway(monkeypatch):

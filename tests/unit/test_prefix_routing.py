@@ -1,20 +1,29 @@
 """KV-aware routing against a real redis-server: the published hash sets follow the
 cache (adds, evictions, worker death) and a worker leaves a task to the peer holding
-its prefix only while that is worth it."""
+its prefix only while that is worth it, and only to a peer of its own role (prefill or
+colocated) or a decode worker that prefills the rest itself."""
 
 from __future__ import annotations
 
 import time
 
+from tandem.core.config import WorkerConfig
 from tandem.core.kv_cache_manager import KVCacheManager
 from tandem.core.local_prefill import Backlog
 from tandem.core.prefix_hash import prefix_hashes
-from tandem.core.prefix_routing import PUBLISHED_HASH_BYTES, HashPublisher, PrefixRouter
+from tandem.core.prefix_routing import (
+    PUBLISHED_HASH_BYTES,
+    HashPublisher,
+    PrefixRouter,
+    WorkerRouting,
+)
 from tandem.core.protocol import PrefillTask, WorkerInfo
+from tandem.core.redis_client import add_task
 from tandem.core.redis_keys import cached_blocks_key
 from tandem.core.registry import publish_worker, remove_worker
 from tandem.core.sampling_params import SamplingParams
 from tandem.core.sequence import Sequence
+from tandem.core.task_intake import TaskIntake
 
 BS = 4
 SALT = "m|float32"
@@ -166,3 +175,81 @@ def test_router_leaves_a_task_mostly_cached_on_a_decode_worker_to_it(client):
         assert router.live_peers() == []
     finally:
         remove_worker(client, "decoder")
+
+
+def _peer(client, name: str, role: str, draining: bool = False) -> None:
+    info = WorkerInfo(worker_id=name, role=role, model="m", pid=3, draining=draining)
+    publish_worker(client, info, 30)
+
+
+def test_a_colocated_worker_leaves_a_task_only_to_a_colocated_holder(client):
+    holder, mine = _kv(), _kv()
+    events = HashPublisher(client, "m", "co-holder", holder, 30)
+    _prefill(holder, "old", PROMPT)
+    events.flush()
+    events.set_load(1)  # the requests it holds, running or waiting
+    _peer(client, "co-holder", "colocated")
+    router = PrefixRouter(client, "m", "co-me", mine, 200, peers_ttl_s=0, role="colocated")
+    task = _task(PROMPT + [77])
+    try:
+        assert router.defers(Backlog(b"1-0", task, age_ms=5), my_load=1)
+        assert not router.defers(Backlog(b"2-0", task, age_ms=5), my_load=0)  # busier
+        assert not router.defers(Backlog(b"1-0", task, age_ms=250), my_load=1)  # waited
+        # The same blocks on a prefill worker: it reads the stream (so nobody here
+        # blocks in a read), but a colocated worker does not wait for it...
+        _peer(client, "co-holder", "prefill")
+        assert [p.worker_id for p in router.live_peers()] == ["co-holder"]
+        assert not router.defers(Backlog(b"3-0", task, age_ms=5), my_load=5)
+        # ...nor a prefill worker for a colocated holder: their loads mean different
+        # things (a colocated worker keeps its requests to the last token).
+        _peer(client, "co-holder", "colocated")
+        prefill = PrefixRouter(client, "m", "p-me", _kv(), 200, peers_ttl_s=0)
+        assert not prefill.defers(Backlog(b"4-0", task, age_ms=5), my_load=5)
+        # A draining holder reads nothing: neither waited for nor a reader.
+        _peer(client, "co-holder", "colocated", draining=True)
+        assert not router.defers(Backlog(b"5-0", task, age_ms=5), my_load=5)
+        assert router.live_peers() == []
+    finally:
+        remove_worker(client, "co-holder")
+        client.delete(events.key, events.load_key)
+
+
+def test_colocated_routing_judges_the_oldest_task_of_the_stream(client):
+    config = WorkerConfig(redis_url="redis://unused", role="colocated")
+    mine, holder = _kv(), _kv()
+    intake = TaskIntake(client, "m", "co-a", config)
+    intake.ensure_group()
+    routing = WorkerRouting.of(client, "m", "co-a", mine, config)
+    holder_routing = WorkerRouting.of(client, "m", "co-b", holder, config)
+    for each in (routing, holder_routing):
+        each.router.peers_ttl_s = 0  # a fresh view of the peers on every look
+    assert not routing.active  # alone: it reads as it would without routing
+    _prefill(holder, "old", PROMPT)
+    holder_routing.publish(load=0)
+    _peer(client, "co-b", "colocated")
+    _peer(client, "co-a", "colocated")
+    taken = None
+    try:
+        assert routing.active and holder_routing.active
+        add_task(client, intake.stream, _task(PROMPT + [5, 6]))
+        # The holder reads it (and what follows, unjudged); this worker leaves it.
+        assert routing.room(intake, 4, load=0) == 0
+        assert holder_routing.room(intake, 4, load=0) == 4
+        assert routing.router.num_deferred == 1
+        (taken,) = intake.poll(4, None, {})
+        assert taken[1].prompt_token_ids == PROMPT + [5, 6]
+        # Nothing waits: no read at all (one would take a task arriving meanwhile
+        # unjudged) unless a dead worker's tasks may be due for reclaim.
+        assert not intake.reclaim_due
+        assert routing.room(intake, 4, load=0) == 0
+        # No routing without prefix caching, or with no wait.
+        off = KVCacheManager(16, BS, enable_prefix_caching=False, salt=SALT)
+        assert WorkerRouting.of(client, "m", "co-c", off, config) is None
+        no_wait = WorkerConfig(redis_url="redis://unused", role="colocated", prefix_route_wait_ms=0)
+        assert WorkerRouting.of(client, "m", "co-c", mine, no_wait) is None
+    finally:
+        for name in ("co-a", "co-b"):
+            remove_worker(client, name)
+        client.delete(holder_routing.publisher.key, holder_routing.publisher.load_key)
+        if taken is not None:
+            intake.ack(taken[0])

@@ -4,6 +4,7 @@ prefilling) decode workers, against a real redis-server (no model, no torch)."""
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 
@@ -199,3 +200,25 @@ def test_only_reads_that_entry_and_only_while_it_is_the_next_one_handed_out(clie
     }
     assert judge.poll(1, None, {}, only=second) == []  # delivered once only
     assert judge.poll(0, None, {}, only=b"1-0") == []  # no room: nothing read
+
+
+def test_waiting_for_a_task_wakes_with_its_arrival_and_takes_nothing(client, model):
+    intake = _intake(client, "w1", model)
+    assert not intake.wait_for_task(10)  # no look at the stream yet: nothing to wait from
+    assert intake.backlog() is None
+    assert not intake.wait_for_task(10)  # nothing arrives: False when the wait is over
+    # A task added after the look, before the wait: it returns at once.
+    add_task(client, intake.stream, _task("early"))
+    assert intake.wait_for_task(4000)
+    assert [t.request_id for _, t in intake.poll(1, None, {})] == ["early"]
+    assert intake.backlog() is None
+    # One added while it waits wakes it (a 4 s wait that timed out would say False).
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(intake.wait_for_task(4000)))
+    waiter.start()
+    add_task(client, intake.stream, _task("later"))
+    waiter.join(30)
+    assert woke == [True]
+    # Nothing taken: the task is still the group's next, for whoever judges it.
+    assert intake.backlog().task.request_id == "later"
+    assert [t.request_id for _, t in intake.poll(1, None, {})] == ["later"]
