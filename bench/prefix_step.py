@@ -114,6 +114,6 @@ def run(args: argparse.Namespace, engine: Engine) -> dict:
         params,
         figures,
         args.out_dir,
-        label=f"{args.shared_prefix_len}+{args.input_len}",
+        label=f"{args.shared_prefix_len}-shared-{args.input_len}-own",
     )
     return figures
