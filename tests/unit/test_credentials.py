@@ -7,10 +7,18 @@ import pytest
 
 from tandem.cli import build_parser
 from tandem.core.credentials import API_KEY_ENV, REDIS_URL_ENV
+from tandem.engine.checkpoint_resolver import resolve_model
 from tandem.gateway.main import config_from_args
 from tandem.roles import worker_config_from_args
 
 URL = "redis://:pw-in-url@127.0.0.1:6400/0"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def converted_model():
+    """The gateway needs the bundled model's tokenizer on disk; a worker converts it on
+    first start, so a run of this module alone converts it here."""
+    resolve_model("smollm2")
 
 
 @pytest.fixture(autouse=True)
