@@ -47,6 +47,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + KV
     attention_backend: str = "auto"  # auto (triton on cuda), torch, triton
     enforce_eager: bool = False  # CUDA: no CUDA graphs
+    # CUDA: steps of up to this many tokens that are not plain decodes replay piecewise
+    # graphs (engine/prefill_graphs.py); 0: they run eagerly.
+    prefill_graph_tokens: int = 512
     # Build step N+1's inputs on the host while the device runs step N (steady decode).
     overlap_scheduling: bool = True
     # ...and queue step N+1 on the device before waiting for step N's tokens, so the
@@ -67,6 +70,8 @@ class EngineConfig:
             raise ValueError("kv_cache_bytes must be positive")
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:
             raise ValueError("gpu_memory_utilization must be in [0.05, 0.99]")
+        if self.prefill_graph_tokens and not 16 <= self.prefill_graph_tokens <= 4096:
+            raise ValueError("prefill_graph_tokens must be 0 (off) or in [16, 4096]")
 
 
 class Engine:
@@ -115,7 +120,12 @@ class Engine:
         self.kv = self.kv_cache.blocks
         self.runner.attach_kv_cache(self.kv_cache)
         if cuda and not config.enforce_eager and self.runner.ops.name == "triton":
-            self.runner.capture_graphs(min(sched_cfg.max_num_seqs, 512), max_len)
+            prefill_tokens = min(config.prefill_graph_tokens, sched_cfg.max_num_batched_tokens)
+            self.runner.capture_graphs(
+                min(sched_cfg.max_num_seqs, 512),
+                max_len,
+                prefill_tokens if prefill_tokens >= 16 else 0,
+            )
         if cuda and self.runner.ops.name == "triton":
             warm_up_kernels(
                 self.runner, sched_cfg.max_num_seqs, sched_cfg.max_num_batched_tokens, max_len

@@ -68,6 +68,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
     p.add_argument(
+        "--prefill-graph-tokens",
+        type=int,
+        default=512,
+        help="CUDA: steps of up to this many tokens that are not plain decodes (short "
+        "prompts, cached-prefix remainders, mixed steps) replay piecewise CUDA graphs; "
+        "0: eager",
+    )
+    p.add_argument(
         "--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)"
     )
     p.add_argument(
@@ -92,6 +100,7 @@ def engine_config_from_args(args: argparse.Namespace):
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        prefill_graph_tokens=args.prefill_graph_tokens,
         cache=CacheConfig(
             block_size=args.block_size,
             num_blocks=args.num_blocks,

@@ -20,6 +20,7 @@ from tandem.engine.kv_cache import KVCache
 from tandem.engine.model_config import ModelConfig
 from tandem.engine.models import build_model
 from tandem.engine.ops import make_ops
+from tandem.engine.prefill_graphs import PrefillGraphs
 from tandem.engine.rope import rope_inv_freq
 from tandem.engine.sampler import SampleRequest, sample_tokens, top_logprobs
 from tandem.engine.warmup import synthetic_step
@@ -168,6 +169,7 @@ class ModelRunner:
         self.kv_cache: KVCache | None = None  # the engine's, once attached
         self.block_size = 16
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
 
     # -- KV cache ----------------------------------------------------------------------
     def kv_layout(self, block_size: int) -> KVLayout:
@@ -210,16 +212,23 @@ class ModelRunner:
         )
         return budget // per_block
 
-    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+    def capture_graphs(self, max_batch: int, max_model_len: int, prefill_tokens: int) -> None:
+        """Decode graphs up to `max_batch` sequences; piecewise graphs for other steps of
+        up to `prefill_tokens` tokens (0: none)."""
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(
             self.model, self.kv_cache.layers, max_batch, max_blocks, self.block_size, self.device
         )
         self.graphs.capture()
+        if prefill_tokens:
+            self.prefill_graphs = PrefillGraphs(
+                self.model, self.kv_cache.layers, prefill_tokens, self.device
+            )
+            self.prefill_graphs.capture()
 
     def release_gpu_memory(self) -> None:
         """Drop the KV cache, graphs and weights (the runner is unusable afterwards)."""
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if self.kv_cache is not None:
             self.kv_cache.release()
         self.kv_cache = None
@@ -289,7 +298,11 @@ class ModelRunner:
             if len(samplers) != meta.num_seqs:  # a 1-token prefill chunk mid-prompt
                 logits = logits[_to_device(inputs.sample_indices, torch.long, self.device)]
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.layers, meta)
+            prefill_graphs = self.prefill_graphs
+            if prefill_graphs is not None and len(inputs.input_ids) <= prefill_graphs.max_tokens:
+                hidden = prefill_graphs.run(inputs.input_ids, inputs.positions, meta)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.layers, meta)
             if samplers:
                 idx = _to_device(inputs.sample_indices, torch.long, self.device)
                 logits = self.model.compute_logits(hidden[idx])

@@ -98,6 +98,9 @@ class TritonOps(TorchOps):
         self._rotary_store_kv = rotary_store_kv
         self._rotary_decode, self._prefill = rotary_decode_attention, paged_prefill_attention
         self._decode = paged_decode_attention
+        # Set while engine/prefill_graphs.py captures a forward pass: called in place of
+        # the attention kernels (after the rotary KV store), it ends one graph piece.
+        self.split_attention = None
 
     def rms_norm(self, x, weight, eps):  # type: ignore[override]
         return self._rms_norm(x, weight, eps)
@@ -137,6 +140,13 @@ class TritonOps(TorchOps):
             )
         # One kernel rotates q and k and writes k and v into the cache.
         q = self._rotary_store_kv(q, k, v, positions, cos_sin_cache, cache, meta.slot_mapping)
+        if self.split_attention is not None:
+            return self.split_attention(q, cache, meta, scale)
+        return self.attend(q, cache, meta, scale)
+
+    def attend(self, q, cache, meta, scale, out=None):
+        """Attention of a step whose q is rotated and whose K/V are in the cache, into
+        `out` (like q) or a new tensor."""
         decodes = meta.num_decode_rows
         if decodes == 0:
             return self._prefill(
@@ -147,12 +157,13 @@ class TritonOps(TorchOps):
                 meta.context_lens,
                 scale,
                 meta.max_query_len,
+                out=out,
             )
         # A mixed step (chunked prefill beside decodes): the prefill kernel sizes its
         # query tiles by the longest chunk, so each decode row would compute up to 128
         # padded rows over its whole context; the decode kernel reads it once instead.
         # Sequence i < decodes is token i.
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         self._decode(
             q[:decodes],
             cache,

@@ -141,6 +141,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
         str(args.gpu_memory_utilization),
         "--attention-backend",
         args.attention_backend,
+        "--prefill-graph-tokens",
+        str(args.prefill_graph_tokens),
     ]
     if args.enforce_eager:
         flags.append("--enforce-eager")
