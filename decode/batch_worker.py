@@ -67,6 +67,12 @@ class BatchWorker(WorkerBase):
         self._received = 0  # tasks the main loop took off `arrivals`
         self._taken = 0  # tasks the intake thread put on `arrivals`
         self._intake_failure: Exception | None = None
+        # A task read but not yet admitted holds back the engine's launch ahead, so it
+        # joins the next step instead of waiting behind one more decode step.
+        engine.arrivals_pending = self._arrivals_waiting
+
+    def _arrivals_waiting(self) -> bool:
+        return not self.arrivals.empty()
 
     # -- main loop side ------------------------------------------------------------------
     def _start_intake(self) -> None:

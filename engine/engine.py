@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "EngineConfig", "StepFailed"]
 
 CPU_KV_CACHE_BYTES = 1 << 30
+# A step launched ahead is queued this long before the device is expected to finish the
+# step before it: time enough to launch a decode graph, short enough that a request
+# arriving meanwhile joins the next step instead of waiting behind one more decode step.
+LAUNCH_AHEAD_MARGIN_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,11 @@ class Engine:
         self._launch_ahead = (
             cuda if launch_ahead is None else launch_ahead
         ) and config.overlap_scheduling
+        # Set by a worker whose requests arrive on another thread: whether one waits to
+        # be admitted. A step is then launched ahead only late (see _wait_to_launch_ahead).
+        self.arrivals_pending: Callable[[], bool] | None = None
+        self._decode_step_s: float | None = None  # a decode step's device time, averaged
+        self._device_free_at = 0.0  # when the host last saw a step finish
         self.num_planned_steps = 0  # steps that ran on inputs built during the last one
         self.num_launched_ahead = 0  # ...of which queued before the last one's tokens
         log.info(
@@ -239,10 +250,12 @@ class Engine:
         culprits: list[str] = []
         try:
             pending = ahead[1] if ahead else self._prepare_and_launch(out, planned, lock)
-            self._plan_next(out, pending, lock)
+            started = max(pending.launched_at, self._device_free_at)
+            self._plan_next(out, pending, started, lock)
             try:
                 sampled, logprobs = pending.result()
             finally:
+                self._time_step(pending, started)
                 with lock:
                     self.kv.step_done(pending.step)
         except Exception:
@@ -272,7 +285,7 @@ class Engine:
             number = self.kv.step_launched()
         return self._launch(inputs, number, lock)
 
-    def _plan_next(self, out: SchedulerOutput, pending: PendingStep, lock) -> None:
+    def _plan_next(self, out: SchedulerOutput, pending: PendingStep, started: float, lock) -> None:
         """With overlap_scheduling, build (and maybe launch) the step after `out` while
         the device runs `out`. Only an optimisation: if building it raises, the next
         step is scheduled and built afresh (and isolated there if it raises again)."""
@@ -282,6 +295,11 @@ class Engine:
             with lock:
                 nxt = self.runner.prepare_next(out, pending.inputs, pending, self.kv)
                 if nxt is None or not self._may_launch_ahead(out):
+                    self._planned = nxt
+                    return
+            ready = self._wait_to_launch_ahead(pending, started)
+            with lock:
+                if not ready or not self._may_launch_ahead(out):
                     self._planned = nxt
                     return
                 number = self.kv.step_launched()
@@ -300,6 +318,33 @@ class Engine:
         self._ahead = (_next_decodes(out), launched)
         self.num_planned_steps += 1
         self.num_launched_ahead += 1
+
+    def _wait_to_launch_ahead(self, pending: PendingStep, started: float) -> bool:
+        """Where requests arrive on another thread, hold the launch ahead until shortly
+        before `pending` (which the device began near `started`) is expected to end;
+        False if a request arrived meanwhile, which then joins the next step."""
+        if self.arrivals_pending is None:
+            return True
+        if self._decode_step_s is None:
+            return not self.arrivals_pending()
+        launch_at = started + self._decode_step_s - LAUNCH_AHEAD_MARGIN_S
+        while not self.arrivals_pending():
+            left = launch_at - time.perf_counter()
+            if left <= 0 or pending.done():
+                return True
+            time.sleep(min(left, 0.0005))
+        return False
+
+    def _time_step(self, pending: PendingStep, started: float) -> None:
+        """Average the device time of decode steps (what _wait_to_launch_ahead expects
+        the next one to take); note when the device became free."""
+        now = time.perf_counter()
+        self._device_free_at = now
+        if pending.inputs is None or pending.inputs.meta.max_query_len != 1:
+            return
+        took = now - started
+        avg = self._decode_step_s
+        self._decode_step_s = took if avg is None else 0.8 * avg + 0.2 * took
 
     def _run_alone(
         self, chunks: list[ScheduledChunk], lock: AbstractContextManager

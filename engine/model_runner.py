@@ -5,6 +5,7 @@ samples."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +60,16 @@ class PendingStep:
         self._ready: torch.cuda.Event | None = None
         self.step = 0  # the KV cache manager's number for it (set by the engine)
         self.inputs: StepInputs | None = None  # what it ran, for building the next step
+        self.launched_at = time.perf_counter()
         if tokens is not None and tokens.device.type == "cuda":
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
+
+    def done(self) -> bool:
+        """Whether the device has finished the step (a CPU step finishes in its launch)."""
+        return self._ready is None or self._ready.query()
 
     def result(self) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
         if self.tokens is None:

@@ -5,11 +5,13 @@ step may still write."""
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 from tandem.core.config import CacheConfig, SchedulerConfig
 from tandem.core.sampling_params import SamplingParams
 from tandem.core.sequence import Sequence
-from tandem.engine.engine import EngineConfig
+from tandem.engine.engine import LAUNCH_AHEAD_MARGIN_S, EngineConfig
 from tandem.engine.llm import LLM
 
 
@@ -103,3 +105,50 @@ def test_blocks_freed_under_a_launched_step_wait_for_it(tiny_checkpoints):
     while engine.has_work:
         engine.step()
     assert engine.kv.num_used_blocks == 0
+
+
+def test_a_waiting_arrival_holds_the_launch_ahead_back(tiny_checkpoints):
+    """A worker's pending arrival (Engine.arrivals_pending) keeps the next step from
+    being launched ahead, so the arrival joins it; the tokens do not change."""
+    path, _ = tiny_checkpoints["qwen2"]
+    prompts = [[3 + i, 7, 11 + i] for i in range(4)]
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    runs = {}
+    for waiting in (False, True):
+        llm = _llm(path)
+        llm.engine.arrivals_pending = lambda waiting=waiting: waiting
+        runs[waiting] = [o.token_ids for o in llm.generate(prompts, sp)]
+        assert (llm.engine.num_launched_ahead > 0) is not waiting
+    assert runs[True] == runs[False]
+
+
+class _DeviceStep:
+    """A PendingStep stand-in that the device finishes at `end`."""
+
+    def __init__(self, end: float) -> None:
+        self.end = end
+
+    def done(self) -> bool:
+        return time.perf_counter() >= self.end
+
+
+def test_the_launch_ahead_waits_until_the_step_nearly_ends(tiny_checkpoints):
+    path, _ = tiny_checkpoints["qwen2"]
+    engine = _llm(path).engine
+    arrived = threading.Event()
+    engine.arrivals_pending = arrived.is_set
+    engine._decode_step_s = 0.2
+    # No arrival: launched LAUNCH_AHEAD_MARGIN_S before the expected end, not at once.
+    start = time.perf_counter()
+    assert engine._wait_to_launch_ahead(_DeviceStep(start + 1.0), start)
+    waited = time.perf_counter() - start
+    assert 0.2 - LAUNCH_AHEAD_MARGIN_S - 0.01 < waited < 0.5
+    # A step the device already finished: launched at once.
+    start = time.perf_counter()
+    assert engine._wait_to_launch_ahead(_DeviceStep(start), start - 0.5)
+    # An arrival while waiting: not launched ahead, and no longer waiting.
+    engine._decode_step_s = 5.0
+    threading.Timer(0.05, arrived.set).start()
+    start = time.perf_counter()
+    assert not engine._wait_to_launch_ahead(_DeviceStep(start + 10), start)
+    assert time.perf_counter() - start < 1.0

@@ -81,8 +81,10 @@ def test_mixed_steps_and_cached_prefixes_equal_eager(checkpoint):
 
 def test_bfloat16_llama_shape_graphs_match_the_eager_forward():
     """The real shape's kernels (bf16, head_dim 128, GQA 4:1) in the graphs: a prefill
-    step and a mixed step give the eager forward's hidden states, up to the rounding
-    of cuBLAS picking other tiles for the padded row count."""
+    step and a mixed step give the eager forward's hidden states, up to bf16 rounding:
+    cuBLAS tiles the padded row count differently, and 32 layers of random weights
+    grow that to ~2.4% of the norm (measured on an H100); a wrong buffer or a stale
+    attention output is off by the norm itself. The float32 tests above are exact."""
     llm = LLM(
         config=EngineConfig(
             model="llama-3.1-8b",
@@ -102,6 +104,6 @@ def test_bfloat16_llama_shape_graphs_match_the_eager_forward():
             eager = runner.model(ids, positions, layers, meta).float()
             graphs = runner.prefill_graphs.run(ids, positions, meta).float()
         assert graphs.shape == eager.shape
-        assert ((graphs - eager).norm() / eager.norm()).item() < 2e-2
+        assert ((graphs - eager).norm() / eager.norm()).item() < 5e-2
     assert runner.prefill_graphs.num_replays == 2
     runner.release_gpu_memory()
