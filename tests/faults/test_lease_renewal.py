@@ -117,11 +117,21 @@ def test_a_reservation_lost_while_prefilling_is_reserved_again_not_written(tmp_p
         # The decode worker lets the reservation go (as a lease that ran out would).
         prober = make_sender("zmq", "probe")
         try:
-            prober.release(cluster.worker("decode-0").control_address, "lost-once")
+            address = cluster.worker("decode-0").control_address
+
+            def released() -> bool:
+                # A release is fire-and-forget (a lost one is made good by the lease):
+                # sent again every few seconds until the registry shows it landed.
+                if cluster.worker("decode-0").reservations == 0:
+                    return True
+                if time.monotonic() >= resend_at[0]:
+                    prober.release(address, "lost-once")
+                    resend_at[0] = time.monotonic() + 5
+                return False
+
+            resend_at = [0.0]
             # Closed only once it was delivered: closing drops what is still queued.
-            cluster.wait_for(
-                lambda: cluster.worker("decode-0").reservations == 0, "the release to land"
-            )
+            cluster.wait_for(released, "the release to land")
         finally:
             prober.close()
         cluster.wait_for(
