@@ -36,6 +36,11 @@ def graph_buckets(max_batch: int) -> list[int]:
     )
 
 
+def smallest_bucket(buckets: list[int], size: int) -> int | None:
+    """The first of the ascending `buckets` that holds `size`; None if none does."""
+    return next((b for b in buckets if b >= size), None)
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -128,10 +133,7 @@ class DecodeGraphs:
         )
 
     def bucket_for(self, batch: int) -> int | None:
-        for b in self.buckets:
-            if b >= batch:
-                return b
-        return None
+        return smallest_bucket(self.buckets, batch)
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

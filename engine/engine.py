@@ -297,12 +297,14 @@ class Engine:
                 if nxt is None or not self._may_launch_ahead(out):
                     self._planned = nxt
                     return
-            ready = self._wait_to_launch_ahead(pending, started)
-            with lock:
-                if not ready or not self._may_launch_ahead(out):
-                    self._planned = nxt
-                    return
-                number = self.kv.step_launched()
+                number = self.kv.step_launched() if self.arrivals_pending is None else None
+            if number is None:  # a worker's: launched late, unless a request arrives
+                ready = self._wait_to_launch_ahead(pending, started)
+                with lock:
+                    if not ready or not self._may_launch_ahead(out):
+                        self._planned = nxt
+                        return
+                    number = self.kv.step_launched()
             try:
                 launched = self.runner.launch(nxt)
             except BaseException:
@@ -320,11 +322,9 @@ class Engine:
         self.num_launched_ahead += 1
 
     def _wait_to_launch_ahead(self, pending: PendingStep, started: float) -> bool:
-        """Where requests arrive on another thread, hold the launch ahead until shortly
-        before `pending` (which the device began near `started`) is expected to end;
-        False if a request arrived meanwhile, which then joins the next step."""
-        if self.arrivals_pending is None:
-            return True
+        """Hold the launch ahead until shortly before `pending` (which the device began
+        near `started`) is expected to end; False if a request arrived meanwhile
+        (arrivals_pending, set), which then joins the next step."""
         if self._decode_step_s is None:
             return not self.arrivals_pending()
         launch_at = started + self._decode_step_s - LAUNCH_AHEAD_MARGIN_S

@@ -27,6 +27,7 @@ import logging
 import torch
 
 from tandem.engine.attention import AttentionMetadata
+from tandem.engine.cuda_graphs import smallest_bucket
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +140,13 @@ class PrefillGraphs:
             self.ops.split_attention = None
         return bucket
 
-    def bucket_for(self, num_tokens: int) -> int | None:
-        for n in self.buckets:
-            if n >= num_tokens:
-                return n
-        return None
-
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """The step's final hidden states [tokens, hidden], through the smallest bucket
         that holds its tokens."""
         n = input_ids.shape[0]
-        size = self.bucket_for(n)
+        size = smallest_bucket(self.buckets, n)
         assert size is not None, "step larger than the biggest captured bucket"
         bucket = self.graphs[size]
         self.input_ids[:n].copy_(input_ids, non_blocking=True)

@@ -118,6 +118,7 @@ def test_a_reservation_lost_while_prefilling_is_reserved_again_not_written(tmp_p
         prober = make_sender("zmq", "probe")
         try:
             address = cluster.worker("decode-0").control_address
+            resend_at = [0.0]
 
             def released() -> bool:
                 # A release is fire-and-forget (a lost one is made good by the lease):
@@ -129,7 +130,6 @@ def test_a_reservation_lost_while_prefilling_is_reserved_again_not_written(tmp_p
                     resend_at[0] = time.monotonic() + 5
                 return False
 
-            resend_at = [0.0]
             # Closed only once it was delivered: closing drops what is still queued.
             cluster.wait_for(released, "the release to land")
         finally:

@@ -9,29 +9,14 @@ from tandem.core.sampling_params import SamplingParams
 from tandem.engine.engine import EngineConfig
 from tandem.engine.llm import LLM
 from tests.engine.conftest import hf_greedy, make_tiny_checkpoint
+from tests.gpu.conftest import SHAPE
 
 pytestmark = pytest.mark.gpu
 
-# head_dim 64 like real models; GQA 4:1.
-SHAPE = dict(
-    hidden_size=512,
-    intermediate_size=1024,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=2048,
-    num_hidden_layers=3,
-)
 PROMPTS = [
     [(7 * i + 3 * j) % 2000 + 2 for j in range(n)] for i, n in enumerate((1, 15, 16, 17, 90))
 ]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
-def checkpoint(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    hf = make_tiny_checkpoint(path, request.param, **SHAPE)
-    return path, hf.cuda().eval()
 
 
 def _llm(path, **kw) -> LLM:

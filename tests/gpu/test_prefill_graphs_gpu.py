@@ -13,19 +13,11 @@ from tandem.core.sampling_params import SamplingParams
 from tandem.engine.engine import EngineConfig
 from tandem.engine.llm import LLM
 from tandem.engine.warmup import synthetic_step
-from tests.engine.conftest import hf_greedy, make_tiny_checkpoint
-from tests.gpu.test_engine_gpu import SHAPE
+from tests.engine.conftest import hf_greedy
 
 pytestmark = pytest.mark.gpu
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
-def checkpoint(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    hf = make_tiny_checkpoint(path, request.param, **SHAPE)
-    return path, hf.cuda().eval()
 
 
 def _llm(path, prefill_graph_tokens: int, budget: int = 256, **cache) -> LLM:
