@@ -18,12 +18,14 @@ import triton
 import triton.language as tl
 
 from tandem.kernels._utils import (
+    DEFAULT_NUM_SMS,
     check_out,
     check_paged_attention_args,
     dot,
     dot_config,
     last_dim_contiguous,
     next_pow2,
+    num_sms,
 )
 
 _LOG2E = 1.4426950408889634
@@ -65,7 +67,7 @@ def _attend_tile(
 
 
 # fmt: off
-@triton.jit(do_not_specialize=["first_seq"])
+@triton.jit(do_not_specialize=["num_q_blocks", "first_seq"])
 def _prefill_kernel(
     q_ptr, cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
     scale_log2,
@@ -119,12 +121,22 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
 
 
-def prefill_tiles(max_query_len: int, head_dim: int, itemsize: int) -> tuple[int, int, int]:
+def prefill_tiles(
+    max_query_len: int, head_dim: int, itemsize: int, heads_x_seqs: int = 1, sms: int = DEFAULT_NUM_SMS
+) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): big query tiles for long chunks, small ones so a
     short chunk (or a decode token in a mixed batch) doesn't compute 128 padded rows.
     Sizes are the largest that compile for sm_90 without register spills
-    (tests/kernels/sm90_compile.py prints the usage)."""
+    (tests/kernels/sm90_compile.py prints the usage).
+
+    `heads_x_seqs` is the grid's other extent (heads x sequences). A short chunk after a long
+    cached prefix (the prefix-caching case) would otherwise leave most of the device's
+    `sms` idle, each program walking the whole context alone: 100 tokens of a 32-head
+    model were 32 programs on 132 SMs. Smaller tiles give more programs for the same
+    work, down to 16 rows, until the grid fills the device."""
     block_m = max(16, min(128, next_pow2(max_query_len)))
+    while block_m > 16 and triton.cdiv(max_query_len, block_m) * heads_x_seqs < sms:
+        block_m //= 2
     if itemsize >= 4:  # IEEE fp32 dots run on the FMA units and hold tiles in registers
         return min(block_m, 32), 32 if head_dim <= 64 else 16, 4
     if head_dim > 128:
@@ -159,7 +171,9 @@ def paged_prefill_attention(
     num_seqs = context_lens.shape[0] - first_seq
     if num_tokens == 0 or num_seqs <= 0 or max_query_len <= 0:
         return out
-    block_m, block_n, num_warps = prefill_tiles(max_query_len, head_dim, cache.element_size())
+    block_m, block_n, num_warps = prefill_tiles(
+        max_query_len, head_dim, cache.element_size(), num_heads * num_seqs, num_sms(q.device)
+    )
     num_q_blocks = triton.cdiv(max_query_len, block_m)
     prec, upcast = dot_config(cache.dtype)
     # fmt: off

@@ -13,7 +13,7 @@ CASES = [
     ([1, 17, 40], [1, 17, 40], 4, 4, 64, 16),  # whole prompts, MHA, single-token prompt
     ([20, 1, 35], [50, 33, 51], 8, 2, 64, 16),  # chunks after cached tokens, a decode row
     ([30, 9], [30, 100], 4, 2, 128, 8),  # head_dim 128, block 8, short chunk long prefix
-    ([70], [70], 2, 1, 32, 16),  # several query blocks in one sequence (BLOCK_M 64)
+    ([70], [70], 2, 1, 32, 16),  # several query blocks in one sequence (small grid: 16)
 ]
 
 
