@@ -148,6 +148,7 @@ class TritonOps(TorchOps):
         """Attention of a step whose q is rotated and whose K/V are in the cache, into
         `out` (like q) or a new tensor."""
         decodes = meta.num_decode_rows
+        rows = sum(meta.query_lens_host)  # q may have padding rows past them (graphs)
         if decodes == 0:
             return self._prefill(
                 q,
@@ -158,6 +159,7 @@ class TritonOps(TorchOps):
                 scale,
                 meta.max_query_len,
                 out=out,
+                num_rows=rows,
             )
         # A mixed step (chunked prefill beside decodes): the prefill kernel sizes its
         # query tiles by the longest chunk, so each decode row would compute up to 128
@@ -182,6 +184,7 @@ class TritonOps(TorchOps):
             meta.max_query_len,
             out=out,
             first_seq=decodes,
+            num_rows=rows,
         )
         return out
 

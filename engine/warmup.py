@@ -1,8 +1,7 @@
 """Compile the kernel variants a served step may need, before the first request.
 
 Triton compiles a kernel variant the first time it meets a new set of compile-time
-values: the prefill kernel's query tile (16 to 128 rows, from the longest chunk and how
-many programs the grid has besides: kernels/prefill_attention.prefill_tiles), the
+values: the prefill kernel's query tile (16 to 128 rows, from the longest chunk), the
 split-KV decode kernel a mixed step uses for its decode rows (split count 1, a multiple
 of 16 or another; the merge pass's tile from the split count). CUDA graphs cover pure
 decode steps only, so without this the first mixed steps of a server each stalled for a
@@ -17,42 +16,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import torch
 
 from tandem.engine.attention import AttentionMetadata
-from tandem.kernels._utils import num_sms
 
 log = logging.getLogger(__name__)
 
-
-def tile_chunks(max_tokens: int, tile_of: Callable[[int], int]) -> list[int]:
-    """The shortest chunk of each prefill query tile (`tile_of`: chunk length -> tile
-    rows) among chunks of 2^k + 1 tokens up to `max_tokens`: a tile only grows where
-    the chunk's query blocks cross a power of two."""
-    chunks, seen, n = [], set(), 9
-    while n <= max_tokens:
-        tile = tile_of(n)
-        if tile not in seen:
-            seen.add(tile)
-            chunks.append(n)
-        n = 2 * n - 1
-    return chunks
+CHUNK_LENGTHS = (9, 17, 33, 129)  # one per prefill query tile: 16, 32, 64, 128 rows
 
 
 def warm_up_batches(
-    max_num_seqs: int,
-    max_tokens: int,
-    max_context: int,
-    num_blocks: int,
-    block_size: int,
-    tile_of: Callable[[int], int],
+    max_num_seqs: int, max_tokens: int, max_context: int, num_blocks: int, block_size: int
 ) -> list[tuple[int, int, int]]:
     """(decode rows, prompt chunk length, decode context) of each warm-up pass: every
-    query tile (tile_chunks) with and without decode rows, and decode rows from 1 to
-    max_num_seqs by powers of two over a short and a long context (split counts differ
-    with both)."""
+    query tile with and without decode rows, and decode rows from 1 to max_num_seqs by
+    powers of two over a short and a long context (split counts differ with both)."""
 
     def fits(decodes: int, chunk: int, context: int) -> bool:
         blocks = -(-context // block_size) + -(-chunk // block_size)
@@ -60,7 +39,7 @@ def warm_up_batches(
 
     long_context = min(max_context, 4096)
     batches = []
-    for chunk in tile_chunks(max_tokens, tile_of):
+    for chunk in CHUNK_LENGTHS:
         for decodes in (0, 1):
             if fits(decodes, chunk, long_context):
                 batches.append((decodes, chunk, long_context))
@@ -78,15 +57,7 @@ def warm_up_kernels(runner, max_num_seqs: int, max_tokens: int, max_context: int
     """Run one forward pass per warm_up_batches() entry; returns how many ran."""
     num_blocks = runner.kv_cache.num_blocks
     bs = runner.block_size
-    from tandem.kernels.prefill_attention import prefill_tiles
-
-    cfg, itemsize = runner.cfg, runner.dtype.itemsize
-    sms = num_sms(runner.device)
-
-    def tile_of(chunk: int) -> int:  # one prompt in the step
-        return prefill_tiles(chunk, cfg.head_dim, itemsize, cfg.num_heads, sms)[0]
-
-    batches = warm_up_batches(max_num_seqs, max_tokens, max_context, num_blocks, bs, tile_of)
+    batches = warm_up_batches(max_num_seqs, max_tokens, max_context, num_blocks, bs)
     start = time.perf_counter()
     for decodes, chunk, context in batches:
         meta, positions = synthetic_step(decodes, chunk, context, bs, runner.device)

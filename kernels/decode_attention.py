@@ -228,13 +228,22 @@ class SplitPlan:
 
     def merge(self, out: torch.Tensor) -> None:
         """The second pass: merge the splits' partials into `out` (nothing when direct)."""
-        if self.direct:
-            return
-        batch, num_heads, head_dim = out.shape
-        _decode_reduce_kernel[(batch, num_heads)](
-            self.part_acc, self.part_ml, out, out.stride(0), out.stride(1), num_heads,
-            self.splits, HEAD_DIM=head_dim, BLOCK_S=next_pow2(self.splits), num_warps=4,
-        )  # fmt: skip
+        if not self.direct:
+            merge_splits(self.part_acc, self.part_ml, out)
+
+
+def merge_splits(
+    part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tensor, block_s: int = 0
+) -> None:
+    """Merge float32 partials part_acc [rows, H, splits, D] and part_ml [rows, H, splits,
+    2] (max and sum of each split's online softmax) into out [rows, H, D]. block_s: the
+    splits one program loads (0: the next power of two; one fixed value is one compiled
+    variant for any split count up to it)."""
+    rows, num_heads, splits, head_dim = part_acc.shape
+    _decode_reduce_kernel[(rows, num_heads)](
+        part_acc, part_ml, out, out.stride(0), out.stride(1), num_heads,
+        splits, HEAD_DIM=head_dim, BLOCK_S=block_s or next_pow2(splits), num_warps=4,
+    )  # fmt: skip
 
 
 def paged_decode_attention(

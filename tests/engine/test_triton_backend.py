@@ -35,33 +35,20 @@ def test_triton_ops_generate_like_torch_ops(tiny_checkpoints):
 
 def test_warm_up_batches_cover_every_prefill_tile_and_decode_batch_that_fits():
     from tandem.engine.warmup import warm_up_batches
-    from tandem.kernels.prefill_attention import prefill_tiles
-
-    def tile_of(chunk: int) -> int:  # Llama-3.1-8B's 32 heads, bf16, on 132 SMs
-        return prefill_tiles(chunk, 128, 2, 32, 132)[0]
 
     batches = warm_up_batches(
-        max_num_seqs=8,
-        max_tokens=2048,
-        max_context=8192,
-        num_blocks=10_000,
-        block_size=16,
-        tile_of=tile_of,
+        max_num_seqs=8, max_tokens=2048, max_context=8192, num_blocks=10_000, block_size=16
     )
-    chunks = sorted({chunk for _, chunk, _ in batches if chunk > 2})
-    # Every tile a chunk of up to 2048 tokens gets, once each, with and without decodes.
-    assert [tile_of(c) for c in chunks] == [16, 32, 64, 128]
-    assert {tile_of(n) for n in range(1, 2049)} == {16, 32, 64, 128}
-    assert {(d, c) for d, c, _ in batches if c > 2} == {(d, c) for d in (0, 1) for c in chunks}
+    tiles = {(d, chunk) for d, chunk, _ in batches if chunk > 2}
+    assert tiles == {(d, c) for d in (0, 1) for c in (9, 17, 33, 129)}
     assert {(d, ctx) for d, chunk, ctx in batches if chunk == 2} == {
         (d, ctx) for d in (2, 4, 8) for ctx in (64, 4096)
     }
-    # A 40-token budget and 20 blocks of 16: no long chunk, no 4096-token context.
+    # A 40-token budget and 20 blocks of 16: no 129-token chunk, no 4096-token context.
     small = warm_up_batches(
-        max_num_seqs=4, max_tokens=40, max_context=256, num_blocks=20, block_size=16,
-        tile_of=lambda chunk: prefill_tiles(chunk, 64, 2, 1, 132)[0],
-    )  # fmt: skip
-    assert sorted({chunk for _, chunk, _ in small if chunk > 2}) == [9]  # one head: 16 rows
+        max_num_seqs=4, max_tokens=40, max_context=256, num_blocks=20, block_size=16
+    )
+    assert max(chunk for _, chunk, _ in small) == 33
     assert max(ctx for _, _, ctx in small) == 256
     assert all(d + chunk <= 40 for d, chunk, _ in small)
 
@@ -86,9 +73,7 @@ def test_warm_up_passes_run_on_the_kernels_and_leave_generation_unchanged(tiny_c
             )
         )
         if warm:  # on CUDA the engine does this itself at start
-            # One prompt tile (a tiny model's few heads leave the grid small: 16 rows),
-            # with and without a decode row, and 2 and 4 decodes over two contexts.
-            assert warm_up_kernels(llm.engine.runner, 4, 40, 512) == 6
+            assert warm_up_kernels(llm.engine.runner, 4, 40, 512) == 10
         outputs.append([o.token_ids for o in llm.generate(prompts, sp)])
     assert outputs[0] == outputs[1]
 

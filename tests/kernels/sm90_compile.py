@@ -98,10 +98,9 @@ def run_all(quick: bool = False) -> None:
             paged_decode_attention(q, cache, tables, ctx, 0.1, num_splits=splits)
         qsl = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
         paged_prefill_attention(q, cache, tables, qsl, ctx, 0.1, 1)
-        # Long enough for 128-row tiles however few the heads (prefill_tiles).
-        long_q = torch.zeros(2048, heads, head_dim, dtype=dtype)
-        qsl = torch.tensor([0, 2048], dtype=torch.int32)
-        paged_prefill_attention(long_q, cache, tables[:1], qsl, ctx[:1], 0.1, 2048)
+        long_q = torch.zeros(512, heads, head_dim, dtype=dtype)
+        qsl = torch.tensor([0, 512], dtype=torch.int32)
+        paged_prefill_attention(long_q, cache, tables[:1], qsl, ctx[:1], 0.1, 512)
         kv = torch.zeros(4, kv_heads, head_dim, dtype=dtype)
         table = build_cos_sin_cache(torch.ones(head_dim // 2), 16)
         positions, slots = torch.zeros(4, dtype=torch.long), torch.arange(4)

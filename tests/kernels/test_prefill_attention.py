@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from tandem.kernels.decode_attention import MAX_SPLITS
+from tandem.kernels.prefill_attention import (
+    paged_prefill_attention,
+    paged_prefill_attention_ref,
+    prefill_splits,
+)
 from tests.kernels.helpers import DTYPES, assert_close, make_paged_batch, poisoned
 
 # (query_lens, ctx_lens, heads, kv_heads, head_dim, block_size)
@@ -13,7 +18,7 @@ CASES = [
     ([1, 17, 40], [1, 17, 40], 4, 4, 64, 16),  # whole prompts, MHA, single-token prompt
     ([20, 1, 35], [50, 33, 51], 8, 2, 64, 16),  # chunks after cached tokens, a decode row
     ([30, 9], [30, 100], 4, 2, 128, 8),  # head_dim 128, block 8, short chunk long prefix
-    ([70], [70], 2, 1, 32, 16),  # several query blocks in one sequence (small grid: 16)
+    ([70], [70], 2, 1, 32, 16),  # several query blocks in one sequence (BLOCK_M 64)
 ]
 
 
@@ -60,6 +65,32 @@ def test_prefill_from_first_seq_leaves_earlier_rows_alone(device, seed):
     assert_close(out[3:], want[3:], seed, "prefill after first_seq")
 
 
+@pytest.mark.parametrize("num_splits", [2, 3])
+def test_prefill_split_kv_matches_reference_and_spares_other_rows(device, seed, num_splits):
+    """Short chunks after long cached prefixes, their unmasked tiles split among
+    programs and merged: the prefix-caching case. Decode rows before first_seq and a
+    graph bucket's padding rows past num_rows keep what was there."""
+    query_lens, ctx_lens = [1, 1, 9, 3, 20], [40, 7, 150, 97, 60]
+    batch = make_paged_batch(ctx_lens, query_lens, 2, 64, 16, torch.float32, device)
+    rows = sum(query_lens)
+    q = torch.randn(rows + 5, 4, 64, device=device)  # 5 padding rows
+    out = poisoned(q.shape, torch.float32, device)
+    args = (batch.block_tables, batch.query_start_loc, batch.context_lens, 0.125, 20)
+    paged_prefill_attention(
+        q, batch.cache, *args, out=out, first_seq=2, num_splits=num_splits, num_rows=rows
+    )
+    want = paged_prefill_attention_ref(q[:rows], batch.cache, *args)
+    assert out[:2].isnan().all() and out[rows:].isnan().all()  # still the poison
+    assert_close(out[2:rows], want[2:], seed, f"prefill, {num_splits} KV splits")
+
+
+def test_prefill_splits_fill_the_device_only_where_the_grid_is_small():
+    assert prefill_splits(32, 2112, 132) == 4  # 100 tokens after 2,000: 32 programs
+    assert prefill_splits(544, 2112, 132) == 1  # a whole 2,100-token prompt fills it
+    assert prefill_splits(32, 1000, 132) == 1  # too short a context to split
+    assert prefill_splits(1, 1 << 20, 132) == MAX_SPLITS
+
+
 def test_prefill_only_sees_the_causal_past(device, seed):
     """Poison the cache beyond each sequence's context and in unowned blocks: a kernel
     that reads past ctx (or past the query position) turns the output into NaN."""
@@ -97,3 +128,18 @@ def test_prefill_real_shapes(device, seed, heads, kv_heads):
     args = (batch.block_tables, batch.query_start_loc, batch.context_lens, 128**-0.5, 2048)
     paged_prefill_attention(q, batch.cache, *args, out=out)
     assert_close(out, paged_prefill_attention_ref(q, batch.cache, *args), seed, "prefill real")
+
+
+@pytest.mark.gpu
+def test_prefill_split_kv_real_shapes(device, seed):
+    # Llama-3.1-8B heads: 100 tokens after a 2,000-token cached prefix split the KV.
+    query_lens, ctx_lens = [100], [2100]
+    dtype = torch.bfloat16
+    batch = make_paged_batch(ctx_lens, query_lens, 8, 128, 16, dtype, device)
+    q = torch.randn(100, 32, 128, device=device, dtype=dtype)
+    args = (batch.block_tables, batch.query_start_loc, batch.context_lens, 128**-0.5, 100)
+    split = paged_prefill_attention(q, batch.cache, *args)
+    whole = paged_prefill_attention(q, batch.cache, *args, num_splits=1)
+    want = paged_prefill_attention_ref(q, batch.cache, *args)
+    assert_close(split, want, seed, "split prefill real")
+    assert_close(whole, want, seed, "unsplit prefill real")
