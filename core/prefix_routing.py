@@ -20,10 +20,15 @@ reads the next task*:
   (`PrefixRouter.defers`): a decode worker whose cache leaves at most its
   `local_prefill_uncached_tokens` of the task to compute and that has room for one
   more local prefill (no prefill, no transfer at all), else a peer *of its own role*
-  that holds a longer cached prefix of it and is not busier than itself. The peer
-  reads it on its next look. A task is left alone at most `wait_ms` (by Redis' clock):
-  past that, whoever reads first takes it, so a busy or dead peer delays a task, never
-  strands it.
+  that holds a longer cached prefix of it and is not busier than itself, or as long a
+  prefix and `BALANCE_MARGIN` fewer tasks (the load balance; the margin keeps two
+  workers whose published loads lag from each leaving the task to the other). The
+  peer reads it on its next look. A task is left alone at most `wait_ms` (by Redis'
+  clock): past that, whoever reads first takes it, so a busy or dead peer delays a
+  task, never strands it;
+- a routing worker reads one task at a time, each judged as the backlog's oldest: a
+  batch read would hand the tasks behind the first out unjudged, and one worker
+  could take a whole burst.
 
 Peers by role: a prefill worker leaves tasks to prefill workers, a colocated worker to
 colocated workers (and either to a decode worker that prefills the rest itself). In a
@@ -61,6 +66,10 @@ from tandem.core.task_intake import TaskIntake
 log = logging.getLogger(__name__)
 
 PUBLISHED_HASH_BYTES = 8  # a prefix of the 16-byte hash: compact, collisions only misroute
+BALANCE_MARGIN = 2  # tasks fewer a peer with as long a prefix must hold to be left one
+# While no peer is seen, look again this often: a worker that started before its peers
+# registered must not read alone (blocking, whole bursts) for a heartbeat.
+NO_PEERS_TTL_S = 0.1
 
 
 class HashPublisher:
@@ -151,7 +160,7 @@ class PrefixRouter:
         """True: leave `backlog`'s task to a decode worker that would prefill what
         its cache lacks of it itself, or to a peer of this worker's role that holds
         more of its prefix and no more tasks than `my_load` (the tasks this worker
-        holds)."""
+        holds), or as much of it and BALANCE_MARGIN fewer tasks."""
         if backlog is None or backlog.task is None or backlog.age_ms >= self.wait_ms:
             return False
         now = time.monotonic()
@@ -172,8 +181,6 @@ class PrefixRouter:
             return False
         chain = self.kv.usable_chain(tokens, task.sampling.cache_salt)
         mine = self.kv.num_cached_leading(chain)
-        if (not chain or mine == len(chain)) and all(p.role == self.role for p in peers):
-            return False  # no peer of this role can hold more than this worker
         short = [h[:PUBLISHED_HASH_BYTES] for h in chain]
         pipe = self.client.pipeline(transaction=False)
         for peer in peers:
@@ -181,7 +188,6 @@ class PrefixRouter:
             if short:
                 pipe.smismember(cached_blocks_key(self.model, peer.worker_id), short)
         answers = iter(pipe.execute())
-        best = 0  # the longest prefix a peer of this role no busier than this one holds
         for peer in peers:
             load = int(next(answers) or 0)
             held = leading_present(next(answers)) if short else 0
@@ -191,16 +197,20 @@ class PrefixRouter:
                     load < peer.max_local_prefills
                 ):
                     return True  # it prefills the rest itself: nothing to ship
-            elif load <= my_load:
-                best = max(best, held)
-        return best > mine
+            elif (held > mine and load <= my_load) or (
+                held == mine and load + BALANCE_MARGIN <= my_load
+            ):
+                return True
+        return False
 
     def live_peers(self) -> list:
         """Live workers that read the stream, this one aside: prefill and colocated
         workers, and decode workers that prefill short remainders (refreshed at most
-        every peers_ttl_s). Tasks are left only to some of them (_better_peer)."""
+        every peers_ttl_s, or NO_PEERS_TTL_S while there are none). Tasks are left only
+        to some of them (_better_peer)."""
         now = time.monotonic()
-        if now - self._peers_at > self.peers_ttl_s:
+        ttl = self.peers_ttl_s if self._peers else min(self.peers_ttl_s, NO_PEERS_TTL_S)
+        if now - self._peers_at > ttl:
             self._peers = [
                 w
                 for w in list_workers(self.client)
@@ -257,26 +267,26 @@ class WorkerRouting:
             log.warning("routing off while the registry is unreadable: %s", exc)
             return False
 
-    def room(self, intake: TaskIntake, room: int, load: int) -> int:
-        """`room`, or 0 when the worker reads nothing now: no task waits (a read
-        would take one that arrives meanwhile unjudged; it still reads when a dead
-        peer's tasks may be due for reclaim), or the oldest task is left for a peer
-        that holds more of its prefix. Only the oldest is judged: the rest of a batch
-        read behind it are not (under load, taking work matters more than where it
-        goes). The read that follows must not block: a blocked reader gets the next
-        task whoever holds its prefix."""
+    def new_tasks(self, intake: TaskIntake, load: int) -> int:
+        """How many new tasks to read now (TaskIntake.poll's `new`): 1, the oldest
+        waiting, which this worker keeps; or 0 when none waits (a read would take one
+        that arrives meanwhile unjudged) or the oldest is left for a peer
+        (PrefixRouter.defers). One at a time, since only the oldest is judged: the
+        caller reads again at once while it has room. Reclaimed tasks (a dead
+        peer's) are not judged, and not limited by this. The read must not block: a
+        blocked reader gets the next task whoever holds its prefix."""
         backlog = intake.backlog()
         self._nothing_waits = backlog is None
         if backlog is None:
-            return room if intake.reclaim_due else 0
+            return 0
         try:
-            return 0 if self.router.defers(backlog, load) else room
+            return 0 if self.router.defers(backlog, load) else 1
         except redis.RedisError as exc:  # read as if routing were off
             log.warning("could not look up the peers' cached blocks: %s", exc)
-            return room
+            return 1
 
     def pause(self, intake: TaskIntake) -> None:
-        """After room() said read nothing: while a task is left for a peer, look again
+        """After new_tasks() said read none: while a task is left for a peer, look again
         in LOOK_S; while none waits, until one arrives (TaskIntake.wait_for_task, woken
         by the XADD, so an idle worker takes a new request at once) or IDLE_WAIT_MS."""
         if self._nothing_waits:

@@ -81,6 +81,7 @@ class TaskIntake:
         block_ms: int | None,
         held: Mapping[str, bytes | None],
         only: bytes | None = None,
+        new: int | None = None,
     ) -> list[Entry]:
         """Up to `count` tasks to run, screened (see the module docstring).
 
@@ -91,8 +92,11 @@ class TaskIntake:
         block_ms: how long to wait for a new task (None: not at all).
         only: read the entry with this id and nothing else (no reclaim, no wait), and
         only if it is the next one the group hands out.
+        new: at most this many of the `count` may be tasks never delivered before
+        (None: all), the rest only reclaimed ones (a routing worker reads one task
+        that it judged, yet takes over a dead peer's many at once).
         """
-        return self._surviving(lambda: self._poll(count, block_ms, held, only), [])
+        return self._surviving(lambda: self._poll(count, block_ms, held, only, new), [])
 
     @property
     def reclaim_due(self) -> bool:
@@ -165,6 +169,7 @@ class TaskIntake:
         block_ms: int | None,
         held: Mapping[str, bytes | None],
         only: bytes | None,
+        new: int | None,
     ) -> list[Entry]:
         entries: list[tuple[bytes, PrefillTask | None]] = []
         if self.reclaim_due:
@@ -175,12 +180,12 @@ class TaskIntake:
         if only is not None:
             if count > 0:
                 entries += read_task_if_next(self.client, self.stream, self.consumer, only)
-        elif count > len(entries):
+        elif min(count - len(entries), count if new is None else new) > 0:
             entries += read_tasks(
                 self.client,
                 self.stream,
                 self.consumer,
-                count - len(entries),
+                min(count - len(entries), count if new is None else new),
                 None if entries else block_ms,
             )
         taken: list[Entry] = []

@@ -190,14 +190,18 @@ class BatchWorker(WorkerBase):
             self.outbox.call(self.intake.ack, *first)
 
     # -- intake thread -------------------------------------------------------------------
-    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None]:
-        """How many tasks to read now, with `free` more fitting (at least one), and
-        the one entry to read if only that one (TaskIntake.poll's `only`)."""
+    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None, int | None]:
+        """How many tasks to read now, with `free` more fitting (at least one), the one
+        entry to read if only that one, and how many of them may be new rather than
+        reclaimed (TaskIntake.poll's `only` and `new`)."""
         raise NotImplementedError
 
     def _read_block_ms(self) -> int | None:
         """How long the read after _claims may wait for a new task (None: not at all)."""
         return self.READ_BLOCK_MS
+
+    def _after_read(self) -> None:
+        """Called on the intake thread after a read that took tasks."""
 
     def _look_again(self) -> None:
         """Pause after _claims chose to read nothing though there was room."""
@@ -220,14 +224,17 @@ class BatchWorker(WorkerBase):
                 self.intake_closed.set()
             room, received, spare_blocks = self._room
             free = room - (self._taken - received)
-            count, only = (0, None) if draining or free <= 0 else self._claims(free, spare_blocks)
-            entries = self.intake.poll(count, self._read_block_ms(), self._held, only)
+            count, only, new = (
+                (0, None, None) if draining or free <= 0 else self._claims(free, spare_blocks)
+            )
+            entries = self.intake.poll(count, self._read_block_ms(), self._held, only, new)
             for entry in entries:
                 self._taken += 1
                 self.arrivals.put(entry)
             if entries:
                 self.work_arrived.set()
-            elif count <= 0:
+                self._after_read()
+            elif count <= 0 or new == 0:
                 if draining or free <= 0:
                     time.sleep(FULL_WAIT_S)
                 else:

@@ -116,12 +116,12 @@ class ColocatedWorker(BatchWorker):
                         self._fail_step(failed)
                         got = failed.got  # the rest of the step's tokens
                     finishing = sum(1 for seq in got if seq.is_finished)
-                    self._publish_routing(len(self.requests) - finishing)
+                    self._publish_routing(self._load() - finishing)
                     self._publish_step(got)
                 elif self.draining and self._intake_settled() and not self.requests:
                     break
                 else:
-                    self._publish_routing(len(self.requests))
+                    self._publish_routing(self._load())
                     self.work_arrived.wait(IDLE_WAIT_S)
                     self.work_arrived.clear()
         finally:
@@ -129,9 +129,21 @@ class ColocatedWorker(BatchWorker):
             self.outbox.close()  # the last tokens go out before the registry entry goes
             self.shutdown()
 
+    def _load(self) -> int:
+        """Requests held, and tasks read but not yet received (what routing compares)."""
+        return len(self.requests) + self._taken - self._received
+
+    def _after_read(self) -> None:
+        # Peers judge by the load published last: one a step old would hide a burst
+        # this thread just read, and they would leave the rest of it here too.
+        if self._judging:
+            _, received, _ = self._room
+            self._published_load = None  # the main loop publishes its own view next
+            self.outbox.call(self.routing.publish, len(self._held) + self._taken - received)
+
     def _publish_routing(self, load: int) -> None:
-        """The blocks cached since the last call and `load` (requests held once the
-        step's finished ones are gone) to Redis, queued before the step's tokens: once
+        """The blocks cached since the last call and `load` (_load() once the step's
+        finished requests are gone) to Redis, queued before the step's tokens: once
         a request's last token is out, a peer judging where the next request with its
         prefix goes sees this worker's blocks and load as they are."""
         if self.routing is None:
@@ -140,16 +152,17 @@ class ColocatedWorker(BatchWorker):
             self._published_load = load
             self.outbox.call(self.routing.publish, load)
 
-    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None]:
-        """All `free` tasks (room() already counted the blocks), or none while the
-        oldest waiting task is left for a peer (WorkerRouting.room). On the intake
-        thread: the router only looks hashes up, a stale answer costs a cache hit."""
+    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None, int | None]:
+        """All `free` tasks (room() already counted the blocks); routing, of which
+        one new task at most, and none while the oldest waiting task is left for a
+        peer (WorkerRouting.new_tasks). On the intake thread: the router only looks
+        hashes up, a stale answer costs a cache hit."""
         self._judging = self.routing is not None and self.routing.active
         if not self._judging:
-            return free, None
+            return free, None, None
         _, received, _ = self._room
         load = len(self._held) + self._taken - received  # held, and on their way in
-        return self.routing.room(self.intake, free, load), None
+        return free, None, self.routing.new_tasks(self.intake, load)
 
     def _read_block_ms(self) -> int | None:
         # A blocked read would take the next task unjudged: routing reads only what

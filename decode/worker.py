@@ -407,7 +407,7 @@ class DecodeWorker(BatchWorker):
             self._local_load = load
             self.outbox.call(self.hash_publisher.set_load, load)
 
-    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None]:
+    def _claims(self, free: int, spare_blocks: int) -> tuple[int, bytes | None, int | None]:
         """On the intake thread: one task at most, while the pool is backed up or when
         the backlog's task is mostly cached here (then that task only)."""
         assert self.gate is not None
@@ -416,8 +416,8 @@ class DecodeWorker(BatchWorker):
         claim = self.gate.claims(backlog, Room(free, spare_blocks), cached)
         if claim is Claim.THIS:
             assert backlog is not None
-            return 1, backlog.entry_id
-        return int(claim is Claim.NEXT), None
+            return 1, backlog.entry_id, None
+        return int(claim is Claim.NEXT), None, None
 
     # -- one decode step ----------------------------------------------------------------
     def _step(self) -> None:

@@ -199,27 +199,45 @@ class PrefillWorker(WorkerBase):
         # Busy: just look. Idle: wait briefly for work (no BLOCK means return at once).
         busy = self.engine.has_work or self.waiting_room or self.shipper.batches
         block_ms = None if busy else 50
-        if self.routing is not None and room and self.routing.active:
+        routed = self.routing is not None and room > 0 and self.routing.active
+        if routed:
             block_ms = None  # see WorkerRouting.room
-            room = self.routing.room(self.intake, room, self._load())
-            if not room and not busy:
-                self.routing.pause(self.intake)
-        held = {rid: f.entry_id for rid, f in self.inflight.items()}
-        held.update(self.shipping)
-        held.update((task.request_id, entry_id) for entry_id, task, _ in self.waiting_room)
-        for entry_id, task in self.intake.poll(room, block_ms, held):
-            tokens = len(task.prompt_token_ids) + len(task.output_token_ids)
-            self._typical_prompt += PROMPT_AVERAGING * (tokens - self._typical_prompt)
-            if not self._take(entry_id, task, time.monotonic()):
-                self.waiting_room.append((entry_id, task, time.monotonic()))
+        # Routed, each task is judged before it is read, so one at a time.
+        for _ in range(room if routed else 1):
+            new = self._judged(busy) if routed else None
+            entries = self.intake.poll(room, block_ms, self._held(), new=new)
+            for entry_id, task in entries:
+                tokens = len(task.prompt_token_ids) + len(task.output_token_ids)
+                self._typical_prompt += PROMPT_AVERAGING * (tokens - self._typical_prompt)
+                if not self._take(entry_id, task, time.monotonic()):
+                    self.waiting_room.append((entry_id, task, time.monotonic()))
+            if not entries or self.waiting_room:
+                break
         self._publish_cached_blocks()
         if self.waiting_room and not self.engine.has_work:
             # Nothing to compute until decode has room: sleep to the next retry, not spin.
             time.sleep(max(0.0, min(RESERVE_RETRY_S, self._retry_at - time.monotonic())))
 
+    def _judged(self, busy: bool) -> int:
+        """WorkerRouting.new_tasks; idle with nothing to read, wait for the next task
+        first (WorkerRouting.pause) and judge it at once, as a colocated peer's intake
+        thread does (returning to the main loop first would lose it every time)."""
+        new = self.routing.new_tasks(self.intake, self._load())
+        if new or busy or self.inflight:
+            return new
+        self.routing.pause(self.intake)
+        return self.routing.new_tasks(self.intake, self._load())
+
     def _publish_cached_blocks(self) -> None:
         if self.routing is not None:
             self.routing.publish(self._load())
+
+    def _held(self) -> dict[str, bytes | None]:
+        """Every request in hand and its stream entry (TaskIntake.poll's `held`)."""
+        held = {rid: f.entry_id for rid, f in self.inflight.items()}
+        held.update(self.shipping)
+        held.update((task.request_id, entry_id) for entry_id, task, _ in self.waiting_room)
+        return held
 
     def _load(self) -> int:
         """Tasks held and not handed off yet (what routing compares)."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.kernels.decode_attention import MAX_SPLITS
 from tandem.kernels.prefill_attention import (
+    MAX_PREFILL_SPLITS,
     paged_prefill_attention,
     paged_prefill_attention_ref,
     prefill_splits,
@@ -86,9 +86,10 @@ def test_prefill_split_kv_matches_reference_and_spares_other_rows(device, seed, 
 
 def test_prefill_splits_fill_the_device_only_where_the_grid_is_small():
     assert prefill_splits(32, 2112, 132) == 4  # 100 tokens after 2,000: 32 programs
+    assert prefill_splits(32, 8192, 132) == MAX_PREFILL_SPLITS  # after 8,000
     assert prefill_splits(544, 2112, 132) == 1  # a whole 2,100-token prompt fills it
+    assert prefill_splits(128, 2112, 132) == 1  # 500 tokens: the merge would cost more
     assert prefill_splits(32, 1000, 132) == 1  # too short a context to split
-    assert prefill_splits(1, 1 << 20, 132) == MAX_SPLITS
 
 
 def test_prefill_only_sees_the_causal_past(device, seed):

@@ -128,6 +128,34 @@ def test_router_leaves_a_task_to_the_live_peer_holding_its_prefix(client):
     assert router.num_deferred == deferred
 
 
+def test_router_balances_load_between_peers_holding_as_much(client):
+    peer, mine = _kv(), _kv()
+    events = HashPublisher(client, "m", "even", peer, 30)
+    publish_worker(client, WorkerInfo(worker_id="even", role="prefill", model="m", pid=1), 30)
+    router = PrefixRouter(client, "m", "me", mine, wait_ms=200, peers_ttl_s=0)
+    task = _task(PROMPT + [77])
+    try:
+        events.set_load(1)
+        # Nothing cached anywhere: left to a peer two tasks less busy, not one.
+        assert router.defers(Backlog(b"1-0", task, age_ms=5), my_load=3)
+        assert not router.defers(Backlog(b"2-0", task, age_ms=5), my_load=2)
+        # Both hold the whole prefix: the same.
+        _prefill(peer, "old", PROMPT)
+        _prefill(mine, "old", PROMPT)
+        events.flush()
+        assert router.defers(Backlog(b"3-0", task, age_ms=5), my_load=3)
+        assert not router.defers(Backlog(b"4-0", task, age_ms=5), my_load=2)
+        # This worker holds more: it keeps the task however busy.
+        _prefill(mine, "longer", PROMPT + [77, 78, 79, 80])
+        longer = _task(PROMPT + [77, 78, 79, 80, 81])
+        assert not router.defers(Backlog(b"5-0", longer, age_ms=5), my_load=9)
+        # A prompt shorter than a block: by load alone.
+        assert router.defers(Backlog(b"6-0", _task([1, 2]), age_ms=5), my_load=3)
+    finally:
+        remove_worker(client, "even")
+        client.delete(events.key, events.load_key)
+
+
 def _fields(struct) -> dict:
     return {name: getattr(struct, name) for name in struct.__struct_fields__}
 
@@ -232,16 +260,22 @@ def test_colocated_routing_judges_the_oldest_task_of_the_stream(client):
     try:
         assert routing.active and holder_routing.active
         add_task(client, intake.stream, _task(PROMPT + [5, 6]))
-        # The holder reads it (and what follows, unjudged); this worker leaves it.
-        assert routing.room(intake, 4, load=0) == 0
-        assert holder_routing.room(intake, 4, load=0) == 4
+        add_task(client, intake.stream, _task([900, 901]))
+        # The holder reads it, and only it (each task is judged before it is read);
+        # this worker leaves it.
+        assert routing.new_tasks(intake, load=0) == 0
+        assert intake.poll(4, None, {}, new=0) == []  # room, but no new task to read
+        assert holder_routing.new_tasks(intake, load=0) == 1
         assert routing.router.num_deferred == 1
-        (taken,) = intake.poll(4, None, {})
+        (taken,) = intake.poll(4, None, {}, new=1)
         assert taken[1].prompt_token_ids == PROMPT + [5, 6]
-        # Nothing waits: no read at all (one would take a task arriving meanwhile
-        # unjudged) unless a dead worker's tasks may be due for reclaim.
-        assert not intake.reclaim_due
-        assert routing.room(intake, 4, load=0) == 0
+        # The next one is judged on its own: nobody holds it, both may read it.
+        assert routing.new_tasks(intake, load=0) == 1
+        (second,) = intake.poll(4, None, {}, new=1)
+        intake.ack(second[0])
+        # Nothing waits: no new read (one would take a task arriving meanwhile
+        # unjudged).
+        assert routing.new_tasks(intake, load=0) == 0
         # No routing without prefix caching, or with no wait.
         off = KVCacheManager(16, BS, enable_prefix_caching=False, salt=SALT)
         assert WorkerRouting.of(client, "m", "co-c", off, config) is None
