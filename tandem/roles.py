@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 
 from tandem.core.config import KV_TRANSPORTS
@@ -211,16 +210,9 @@ def worker_config_from_args(args: argparse.Namespace, role: str):
     )
 
 
-# A worker's main thread runs Python between device calls (scheduling, launches) and
-# holds the GIL meanwhile; its intake and outbox threads, which carry a request in and
-# its tokens out, wait for it up to the switch interval (CPython's default: 5 ms, on a
-# first token's path twice).
-WORKER_SWITCH_INTERVAL_S = 0.0005
-
-
 def _cmd_worker(role: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
+
         if role == "prefill":
             from tandem.prefill.worker import PrefillWorker as Worker
         elif role == "decode":
