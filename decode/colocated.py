@@ -52,6 +52,7 @@ import os
 from tandem.core.config import WorkerConfig
 from tandem.core.prefix_routing import WorkerRouting
 from tandem.core.protocol import WorkerInfo
+from tandem.core.sequence import Sequence
 from tandem.decode.batch_worker import BatchWorker
 from tandem.engine.engine import Engine, EngineConfig, StepFailed
 
@@ -115,9 +116,7 @@ class ColocatedWorker(BatchWorker):
                     except StepFailed as failed:
                         self._fail_step(failed)
                         got = failed.got  # the rest of the step's tokens
-                    finishing = sum(1 for seq in got if seq.is_finished)
-                    self._publish_routing(self._load() - finishing)
-                    self._publish_step(got)
+                    self._publish_results(got)
                 elif self.draining and self._intake_settled() and not self.requests:
                     break
                 else:
@@ -141,11 +140,22 @@ class ColocatedWorker(BatchWorker):
             self._published_load = None  # the main loop publishes its own view next
             self.outbox.call(self.routing.publish, len(self._held) + self._taken - received)
 
+    def _publish_results(self, got: list[Sequence]) -> None:
+        """A step's tokens, and routing's view of this worker (_publish_routing) once
+        the step's finished requests are gone: before the tokens when one finishes,
+        after them otherwise, so a first token does not wait on that write."""
+        finishing = sum(1 for seq in got if seq.is_finished)
+        load = self._load() - finishing
+        if finishing:
+            self._publish_routing(load)
+        self._publish_step(got)
+        if not finishing:
+            self._publish_routing(load)
+
     def _publish_routing(self, load: int) -> None:
-        """The blocks cached since the last call and `load` (_load() once the step's
-        finished requests are gone) to Redis, queued before the step's tokens: once
-        a request's last token is out, a peer judging where the next request with its
-        prefix goes sees this worker's blocks and load as they are."""
+        """The blocks cached since the last call and `load` to Redis: once a request's
+        last token is out, a peer judging where the next request with its prefix goes
+        sees this worker's blocks and load as they are."""
         if self.routing is None:
             return
         if load != self._published_load or self.routing.publisher.pending:
