@@ -49,7 +49,13 @@ def test_the_next_turn_goes_to_the_live_decoder_when_the_holder_dies():
         other = "decode-b" if holder == "decode-a" else "decode-a"
         key = cached_blocks_key("smollm2", holder)
         cluster.wait_for(lambda: cluster.client.scard(key) > 0, "the holder's hashes")
-        sent_before = cluster.worker("prefill-0").kv_bytes_sent
+        # The registry's figures lag a heartbeat: wait for the first turn's (its whole
+        # prompt, shipped), or its bytes would count as the second turn's.
+        sent_before = -(-len(first) // layout.block_size) * layout.bytes_per_block
+        cluster.wait_for(
+            lambda: cluster.worker("prefill-0").kv_bytes_sent == sent_before,
+            "the prefill worker's figures of the first turn",
+        )
         cluster.kill(holder)
 
         second = first + answer + _ids(30, seed=2)
