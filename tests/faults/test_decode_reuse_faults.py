@@ -33,6 +33,11 @@ def test_the_next_turn_goes_to_the_live_decoder_when_the_holder_dies():
         )
     )
     layout = uncached.engine.kv_cache.layout
+
+    def whole(prompt: list[int]) -> int:
+        """KV bytes of every block of `prompt`: what a decode worker holding none gets."""
+        return -(-len(prompt) // layout.block_size) * layout.bytes_per_block
+
     cluster = Cluster()
     try:
         cluster.start_worker("prefill-0", "prefill")
@@ -51,7 +56,7 @@ def test_the_next_turn_goes_to_the_live_decoder_when_the_holder_dies():
         cluster.wait_for(lambda: cluster.client.scard(key) > 0, "the holder's hashes")
         # The registry's figures lag a heartbeat: wait for the first turn's (its whole
         # prompt, shipped), or its bytes would count as the second turn's.
-        sent_before = -(-len(first) // layout.block_size) * layout.bytes_per_block
+        sent_before = whole(first)
         cluster.wait_for(
             lambda: cluster.worker("prefill-0").kv_bytes_sent == sent_before,
             "the prefill worker's figures of the first turn",
@@ -64,9 +69,8 @@ def test_the_next_turn_goes_to_the_live_decoder_when_the_holder_dies():
         assert tokens == uncached.generate([second], greedy)[0].token_ids
         cluster.wait_for(lambda: cluster.worker(other).admitted == 1, "the live decoder")
         # It held nothing of the conversation: the whole prompt was shipped to it.
-        whole = -(-len(second) // layout.block_size) * layout.bytes_per_block
         cluster.wait_for(
-            lambda: cluster.worker("prefill-0").kv_bytes_sent - sent_before == whole,
+            lambda: cluster.worker("prefill-0").kv_bytes_sent - sent_before == whole(second),
             "the prefill worker's figures",
         )
         cluster.wait_for(lambda: not cluster.client.exists(key), "the dead holder's hashes")
