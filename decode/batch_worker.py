@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from tandem.core.config import WorkerConfig
@@ -170,6 +170,19 @@ class BatchWorker(WorkerBase):
             **dict.fromkeys(also_held),
             **{rid: req.entry_id for rid, req in self.requests.items()},
         }
+
+    def _publish_around(self, got: list[Sequence], update: Callable[[], None]) -> None:
+        """A step's tokens (_publish_step) and `update`, the routing write that shows
+        what the step cached: before the tokens when the step finishes a request (a
+        peer judging where a request with its prefix goes next must see its blocks once
+        its last token is out), after them otherwise, so a first token does not wait
+        on that write."""
+        finishing = any(seq.is_finished for seq in got)
+        if finishing:
+            update()
+        self._publish_step(got)
+        if not finishing:
+            update()
 
     def _publish_step(self, got: list[Sequence]) -> None:
         """One delta per sequence that got a token; a first token from a stream request

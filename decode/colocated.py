@@ -142,15 +142,9 @@ class ColocatedWorker(BatchWorker):
 
     def _publish_results(self, got: list[Sequence]) -> None:
         """A step's tokens, and routing's view of this worker (_publish_routing) once
-        the step's finished requests are gone: before the tokens when one finishes,
-        after them otherwise, so a first token does not wait on that write."""
-        finishing = sum(1 for seq in got if seq.is_finished)
-        load = self._load() - finishing
-        if finishing:
-            self._publish_routing(load)
-        self._publish_step(got)
-        if not finishing:
-            self._publish_routing(load)
+        the step's finished requests are gone, in _publish_around's order."""
+        load = self._load() - sum(1 for seq in got if seq.is_finished)
+        self._publish_around(got, lambda: self._publish_routing(load))
 
     def _publish_routing(self, load: int) -> None:
         """The blocks cached since the last call and `load` to Redis: once a request's

@@ -428,14 +428,16 @@ class DecodeWorker(BatchWorker):
                 self._fail_step(failed)
             out, got = failed.out, failed.got  # what the rest of the step did
         with self.lock:
-            if self.hash_publisher is not None and self.hash_publisher.pending:
-                # Before the step's tokens: once a turn's last token is out, the blocks
-                # it cached are visible to the router deciding where its next turn goes.
-                self.outbox.call(self.hash_publisher.flush)
             # Published first: a requeued request's next token must not overtake these.
-            self._publish_step(got)
+            self._publish_around(got, self._flush_hashes)
             for seq in out.preempted:
                 self._send_back(seq)
+
+    def _flush_hashes(self) -> None:
+        """The blocks cached since the last flush, to the router that sends a
+        conversation's next turn to the decode worker holding the previous one."""
+        if self.hash_publisher is not None and self.hash_publisher.pending:
+            self.outbox.call(self.hash_publisher.flush)
 
     def _send_back(self, seq: Sequence) -> None:
         """Preempted: the prefill pool recomputes prompt + generated tokens."""
