@@ -224,6 +224,13 @@ class DecodeWorker(BatchWorker):
             self.outbox.close()  # the last tokens go out before the registry entry goes
             self.shutdown()
 
+    def shutdown(self) -> None:
+        # Closed here too, not only by run(): a receiver whose zmq context reaches the
+        # garbage collector open hangs it (the context's sockets are gone from its
+        # weak set by then, so terminating it waits for them forever).
+        self.receiver.close()
+        super().shutdown()
+
     def _control_loop(self) -> None:
         while not self.stopping:
             items = self.receiver.poll(0.05)

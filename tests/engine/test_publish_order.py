@@ -93,5 +93,4 @@ def test_a_decode_worker_prefilling_locally_orders_its_hash_flush_the_same_way()
             assert kinds == ["flush", "token"], kinds
             assert outbox.queued[1] == ("token", "length"), outbox.queued
         finally:
-            worker.receiver.close()  # run() closes it; left open, its zmq context hangs at GC
             worker.shutdown()
