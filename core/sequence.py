@@ -11,8 +11,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tandem.core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tandem.core.protocol import PrefillTask
 
 
 class SequenceStatus(enum.Enum):
@@ -49,6 +53,24 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("a sequence needs at least one prompt token")
+
+    @classmethod
+    def of_task(
+        cls,
+        task: PrefillTask,
+        output_token_ids: list[int] | None = None,
+        num_computed_tokens: int = 0,
+    ) -> Sequence:
+        """A worker's sequence for `task`, with the tokens generated so far (the task's
+        own, or a handoff's) and how many tokens' KV it already has."""
+        generated = task.output_token_ids if output_token_ids is None else output_token_ids
+        return cls(
+            task.request_id,
+            list(task.prompt_token_ids),
+            task.sampling,
+            output_token_ids=list(generated),
+            num_computed_tokens=num_computed_tokens,
+        )
 
     @property
     def num_tokens(self) -> int:

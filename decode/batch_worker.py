@@ -109,12 +109,7 @@ class BatchWorker(WorkerBase):
             return
         try:
             check_task(task, self.engine.limits)
-            seq = Sequence(
-                rid,
-                list(task.prompt_token_ids),
-                task.sampling,
-                output_token_ids=list(task.output_token_ids),
-            )
+            seq = Sequence.of_task(task)
             self.engine.add(seq)
         except ValueError as exc:
             self.outbox.call(self.intake.fail, task, "invalid_argument", str(exc))

@@ -358,13 +358,7 @@ class DecodeWorker(BatchWorker):
         except ValueError as exc:
             self.kv.free(rid)
             return TransferAck(request_id=rid, ok=False, reason=str(exc))
-        seq = Sequence(
-            rid,
-            list(task.prompt_token_ids),
-            task.sampling,
-            output_token_ids=list(msg.output_token_ids),
-            num_computed_tokens=msg.num_computed_tokens,
-        )
+        seq = Sequence.of_task(task, msg.output_token_ids, msg.num_computed_tokens)
         try:
             if not self.kv.holds_prefix_of(seq, res.cached):
                 raise ValueError("the cached blocks reserved are not this prompt's")

@@ -272,12 +272,7 @@ class PrefillWorker(WorkerBase):
             return True
         try:
             check_task(task, self.engine.limits)
-            seq = Sequence(
-                rid,
-                list(task.prompt_token_ids),
-                task.sampling,
-                output_token_ids=list(task.output_token_ids),
-            )
+            seq = Sequence.of_task(task)
             self.engine.add(seq)
         except ValueError as exc:
             self.intake.fail(task, "invalid_argument", str(exc))

@@ -16,6 +16,7 @@ from tandem.core.protocol import (
     encode,
 )
 from tandem.core.sampling_params import SamplingParams
+from tandem.core.sequence import Sequence
 
 
 def test_core_imports_no_torch():
@@ -100,3 +101,16 @@ def test_sampling_params_context_and_vocab_bounds():
     with pytest.raises(ValueError, match="top_k"):
         SamplingParams(top_k=101).validate_vocab(100)
     SamplingParams(top_k=100).validate_vocab(100)
+
+
+def test_a_sequence_of_a_task_copies_its_tokens_and_takes_a_handoffs_progress():
+    task = PrefillTask(
+        request_id="x", prompt_token_ids=[1, 2, 3], sampling=SamplingParams(), reply_stream="s",
+        deadline=0.0, output_token_ids=[7],
+    )  # fmt: skip
+    seq = Sequence.of_task(task)
+    assert (seq.request_id, seq.all_token_ids, seq.num_computed_tokens) == ("x", [1, 2, 3, 7], 0)
+    seq.append_token(8)  # the sequence owns its lists: the task stays as it came
+    assert task.output_token_ids == [7] and seq.sampling is task.sampling
+    handed = Sequence.of_task(task, [7, 8], num_computed_tokens=4)
+    assert (handed.all_token_ids, handed.num_computed_tokens) == ([1, 2, 3, 7, 8], 4)
