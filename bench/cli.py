@@ -375,3 +375,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="where service logs go (default: a new temporary directory)",
     )
+    p.add_argument(
+        "--trace-hops",
+        action="store_true",
+        help="time each request's hops to its first token (core/hop_trace.py) and report "
+        "their medians per rate (hops_ms); the trace is hops-<mode>.log in --log-dir",
+    )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.bench.serve_client import Prompt, RequestResult, client_job, make_prompts
+from tandem.bench.serve_hops import HopLog, hop_figures
 from tandem.bench.serve_offline import run_offline_baseline
 from tandem.bench.serve_service import (
     DISAGGREGATED,
@@ -46,6 +47,7 @@ from tandem.bench.serve_stats import (
     summarize_run,
 )
 from tandem.bench.serve_workloads import workload_prompts
+from tandem.core import hop_trace
 from tandem.core.config import WorkerConfig
 from tandem.core.model_paths import local_model_dir, model_name
 from tandem.engine.engine_args import add_engine_args
@@ -159,9 +161,11 @@ def measure(
     dead: Dead,
     mode: str,
     prefilled: Callable[[], dict[str, int]] | None = None,
+    hop_log: HopLog | None = None,
 ) -> dict[str, dict]:
     """One row per rate. `prefilled`: the service's prompts prefilled per role so far;
-    each row then says how that rate's prompts split between the roles."""
+    each row then says how that rate's prompts split between the roles. `hop_log`: the
+    service's hop trace; each row then says where its time to first token went."""
     # Client processes are spawned, not forked: a forked gRPC runtime is not safe.
     with multiprocessing.get_context("spawn").Pool(args.client_processes) as pool:
         if args.warmup_prompts > 0:
@@ -178,8 +182,12 @@ def measure(
         rows = {}
         before = _settled_counts(prefilled)
         for run in runs:
+            if hop_log is not None:
+                hop_log.take()  # the warm-up's and earlier rates' lines
             results, duration, cpu = _split_run(pool, target, run.prompts, run.arrivals, args, dead)
             row = rows[run.label] = summarize_run(results, duration, slos, args.slo_set_limits)
+            if hop_log is not None:
+                row["hops_ms"] = hop_figures(hop_log.take())
             row["client_cpu_share"] = round(cpu, 2)
             row["ideal_hit_rate"] = round(run.ideal_hit_rate, 4)
             if prefilled is not None:
@@ -206,7 +214,9 @@ def measure(
 
 
 @contextlib.contextmanager
-def launched(mode: str, args: argparse.Namespace, log_dir: Path) -> Iterator[LaunchedService]:
+def launched(
+    mode: str, args: argparse.Namespace, log_dir: Path, hop_path: Path | None = None
+) -> Iterator[LaunchedService]:
     on_gpu = args.device != "cpu"
     overrides = {}
     if shares_one_gpu(mode, args.gpus, on_gpu):
@@ -224,7 +234,8 @@ def launched(mode: str, args: argparse.Namespace, log_dir: Path) -> Iterator[Lau
         str(args.ready_timeout),
         *shlex.split(args.serve_args),
     ]
-    service = LaunchedService(argv, log_dir / f"serve-{mode}.log")
+    env = {hop_trace.ENV: str(hop_path)} if hop_path else {}
+    service = LaunchedService(argv, log_dir / f"serve-{mode}.log", env)
     try:
         service.start(args.ready_timeout)
         yield service
@@ -259,6 +270,8 @@ def run(args: argparse.Namespace) -> dict:
     rates = parse_rates(args.rates)
     if args.client_processes < 1:
         raise ValueError("--client-processes must be at least 1")
+    if args.trace_hops and args.target is not None:
+        raise ValueError("--trace-hops traces a service the bench launches, not --target")
     if 0 < args.max_concurrency < args.client_processes:
         raise ValueError(
             "--max-concurrency is split over client processes: give at least "
@@ -307,9 +320,13 @@ def run(args: argparse.Namespace) -> dict:
             rows = measure(args.target, runs, args, slos, lambda: None, mode)
             metrics["modes"][mode] = {"rates": rows}
             continue
-        with launched(mode, args, log_dir) as service:
+        hop_path = log_dir / f"hops-{mode}.log" if args.trace_hops else None
+        with launched(mode, args, log_dir, hop_path) as service:
             target = service.grpc_target() if args.backend == "grpc" else service.http_target()
-            rows = measure(target, runs, args, slos, service.dead, mode, service.prompts_prefilled)
+            hop_log = HopLog(hop_path) if hop_path else None
+            rows = measure(
+                target, runs, args, slos, service.dead, mode, service.prompts_prefilled, hop_log
+            )
             metrics["modes"][mode] = {"startup_s": round(service.startup_s, 1), "rates": rows}
     _add_ratios(metrics, modes, args.gpus, slos)
     _add_attainment_ratios(metrics, modes, args)
@@ -442,6 +459,7 @@ def _write(
         "max_local_prefills": args.max_local_prefills if "1p1d-local" in modes else None,
         "local_prefill_tokens": args.local_prefill_tokens if "1p1d-local" in modes else None,
         "max_prefill_tokens": args.max_prefill_tokens,
+        "trace_hops": args.trace_hops,
     }
     card = None if args.target is None else "unknown: --target"
     write_result("serve", model_name(args.model), params, metrics, args.out_dir, card=card)

@@ -143,7 +143,7 @@ class LaunchedService:
     """One `tandem serve` run; its output goes to `log_path`, the last lines are kept
     for error messages."""
 
-    def __init__(self, argv: list[str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.host = "127.0.0.1"
         self.grpc_port, self.http_port = free_port(), free_port()
         self.log_path = log_path
@@ -162,6 +162,7 @@ class LaunchedService:
             str(self.http_port),
             *argv,
         ]
+        self.env = env or {}  # set for the service's processes, beside this one's
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -180,7 +181,7 @@ class LaunchedService:
             return prompts_prefilled(r.read().decode())
 
     def start(self, ready_timeout_s: float) -> None:
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         # The child runs the same code as this bench, whichever checkout that is.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p

@@ -18,6 +18,7 @@ from functools import partial
 
 import redis
 
+from tandem.core import hop_trace
 from tandem.core.protocol import TokenDelta
 from tandem.core.redis_client import publish_deltas
 from tandem.core.sequence import Sequence
@@ -34,6 +35,8 @@ def new_deltas() -> Deltas:
 
 def token_delta(seq: Sequence, owner: str) -> TokenDelta:
     """The token `seq` just sampled; `owner` is the worker that generates the rest."""
+    if hop_trace.ENABLED and len(seq.output_token_ids) == 1:
+        hop_trace.mark(seq.request_id, "first_token")
     return TokenDelta(
         request_id=seq.request_id,
         token_ids=[seq.output_token_ids[-1]],

@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import redis
 
+from tandem.core import hop_trace
 from tandem.core.config import WorkerConfig
 from tandem.core.local_prefill import Backlog, entry_time_ms
 from tandem.core.protocol import PrefillTask, encode
@@ -196,6 +197,8 @@ class TaskIntake:
             elif self._screen(entry_id, task, held):
                 seen.add(task.request_id)
                 taken.append((entry_id, task))
+                if hop_trace.ENABLED:
+                    hop_trace.mark(task.request_id, "read")
         return taken
 
     def _screen(self, entry_id: bytes, task: PrefillTask, held: Mapping[str, bytes | None]) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from tandem.core import hop_trace
 from tandem.core.config import CacheConfig, SchedulerConfig
 from tandem.core.request_checks import ModelLimits, check_tokens
 from tandem.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -177,6 +178,8 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         check_tokens(seq.prompt_token_ids, seq.output_token_ids, seq.sampling, self.limits)
         self.scheduler.add(seq)
+        if hop_trace.ENABLED:
+            hop_trace.mark(seq.request_id, "admitted")
 
     @property
     def has_work(self) -> bool:
@@ -248,12 +251,15 @@ class Engine:
                 out = ahead[0]
                 self._stepping = out
         culprits: list[str] = []
+        _mark_prompts(out, "scheduled")
         try:
             pending = ahead[1] if ahead else self._prepare_and_launch(out, planned, lock)
+            _mark_prompts(out, "launched")
             started = max(pending.launched_at, self._device_free_at)
             self._plan_next(out, pending, started, lock)
             try:
                 sampled, logprobs = pending.result()
+                _mark_prompts(out, "sampled")
             finally:
                 self._time_step(pending, started)
                 with lock:
@@ -411,6 +417,14 @@ class Engine:
             ):
                 return False
         return True
+
+
+def _mark_prompts(out: SchedulerOutput, hop: str) -> None:
+    """hop_trace: `hop` for each sequence whose prompt the step computes part of."""
+    if hop_trace.ENABLED:
+        for chunk in out.chunks:
+            if not chunk.seq.output_token_ids:
+                hop_trace.mark(chunk.seq.request_id, hop)
 
 
 def _next_decodes(out: SchedulerOutput) -> SchedulerOutput:

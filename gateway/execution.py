@@ -31,7 +31,7 @@ import jinja2
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tandem.core import redis_keys
+from tandem.core import hop_trace, redis_keys
 from tandem.core.protocol import PrefillTask, TokenDelta, encode
 from tandem.core.request_checks import ModelLimits
 from tandem.core.sampling_params import SamplingParams
@@ -359,6 +359,8 @@ class Generation:
         ex.check_active(1)
         self._stream = ex.router.register(rid)
         task = self._task([])
+        if hop_trace.ENABLED:
+            hop_trace.mark(rid, "queued")
         try:
             self._entry = await ex.writes.xadd(ex.prefill_stream, encode(task))
         except BaseException as exc:
@@ -439,6 +441,12 @@ class Generation:
             out.completion_tokens = self._completion_tokens
             out.cached_tokens = self._cached_tokens
             self._observe(out)
+            if (
+                hop_trace.ENABLED
+                and out.token_ids
+                and self._completion_tokens == len(out.token_ids)
+            ):
+                hop_trace.mark(self.request_id, "answered")
             if out.finish_reason is not None:
                 # A stop string ends the request here; the workers do not know yet.
                 self._abort_reason = None if worker_finished else "stop string"

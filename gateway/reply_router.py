@@ -18,7 +18,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tandem.core import redis_keys
+from tandem.core import hop_trace, redis_keys
 from tandem.core.protocol import TokenBatch, TokenDelta, decode
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class RequestStream:
             ends = True
         if delta.worker_id is not None:
             self.owner = delta.worker_id
+        if hop_trace.ENABLED and self.next_offset == 0 and delta.token_ids:
+            hop_trace.mark(self.request_id, "routed")
         self.next_offset += len(delta.token_ids)
         self.token_ids.extend(delta.token_ids)
         self.closed = ends

@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tandem.core.hop_trace import HOPS
+
 ROW_KEYS = {"num_prompts", "completed", "failed", "errors", "duration_s", "request_throughput",
             "output_throughput", "total_token_throughput", "goodput", "goodput_requests",
             "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "client_cpu_share", "slo_attainment"}  # fmt: skip
@@ -86,6 +88,7 @@ def test_grpc_two_rates_every_request_complete(tmp_path):
         assert row["output_throughput"] * row["duration_s"] == pytest.approx(6 * 8, rel=0.01)
         assert row["goodput"] is None
     assert "served_vs_offline_throughput_ratio" not in record["metrics"]
+    assert not list((tmp_path / "logs").glob("hops-*"))  # no --trace-hops: no trace
     assert_nothing_left(stdout)
 
 
@@ -129,11 +132,17 @@ def test_shared_prefix_workload_reports_hit_rate_and_bytes_shipped(tmp_path):
 
     record, stdout = bench_serve(
         tmp_path, "--num-prompts", "4", "--rates", "1", "--workload", "shared-prefix",
-        "--shared-prefix-len", "64",
+        "--shared-prefix-len", "64", "--trace-hops",
     )  # fmt: skip
     assert record["params"]["workload"] == "shared-prefix"
     row = record["metrics"]["modes"]["1p1d"]["rates"]["1"]
     assert (row["completed"], row["failed"]) == (4, 0), row["errors"]
+    # Every request of the rate (not the warm-up's) passed every hop, in order, on one
+    # clock; all of it lies within the client's time to first token.
+    hops = row.pop("hops_ms")
+    assert hops["requests"] == 4 and hops["hops"] == list(HOPS)
+    assert all(hops[f"{a}->{b}"]["p50"] >= 0 for a, b in zip(HOPS, HOPS[1:], strict=False))
+    assert 0 < hops[f"{HOPS[0]}->{HOPS[-1]}"]["p50"] <= row["ttft_ms"]["p50"]
     assert row["ideal_hit_rate"] == pytest.approx(64 * 3 / (80 * 4), abs=1e-4)
     assert 0 < row["prefix_hit_rate"] <= row["ideal_hit_rate"]
     # A request's KV is 80 prompt tokens, 5 blocks of 16; the first one ships all of
