@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
+from itertools import pairwise
 from pathlib import Path
 
 from tandem.core.hop_trace import HOPS
@@ -47,7 +48,7 @@ def hop_figures(lines: Iterable[str]) -> dict:
     figures: dict = {"requests": len(complete), "hops": hops}
     if not complete or len(hops) < 2:
         return figures
-    for a, b in [*zip(hops, hops[1:], strict=False), (hops[0], hops[-1])]:
+    for a, b in [*pairwise(hops), (hops[0], hops[-1])]:
         ms = [1e3 * (seen[b] - seen[a]) for seen in complete]
         figures[f"{a}->{b}"] = {
             "p50": round(statistics.median(ms), 3),

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import psutil
@@ -141,7 +142,7 @@ def test_shared_prefix_workload_reports_hit_rate_and_bytes_shipped(tmp_path):
     # clock; all of it lies within the client's time to first token.
     hops = row.pop("hops_ms")
     assert hops["requests"] == 4 and hops["hops"] == list(HOPS)
-    assert all(hops[f"{a}->{b}"]["p50"] >= 0 for a, b in zip(HOPS, HOPS[1:], strict=False))
+    assert all(hops[f"{a}->{b}"]["p50"] >= 0 for a, b in pairwise(HOPS))
     assert 0 < hops[f"{HOPS[0]}->{HOPS[-1]}"]["p50"] <= row["ttft_ms"]["p50"]
     assert row["ideal_hit_rate"] == pytest.approx(64 * 3 / (80 * 4), abs=1e-4)
     assert 0 < row["prefix_hit_rate"] <= row["ideal_hit_rate"]
